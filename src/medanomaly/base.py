@@ -1,0 +1,381 @@
+"""The detector interface and the deep-learning base class that owns the training loop.
+
+Every detector follows scikit-learn's estimator rules: the constructor only stores its
+arguments, ``fit`` learns state whose names end in ``_``, and ``get_params`` returns what the
+constructor was given, so that a config maps one-to-one onto a detector.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader
+
+from medanomaly import __version__
+from medanomaly.checkpoint import atomic_torch_save, atomic_write_text
+from medanomaly.data import ImageSet, as_image_set
+from medanomaly.engine import Engine, EngineConfig, TrainingData, TrainingTask, split_indices
+from medanomaly.errors import InvalidImageError, NotFittedError
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+CONFIG_FILE = "config.yaml"
+
+
+@dataclass
+class AnomalyResult:
+    """What a detector says about a batch of images.
+
+    Attributes:
+        scores: One anomaly score per image ``(N,)``; higher is more abnormal.
+        labels: Predicted labels ``(N,)`` (1 = abnormal) under ``threshold``.
+        maps: Anomaly maps ``(N, *spatial)``, on the input grid.
+        reconstructions: Reconstructed images ``(N, C, *spatial)`` where the model has them.
+        threshold: The image-level threshold used for ``labels``.
+    """
+
+    scores: np.ndarray
+    labels: np.ndarray
+    maps: np.ndarray
+    reconstructions: np.ndarray | None
+    threshold: float
+
+    def take(self, index: np.ndarray | list[int]) -> AnomalyResult:
+        """The results of the cases at ``index``."""
+        index = np.asarray(index, dtype=np.int64)
+        return AnomalyResult(
+            scores=self.scores[index],
+            labels=self.labels[index],
+            maps=self.maps[index],
+            reconstructions=None if self.reconstructions is None else self.reconstructions[index],
+            threshold=self.threshold,
+        )
+
+
+class BaseDetector(ABC):
+    """Interface of every detector: fit on normal data, then score, map and predict.
+
+    Attributes:
+        name: Registry name, set by :func:`medanomaly.registry.register`.
+        threshold_: Image-level decision threshold learned by ``fit`` (score > threshold_
+            means abnormal); by default mean + ``threshold_sd`` * SD of the scores of held-out
+            normal validation images (seed 004).
+        val_scores_: Those held-out normal scores, kept for other threshold rules.
+    """
+
+    name: ClassVar[str] = ""
+    spatial_dims: int
+
+    @abstractmethod
+    def fit(self, train: Any, val: Any = None, **kwargs: Any) -> BaseDetector:
+        """Learn what normal images look like; return ``self``."""
+
+    @abstractmethod
+    def detect(self, x: Any) -> AnomalyResult:
+        """Score, map and label a batch of images in one pass."""
+
+    def score(self, x: Any) -> np.ndarray:
+        """One anomaly score per image, higher = more abnormal."""
+        return self.detect(x).scores
+
+    def anomaly_map(self, x: Any) -> np.ndarray:
+        """Voxel-wise anomaly map ``(N, *spatial)`` on the input grid."""
+        return self.detect(x).maps
+
+    def predict(self, x: Any) -> np.ndarray:
+        """1 for images whose score exceeds ``threshold_``, else 0."""
+        return (self.score(x) > self.threshold_).astype(np.int64)
+
+    def get_params(self) -> dict[str, Any]:
+        """Constructor arguments as given (what a YAML ``model:`` block holds)."""
+        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
+        return {name: getattr(self, name) for name in names}
+
+    def check_fitted(self) -> None:
+        """Raise :class:`NotFittedError` unless ``fit`` (or ``load``) has run."""
+        if not hasattr(self, "threshold_"):
+            raise NotFittedError(
+                f"this {type(self).__name__} is not fitted yet: call fit(normal_images) or "
+                "load a saved model before score/anomaly_map/predict"
+            )
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    @classmethod
+    def load(cls, path: str | Path) -> BaseDetector:
+        """Load any saved detector (a ``model.pt`` file or a run directory holding one)."""
+        from medanomaly.registry import get_model_class
+
+        path = Path(path)
+        if path.is_dir():
+            path = path / MODEL_FILE
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no saved model here (expected {MODEL_FILE})")
+        saved = torch.load(path, map_location="cpu", weights_only=False)
+        detector = get_model_class(saved["model"])(**saved["params"])
+        detector._restore(saved)
+        return detector
+
+    @abstractmethod
+    def _restore(self, saved: dict[str, Any]) -> None:
+        """Set the fitted state from a dict written by ``save``."""
+
+
+class DeepDetector(BaseDetector):
+    """Base of the neural detectors: owns data handling, training, thresholds and saving.
+
+    A subclass provides three things: ``build_network(input_shape)``, ``loss(network, x)``
+    (scalar, for training) and ``evaluate(network, x)`` returning per-image scores, maps and
+    optionally reconstructions. Everything else (the loop, early stopping, checkpoints,
+    resume, thresholds, input checks, save/load) lives here and in :mod:`medanomaly.engine`.
+
+    Args:
+        spatial_dims: 2 for slices, 3 for volumes.
+        in_channels: Image channels.
+        threshold_sd: ``k`` in the default threshold mean + k * SD of normal validation scores.
+        engine: Training settings (:class:`~medanomaly.engine.EngineConfig` or a dict).
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        threshold_sd: float = 3.0,
+        engine: EngineConfig | dict[str, Any] | None = None,
+    ) -> None:
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.threshold_sd = threshold_sd
+        self.engine = engine
+
+    # -- what a model defines -------------------------------------------------------------
+    @property
+    def size_multiple(self) -> int:
+        """Each spatial side must be divisible by this (the network's total down-sampling)."""
+        return 16
+
+    @abstractmethod
+    def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
+        """Make the network for images of ``input_shape`` ``(C, *spatial)``."""
+
+    @abstractmethod
+    def loss(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Training loss of a batch (a scalar)."""
+
+    @abstractmethod
+    def evaluate(
+        self, network: nn.Module, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Return ``(scores (B,), maps (B, *spatial), reconstructions or None)``."""
+
+    # -- fitting --------------------------------------------------------------------------
+    @property
+    def engine_config(self) -> EngineConfig:
+        """The resolved training settings."""
+        return EngineConfig.from_any(self.engine)
+
+    def fit(
+        self,
+        train: ImageSet | np.ndarray | torch.Tensor,
+        val: ImageSet | np.ndarray | torch.Tensor | None = None,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+    ) -> DeepDetector:
+        """Train on normal images.
+
+        Args:
+            train: Normal training images ``(N, C, *spatial)``; images of an ``ImageSet``
+                labelled abnormal are left out.
+            val: Validation images. Its normal images drive early stopping and the
+                threshold; its abnormal images (if labelled) only feed the training curves.
+                ``None`` holds out ``engine.val_fraction`` of ``train``.
+            run_dir: Where to keep the checkpoint, history, config and final model.
+            resume: Continue an interrupted run from ``run_dir``.
+
+        Returns:
+            ``self``, fitted.
+        """
+        cfg = self.engine_config
+        data = self._training_data(train, val, cfg)
+        input_shape = tuple(data.train.images.shape[1:])
+        self._check_input_shape(input_shape)
+        torch.manual_seed(cfg.seed)
+        network = self.build_network(input_shape)
+        task = TrainingTask(network=network, loss=self.loss, score=self._score_only)
+        if run_dir is not None:
+            self.run_config_ = self._run_config(Path(run_dir))
+        self.history_ = Engine(cfg).fit(
+            task, data, run_dir=run_dir, resume=resume, extra_state=self.config()
+        )
+        self.network_ = network.eval()
+        self.input_shape_ = input_shape
+        self._set_threshold(data.val_normal if len(data.val_normal) else data.train)
+        if run_dir is not None:
+            self.save(Path(run_dir) / MODEL_FILE)
+        return self
+
+    def _training_data(self, train: Any, val: Any, cfg: EngineConfig) -> TrainingData:
+        train_set = as_image_set(train, self.spatial_dims)
+        if train_set.labels is not None and (train_set.labels == 1).any():
+            log.info("fit: leaving out %d images labelled abnormal", int(train_set.labels.sum()))
+            train_set = train_set.subset(train_set.labels != 1)
+        if val is None:
+            keep, held = split_indices(len(train_set), cfg.val_fraction, cfg.seed)
+            return TrainingData(train_set.subset(keep), train_set.subset(held), None)
+        val_set = as_image_set(val, self.spatial_dims)
+        abnormal = val_set.abnormal
+        return TrainingData(
+            train_set, val_set.subset(val_set.labels != 1), abnormal if len(abnormal) else None
+        )
+
+    def _check_input_shape(self, input_shape: tuple[int, ...]) -> None:
+        channels, *spatial = input_shape
+        if channels != self.in_channels:
+            raise InvalidImageError(
+                "<input>", f"images have {channels} channels, the model expects {self.in_channels}"
+            )
+        bad = [s for s in spatial if s % self.size_multiple]
+        if bad:
+            raise InvalidImageError(
+                "<input>",
+                f"spatial size {tuple(spatial)} is not divisible by {self.size_multiple}; "
+                f"resize or pad the images (e.g. to {self.size_multiple * 4} per axis)",
+            )
+
+    def _set_threshold(self, normal: ImageSet) -> None:
+        scores = self._run(normal, with_maps=False)[0]
+        self.val_scores_ = scores
+        self.threshold_ = (
+            float(scores.mean() + self.threshold_sd * scores.std(ddof=1))
+            if len(scores) > 1
+            else float(scores.max())
+        )
+
+    def _score_only(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.evaluate(network, x)[0]
+
+    # -- inference ------------------------------------------------------------------------
+    def detect(self, x: ImageSet | np.ndarray | torch.Tensor) -> AnomalyResult:
+        """Score, map and label images ``(N, C, *spatial)`` in one pass."""
+        self.check_fitted()
+        scores, maps, recons = self._run(x, with_maps=True)
+        return AnomalyResult(
+            scores=scores,
+            labels=(scores > self.threshold_).astype(np.int64),
+            maps=maps,
+            reconstructions=recons,
+            threshold=self.threshold_,
+        )
+
+    def detect_scores(self, x: ImageSet | np.ndarray | torch.Tensor) -> np.ndarray:
+        """Scores only (no maps kept in memory): use this for large 3D sets."""
+        self.check_fitted()
+        return self._run(x, with_maps=False)[0]
+
+    def score(self, x: ImageSet | np.ndarray | torch.Tensor) -> np.ndarray:
+        """One anomaly score per image, higher = more abnormal."""
+        return self.detect_scores(x)
+
+    def _run(
+        self, x: Any, with_maps: bool
+    ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        images = as_image_set(x, self.spatial_dims)
+        expected = getattr(self, "input_shape_", None)
+        if expected is not None and tuple(images.images.shape[1:]) != expected:
+            raise InvalidImageError(
+                images.ids[0] if images.ids else "<input>",
+                f"image shape {tuple(images.images.shape[1:])} differs from the training "
+                f"shape {expected}; apply the same preprocessing as for training",
+            )
+        device = next(self.network_.parameters()).device
+        loader = DataLoader(images, batch_size=self.engine_config.batch_size)
+        scores, maps, recons = [], [], []
+        self.network_.eval()
+        with torch.no_grad():
+            for batch in loader:
+                s, m, r = self.evaluate(self.network_, batch.to(device))
+                scores.append(s.float().cpu().numpy())
+                if with_maps:
+                    maps.append(m.float().cpu().numpy())
+                    if r is not None:
+                        recons.append(r.float().cpu().numpy())
+        return (
+            np.concatenate(scores).astype(np.float64),
+            np.concatenate(maps) if maps else None,
+            np.concatenate(recons) if recons else None,
+        )
+
+    # -- persistence ----------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The resolved config: ``{model: {name, ...params}, engine: {...}}``."""
+        params = {k: _plain(v) for k, v in self.get_params().items() if k != "engine"}
+        return {
+            "model": {"name": self.name, **params},
+            "engine": self.engine_config.to_dict(),
+        }
+
+    def _run_config(self, run_dir: Path) -> dict[str, Any]:
+        """The run's full config: ``run_dir/config.yaml`` if a caller wrote one, else ours."""
+        path = run_dir / CONFIG_FILE
+        if path.exists():
+            return yaml.safe_load(path.read_text())
+        config = {**self.config(), "version": __version__}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
+        return config
+
+    def save(self, path: str | Path) -> None:
+        """Write weights, constructor arguments, fitted state and resolved config atomically."""
+        self.check_fitted()
+        params = {k: _plain(v) for k, v in self.get_params().items()}
+        params["engine"] = self.engine_config.to_dict()
+        atomic_torch_save(
+            {
+                "model": self.name,
+                "params": params,
+                "config": getattr(self, "run_config_", None) or self.config(),
+                "version": __version__,
+                "state_dict": {k: v.cpu() for k, v in self.network_.state_dict().items()},
+                "input_shape": list(self.input_shape_),
+                "threshold": self.threshold_,
+                "val_scores": np.asarray(self.val_scores_).tolist(),
+                "history": getattr(self, "history_", []),
+            },
+            path,
+        )
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        self.input_shape_ = tuple(saved["input_shape"])
+        network = self.build_network(self.input_shape_)
+        network.load_state_dict(saved["state_dict"])
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.network_ = network.to(device).eval()
+        self.threshold_ = float(saved["threshold"])
+        self.val_scores_ = np.asarray(saved["val_scores"], dtype=np.float64)
+        self.history_ = saved.get("history", [])
+        self.run_config_ = saved.get("config", {})
+
+
+def _plain(value: Any) -> Any:
+    """Turn tuples and NumPy scalars into YAML-friendly Python values."""
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, EngineConfig):
+        return value.to_dict()
+    return value

@@ -1,0 +1,72 @@
+"""YAML configs whose blocks map one-to-one onto Python arguments.
+
+``model:`` maps onto a detector's constructor, ``engine:`` onto
+:class:`~medanomaly.engine.EngineConfig` and ``data:`` onto
+:func:`medanomaly.datasets.load_dataset`.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medanomaly.base import BaseDetector
+from medanomaly.errors import ConfigError
+from medanomaly.registry import get_model
+
+SECTIONS = ("model", "engine", "data")
+
+
+def load_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config with ``model`` (required), ``engine`` and ``data`` blocks."""
+    path = Path(path)
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read config: {error}") from error
+    if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+        raise ConfigError(f"{path}: a config needs a 'model:' block with at least 'name:'")
+    unknown = sorted(set(config) - set(SECTIONS) - {"version"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown top-level keys {unknown}; use {', '.join(SECTIONS)}")
+    return config
+
+
+def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``config`` with ``section.key=value`` overrides (values parsed as YAML).
+
+    Example: ``engine.epochs=5`` or ``model.channels=[16,32,64,128]``.
+    """
+    config = copy.deepcopy(config)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or len(parts) < 2 or parts[0] not in SECTIONS:
+            raise ConfigError(
+                f"override {item!r}: use section.key=value with section in {SECTIONS}"
+            )
+        target = config.setdefault(parts[0], {})
+        for part in parts[1:-1]:
+            target = target.setdefault(part, {})
+        target[parts[-1]] = yaml.safe_load(raw)
+    return config
+
+
+def build_detector(config: dict[str, Any]) -> BaseDetector:
+    """Make the detector a config describes (``model`` + ``engine`` blocks).
+
+    Raises:
+        ConfigError: If the model name is unknown (with suggestions) or an argument is not
+            one of the model's constructor arguments.
+    """
+    params = dict(config["model"])
+    name = params.pop("name", None)
+    if not name:
+        raise ConfigError("model: 'name' is missing (see `medanomaly models`)")
+    try:
+        return get_model(name, **params, engine=config.get("engine"))
+    except TypeError as error:
+        raise ConfigError(f"model {name!r}: {error}") from error

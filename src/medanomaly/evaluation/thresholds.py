@@ -1,0 +1,295 @@
+"""Threshold rules that turn anomaly scores into normal/abnormal decisions.
+
+All rules return a cut-off for the package-wide decision rule **abnormal iff score >
+threshold** (see :mod:`medanomaly.evaluation.metrics`).
+
+Rules:
+
+* ``youden``: maximise sensitivity + specificity - 1 on labelled validation data (seed 000).
+* ``f1``: maximise F1 on labelled validation data (seed 003).
+* ``mean_sd``: mean + k·SD of held-out normal scores, no labels needed (seed 004).
+* ``percentile``: the q-th percentile of held-out normal scores.
+* ``conformal``: split-conformal cut-off bounding the false-positive rate on fresh normal
+  cases by ``alpha``.
+
+Label-based rules place the cut-off midway between two adjacent distinct validation scores,
+so that ``score > threshold`` reproduces the chosen operating point exactly. When the
+validation set holds no abnormal case they fall back to mean + 3·SD of the normal scores and
+log a warning.
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from medanomaly.evaluation.metrics import ArrayLike, check_labels_scores, check_scores
+
+logger = logging.getLogger(__name__)
+
+FALLBACK_K = 3.0
+_CONFORMAL_EPS = 1e-9  # absorbs float error in (n + 1) * (1 - alpha) before the ceiling
+
+
+def _midpoint(low: float, high: float) -> float:
+    """A cut-off ``t`` with ``low <= t < high``: ``score > t`` flags exactly scores >= high."""
+    t = low + (high - low) / 2.0
+    return t if low <= t < high else low
+
+
+def _operating_points(
+    labels: np.ndarray, scores: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Candidate cut-offs and the true/false positives each one gives under ``>``.
+
+    Candidates are the midpoints between adjacent distinct scores plus the largest score
+    (which flags nothing). The "flag everything" point is not a candidate: a cut-off below
+    every validation score is not a usable operating point.
+
+    Returns:
+        ``(thresholds, tp, fp)`` ordered from the highest cut-off to the lowest.
+    """
+    uniq, inverse = np.unique(scores, return_inverse=True)
+    pos_per_value = np.bincount(inverse, weights=labels, minlength=uniq.size)
+    all_per_value = np.bincount(inverse, minlength=uniq.size).astype(np.float64)
+    # Cut-off k (k = 0 .. m-1, descending) flags the k highest distinct values.
+    tp = np.concatenate([[0.0], np.cumsum(pos_per_value[::-1])[:-1]])
+    fp = np.concatenate([[0.0], np.cumsum((all_per_value - pos_per_value)[::-1])[:-1]])
+    desc = uniq[::-1]
+    mids = [_midpoint(float(lo), float(hi)) for hi, lo in zip(desc[:-1], desc[1:], strict=True)]
+    thresholds = np.array([float(desc[0]), *mids], dtype=np.float64)
+    return thresholds, tp, fp
+
+
+def _labelled_rule(
+    name: str,
+    labels: ArrayLike,
+    scores: ArrayLike,
+    objective: Callable[[np.ndarray, np.ndarray, int, int], np.ndarray],
+) -> float:
+    """Shared driver of label-based rules: maximise ``objective`` over operating points.
+
+    Ties are broken towards the highest cut-off (fewest false positives).
+    """
+    y, s = check_labels_scores(labels, scores)
+    n_pos = int(y.sum())
+    n_neg = int(y.size - n_pos)
+    if n_neg == 0:
+        raise ValueError(f"{name} threshold needs normal cases (label 0); none were given")
+    if n_pos == 0:
+        logger.warning(
+            "%s threshold: validation set holds no abnormal case; falling back to "
+            "mean + %.1f*SD of the normal scores",
+            name,
+            FALLBACK_K,
+        )
+        return mean_sd_threshold(s, k=FALLBACK_K)
+    thresholds, tp, fp = _operating_points(y, s)
+    values = objective(tp, fp, n_pos, n_neg)
+    return float(thresholds[int(np.argmax(values))])
+
+
+def _youden_objective(tp: np.ndarray, fp: np.ndarray, n_pos: int, n_neg: int) -> np.ndarray:
+    """Youden's J = sensitivity + specificity - 1 = TPR - FPR."""
+    return tp / n_pos - fp / n_neg
+
+
+def _f1_objective(tp: np.ndarray, fp: np.ndarray, n_pos: int, n_neg: int) -> np.ndarray:
+    """F1 = 2TP / (2TP + FP + FN), with FN = n_pos - TP."""
+    del n_neg
+    return 2.0 * tp / (tp + fp + n_pos)
+
+
+def youden_threshold(labels: ArrayLike, scores: ArrayLike) -> float:
+    """ROC cut-off maximising Youden's J = sensitivity + specificity - 1 (seed 000).
+
+    Args:
+        labels: Binary validation labels, 1 = abnormal, 0 = normal.
+        scores: Validation anomaly scores, higher = more abnormal.
+
+    Returns:
+        A cut-off midway between two adjacent distinct scores, so that ``score > threshold``
+        reproduces the optimal operating point. Ties go to the highest cut-off. With no
+        abnormal case, mean + 3·SD of the scores (logged as a warning).
+
+    Raises:
+        ValueError: On malformed input or when no normal case is given.
+    """
+    return _labelled_rule("youden", labels, scores, _youden_objective)
+
+
+def f1_threshold(labels: ArrayLike, scores: ArrayLike) -> float:
+    """Cut-off maximising the F1 score of the abnormal class (seed 003).
+
+    Args:
+        labels: Binary validation labels, 1 = abnormal, 0 = normal.
+        scores: Validation anomaly scores, higher = more abnormal.
+
+    Returns:
+        A cut-off midway between two adjacent distinct scores, so that ``score > threshold``
+        reproduces the optimal operating point. Ties go to the highest cut-off. The trivial
+        "call everything abnormal" point is never chosen. With no abnormal case,
+        mean + 3·SD of the scores (logged as a warning).
+
+    Raises:
+        ValueError: On malformed input or when no normal case is given.
+    """
+    return _labelled_rule("f1", labels, scores, _f1_objective)
+
+
+def mean_sd_threshold(normal_scores: ArrayLike, k: float = 3.0) -> float:
+    """Mean + k·SD of held-out normal scores, the outlier rule of thumb (seed 004).
+
+    The SD is the sample standard deviation (``ddof=1``); a single score gives SD 0.
+
+    Args:
+        normal_scores: Scores of held-out normal cases.
+        k: Number of standard deviations above the mean.
+
+    Returns:
+        ``mean + k * sd``.
+    """
+    s = check_scores(normal_scores, "normal_scores")
+    sd = float(np.std(s, ddof=1)) if s.size > 1 else 0.0
+    return float(np.mean(s)) + float(k) * sd
+
+
+def percentile_threshold(normal_scores: ArrayLike, q: float = 95.0) -> float:
+    """The q-th percentile of held-out normal scores (linear interpolation).
+
+    About ``(100 - q)`` % of these normal scores lie above the cut-off.
+
+    Args:
+        normal_scores: Scores of held-out normal cases.
+        q: Percentile in [0, 100].
+
+    Returns:
+        The percentile as a float.
+
+    Raises:
+        ValueError: If ``q`` is outside [0, 100].
+    """
+    s = check_scores(normal_scores, "normal_scores")
+    if not 0.0 <= q <= 100.0:
+        raise ValueError(f"q must lie in [0, 100], got {q}")
+    return float(np.percentile(s, q))
+
+
+def conformal_threshold(calibration_scores: ArrayLike, alpha: float = 0.05) -> float:
+    """Split-conformal cut-off bounding the false-positive rate on fresh normals by ``alpha``.
+
+    With ``n`` calibration scores of normal cases, the cut-off is the
+    ``k = ceil((n + 1) * (1 - alpha))``-th smallest calibration score. For a fresh normal
+    score exchangeable with the calibration scores, ``P(score > threshold) <= alpha``
+    (averaged over calibration sets). Calling a case abnormal iff ``score > threshold`` is
+    the same as calling it abnormal iff its :func:`conformal_pvalues` p-value is ``<= alpha``.
+
+    If ``k > n`` (too few calibration scores for this ``alpha``, i.e. ``n < 1/alpha - 1``),
+    no finite cut-off gives the guarantee: the function returns ``+inf`` (nothing is ever
+    called abnormal) and logs a warning.
+
+    Args:
+        calibration_scores: Scores of held-out normal cases not used for training.
+        alpha: Target false-positive rate, in (0, 1).
+
+    Returns:
+        The cut-off, or ``float('inf')`` when ``k > n``.
+
+    Raises:
+        ValueError: If ``alpha`` is outside (0, 1) or the scores are malformed.
+    """
+    cal = np.sort(check_scores(calibration_scores, "calibration_scores"))
+    if not 0.0 < alpha < 1.0:
+        raise ValueError(f"alpha must lie in (0, 1), got {alpha}")
+    n = cal.size
+    k = math.ceil((n + 1) * (1.0 - alpha) - _CONFORMAL_EPS)
+    if k > n:
+        logger.warning(
+            "conformal threshold: %d calibration scores are too few for alpha=%g "
+            "(need at least %d); returning +inf, so no case will be called abnormal",
+            n,
+            alpha,
+            math.ceil(1.0 / alpha - 1.0 - _CONFORMAL_EPS),
+        )
+        return float("inf")
+    return float(cal[max(k, 1) - 1])
+
+
+def conformal_pvalues(calibration_scores: ArrayLike, scores: ArrayLike) -> np.ndarray:
+    """Conformal p-values of ``scores`` against normal calibration scores.
+
+    ``p(s) = (1 + #{i : cal_i >= s}) / (n + 1)``, the finite-sample-valid form of "the
+    fraction of calibration scores at or above the case's score": for a fresh normal case,
+    ``P(p <= alpha) <= alpha`` for every ``alpha``. Small p-values mean abnormal.
+
+    Args:
+        calibration_scores: Scores of ``n`` held-out normal cases.
+        scores: Scores to turn into p-values.
+
+    Returns:
+        A float64 array of p-values in ``[1 / (n + 1), 1]``, one per score.
+    """
+    cal = np.sort(check_scores(calibration_scores, "calibration_scores"))
+    s = np.asarray(scores, dtype=np.float64)
+    n_at_or_above = cal.size - np.searchsorted(cal, s, side="left")
+    return (1.0 + n_at_or_above) / (cal.size + 1.0)
+
+
+_LABELLED_RULES: dict[str, Callable[..., float]] = {
+    "youden": youden_threshold,
+    "f1": f1_threshold,
+}
+_NORMAL_RULES: dict[str, Callable[..., float]] = {
+    "mean_sd": mean_sd_threshold,
+    "percentile": percentile_threshold,
+    "conformal": conformal_threshold,
+}
+THRESHOLD_RULES: tuple[str, ...] = (*_LABELLED_RULES, *_NORMAL_RULES)
+
+
+def _normal_only(scores: ArrayLike, labels: ArrayLike | None) -> np.ndarray:
+    """The scores of normal cases: all scores without labels, else those labelled 0."""
+    if labels is None:
+        return check_scores(scores)
+    y, s = check_labels_scores(labels, scores)
+    return s[y == 0]
+
+
+def choose_threshold(
+    rule: str, scores: ArrayLike, labels: ArrayLike | None = None, **params: Any
+) -> float:
+    """Compute a cut-off with the named rule.
+
+    Args:
+        rule: One of :data:`THRESHOLD_RULES` (``youden``, ``f1``, ``mean_sd``, ``percentile``,
+            ``conformal``); case and ``-``/``_`` are ignored.
+        scores: Validation scores, higher = more abnormal.
+        labels: Validation labels (1 = abnormal). Required by ``youden`` and ``f1``. For the
+            other rules they are optional; when given, only scores labelled 0 are used.
+        **params: Rule parameters: ``k`` (mean_sd), ``q`` (percentile), ``alpha`` (conformal).
+
+    Returns:
+        The cut-off for the decision rule ``score > threshold``.
+
+    Raises:
+        ValueError: For an unknown rule (with a did-you-mean hint) or missing labels.
+    """
+    key = rule.strip().lower().replace("-", "_")
+    if key in _LABELLED_RULES:
+        if labels is None:
+            raise ValueError(f"threshold rule {rule!r} needs labels")
+        if params:
+            raise ValueError(f"threshold rule {rule!r} takes no parameters, got {sorted(params)}")
+        return _LABELLED_RULES[key](labels, scores)
+    if key in _NORMAL_RULES:
+        return _NORMAL_RULES[key](_normal_only(scores, labels), **params)
+    hint = difflib.get_close_matches(key, THRESHOLD_RULES, n=1)
+    suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
+    raise ValueError(
+        f"unknown threshold rule {rule!r}{suggestion} (known: {', '.join(THRESHOLD_RULES)})"
+    )

@@ -1,0 +1,90 @@
+"""Variational autoencoder detector (seed 000: Chung & Choi 2023, 3D orbit CT)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from medanomaly.base import DeepDetector
+from medanomaly.engine import EngineConfig
+from medanomaly.nets import VariationalAutoencoder
+from medanomaly.registry import register
+from medanomaly.scoring import gaussian_kl, per_image_sum, residual_map
+
+
+@register("vae")
+class VAE(DeepDetector):
+    """VAE trained with sum of squared errors + KL divergence; score = that total loss.
+
+    At scoring time the latent mean is decoded (no sampling), so scores are deterministic.
+    The map is the squared difference between input and reconstruction.
+
+    Args:
+        spatial_dims: 2 or 3 (seed 000 is 3D at 64^3).
+        in_channels: Image channels.
+        channels: Channels of the four encoder modules.
+        hidden_dim: Width of the fully connected layer before the latent.
+        latent_dim: Latent size (seed 000: 8).
+        dropout: Dropout of each encoder module (seed 000: 0.19, 0.19, 0.2, 0.23).
+        negative_slope: Decoder LeakyReLU slope (seed 000: 0.6).
+        output_activation: ``sigmoid`` ([0, 1] inputs), ``tanh`` ([-1, 1]) or ``none``.
+        kl_weight: Weight of the KL term (seed 000: 1).
+        threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
+        engine: Training settings.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        channels: Sequence[int] = (16, 32, 64, 128),
+        hidden_dim: int = 256,
+        latent_dim: int = 8,
+        dropout: float | Sequence[float] = (0.19, 0.19, 0.2, 0.23),
+        negative_slope: float = 0.6,
+        output_activation: str = "sigmoid",
+        kl_weight: float = 1.0,
+        threshold_sd: float = 3.0,
+        engine: EngineConfig | dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(spatial_dims, in_channels, threshold_sd, engine)
+        self.channels = channels
+        self.hidden_dim = hidden_dim
+        self.latent_dim = latent_dim
+        self.dropout = dropout
+        self.negative_slope = negative_slope
+        self.output_activation = output_activation
+        self.kl_weight = kl_weight
+
+    def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
+        """Build the VAE for images of ``input_shape``."""
+        return VariationalAutoencoder(
+            self.spatial_dims,
+            input_shape[1:],
+            input_shape[0],
+            tuple(self.channels),
+            self.hidden_dim,
+            self.latent_dim,
+            self.dropout,
+            self.negative_slope,
+            self.output_activation,
+        )
+
+    def _total_loss(self, network: nn.Module, x: torch.Tensor):
+        reconstruction, mu, logvar = network(x)
+        maps = residual_map(x, reconstruction, "squared")
+        total = per_image_sum(maps) + self.kl_weight * gaussian_kl(mu.float(), logvar.float())
+        return total, maps, reconstruction
+
+    def loss(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """Mean over the batch of (sum of squared errors + KL) per image."""
+        return self._total_loss(network, x)[0].mean()
+
+    def evaluate(
+        self, network: nn.Module, x: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Total loss per image, squared-difference maps and reconstructions."""
+        return self._total_loss(network, x)

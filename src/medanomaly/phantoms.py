@@ -1,0 +1,102 @@
+"""Synthetic head-like phantoms in 2D and 3D for the demo and the tests.
+
+A normal phantom is a skull (bright ellipse/ellipsoid shell), brain tissue inside it and two
+ventricles, with random variation of size, position, rotation-free shape and intensity.
+An abnormal phantom adds one of: a bright lesion (haemorrhage-like), a dark lesion
+(infarct-like) or enlarged ventricles. Each abnormal phantom carries a lesion mask.
+Everything is deterministic by seed and scaled to [0, 1].
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medanomaly.data import ImageSet
+
+ABNORMALITIES = ("bright", "dark", "enlarged")
+
+
+def _grid(shape: tuple[int, ...]) -> list[np.ndarray]:
+    """Coordinates in [-1, 1] for each axis."""
+    axes = [np.linspace(-1.0, 1.0, n) for n in shape]
+    return np.meshgrid(*axes, indexing="ij")
+
+
+def _ellipsoid(grid: list[np.ndarray], centre, radii) -> np.ndarray:
+    return sum(((g - c) / r) ** 2 for g, c, r in zip(grid, centre, radii, strict=True)) <= 1.0
+
+
+def _phantom(
+    shape: tuple[int, ...], rng: np.random.Generator, abnormality: str | None
+) -> tuple[np.ndarray, np.ndarray]:
+    grid = _grid(shape)
+    d = len(shape)
+    centre = rng.uniform(-0.03, 0.03, d)
+    radii = rng.uniform(0.75, 0.82, d)
+    image = np.zeros(shape, dtype=np.float32)
+    head = _ellipsoid(grid, centre, radii)
+    brain = _ellipsoid(grid, centre, radii * rng.uniform(0.84, 0.87))
+    image[head] = rng.uniform(0.85, 0.95)
+    image[brain] = rng.uniform(0.42, 0.5)
+    vent_radii = radii * rng.uniform(0.12, 0.16, d)
+    vent_radii[0] *= 1.8
+    enlarged = abnormality == "enlarged"
+    if enlarged:
+        vent_radii = vent_radii * rng.uniform(1.8, 2.2)
+    mask = np.zeros(shape, dtype=bool)
+    offset = radii[-1] * 0.25
+    for side in (-1.0, 1.0):
+        c = centre.copy()
+        c[-1] += side * offset
+        ventricle = _ellipsoid(grid, c, vent_radii)
+        image[ventricle] = rng.uniform(0.18, 0.24)
+        if enlarged:
+            mask |= ventricle
+    lesion_scale = 1.0 if d == 2 else 1.8  # keep the lesion share of the brain similar in 3D
+    if abnormality in ("bright", "dark"):
+        lesion_centre = centre + rng.uniform(-0.35, 0.35, d) * radii
+        lesion_centre[-1] = centre[-1] + rng.choice([-1, 1]) * rng.uniform(0.45, 0.6) * radii[-1]
+        lesion = _ellipsoid(grid, lesion_centre, rng.uniform(0.16, 0.24, d) * lesion_scale) & brain
+        image[lesion] = (
+            rng.uniform(0.75, 0.85) if abnormality == "bright" else rng.uniform(0.02, 0.08)
+        )
+        mask |= lesion
+    image += rng.normal(0.0, 0.02, shape).astype(np.float32)
+    return np.clip(image, 0.0, 1.0), mask
+
+
+def make_phantoms(
+    n_normal: int,
+    n_abnormal: int = 0,
+    shape: tuple[int, ...] = (64, 64),
+    seed: int = 0,
+) -> ImageSet:
+    """Make a labelled set of phantoms.
+
+    Args:
+        n_normal: Number of normal phantoms (label 0).
+        n_abnormal: Number of abnormal phantoms (label 1), cycling through bright lesion,
+            dark lesion and enlarged ventricles.
+        shape: Spatial shape, 2D ``(H, W)`` or 3D ``(X, Y, Z)``.
+        seed: Seed of every random choice.
+
+    Returns:
+        An :class:`ImageSet` with images ``(N, 1, *shape)`` in [0, 1], labels and lesion
+        masks (all-false for normal phantoms).
+    """
+    if len(shape) not in (2, 3):
+        raise ValueError(f"phantom shape must be 2D or 3D, got {shape}")
+    rng = np.random.default_rng(seed)
+    kinds = [None] * n_normal + [ABNORMALITIES[i % 3] for i in range(n_abnormal)]
+    images, masks, ids = [], [], []
+    for i, kind in enumerate(kinds):
+        image, mask = _phantom(tuple(shape), rng, kind)
+        images.append(image[None])
+        masks.append(mask)
+        ids.append(f"phantom_{i:04d}_{kind or 'normal'}")
+    return ImageSet(
+        images=np.stack(images),
+        labels=np.array([0] * n_normal + [1] * n_abnormal),
+        ids=ids,
+        masks=np.stack(masks),
+    )
