@@ -228,12 +228,14 @@ class DeepDetector(BaseDetector):
 
     def _training_data(self, train: Any, val: Any, cfg: EngineConfig) -> TrainingData:
         train_set = as_image_set(train, self.spatial_dims)
-        if train_set.labels is not None and (train_set.labels == 1).any():
+        if (train_set.labels == 1).any():
             log.info("fit: leaving out %d images labelled abnormal", int(train_set.labels.sum()))
-            train_set = train_set.subset(train_set.labels != 1)
+            train_set = train_set.subset(train_set.labels != 1, keep_augment=True)
         if val is None:
             keep, held = split_indices(len(train_set), cfg.val_fraction, cfg.seed)
-            return TrainingData(train_set.subset(keep), train_set.subset(held), None)
+            return TrainingData(
+                train_set.subset(keep, keep_augment=True), train_set.subset(held), None
+            )
         val_set = as_image_set(val, self.spatial_dims)
         abnormal = val_set.abnormal
         return TrainingData(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -23,6 +24,8 @@ class ImageSet(Dataset):
         ids: One name per image (file path or phantom id), used in reports and errors.
         masks: Optional lesion masks ``(N, *spatial)`` (bool).
         groups: Optional patient ids ``(N,)``; splitters keep a group on one side.
+        augment: Optional random augmentation applied to each image as it is drawn
+            (training only; ``subset`` drops it unless asked to keep it).
     """
 
     images: np.ndarray
@@ -30,6 +33,7 @@ class ImageSet(Dataset):
     ids: list[str] = field(default_factory=list)
     masks: np.ndarray | None = None
     groups: np.ndarray | None = None
+    augment: Callable[[np.ndarray], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         self.images = np.asarray(self.images, dtype=np.float32)
@@ -47,9 +51,12 @@ class ImageSet(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return torch.from_numpy(self.images[index])
+        image = self.images[index]
+        if self.augment is not None:
+            image = np.ascontiguousarray(self.augment(image), dtype=np.float32)
+        return torch.from_numpy(image)
 
-    def subset(self, index: np.ndarray | list[int]) -> ImageSet:
+    def subset(self, index: np.ndarray | list[int], keep_augment: bool = False) -> ImageSet:
         """Return the images at ``index`` (integer indices or a boolean mask)."""
         index = np.asarray(index)
         if index.dtype == bool:
@@ -60,6 +67,7 @@ class ImageSet(Dataset):
             ids=[self.ids[i] for i in index],
             masks=None if self.masks is None else self.masks[index],
             groups=None if self.groups is None else np.asarray(self.groups)[index],
+            augment=self.augment if keep_augment else None,
         )
 
     @property

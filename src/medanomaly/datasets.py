@@ -21,6 +21,7 @@ import numpy as np
 
 from medanomaly.data import ABNORMAL, NORMAL, UNKNOWN, ImageSet
 from medanomaly.errors import ConfigError, ImageReadError, InvalidImageError, MedanomalyError
+from medanomaly.image import MedicalImage
 from medanomaly.io import IMAGE_SUFFIXES, image_suffix, read_image
 from medanomaly.transforms import LESION_KEY, Compose, build_transforms
 
@@ -148,6 +149,7 @@ def load_dataset(
     label_names: dict[str, int] | None = None,
     read_options: dict[str, Any] | None = None,
     strict: bool = False,
+    augment: bool = False,
 ) -> tuple[ImageSet, LoadReport]:
     """Read and preprocess every case of a manifest or folder.
 
@@ -158,11 +160,14 @@ def load_dataset(
         label_names: Extra label names, e.g. ``{"hemorrhage": 1}``.
         read_options: Keyword arguments of :func:`medanomaly.io.read_image`.
         strict: Raise on the first unreadable case instead of skipping it.
+        augment: Attach the random transforms of ``transforms`` (everything from the first
+            random one on) to the set, to be drawn anew each time an image is used in
+            training. Without it they are left out (validation, scoring).
 
     Returns:
         The image set and a report of skipped cases (each with its reason).
     """
-    pipeline = build_transforms(transforms)
+    pipeline, augmentation = build_transforms(transforms).split_deterministic()
     report = LoadReport()
     arrays, masks, kept = [], [], []
     for case in list_cases(source, label_names):
@@ -197,6 +202,18 @@ def load_dataset(
             if has_masks
             else None,
             groups=np.array([c.group or str(c.path) for c in kept]),
+            augment=_ArrayAugment(augmentation) if augment and len(augmentation) else None,
         ),
         report,
     )
+
+
+class _ArrayAugment:
+    """Apply random transforms to a bare array ``(C, *spatial)`` (unit spacing)."""
+
+    def __init__(self, transforms: Compose) -> None:
+        self.transforms = transforms
+
+    def __call__(self, array: np.ndarray) -> np.ndarray:
+        spacing = (1.0,) * (array.ndim - 1)
+        return self.transforms(MedicalImage(array=array, spacing=spacing)).array

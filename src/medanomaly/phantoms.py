@@ -27,12 +27,12 @@ def _ellipsoid(grid: list[np.ndarray], centre, radii) -> np.ndarray:
 
 
 def _phantom(
-    shape: tuple[int, ...], rng: np.random.Generator, abnormality: str | None
+    shape: tuple[int, ...], rng: np.random.Generator, abnormality: str | None, variation: float
 ) -> tuple[np.ndarray, np.ndarray]:
     grid = _grid(shape)
     d = len(shape)
-    centre = rng.uniform(-0.03, 0.03, d)
-    radii = rng.uniform(0.75, 0.82, d)
+    centre = rng.uniform(-0.03, 0.03, d) * variation
+    radii = 0.785 + rng.uniform(-0.035, 0.035, d) * variation
     image = np.zeros(shape, dtype=np.float32)
     head = _ellipsoid(grid, centre, radii)
     brain = _ellipsoid(grid, centre, radii * rng.uniform(0.84, 0.87))
@@ -70,6 +70,7 @@ def make_phantoms(
     n_abnormal: int = 0,
     shape: tuple[int, ...] = (64, 64),
     seed: int = 0,
+    variation: float = 1.0,
 ) -> ImageSet:
     """Make a labelled set of phantoms.
 
@@ -79,6 +80,8 @@ def make_phantoms(
             dark lesion and enlarged ventricles.
         shape: Spatial shape, 2D ``(H, W)`` or 3D ``(X, Y, Z)``.
         seed: Seed of every random choice.
+        variation: Scale of the normal anatomical variation (head position and size);
+            0 gives identical anatomy up to intensity and noise.
 
     Returns:
         An :class:`ImageSet` with images ``(N, 1, *shape)`` in [0, 1], labels and lesion
@@ -90,7 +93,7 @@ def make_phantoms(
     kinds = [None] * n_normal + [ABNORMALITIES[i % 3] for i in range(n_abnormal)]
     images, masks, ids = [], [], []
     for i, kind in enumerate(kinds):
-        image, mask = _phantom(tuple(shape), rng, kind)
+        image, mask = _phantom(tuple(shape), rng, kind, variation)
         images.append(image[None])
         masks.append(mask)
         ids.append(f"phantom_{i:04d}_{kind or 'normal'}")

@@ -1,0 +1,37 @@
+# One command to install and run the demo, one to run the tests.
+#   make demo    create .venv, install medanomaly with pinned dependencies, run the phantom demo
+#   make test    same install, then the test suite
+# A GPU user installs a CUDA build of torch into .venv first (or sets TORCH=...); an installed
+# torch is never replaced.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint benchmark clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install --disable-pip-version-check "$(TORCH)"
+	$(BIN)/pip install --disable-pip-version-check -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/medanomaly demo --out demo_out
+
+test: install
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+benchmark: install
+	$(BIN)/python benchmarks/head_ct.py
+
+clean:
+	rm -rf $(VENV) demo_out .pytest_cache

@@ -1,0 +1,55 @@
+"""Command line: a thin layer over the Python API, one module per sub-command.
+
+    medanomaly fit --config C --data D --out RUN [--val V] [--resume] [--devices N]
+    medanomaly score --run RUN --data D --out scores.csv [--maps DIR] [--strict]
+    medanomaly demo --out DIR
+    medanomaly models
+
+Each module in this package defines ``add_parser(subparsers)``, which registers its
+sub-command and sets ``func``; :data:`COMMANDS` lists them in help order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from medanomaly import __version__
+from medanomaly.cli import demo, fit, models, score
+from medanomaly.errors import MedanomalyError
+
+COMMANDS = (fit, score, demo, models)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``medanomaly`` command."""
+    parser = argparse.ArgumentParser(
+        prog="medanomaly",
+        description="Find abnormal CT/MRI scans with models of normal anatomy.",
+    )
+    parser.add_argument("--version", action="version", version=f"medanomaly {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``medanomaly`` command."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.func(args)
+    except MedanomalyError as error:
+        print(f"medanomaly {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""``medanomaly fit``: train a detector on normal images and write a run directory."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import yaml
+
+from medanomaly import __version__
+from medanomaly.base import CONFIG_FILE
+from medanomaly.checkpoint import atomic_write_text
+from medanomaly.cli._common import report_skipped
+from medanomaly.config import apply_overrides, build_detector, load_config
+from medanomaly.datasets import load_dataset
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``fit``."""
+    p = sub.add_parser("fit", help="train a detector on normal images")
+    p.add_argument("--config", required=True, help="YAML with model/engine/data blocks")
+    p.add_argument("--data", required=True, help="folder or CSV manifest of training images")
+    p.add_argument("--val", help="validation folder/manifest (normal, optionally abnormal)")
+    p.add_argument("--out", required=True, help="run directory")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--devices", type=int, help="GPUs per node (data-parallel): engine.devices")
+    p.add_argument("--num-nodes", type=int, help="machines (with torchrun): engine.num_nodes")
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override a config value, e.g. --set engine.epochs=5",
+    )
+    p.add_argument("--strict", action="store_true", help="stop on the first unreadable image")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train a detector and write the run directory."""
+    overrides = list(args.set)
+    if args.devices:
+        overrides.append(f"engine.devices={args.devices}")
+    if args.num_nodes:
+        overrides.append(f"engine.num_nodes={args.num_nodes}")
+    config = apply_overrides(load_config(args.config), overrides)
+    detector = build_detector(config)
+    data_cfg = config.get("data") or {}
+    out = Path(args.out)
+    train, report = load_dataset(args.data, **data_cfg, strict=args.strict, augment=True)
+    report_skipped(report, out / "skipped_train.txt")
+    val = None
+    if args.val:
+        val, val_report = load_dataset(args.val, **data_cfg, strict=args.strict)
+        report_skipped(val_report, out / "skipped_val.txt")
+    config_path = out / CONFIG_FILE
+    if not (args.resume and config_path.exists()):
+        resolved = {**detector.config(), "data": data_cfg, "version": __version__}
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(config_path, yaml.safe_dump(resolved, sort_keys=False))
+    detector.fit(train, val, run_dir=out, resume=args.resume)
+    print(f"trained {detector.name} on {len(train)} images; threshold {detector.threshold_:.6g}")
+    print(f"run directory: {out}")
+    return 0

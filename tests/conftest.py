@@ -1,0 +1,37 @@
+"""Shared fixtures: tiny synthetic phantoms, a fast engine and the real-data root."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from medanomaly.phantoms import make_phantoms
+
+DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+def real_data(*parts: str) -> Path:
+    """Path under ``../shared/data``; skips the test (naming the folder) when it is absent."""
+    path = DATA_ROOT.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"real data not found: {path} (needs ../shared/data beside the repo)")
+    return path
+
+
+@pytest.fixture
+def fast_engine() -> dict:
+    """Two quick epochs, no progress bar."""
+    return {"epochs": 2, "batch_size": 8, "progress": False, "seed": 0}
+
+
+@pytest.fixture(scope="session")
+def tiny2d():
+    """12 normal + 6 abnormal 1x32x32 phantoms."""
+    return make_phantoms(12, 6, (32, 32), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny3d():
+    """8 normal + 4 abnormal 1x16x16x16 phantoms."""
+    return make_phantoms(8, 4, (16, 16, 16), seed=0)

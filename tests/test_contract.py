@@ -1,0 +1,77 @@
+"""One contract, every registered detector, in 2D and 3D."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from medanomaly import BaseDetector, get_model, list_models
+from medanomaly.errors import InvalidImageError, NotFittedError
+
+CASES = [(name, dims) for name in list_models() for dims in (2, 3)]
+
+
+def _data(request, dims):
+    return request.getfixturevalue("tiny2d" if dims == 2 else "tiny3d")
+
+
+@pytest.fixture(params=CASES, ids=[f"{n}-{d}d" for n, d in CASES])
+def fitted(request, fast_engine):
+    name, dims = request.param
+    data = _data(request, dims)
+    detector = get_model(name, spatial_dims=dims, engine=fast_engine)
+    returned = detector.fit(data.normal)
+    return name, dims, detector, returned, data
+
+
+def test_fit_returns_self(fitted):
+    _, _, detector, returned, _ = fitted
+    assert returned is detector
+    assert np.isfinite(detector.threshold_)
+
+
+def test_outputs_have_the_documented_shapes(fitted):
+    _, _, detector, _, data = fitted
+    result = detector.detect(data)
+    n, spatial = len(data), data.images.shape[2:]
+    assert detector.score(data).shape == (n,)
+    assert detector.anomaly_map(data).shape == (n, *spatial)
+    assert set(np.unique(detector.predict(data))) <= {0, 1}
+    assert result.maps.shape == (n, *spatial)
+    assert np.isfinite(result.scores).all()
+    np.testing.assert_allclose(result.scores, detector.score(data), rtol=1e-5)
+
+
+def test_same_seed_gives_same_scores(fitted, fast_engine):
+    name, dims, detector, _, data = fitted
+    again = get_model(name, spatial_dims=dims, engine=fast_engine).fit(data.normal)
+    np.testing.assert_allclose(again.score(data), detector.score(data), rtol=1e-5)
+
+
+def test_save_and_load_round_trip(fitted, tmp_path):
+    _, _, detector, _, data = fitted
+    detector.save(tmp_path / "model.pt")
+    loaded = BaseDetector.load(tmp_path / "model.pt")
+    assert type(loaded) is type(detector)
+    assert loaded.threshold_ == detector.threshold_
+    np.testing.assert_allclose(loaded.score(data), detector.score(data), rtol=1e-5)
+
+
+def test_bad_input_is_named(fitted):
+    _, dims, detector, _, data = fitted
+    images = data.images[:2].copy()
+    images[1, 0, 0, 0] = np.nan
+    with pytest.raises(InvalidImageError, match="NaN"):
+        detector.score(images)
+    wrong_size = np.zeros((1, 1, *([32 if dims == 3 else 16] * dims)), np.float32)
+    with pytest.raises(InvalidImageError, match="training shape"):
+        detector.score(wrong_size)
+    with pytest.raises(InvalidImageError, match="expected an array"):
+        detector.score(np.zeros((2, 2), np.float32))
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_predict_before_fit_raises(name):
+    detector = get_model(name)
+    with pytest.raises(NotFittedError, match="not fitted"):
+        detector.predict(np.zeros((1, 1, 16, 16, 16), np.float32))
