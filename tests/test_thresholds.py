@@ -188,7 +188,7 @@ def test_choose_threshold_dispatches_each_rule() -> None:
 
 
 def test_unknown_rule_suggests_a_name() -> None:
-    with pytest.raises(ValueError, match="did you mean 'youden'"):
+    with pytest.raises(ValueError, match="Did you mean 'youden'"):
         choose_threshold("youdon", [0.1, 0.2], [0, 1])
     with pytest.raises(ValueError, match="unknown threshold rule"):
         choose_threshold("zzz", [0.1, 0.2])

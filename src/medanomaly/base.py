@@ -216,13 +216,15 @@ class DeepDetector(BaseDetector):
         task = TrainingTask(network=network, loss=self.loss, score=self._score_only)
         if run_dir is not None:
             self.run_config_ = self._run_config(Path(run_dir))
-        self.history_ = Engine(cfg).fit(
+        engine = Engine(cfg)
+        self.history_ = engine.fit(
             task, data, run_dir=run_dir, resume=resume, extra_state=self.config()
         )
+        self.is_main_process_ = engine.is_global_zero
         self.network_ = network.eval()
         self.input_shape_ = input_shape
         self._set_threshold(data.val_normal if len(data.val_normal) else data.train)
-        if run_dir is not None:
+        if run_dir is not None and self.is_main_process_:
             self.save(Path(run_dir) / MODEL_FILE)
         return self
 

@@ -141,6 +141,7 @@ class Engine:
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
+        self.is_global_zero = True
 
     def fit(
         self,
@@ -165,7 +166,10 @@ class Engine:
         """
         cfg = self.config
         fabric = self._make_fabric()
+        self.is_global_zero = fabric.is_global_zero
         network = task.network
+        if fabric.world_size > 1 and fabric.device.type == "cuda":
+            nn.SyncBatchNorm.convert_sync_batchnorm(network)
         optimizer = torch.optim.Adam(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         state = _RunState(best_state=_cpu_state(network))
         checkpoint_path = Path(run_dir) / CHECKPOINT_NAME if run_dir else None

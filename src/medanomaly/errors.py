@@ -6,7 +6,15 @@ what is wrong with it, so that a batch job can report it and move on.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from pathlib import Path
+
+
+def did_you_mean(word: str, choices: Iterable[str]) -> str:
+    """A `` Did you mean 'x' or 'y'?`` hint for an unknown name ('' when nothing is close)."""
+    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.5)
+    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
 class MedanomalyError(Exception):

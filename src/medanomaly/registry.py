@@ -7,12 +7,11 @@ its own file, its test and a config, nothing else; ``medanomaly models`` lists w
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import pkgutil
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from medanomaly.errors import ConfigError
+from medanomaly.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
     from medanomaly.base import BaseDetector
@@ -69,8 +68,7 @@ def get_model_class(name: str) -> type[BaseDetector]:
     key = name.strip().lower()
     if key in _REGISTRY:
         return _REGISTRY[key]
-    close = difflib.get_close_matches(key, list(_REGISTRY), n=3, cutoff=0.4)
-    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    hint = did_you_mean(key, _REGISTRY)
     raise ConfigError(f"unknown model {name!r}.{hint} Available: {', '.join(sorted(_REGISTRY))}.")
 
 

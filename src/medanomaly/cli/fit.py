@@ -59,6 +59,8 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(config_path, yaml.safe_dump(resolved, sort_keys=False))
     detector.fit(train, val, run_dir=out, resume=args.resume)
+    if not detector.is_main_process_:
+        return 0
     print(f"trained {detector.name} on {len(train)} images; threshold {detector.threshold_:.6g}")
     print(f"run directory: {out}")
     return 0

@@ -20,7 +20,6 @@ log a warning.
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
 from collections.abc import Callable
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from medanomaly.errors import did_you_mean
 from medanomaly.evaluation.metrics import ArrayLike, check_labels_scores, check_scores
 
 logger = logging.getLogger(__name__)
@@ -288,8 +288,7 @@ def choose_threshold(
         return _LABELLED_RULES[key](labels, scores)
     if key in _NORMAL_RULES:
         return _NORMAL_RULES[key](_normal_only(scores, labels), **params)
-    hint = difflib.get_close_matches(key, THRESHOLD_RULES, n=1)
-    suggestion = f"; did you mean {hint[0]!r}?" if hint else ""
     raise ValueError(
-        f"unknown threshold rule {rule!r}{suggestion} (known: {', '.join(THRESHOLD_RULES)})"
+        f"unknown threshold rule {rule!r}.{did_you_mean(key, THRESHOLD_RULES)} "
+        f"Known: {', '.join(THRESHOLD_RULES)}."
     )

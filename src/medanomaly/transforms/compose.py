@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import inspect
 import json
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from medanomaly.errors import ConfigError
+from medanomaly.errors import ConfigError, did_you_mean
 from medanomaly.image import MedicalImage
 from medanomaly.transforms._base import RandomTransform, Transform
 from medanomaly.transforms.augment import RandAffine, RandFlip, RandIntensity
@@ -99,11 +98,6 @@ class Compose:
         return self
 
 
-def _did_you_mean(word: str, choices: Sequence[str]) -> str:
-    close = difflib.get_close_matches(word, list(choices), n=3, cutoff=0.5)
-    return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
-
-
 def get_transform_class(name: str) -> type[Transform]:
     """Return the transform class called ``name``.
 
@@ -113,7 +107,7 @@ def get_transform_class(name: str) -> type[Transform]:
     if name in TRANSFORMS:
         return TRANSFORMS[name]
     raise ConfigError(
-        f"unknown transform {name!r}.{_did_you_mean(str(name), list(TRANSFORMS))} "
+        f"unknown transform {name!r}.{did_you_mean(str(name), list(TRANSFORMS))} "
         f"Available: {', '.join(TRANSFORMS)}."
     )
 
@@ -143,7 +137,7 @@ def _check_arguments(name: str, cls: type[Transform], args: Mapping[str, Any]) -
     for arg in args:
         if arg not in params:
             raise ConfigError(
-                f"transform {name!r}: unknown argument {arg!r}.{_did_you_mean(arg, list(params))}"
+                f"transform {name!r}: unknown argument {arg!r}.{did_you_mean(arg, list(params))}"
                 f" Arguments: {', '.join(params)}."
             )
     for arg, param in params.items():
