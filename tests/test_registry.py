@@ -34,7 +34,9 @@ def test_unknown_constructor_argument_is_a_config_error():
 
 
 def test_overrides_parse_yaml_values():
-    config = apply_overrides({"model": {"name": "cae"}}, ["engine.epochs=5", "model.channels=[8,16]"])
+    config = apply_overrides(
+        {"model": {"name": "cae"}}, ["engine.epochs=5", "model.channels=[8,16]"]
+    )
     assert config["engine"]["epochs"] == 5
     assert config["model"]["channels"] == [8, 16]
     with pytest.raises(ConfigError):

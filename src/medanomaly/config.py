@@ -1,8 +1,9 @@
 """YAML configs whose blocks map one-to-one onto Python arguments.
 
 ``model:`` maps onto a detector's constructor, ``engine:`` onto
-:class:`~medanomaly.engine.EngineConfig` and ``data:`` onto
-:func:`medanomaly.datasets.load_dataset`.
+:class:`~medanomaly.engine.EngineConfig`, ``data:`` onto
+:func:`medanomaly.datasets.load_dataset` and the optional ``evaluation:`` onto
+:class:`~medanomaly.evaluation.cv.CVSettings` (``threshold``, ``alpha``, ``val_fraction``, ...).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from medanomaly.base import BaseDetector
 from medanomaly.errors import ConfigError
 from medanomaly.registry import get_model
 
-SECTIONS = ("model", "engine", "data")
+SECTIONS = ("model", "engine", "data", "evaluation")
 
 
 def load_config(path: str | Path) -> dict[str, Any]:

@@ -7,6 +7,11 @@ manifest's folder; ``group`` is the patient id.
 Folder: either sub-folders named after labels (``normal/``, ``abnormal/``; other names can be
 mapped with ``label_names``) or image files directly (labels unknown, e.g. all normal for
 training). Each image file is a case; each sub-folder of DICOM files is one series (case).
+Nothing in a folder is dropped silently: files that are not images and sub-folders that are
+not label names are listed in the :class:`LoadReport` as skipped, with the reason.
+
+With ``cache`` on, each case is read and put through the deterministic transforms once;
+later loads read the stored arrays (see :mod:`medanomaly.cache`).
 """
 
 from __future__ import annotations
@@ -19,11 +24,13 @@ from typing import Any
 
 import numpy as np
 
+from medanomaly.cache import PreprocessCache, Preprocessed
 from medanomaly.data import ABNORMAL, NORMAL, UNKNOWN, ImageSet
 from medanomaly.errors import ConfigError, ImageReadError, InvalidImageError, MedanomalyError
 from medanomaly.image import MedicalImage
 from medanomaly.io import IMAGE_SUFFIXES, image_suffix, read_image
-from medanomaly.transforms import LESION_KEY, Compose, build_transforms
+from medanomaly.io.dicom import is_dicom_file
+from medanomaly.transforms import FOREGROUND_KEY, LESION_KEY, Compose, build_transforms
 
 log = logging.getLogger(__name__)
 
@@ -39,13 +46,22 @@ class Case:
     mask: Path | None = None
     group: str | None = None
     split: str | None = None
+    problem: str | None = None
+    """Why the entry is not a readable case (found while listing, e.g. not an image file)."""
 
 
 @dataclass
 class LoadReport:
-    """Cases that could not be used, each with the reason."""
+    """Cases that could not be used, each with the reason, and non-fatal problems of the rest.
+
+    Attributes:
+        skipped: ``(path, problem)`` of every case left out.
+        warnings: ``(path, problem)`` of problems in cases that were kept (e.g. slices
+            missing from a DICOM series); they do not make the report true.
+    """
 
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(self.skipped)
@@ -53,6 +69,10 @@ class LoadReport:
     def lines(self) -> list[str]:
         """One ``path: problem`` line per skipped case."""
         return [f"{path}: {problem}" for path, problem in self.skipped]
+
+    def warning_lines(self) -> list[str]:
+        """One ``path: problem`` line per problem of a kept case."""
+        return [f"{path}: {problem}" for path, problem in self.warnings]
 
 
 def parse_label(value: str, label_names: dict[str, int], where: str) -> int:
@@ -90,29 +110,59 @@ def read_manifest(path: str | Path, label_names: dict[str, int] | None = None) -
     return cases
 
 
-def _case_paths(folder: Path) -> list[Path]:
-    """Image files and DICOM-series sub-folders directly inside ``folder``, sorted."""
-    return [
-        entry
-        for entry in sorted(folder.iterdir())
-        if not entry.name.startswith(".")
-        and (entry.is_dir() or image_suffix(entry) in IMAGE_SUFFIXES)
-    ]
+def _entries(folder: Path) -> list[Path]:
+    """Everything directly inside ``folder`` except hidden entries, sorted."""
+    return [entry for entry in sorted(folder.iterdir()) if not entry.name.startswith(".")]
+
+
+def _is_image_file(path: Path) -> bool:
+    """A file with a known image suffix, or a DICOM file of any name."""
+    return path.is_file() and (image_suffix(path) in IMAGE_SUFFIXES or is_dicom_file(path))
+
+
+def _folder_cases(folder: Path, label: int = UNKNOWN) -> list[Case]:
+    """Cases of one folder: image files and sub-folders (DICOM series); other files as problems."""
+    cases = []
+    for entry in _entries(folder):
+        problem = None
+        if not entry.is_dir() and not _is_image_file(entry):
+            problem = (
+                f"not an image file (suffix '{image_suffix(entry) or '(none)'}' and no DICOM "
+                f"header; supported: {', '.join(IMAGE_SUFFIXES)})"
+            )
+        cases.append(Case(entry, label, problem=problem))
+    return cases
 
 
 def scan_folder(folder: str | Path, label_names: dict[str, int] | None = None) -> list[Case]:
-    """Cases of a folder: ``<label>/`` sub-folders if present, else its files (unlabelled)."""
+    """Cases of a folder: ``<label>/`` sub-folders if present, else its files (unlabelled).
+
+    Entries that cannot be cases (non-image files, sub-folders not named after a label
+    beside label folders) are returned with :attr:`Case.problem` set, to be reported.
+
+    Raises:
+        ImageReadError: ``folder`` is not a folder or holds no image at all.
+    """
     folder = Path(folder)
     if not folder.is_dir():
         raise ImageReadError(folder, "not a folder or manifest")
     names = {**DEFAULT_LABEL_NAMES, **(label_names or {})}
-    labelled = [d for d in sorted(folder.iterdir()) if d.is_dir() and d.name.lower() in names]
+    entries = _entries(folder)
+    labelled = [d for d in entries if d.is_dir() and d.name.lower() in names]
     if labelled:
-        return [Case(p, names[d.name.lower()]) for d in labelled for p in _case_paths(d)]
-    has_files = any(p.is_file() for p in _case_paths(folder))
-    cases = [Case(p) for p in _case_paths(folder) if p.is_file() or not has_files]
-    if not cases:
-        raise ImageReadError(folder, f"no image files found (supported: {sorted(IMAGE_SUFFIXES)})")
+        cases = [c for d in labelled for c in _folder_cases(d, names[d.name.lower()])]
+        problem = (
+            f"not read: beside the label folders only folders named after a label are read "
+            f"(labels: {', '.join(sorted(names))}; map other names with label_names)"
+        )
+        cases += [Case(e, problem=problem) for e in entries if e not in labelled]
+    else:
+        cases = _folder_cases(folder)
+    if not any(case.problem is None for case in cases):
+        found = ", ".join(e.name for e in entries[:5]) or "nothing"
+        raise ImageReadError(
+            folder, f"no image files found (found: {found}; supported: {', '.join(IMAGE_SUFFIXES)})"
+        )
     return cases
 
 
@@ -124,10 +174,8 @@ def list_cases(source: str | Path, label_names: dict[str, int] | None = None) ->
     return scan_folder(source, label_names)
 
 
-def _load_case(
-    case: Case, pipeline: Compose, read_options: dict[str, Any]
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Read one case (and its lesion mask), preprocess both, return arrays."""
+def _preprocess(case: Case, pipeline: Compose, read_options: dict[str, Any]) -> Preprocessed:
+    """Read one case (and its lesion mask) and preprocess both."""
     image = read_image(case.path, **read_options)
     if case.mask is not None:
         mask = read_image(case.mask).array[0] > 0
@@ -140,7 +188,23 @@ def _load_case(
     array = np.asarray(image.array, dtype=np.float32)
     if not np.isfinite(array).all():
         raise InvalidImageError(case.path, "preprocessed image contains NaN or infinite values")
-    return array, image.meta.get(LESION_KEY)
+    masks = {
+        k: np.asarray(image.meta[k], bool) for k in (FOREGROUND_KEY, LESION_KEY) if k in image.meta
+    }
+    return Preprocessed(array=array, masks=masks, problems=list(image.problems))
+
+
+def _load_case(
+    case: Case, pipeline: Compose, read_options: dict[str, Any], cache: PreprocessCache | None
+) -> Preprocessed:
+    """Preprocess one case, through the cache when there is one."""
+    if case.problem is not None:
+        raise ImageReadError(case.path, case.problem)
+    if cache is None:
+        return _preprocess(case, pipeline, read_options)
+    key = cache.key(case.path, pipeline, read_options, mask=case.mask)
+    details = {"source": str(case.path), "transforms": pipeline.to_config()}
+    return cache.fetch(key, lambda: _preprocess(case, pipeline, read_options), details)
 
 
 def load_dataset(
@@ -150,6 +214,7 @@ def load_dataset(
     read_options: dict[str, Any] | None = None,
     strict: bool = False,
     augment: bool = False,
+    cache: bool | str | Path | None = None,
 ) -> tuple[ImageSet, LoadReport]:
     """Read and preprocess every case of a manifest or folder.
 
@@ -163,25 +228,37 @@ def load_dataset(
         augment: Attach the random transforms of ``transforms`` (everything from the first
             random one on) to the set, to be drawn anew each time an image is used in
             training. Without it they are left out (validation, scoring).
+        cache: Store the result of the deterministic transforms per case and read it back
+            on later loads: ``None``/``False`` off, ``True`` in ``$MEDANOMALY_CACHE`` (else
+            ``~/.cache/medanomaly``), a folder name for that folder. Random transforms stay
+            live.
 
     Returns:
         The image set and a report of skipped cases (each with its reason).
     """
     pipeline, augmentation = build_transforms(transforms).split_deterministic()
+    store = PreprocessCache.from_option(cache)
     report = LoadReport()
     arrays, masks, kept = [], [], []
     for case in list_cases(source, label_names):
         try:
-            array, mask = _load_case(case, pipeline, read_options or {})
+            result = _load_case(case, pipeline, read_options or {}, store)
         except (MedanomalyError, OSError, ValueError) as error:
             if strict:
                 raise
             report.skipped.append((str(case.path), str(error)))
-            log.warning("skipping %s: %s", case.path, error)
+            log.info("skipping %s: %s", case.path, error)
             continue
-        arrays.append(array)
-        masks.append(mask)
+        for problem in result.problems:
+            report.warnings.append((str(case.path), problem))
+            log.info("%s: %s", case.path, problem)
+        arrays.append(result.array)
+        masks.append(result.masks.get(LESION_KEY))
         kept.append(case)
+    if store is not None:
+        log.info(
+            "preprocessing cache %s: %d read, %d written", store.root, store.hits, store.misses
+        )
     if not arrays:
         raise ImageReadError(source, "no readable images: " + "; ".join(report.lines()[:3]))
     shapes = {a.shape for a in arrays}

@@ -182,7 +182,8 @@ class Engine:
             total=cfg.epochs,
             initial=state.epoch,
             desc="epochs",
-            disable=not (cfg.progress and fabric.is_global_zero),
+            # None: tqdm shows the bar on a terminal only, keeping logs of batch jobs clean
+            disable=None if cfg.progress and fabric.is_global_zero else True,
         )
         while state.epoch < cfg.epochs and not state.stopped:
             torch.manual_seed(epoch_seed(cfg.seed, state.epoch))

@@ -2,6 +2,9 @@
 
     medanomaly fit --config C --data D --out RUN [--val V] [--resume] [--devices N]
     medanomaly score --run RUN --data D --out scores.csv [--maps DIR] [--strict]
+    medanomaly evaluate --run RUN --data LABELLED --out DIR [--threshold RULE] [--alpha A]
+    medanomaly cv --config C --data LABELLED --out DIR [--folds 5] [--repeats 2] [--set K=V]
+    medanomaly inspect PATH [--series-uid UID]
     medanomaly demo --out DIR
     medanomaly models
 
@@ -17,10 +20,10 @@ import sys
 from collections.abc import Sequence
 
 from medanomaly import __version__
-from medanomaly.cli import demo, fit, models, score
+from medanomaly.cli import cv, demo, evaluate, fit, inspect, models, score
 from medanomaly.errors import MedanomalyError
 
-COMMANDS = (fit, score, demo, models)
+COMMANDS = (fit, score, evaluate, cv, inspect, demo, models)
 
 
 def build_parser() -> argparse.ArgumentParser:

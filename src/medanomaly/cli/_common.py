@@ -10,7 +10,11 @@ from medanomaly.datasets import LoadReport
 
 
 def report_skipped(report: LoadReport, out: Path | None) -> None:
-    """Print the cases that were skipped (and why) and list them in ``out``."""
+    """Print skipped cases (and why) and problems of kept cases; list the skipped in ``out``."""
+    if report.warnings:
+        print(f"{len(report.warnings)} problem(s) in cases that were kept:", file=sys.stderr)
+        for line in report.warning_lines():
+            print(f"  {line}", file=sys.stderr)
     if not report:
         return
     print(f"skipped {len(report.skipped)} unreadable case(s):", file=sys.stderr)

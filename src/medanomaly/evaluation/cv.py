@@ -1,0 +1,679 @@
+"""Repeated, patient-grouped, stratified k-fold cross-validation of a detector config.
+
+For each repeat, ``StratifiedGroupKFold`` (a different ``random_state`` per repeat) splits
+the labelled cases into ``folds`` test folds; a patient (``group``) never appears on both
+sides. For each fold:
+
+1. A validation part (``val_fraction`` of the training folds, grouped and stratified) is
+   carved out of the training folds.
+2. The detector is trained on the **normal** images of the remaining training part only.
+   The validation part is passed as ``val`` to ``fit``: its normal images drive early
+   stopping (the epoch with the lowest normal validation loss is kept) and its abnormal
+   images only feed the training curves.
+3. The threshold is chosen on the validation part (default ``f1``, as in seed 003).
+4. Only then is the test fold scored; its metrics are saved atomically to
+   ``OUT/folds/rR_fF/fold.json``. A fold with that file is never recomputed, and a fold
+   interrupted during training resumes from its checkpoint.
+
+``OUT/metrics.json`` holds every metric as ``{"mean", "sd", "n", "folds"}`` (sample SD over
+the folds where the metric is defined), ``OUT/splits.csv`` the fold assignment of every case,
+``OUT/report.html`` the box plots, per-fold table and out-of-fold per-case table.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from sklearn.model_selection import StratifiedGroupKFold
+
+from medanomaly import __version__
+from medanomaly.base import CONFIG_FILE, AnomalyResult, BaseDetector
+from medanomaly.checkpoint import atomic_write_text
+from medanomaly.config import build_detector
+from medanomaly.data import ImageSet
+from medanomaly.datasets import LoadReport, load_dataset
+from medanomaly.errors import ConfigError
+from medanomaly.evaluation import figures as figs
+from medanomaly.evaluation.metrics import image_metrics, predict_abnormal
+from medanomaly.evaluation.report import Facts, Figure, Figures, Table, write_report
+from medanomaly.evaluation.runner import (
+    FIGURES_DIR,
+    IMAGE_KEYS,
+    METRICS_FILE,
+    REPORT_FILE,
+    SCORES_FILE,
+    case_table,
+    describe_rule,
+    foreground_masks,
+    image_block,
+    json_ready,
+    known_masks,
+    parse_rule,
+    pixel_block,
+    rule_threshold,
+    score_in_chunks,
+    skipped_list,
+    summary_line,
+    write_json,
+)
+from medanomaly.outputs import write_scores_csv
+
+CV_FILE = "cv.json"
+SPLITS_FILE = "splits.csv"
+FOLD_FILE = "fold.json"
+FOLDS_DIR = "folds"
+PIXEL_KEYS = ("auroc", "average_precision", "best_dice")
+BOX_KEYS = ("auroc", "auprc", "f1", "sensitivity", "specificity", "accuracy")
+
+Echo = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class CVSettings:
+    """Cross-validation settings (the ``evaluation:`` block of a config, or arguments).
+
+    Attributes:
+        folds: Test folds per repeat (k).
+        repeats: Repeats with a different shuffling of the groups.
+        threshold: Threshold rule on the validation part: ``f1`` (default, seed 003),
+            ``youden`` (seed 000), ``mean_sd[:k=..]`` (seed 004), ``percentile[:q=..]``,
+            ``conformal[:alpha=..]`` or ``run`` (the detector's own mean + k·SD).
+        alpha: Default level of the conformal rule.
+        val_fraction: Share of the training folds (by groups) held out for validation.
+        seed: Seed of the splits (repeat ``r`` uses ``seed + r``).
+    """
+
+    folds: int = 5
+    repeats: int = 2
+    threshold: str = "f1"
+    alpha: float = 0.05
+    val_fraction: float = 0.2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.folds < 2 or self.repeats < 1:
+            raise ConfigError(f"cv: need folds >= 2 and repeats >= 1, got {self.folds}x")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"cv: val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if not 0.0 < self.alpha < 1.0:
+            raise ConfigError(f"cv: alpha must lie in (0, 1), got {self.alpha}")
+        parse_rule(self.threshold)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **given: Any) -> CVSettings:
+        """Settings from the config's ``evaluation`` block, overridden by non-``None`` args."""
+        block = dict(config.get("evaluation") or {})
+        unknown = sorted(set(block) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ConfigError(f"evaluation: unknown keys {unknown}")
+        block.update({k: v for k, v in given.items() if v is not None})
+        return cls(**block)
+
+
+@dataclass(frozen=True)
+class FoldSplit:
+    """Indices (into the labelled set) of one fold's training, validation and test parts."""
+
+    repeat: int
+    fold: int
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+
+    @property
+    def name(self) -> str:
+        """Folder name, e.g. ``r1_f3`` (1-based)."""
+        return f"r{self.repeat + 1}_f{self.fold + 1}"
+
+
+# -- splitting ------------------------------------------------------------------------------
+def _grouped_splits(
+    labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``StratifiedGroupKFold`` splits (its "too few members" warning silenced)."""
+    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        yield from splitter.split(np.zeros(len(labels)), labels, groups)
+
+
+def _carve_validation(
+    idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``idx`` into (training, validation) by groups, stratified where possible.
+
+    The validation part is one of ``round(1 / fraction)`` grouped, stratified folds of
+    ``idx``: the first that holds both classes, else the first that holds normal cases (which
+    early stopping and every threshold rule need), else the first.
+    """
+    n_groups = np.unique(groups[idx]).size
+    n_splits = min(max(2, round(1.0 / fraction)), n_groups)
+    if n_splits < 2:
+        raise ConfigError("cv: a training part has a single patient group; no validation left")
+    candidates = list(_grouped_splits(labels[idx], groups[idx], n_splits, seed))
+
+    def rank(candidate: tuple[np.ndarray, np.ndarray]) -> int:
+        held = set(labels[idx[candidate[1]]].tolist())
+        return 0 if held >= {0, 1} else (1 if 0 in held else 2)
+
+    keep, held = min(candidates, key=rank)  # min keeps the first of equal rank
+    return np.sort(idx[keep]), np.sort(idx[held])
+
+
+def make_splits(
+    labels: np.ndarray,
+    groups: np.ndarray,
+    folds: int,
+    repeats: int,
+    val_fraction: float,
+    seed: int = 0,
+) -> list[FoldSplit]:
+    """Repeated, grouped, stratified k-fold splits with a validation part per fold.
+
+    Args:
+        labels: 0/1 per case.
+        groups: Patient id per case; a group is always on one side of every split.
+        folds: Test folds per repeat.
+        repeats: Number of repeats (repeat ``r`` shuffles with ``seed + r``).
+        val_fraction: Share of each training part (by groups) used for validation.
+        seed: Base seed.
+
+    Returns:
+        ``folds * repeats`` splits, repeat-major.
+
+    Raises:
+        ConfigError: If there are fewer groups than folds or no normal case to train on.
+    """
+    labels, groups = np.asarray(labels), np.asarray(groups)
+    n_groups = np.unique(groups).size
+    if n_groups < folds:
+        raise ConfigError(f"cv: {n_groups} patient groups are too few for {folds} folds")
+    splits = []
+    for repeat in range(repeats):
+        outer = _grouped_splits(labels, groups, folds, seed + repeat)
+        for fold, (train, test) in enumerate(outer):
+            val_seed = (seed + repeat) * 1000 + fold
+            train, val = _carve_validation(train, labels, groups, val_fraction, val_seed)
+            if not np.any(labels[train] == 0) or not np.any(labels[val] == 0):
+                raise ConfigError(
+                    f"cv: repeat {repeat + 1} fold {fold + 1} has no normal case to train or "
+                    "validate on; use fewer folds or a larger val_fraction"
+                )
+            splits.append(FoldSplit(repeat, fold, train, val, np.sort(test)))
+    return splits
+
+
+def splits_csv(splits: list[FoldSplit], images: ImageSet, groups: np.ndarray) -> str:
+    """The fold assignment as CSV text: ``repeat,fold,part,index,id,group,label``."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(["repeat", "fold", "part", "index", "id", "group", "label"])
+    for split in splits:
+        for part in ("train", "val", "test"):
+            for i in getattr(split, part):
+                row = [split.repeat + 1, split.fold + 1, part, int(i), images.ids[i]]
+                writer.writerow([*row, groups[i], int(images.labels[i])])
+    return buffer.getvalue()
+
+
+def read_splits(out: str | Path) -> list[dict[str, str]]:
+    """Read ``OUT/splits.csv`` back as a list of rows."""
+    with open(Path(out) / SPLITS_FILE, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+# -- resumable state ------------------------------------------------------------------------
+def _split_key(text: str) -> list[tuple[str, ...]]:
+    """What must match on resume: repeat, fold, part, index and label of every row."""
+    rows = csv.reader(io.StringIO(text))
+    return [(r[0], r[1], r[2], r[3], r[6]) for r in rows]
+
+
+def _start_or_resume(out: Path, state: dict[str, Any], split_text: str) -> None:
+    """Write ``cv.json``/``splits.csv``, or check that an existing cv used the same ones."""
+    state_path, splits_path = out / CV_FILE, out / SPLITS_FILE
+    if state_path.exists() and splits_path.exists():
+        saved = json.loads(state_path.read_text())
+        wanted = json.loads(json.dumps(json_ready(state)))  # compare in JSON form
+        same = all(saved.get(k) == wanted[k] for k in ("config", "settings"))
+        if not same or _split_key(splits_path.read_text()) != _split_key(split_text):
+            raise ConfigError(
+                f"{out} holds a cross-validation with a different config, settings or data; "
+                "use a new --out folder (or the same arguments to resume)"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(state_path, state)
+    atomic_write_text(splits_path, split_text)
+
+
+def _write_run_config(fold_dir: Path, detector: BaseDetector, config: dict[str, Any]) -> None:
+    """``config.yaml`` of a fold's run (with the data block), so it can be evaluated later."""
+    path = fold_dir / CONFIG_FILE
+    if path.exists():
+        return
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    resolved = {**detector.config(), "data": config.get("data") or {}, "version": __version__}
+    atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
+
+
+# -- one fold -------------------------------------------------------------------------------
+def _fold_threshold(
+    detector: BaseDetector, settings: CVSettings, labels: np.ndarray, scores: np.ndarray
+) -> tuple[float, str]:
+    rule, params = parse_rule(settings.threshold)
+    name = describe_rule(rule, params, settings.alpha)
+    if rule is None:
+        return float(detector.threshold_), name
+    return rule_threshold(rule, params, labels, scores, settings.alpha), name
+
+
+def _fold_pixel(
+    detector: BaseDetector, test: ImageSet, include: np.ndarray, maps: np.ndarray | None
+) -> dict[str, Any] | None:
+    if maps is None or test.masks is None:
+        return None
+    fg, rule = foreground_masks(test)
+    return pixel_block(maps, test.masks, fg, rule, include & (test.labels != -1))[0]
+
+
+def run_fold(
+    split: FoldSplit,
+    images: ImageSet,
+    config: dict[str, Any],
+    settings: CVSettings,
+    fold_dir: Path,
+    mask_known: np.ndarray,
+) -> dict[str, Any]:
+    """Train, threshold and test one fold; write ``fold.json`` and ``scores.csv``.
+
+    Args:
+        split: The fold's parts.
+        images: The labelled set (with training augmentation attached).
+        config: The detector config (``model``/``engine``/``data``).
+        settings: Cross-validation settings.
+        fold_dir: The fold's run directory.
+        mask_known: Bool per case of ``images``: lesion mask known (for pixel metrics).
+
+    Returns:
+        The fold record (also in ``fold_dir/fold.json``).
+    """
+    labels = images.labels
+    train = images.subset(split.train[labels[split.train] == 0], keep_augment=True)
+    val, test = images.subset(split.val), images.subset(split.test)
+    detector = build_detector(config)
+    _write_run_config(fold_dir, detector, config)
+    start = time.perf_counter()
+    detector.fit(train, val, run_dir=fold_dir, resume=True)
+    val_scores = detector.score(val)
+    threshold, rule = _fold_threshold(detector, settings, val.labels, val_scores)
+    scores, maps = score_in_chunks(detector, test, keep_maps=test.masks is not None)
+    source = "validation part of the training folds"
+    record: dict[str, Any] = {
+        "repeat": split.repeat + 1,
+        "fold": split.fold + 1,
+        "run_dir": str(fold_dir),
+        "image": image_block(test.labels, scores, threshold, rule, source, n_boot=0),
+        "validation": {
+            "auroc": image_metrics(val.labels, val_scores, threshold)["auroc"],
+            "n_normal": int(np.sum(val.labels == 0)),
+            "n_abnormal": int(np.sum(val.labels == 1)),
+        },
+        "n_train": len(train),
+        "n_val": len(val),
+        "n_test": len(test),
+        "epochs": len(getattr(detector, "history_", [])),
+        "seconds": time.perf_counter() - start,
+        "history": getattr(detector, "history_", []),
+        "cases": {
+            "id": list(test.ids),
+            "label": test.labels.tolist(),
+            "score": scores.tolist(),
+        },
+    }
+    pixel = _fold_pixel(detector, test, mask_known[split.test], maps)
+    if pixel is not None:
+        record["pixel"] = pixel
+    result = AnomalyResult(
+        scores, predict_abnormal(scores, threshold), np.empty(0), None, threshold
+    )
+    write_scores_csv(fold_dir / SCORES_FILE, test.ids, test.labels, result)
+    write_json(fold_dir / FOLD_FILE, record)
+    return json_ready(record)
+
+
+# -- aggregation ----------------------------------------------------------------------------
+def summarise(values: list[float | None]) -> dict[str, Any]:
+    """``{"mean", "sd", "n", "folds"}`` over the values that are not ``None``.
+
+    ``sd`` is the sample standard deviation (``ddof=1``), 0 for a single value; ``folds``
+    keeps every fold's value in fold order (``None`` where undefined).
+    """
+    defined = np.array([v for v in values if v is not None], dtype=np.float64)
+    n = int(defined.size)
+    return {
+        "mean": float(defined.mean()) if n else None,
+        "sd": float(defined.std(ddof=1)) if n > 1 else (0.0 if n else None),
+        "n": n,
+        "folds": list(values),
+    }
+
+
+def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metric blocks of the cv ``metrics.json`` from the fold records."""
+    image: dict[str, Any] = {
+        key: summarise([r["image"][key] for r in records]) for key in (*IMAGE_KEYS, "threshold")
+    }
+    image["confusion_matrix"] = {
+        cell: int(sum(r["image"]["confusion_matrix"][cell] for r in records))
+        for cell in ("tn", "fp", "fn", "tp")
+    }
+    out: dict[str, Any] = {"image": image}
+    if any("pixel" in r for r in records):
+        out["pixel"] = {
+            key: summarise([(r.get("pixel") or {}).get(key) for r in records]) for key in PIXEL_KEYS
+        }
+        out["pixel"]["foreground_rule"] = next(
+            r["pixel"]["foreground_rule"] for r in records if "pixel" in r
+        )
+    out["validation"] = {"auroc": summarise([r["validation"]["auroc"] for r in records])}
+    return out
+
+
+# -- report ---------------------------------------------------------------------------------
+def _summary_table(metrics: dict[str, Any]) -> Table:
+    rows = []
+    for level in ("image", "pixel", "validation"):
+        for key, value in (metrics.get(level) or {}).items():
+            if isinstance(value, dict) and "mean" in value:
+                defined = [v for v in value["folds"] if v is not None]
+                low = min(defined) if defined else None
+                high = max(defined) if defined else None
+                rows.append([f"{level}.{key}", value["mean"], value["sd"], low, high, value["n"]])
+    columns = ["metric", "mean", "sd", "min", "max", "folds"]
+    return Table("Metrics over folds (test folds)", columns, rows, sortable=False)
+
+
+def _fold_table(records: list[dict[str, Any]]) -> Table:
+    columns = ["repeat", "fold", "n_train", "n_val", "n_test", "epochs", "threshold"]
+    columns += ["val_auroc", *IMAGE_KEYS, "pixel_auroc", "seconds"]
+    rows = []
+    for r in records:
+        image = r["image"]
+        rows.append(
+            [r["repeat"], r["fold"], r["n_train"], r["n_val"], r["n_test"], r["epochs"]]
+            + [image["threshold"], r["validation"]["auroc"]]
+            + [image[k] for k in IMAGE_KEYS]
+            + [(r.get("pixel") or {}).get("auroc"), round(float(r["seconds"]), 1)]
+        )
+    note = (
+        "Threshold and val_auroc come from each fold's validation part; the other metrics "
+        "from its test fold. Click a header to sort."
+    )
+    return Table("Per-fold results", columns, rows, note=note)
+
+
+def _oof_table(records: list[dict[str, Any]]) -> Table:
+    ids, labels, scores, preds, lead = [], [], [], [], {"repeat": [], "fold": []}
+    thresholds = []
+    for r in records:
+        cases, threshold = r["cases"], r["image"]["threshold"]
+        n = len(cases["id"])
+        ids += cases["id"]
+        labels += cases["label"]
+        scores += cases["score"]
+        preds += predict_abnormal(cases["score"], threshold).tolist()
+        thresholds += [threshold] * n
+        lead["repeat"] += [r["repeat"]] * n
+        lead["fold"] += [r["fold"]] * n
+    table = case_table(
+        ids,
+        np.array(labels),
+        np.array(scores),
+        np.array(preds),
+        extra={"threshold": np.array(thresholds)},
+        lead=lead,
+    )
+    table.title = "Per-case test scores (each case once per repeat)"
+    return table
+
+
+def _cv_figures(records: list[dict[str, Any]], metrics: dict[str, Any], folder: Path) -> list:
+    first = records[0]
+    curves = [(r["cases"]["label"], r["cases"]["score"], r["image"]["threshold"]) for r in records]
+    names = [f"r{r['repeat']} f{r['fold']}" for r in records]
+    boxes = {k: metrics["image"][k]["folds"] for k in BOX_KEYS}
+    if "pixel" in metrics:
+        boxes["pixel auroc"] = metrics["pixel"]["auroc"]["folds"]
+    made = [
+        Figure(
+            figs.plot_fold_boxplot(boxes, folder / "fold_boxplot.png"),
+            "Per-fold test metrics",
+            "One dot per fold; AUROC first.",
+        ),
+        Figure(
+            figs.plot_roc(curves, folder / "roc_folds.png", names, "ROC curve per test fold"),
+            "ROC per fold",
+            "Each dot marks the fold's threshold chosen on its validation part.",
+        ),
+        Figure(
+            figs.plot_confusion_matrix(
+                metrics["image"]["confusion_matrix"],
+                folder / "confusion_matrix.png",
+                "Confusion matrix (all test folds)",
+            ),
+            "Confusion matrix",
+            "Summed over all folds and repeats.",
+        ),
+        Figure(
+            figs.plot_training_curves(
+                [r.get("history") or [] for r in records], folder / "training_curves.png"
+            ),
+            "Training curves",
+            "All folds: normal train/validation loss and mean validation scores per epoch.",
+        ),
+        Figure(
+            figs.plot_score_histograms(
+                np.array(first["cases"]["label"]),
+                np.array(first["cases"]["score"]),
+                first["image"]["threshold"],
+                folder / "score_histogram_r1_f1.png",
+                "Test scores of repeat 1, fold 1",
+            ),
+            "Score histograms (repeat 1, fold 1)",
+            "Scores of different folds come from different models and are not pooled.",
+        ),
+    ]
+    return [f for f in made if f.path is not None]
+
+
+def _write_cv_report(out: Path, metrics: dict[str, Any], records: list[dict[str, Any]]) -> Path:
+    cv = metrics["cv"]
+    facts = [
+        ("design", f"{cv['repeats']} x {cv['folds']}-fold, grouped by patient, stratified"),
+        ("image level", summary_line(metrics["image"])),
+        ("threshold rule", f"{cv['threshold_rule']} on each fold's validation part"),
+        ("cases (normal / abnormal)", f"{metrics['n_normal']} / {metrics['n_abnormal']}"),
+        ("patient groups", cv["n_groups"]),
+        ("model selection", cv["model_selection"]),
+    ]
+    blocks = [
+        Facts("Cross-validation", facts),
+        _summary_table(metrics),
+        Figures("Figures", _cv_figures(records, metrics, out / FIGURES_DIR)),
+        _fold_table(records),
+        _oof_table(records),
+    ]
+    subtitle = f"data {metrics['data']} · model {metrics['model']}"
+    return write_report(out / REPORT_FILE, "medanomaly cross-validation", blocks, subtitle)
+
+
+# -- driver ---------------------------------------------------------------------------------
+def _load(
+    data: str | Path | ImageSet, config: dict[str, Any], strict: bool
+) -> tuple[ImageSet, LoadReport, np.ndarray]:
+    """The labelled cases (augmentation attached) and which have a known lesion mask."""
+    if isinstance(data, ImageSet):
+        images, report = data, LoadReport()
+    else:
+        images, report = load_dataset(
+            data, **(config.get("data") or {}), strict=strict, augment=True
+        )
+    unlabelled = images.labels == -1
+    for i in np.flatnonzero(unlabelled):
+        report.skipped.append((images.ids[i], "no label (cv needs labelled cases)"))
+    if unlabelled.any():
+        images = images.subset(~unlabelled, keep_augment=True)
+    if isinstance(data, ImageSet):
+        known = np.ones(len(images), dtype=bool)
+    else:
+        known = known_masks(data, (config.get("data") or {}).get("label_names"), images)
+    return images, report, known
+
+
+def _fold_message(record: dict[str, Any], total: int, loaded: bool) -> str:
+    image = record["image"]
+    auroc, f1 = image["auroc"], image["f1"]
+    text = f"AUROC {auroc:.3f}" if auroc is not None else "AUROC n/a"
+    text += f", F1 {f1:.3f}" if f1 is not None else ", F1 n/a"
+    how = "finished before, loaded" if loaded else f"{record['seconds']:.0f} s"
+    return (
+        f"repeat {record['repeat']} fold {record['fold']} ({total} in all): {text}, "
+        f"threshold {image['threshold']:.4g} ({how})"
+    )
+
+
+def cross_validate(
+    config: dict[str, Any],
+    data: str | Path | ImageSet,
+    out: str | Path,
+    folds: int | None = None,
+    repeats: int | None = None,
+    threshold: str | None = None,
+    alpha: float | None = None,
+    val_fraction: float | None = None,
+    seed: int | None = None,
+    strict: bool = False,
+    echo: Echo | None = None,
+) -> dict[str, Any]:
+    """Repeated, grouped, stratified k-fold cross-validation; resumable.
+
+    Arguments left ``None`` come from the config's ``evaluation:`` block, else from
+    :class:`CVSettings`' defaults (5 folds, 2 repeats, ``f1`` threshold, 20 % validation).
+
+    Args:
+        config: Detector config (``model``, ``engine``, ``data`` and optional ``evaluation``).
+        data: Labelled manifest or folder (read with ``config['data']``), or an ImageSet.
+        out: Output folder; re-running with the same arguments resumes.
+        folds: Test folds per repeat.
+        repeats: Number of repeats.
+        threshold: Threshold rule on each fold's validation part.
+        alpha: Level of the conformal rule.
+        val_fraction: Share of the training folds used for validation.
+        seed: Seed of the splits.
+        strict: Raise on the first unreadable case.
+        echo: Called with one progress line per fold (e.g. ``print``).
+
+    Returns:
+        The metrics written to ``OUT/metrics.json``.
+    """
+    out = Path(out)
+    settings = CVSettings.from_config(
+        config,
+        folds=folds,
+        repeats=repeats,
+        threshold=threshold,
+        alpha=alpha,
+        val_fraction=val_fraction,
+        seed=seed,
+    )
+    images, report, known = _load(data, config, strict)
+    groups = np.asarray(images.groups if images.groups is not None else images.ids).astype(str)
+    splits = make_splits(
+        images.labels,
+        groups,
+        settings.folds,
+        settings.repeats,
+        settings.val_fraction,
+        settings.seed,
+    )
+    model_config = {k: v for k, v in config.items() if k != "evaluation"}
+    state = {"config": model_config, "settings": asdict(settings), "data": str(data)}
+    _start_or_resume(out, state, splits_csv(splits, images, groups))
+    records = [
+        _fold(split, images, model_config, settings, out, known, len(splits), echo)
+        for split in splits
+    ]
+    metrics = aggregate(records)
+    metrics.update(_cv_facts(settings, images, groups, report, records, data, config))
+    _write_cv_report(out, metrics, records)
+    write_json(out / METRICS_FILE, metrics)
+    return json_ready(metrics)
+
+
+def _fold(
+    split: FoldSplit,
+    images: ImageSet,
+    config: dict[str, Any],
+    settings: CVSettings,
+    out: Path,
+    known: np.ndarray,
+    total: int,
+    echo: Echo | None,
+) -> dict[str, Any]:
+    """One fold's record: loaded from ``fold.json`` if it finished before, else computed."""
+    fold_dir = out / FOLDS_DIR / split.name
+    done = fold_dir / FOLD_FILE
+    loaded = done.exists()
+    if loaded:
+        record = json.loads(done.read_text())
+    else:
+        record = run_fold(split, images, config, settings, fold_dir, known)
+    if echo is not None:
+        echo(_fold_message(record, total, loaded))
+    return record
+
+
+def _cv_facts(
+    settings: CVSettings,
+    images: ImageSet,
+    groups: np.ndarray,
+    report: LoadReport,
+    records: list[dict[str, Any]],
+    data: str | Path | ImageSet,
+    config: dict[str, Any],
+) -> dict[str, Any]:
+    """The non-metric parts of the cv ``metrics.json``."""
+    rule, params = parse_rule(settings.threshold)
+    return {
+        "cv": {
+            **asdict(settings),
+            "threshold_rule": describe_rule(rule, params, settings.alpha),
+            "n_groups": int(np.unique(groups).size),
+            "grouped": bool(np.unique(groups).size < len(images)),
+            "splitter": "sklearn StratifiedGroupKFold, random_state = seed + repeat",
+            "sd": "sample standard deviation (ddof=1) over the folds where defined",
+            "model_selection": "epoch with the lowest normal validation loss (early stopping)",
+            "train_on": "normal images of the training part only",
+            "seconds": float(sum(r["seconds"] for r in records)),
+        },
+        "n_cases": len(images),
+        "n_normal": int(np.sum(images.labels == 0)),
+        "n_abnormal": int(np.sum(images.labels == 1)),
+        "skipped": skipped_list(report),
+        "data": "<ImageSet>" if isinstance(data, ImageSet) else str(data),
+        "model": (config.get("model") or {}).get("name"),
+        "folds": [
+            {"repeat": r["repeat"], "fold": r["fold"], "run_dir": r["run_dir"]} for r in records
+        ],
+    }

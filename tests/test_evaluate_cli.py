@@ -1,0 +1,178 @@
+"""``medanomaly evaluate``: metrics.json schema, scores.csv with p-values, report.html."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from test_report import check_renders
+
+from medanomaly.base import BaseDetector
+from medanomaly.cli import main
+from medanomaly.evaluation import conformal_pvalues, conformal_threshold
+from medanomaly.outputs import read_scores_csv
+from medanomaly.phantoms import make_phantoms
+
+IMAGE_KEYS = {
+    "auroc",
+    "auroc_ci95",
+    "auprc",
+    "sensitivity",
+    "specificity",
+    "accuracy",
+    "precision",
+    "f1",
+    "confusion_matrix",
+    "threshold",
+    "threshold_rule",
+}
+PIXEL_KEYS = {"auroc", "average_precision", "best_dice", "foreground_rule"}
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Tiny networks train fastest on one thread, and do not stall on a busy 2-core CI box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def write_phantom_manifest(folder, n_normal=12, n_abnormal=6, seed=0, per_group=2):
+    """32x32 phantoms as .npy files with lesion masks and a manifest ``path,label,mask,group``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = make_phantoms(n_normal, n_abnormal, (32, 32), seed=seed)
+    rows = []
+    cases = zip(data.images, data.labels, data.masks, strict=True)
+    for i, (image, label, mask) in enumerate(cases):
+        np.save(folder / f"case{i:03d}.npy", image[0])
+        np.save(folder / f"case{i:03d}_mask.npy", mask.astype(np.uint8))
+        rows.append([f"case{i:03d}.npy", int(label), f"case{i:03d}_mask.npy", f"p{i // per_group}"])
+    manifest = folder / "manifest.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "mask", "group"])
+        writer.writerows(rows)
+    return manifest
+
+
+def write_config(path, epochs=2):
+    config = {
+        "model": {"name": "cae", "spatial_dims": 2, "channels": [8, 16], "latent_channels": 4},
+        "engine": {"epochs": epochs, "batch_size": 8, "progress": False, "val_fraction": 0.25},
+        "data": {"transforms": [{"min_max": {}}]},
+    }
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("evaluate")
+    manifest = write_phantom_manifest(root / "data")
+    with open(manifest, "a") as handle:
+        handle.write("broken.npy,1,,p99\n")
+    (root / "data" / "broken.npy").write_bytes(b"not an array")
+    config = write_config(root / "cae.yaml")
+    train = write_phantom_manifest(root / "train", n_normal=12, n_abnormal=0, seed=5)
+    run = root / "run"
+    assert main(["fit", "--config", str(config), "--data", str(train), "--out", str(run)]) == 0
+    return root, manifest, run
+
+
+def _evaluate(fitted, name, *extra):
+    root, manifest, run = fitted
+    out = root / name
+    code = main(["evaluate", "--run", str(run), "--data", str(manifest), "--out", str(out), *extra])
+    return code, out
+
+
+@pytest.fixture(scope="module")
+def evaluated(fitted):
+    torch.set_num_threads(1)
+    code, out = _evaluate(fitted, "eval_default")
+    assert code == 0
+    return out
+
+
+def test_metrics_json_has_the_documented_schema(evaluated):
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert set(metrics["image"]) >= IMAGE_KEYS
+    assert set(metrics["pixel"]) >= PIXEL_KEYS
+    assert metrics["n_cases"] == 18
+    assert set(metrics["image"]["confusion_matrix"]) == {"tn", "fp", "fn", "tp"}
+    assert sum(metrics["image"]["confusion_matrix"].values()) == 18
+    low, high = metrics["image"]["auroc_ci95"]
+    assert 0.0 <= low <= metrics["image"]["auroc"] <= high <= 1.0
+    assert metrics["image"]["threshold_rule"] == "run"
+    assert "image minimum" in metrics["pixel"]["foreground_rule"]  # the rule is stated
+    assert 0.0 <= metrics["pixel"]["auroc"] <= 1.0
+    assert [s["case"].endswith("broken.npy") for s in metrics["skipped"]] == [True]
+
+
+def test_scores_csv_carries_conformal_p_values(evaluated, fitted):
+    rows = read_scores_csv(evaluated / "scores.csv")
+    assert len(rows) == 18
+    detector = BaseDetector.load(fitted[2])
+    scores = np.array([float(r["score"]) for r in rows])
+    expected = conformal_pvalues(detector.val_scores_, scores)
+    np.testing.assert_allclose([float(r["p_value"]) for r in rows], expected, rtol=1e-5)
+    threshold = detector.threshold_
+    assert all(int(r["prediction"]) == int(float(r["score"]) > threshold) for r in rows)
+    assert {"pixel_auroc", "pixel_best_dice"} <= set(rows[0])
+
+
+def test_report_and_figures_are_written(evaluated):
+    for name in ("roc", "score_histogram", "confusion_matrix", "training_curves"):
+        assert (evaluated / "figures" / f"{name}.png").is_file(), name
+    assert len(list((evaluated / "figures" / "gallery").glob("*.png"))) == 12
+    page = (evaluated / "report.html").read_text()
+    assert page.count("data:image/png;base64,") == 16
+    assert "table class='sortable'" in page and "broken.npy" in page
+
+
+def test_evaluate_report_renders_in_headless_chromium(evaluated, tmp_path):
+    check_renders(evaluated / "report.html", tmp_path)
+
+
+def test_conformal_threshold_comes_from_the_runs_validation_scores(fitted):
+    code, out = _evaluate(fitted, "eval_conformal", "--threshold", "conformal", "--alpha", "0.5")
+    assert code == 0
+    image = json.loads((out / "metrics.json").read_text())["image"]
+    detector = BaseDetector.load(fitted[2])
+    assert image["threshold"] == pytest.approx(conformal_threshold(detector.val_scores_, 0.5))
+    assert image["threshold_rule"] == "conformal(alpha=0.5)"
+
+
+def test_too_few_calibration_scores_give_an_infinite_threshold(fitted, capsys):
+    code, out = _evaluate(fitted, "eval_inf", "--threshold", "conformal:alpha=0.01")
+    assert code == 0
+    image = json.loads((out / "metrics.json").read_text())["image"]
+    assert image["threshold"] is None and image["sensitivity"] == 0.0
+    assert any("+inf" in note for note in image["notes"])
+    assert "+inf" in capsys.readouterr().out
+
+
+def test_labelled_rules_are_marked_optimistic(fitted):
+    code, out = _evaluate(fitted, "eval_youden", "--threshold", "youden")
+    assert code == 0
+    image = json.loads((out / "metrics.json").read_text())["image"]
+    assert image["threshold_rule"] == "youden" and "optimistic" in image["threshold_source"]
+
+
+def test_an_unknown_rule_is_a_clear_error(fitted, capsys):
+    code, _ = _evaluate(fitted, "eval_bad", "--threshold", "yuden")
+    assert code == 2
+    assert "unknown threshold rule" in capsys.readouterr().err
+
+
+def test_strict_stops_on_the_unreadable_case(fitted, capsys):
+    code, out = _evaluate(fitted, "eval_strict", "--strict")
+    assert code == 2
+    assert "broken.npy" in capsys.readouterr().err
+    assert not (out / "metrics.json").exists()

@@ -1,0 +1,37 @@
+"""Slow real-data check: the seed-003 CAE pipeline learns something on real head CT."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import real_data  # noqa: I001
+from sklearn.metrics import roc_auc_score
+
+from medanomaly.config import apply_overrides, build_detector, load_config
+from medanomaly.datasets import load_dataset
+
+pytestmark = [pytest.mark.slow, pytest.mark.realdata]
+CONFIG = "configs/cae_head_ct_2d.yaml"
+
+
+def _manifest(tmp_path, folder):
+    lines = ["path,label,group"]
+    for row in (folder / "labels.csv").read_text().splitlines()[1:]:
+        case, label = (v.strip() for v in row.split(","))
+        lines.append(f"{folder / (case + '.png')},{label},{case}")
+    (tmp_path / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return tmp_path / "manifest.csv"
+
+
+def test_cae_on_head_ct_separates_hemorrhage(tmp_path, request):
+    folder = real_data("head_ct_hemorrhage")
+    config = load_config(request.config.rootpath / CONFIG)
+    config = apply_overrides(config, ["engine.epochs=25", "engine.progress=false"])
+    data, report = load_dataset(_manifest(tmp_path, folder), **config["data"])
+    assert not report and data.images.shape == (200, 1, 64, 64)
+    normal = np.flatnonzero(data.labels == 0)
+    train, test_normal = normal[:70], normal[70:]
+    test = np.concatenate([test_normal, np.flatnonzero(data.labels == 1)])
+    detector = build_detector(config).fit(data.subset(train))
+    auroc = roc_auc_score(data.labels[test], detector.score(data.subset(test)))
+    assert auroc > 0.6, auroc
