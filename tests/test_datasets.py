@@ -474,3 +474,17 @@ def test_listing_reports_only_what_it_cannot_use(tmp_path: Path) -> None:
         ("a.png", True),
         ("notes.txt", False),
     ]
+
+
+def test_foreground_mask_transform_reaches_the_image_set(tmp_path: Path) -> None:
+    folder = tmp_path / "cases"
+    folder.mkdir()
+    for i in range(2):
+        array = np.zeros((16, 16), np.float32)
+        array[4:12, 4:12] = 100.0 + i
+        np.save(folder / f"c{i}.npy", array)
+    transforms = [{"foreground_mask": {"threshold": 50.0}}, {"resize": {"shape": [8, 8]}}]
+    data, _ = load_dataset(folder, transforms=transforms)
+    assert data.foreground is not None and data.foreground.shape == (2, 8, 8)
+    assert data.foreground[:, 2:6, 2:6].all() and not data.foreground[:, 0, 0].any()
+    assert data.subset([1]).foreground.shape == (1, 8, 8)

@@ -23,6 +23,8 @@ class ImageSet(Dataset):
         labels: int array ``(N,)``: 0 normal, 1 abnormal, -1 unknown.
         ids: One name per image (file path or phantom id), used in reports and errors.
         masks: Optional lesion masks ``(N, *spatial)`` (bool).
+        foreground: Optional body/brain masks ``(N, *spatial)`` (bool), e.g. from the
+            ``foreground_mask`` transform; pixel metrics count only voxels inside them.
         groups: Optional patient ids ``(N,)``; splitters keep a group on one side.
         augment: Optional random augmentation applied to each image as it is drawn
             (training only; ``subset`` drops it unless asked to keep it).
@@ -32,6 +34,7 @@ class ImageSet(Dataset):
     labels: np.ndarray | None = None
     ids: list[str] = field(default_factory=list)
     masks: np.ndarray | None = None
+    foreground: np.ndarray | None = None
     groups: np.ndarray | None = None
     augment: Callable[[np.ndarray], np.ndarray] | None = None
 
@@ -66,6 +69,7 @@ class ImageSet(Dataset):
             labels=self.labels[index],
             ids=[self.ids[i] for i in index],
             masks=None if self.masks is None else self.masks[index],
+            foreground=None if self.foreground is None else self.foreground[index],
             groups=None if self.groups is None else np.asarray(self.groups)[index],
             augment=self.augment if keep_augment else None,
         )

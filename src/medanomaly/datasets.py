@@ -239,7 +239,7 @@ def load_dataset(
     pipeline, augmentation = build_transforms(transforms).split_deterministic()
     store = PreprocessCache.from_option(cache)
     report = LoadReport()
-    arrays, masks, kept = [], [], []
+    arrays, lesions, foregrounds, kept = [], [], [], []
     for case in list_cases(source, label_names):
         try:
             result = _load_case(case, pipeline, read_options or {}, store)
@@ -253,7 +253,8 @@ def load_dataset(
             report.warnings.append((str(case.path), problem))
             log.info("%s: %s", case.path, problem)
         arrays.append(result.array)
-        masks.append(result.masks.get(LESION_KEY))
+        lesions.append(result.masks.get(LESION_KEY))
+        foregrounds.append(result.masks.get(FOREGROUND_KEY))
         kept.append(case)
     if store is not None:
         log.info(
@@ -267,22 +268,28 @@ def load_dataset(
             f"{source}: images end up with different shapes {sorted(shapes)[:4]}; add a "
             "'resize' (or 'pad') step to data.transforms"
         )
-    has_masks = any(m is not None for m in masks)
+    spatial = arrays[0].shape[1:]
     return (
         ImageSet(
             images=np.stack(arrays),
             labels=np.array([c.label for c in kept]),
             ids=[str(c.path) for c in kept],
-            masks=np.stack(
-                [m if m is not None else np.zeros(arrays[0].shape[1:], bool) for m in masks]
-            )
-            if has_masks
-            else None,
+            masks=_stack_masks(lesions, spatial, fill=False),
+            foreground=_stack_masks(foregrounds, spatial, fill=True),
             groups=np.array([c.group or str(c.path) for c in kept]),
             augment=_ArrayAugment(augmentation) if augment and len(augmentation) else None,
         ),
         report,
     )
+
+
+def _stack_masks(
+    masks: list[np.ndarray | None], spatial: tuple[int, ...], fill: bool
+) -> np.ndarray | None:
+    """Stack per-case masks; cases without one get all-``fill``; ``None`` if no case has one."""
+    if all(m is None for m in masks):
+        return None
+    return np.stack([np.full(spatial, fill, bool) if m is None else m for m in masks])
 
 
 class _ArrayAugment:

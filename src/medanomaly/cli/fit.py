@@ -61,6 +61,9 @@ def run(args: argparse.Namespace) -> int:
     detector.fit(train, val, run_dir=out, resume=args.resume)
     if not detector.is_main_process_:
         return 0
-    print(f"trained {detector.name} on {len(train)} images; threshold {detector.threshold_:.6g}")
+    n_normal = int((train.labels != 1).sum())
+    print(
+        f"trained {detector.name} on {n_normal} normal images; threshold {detector.threshold_:.6g}"
+    )
     print(f"run directory: {out}")
     return 0

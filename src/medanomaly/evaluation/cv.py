@@ -499,8 +499,13 @@ def _cv_figures(records: list[dict[str, Any]], metrics: dict[str, Any], folder: 
 
 def _write_cv_report(out: Path, metrics: dict[str, Any], records: list[dict[str, Any]]) -> Path:
     cv = metrics["cv"]
+    grouping = (
+        "grouped by patient"
+        if cv["grouped"]
+        else "one group per image (the data has no group column)"
+    )
     facts = [
-        ("design", f"{cv['repeats']} x {cv['folds']}-fold, grouped by patient, stratified"),
+        ("design", f"{cv['repeats']} x {cv['folds']}-fold, stratified, {grouping}"),
         ("image level", summary_line(metrics["image"])),
         ("threshold rule", f"{cv['threshold_rule']} on each fold's validation part"),
         ("cases (normal / abnormal)", f"{metrics['n_normal']} / {metrics['n_abnormal']}"),

@@ -193,8 +193,12 @@ def plot_training_curves(
             x, y = _series(history, key)
             if y.size:
                 ax_score.plot(x, y, color=colour, lw=lw, alpha=alpha, label=None if n else name)
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="losses", yscale="log")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="losses")
     ax_score.set(xlabel="epoch", ylabel="mean anomaly score", title="validation scores")
+    for ax in (ax_loss, ax_score):
+        values = np.concatenate([line.get_ydata() for line in ax.get_lines()] or [[]])
+        if values.size and np.all(values > 0):
+            ax.set_yscale("log")  # losses and residual scores fall by orders of magnitude
     for ax in (ax_loss, ax_score):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=9)
