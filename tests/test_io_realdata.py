@@ -56,6 +56,16 @@ def test_head_ct_is_ras_with_superior_last(head_ct: MedicalImage) -> None:
     assert body[-1] < body[len(body) // 2]
 
 
+def test_head_ct_resampled_to_3mm_isotropic(head_ct: MedicalImage) -> None:
+    from medanomaly.transforms import build_transforms
+
+    resampled = build_transforms([{"resample": {"spacing": [3.0, 3.0, 3.0]}}])(head_ct)
+    # 512 x 1 mm -> 511 / 3 + 1 = 171 voxels; 123 x 2 mm -> 122 * 2 / 3 + 1 = 82 voxels
+    assert resampled.array.shape == (1, 171, 171, 82)
+    assert resampled.spacing == pytest.approx((3.0, 3.0, 3.0))
+    assert resampled.array.min() == pytest.approx(-1024.0, abs=1.0)
+
+
 def test_head_ct_inspect_report(head_ct: MedicalImage) -> None:
     report = inspect_path(data_path("dicom_head_ct"))
     assert "spacing (mm): (1.0, 1.0, 2.0)" in report
