@@ -91,6 +91,7 @@ def test_fit_then_score(png_data, capsys):
     assert len(rows) == 8
     assert {r["label"] for r in rows} == {"0", "1"}
     assert all(np.isfinite(float(r["score"])) for r in rows)
+    assert all(0 < float(r["p_value"]) <= 1 for r in rows)
     assert len(list((png_data / "maps").glob("*.npy"))) == 8
     assert len(list((png_data / "maps").glob("*.png"))) == 8
     err = capsys.readouterr().err

@@ -1,23 +1,48 @@
-"""medanomaly: find abnormal CT and MRI scans by learning what normal anatomy looks like."""
+"""medanomaly: find abnormal CT and MRI scans by learning what normal anatomy looks like.
+
+The public names below are imported on first use, so that ``import medanomaly`` (and the
+command line's ``--help``) stays fast; torch is loaded only when a model is needed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from medanomaly.base import AnomalyResult, BaseDetector, DeepDetector  # noqa: E402
-from medanomaly.data import ImageSet  # noqa: E402
-from medanomaly.engine import EngineConfig  # noqa: E402
-from medanomaly.registry import get_model, list_models, register  # noqa: E402
+_EXPORTS = {
+    "AnomalyResult": "medanomaly.base",
+    "BaseDetector": "medanomaly.base",
+    "DeepDetector": "medanomaly.base",
+    "EngineConfig": "medanomaly.engine",
+    "ImageSet": "medanomaly.data",
+    "MedicalImage": "medanomaly.image",
+    "get_model": "medanomaly.registry",
+    "list_models": "medanomaly.registry",
+    "register": "medanomaly.registry",
+    "read_image": "medanomaly.io",
+}
 
-load_model = BaseDetector.load
+__all__ = [*sorted(_EXPORTS), "__version__", "load_model"]
 
-__all__ = [
-    "AnomalyResult",
-    "BaseDetector",
-    "DeepDetector",
-    "EngineConfig",
-    "ImageSet",
-    "__version__",
-    "get_model",
-    "list_models",
-    "load_model",
-    "register",
-]
+if TYPE_CHECKING:
+    from medanomaly.base import AnomalyResult, BaseDetector, DeepDetector
+    from medanomaly.data import ImageSet
+    from medanomaly.engine import EngineConfig
+    from medanomaly.image import MedicalImage
+    from medanomaly.io import read_image
+    from medanomaly.registry import get_model, list_models, register
+
+
+def load_model(path: Any) -> Any:
+    """Load a saved detector (a ``model.pt`` file or a run directory)."""
+    from medanomaly.base import BaseDetector
+
+    return BaseDetector.load(path)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module 'medanomaly' has no attribute {name!r}")

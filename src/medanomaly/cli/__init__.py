@@ -9,7 +9,8 @@
     medanomaly models
 
 Each module in this package defines ``add_parser(subparsers)``, which registers its
-sub-command and sets ``func``; :data:`COMMANDS` lists them in help order.
+sub-command and sets ``func``; :data:`COMMANDS` lists them in help order. The modules import
+torch and the readers inside ``run`` only, so that ``--help`` answers at once.
 """
 
 from __future__ import annotations

@@ -6,10 +6,6 @@ import argparse
 import time
 from pathlib import Path
 
-from medanomaly.config import apply_overrides, load_config
-from medanomaly.evaluation.cv import cross_validate
-from medanomaly.evaluation.runner import METRICS_FILE, REPORT_FILE, summary_line
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``cv``."""
@@ -47,6 +43,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Cross-validate and print mean ± SD of the headline metrics."""
+    from medanomaly.config import apply_overrides, load_config
+    from medanomaly.evaluation.cv import cross_validate
+    from medanomaly.evaluation.runner import METRICS_FILE, REPORT_FILE, summary_line
+
     config = apply_overrides(load_config(args.config), args.set)
     start = time.perf_counter()
     metrics = cross_validate(

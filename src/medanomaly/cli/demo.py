@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from medanomaly.demo import run_demo
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``demo``."""
@@ -19,6 +17,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the phantom demo and print the image AUROC."""
+    from medanomaly.demo import run_demo
+
     shape = (32, 32, 32) if args.three_d else (64, 64)
     result = run_demo(args.out, shape=shape, epochs=args.epochs, seed=args.seed)
     print(

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medanomaly.evaluation.runner import METRICS_FILE, REPORT_FILE, evaluate_run, summary_line
 from medanomaly.evaluation.thresholds import THRESHOLD_RULES
 
 RULE_HELP = (
@@ -39,6 +38,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print a one-line summary."""
+    from medanomaly.evaluation.runner import METRICS_FILE, REPORT_FILE, evaluate_run, summary_line
+
     metrics = evaluate_run(
         args.run,
         args.data,

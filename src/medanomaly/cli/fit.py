@@ -5,14 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import yaml
-
 from medanomaly import __version__
-from medanomaly.base import CONFIG_FILE
-from medanomaly.checkpoint import atomic_write_text
-from medanomaly.cli._common import report_skipped
-from medanomaly.config import apply_overrides, build_detector, load_config
-from medanomaly.datasets import load_dataset
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -38,6 +31,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Train a detector and write the run directory."""
+    import yaml
+
+    from medanomaly.base import CONFIG_FILE
+    from medanomaly.checkpoint import atomic_write_text
+    from medanomaly.cli._common import report_skipped
+    from medanomaly.config import apply_overrides, build_detector, load_config
+    from medanomaly.datasets import load_dataset
+
     overrides = list(args.set)
     if args.devices:
         overrides.append(f"engine.devices={args.devices}")

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from medanomaly.io import inspect_path
-
 #: The line :func:`medanomaly.io.inspect_path` starts with when the image cannot be read.
 _FAILURE_PREFIX = "cannot read:"
 
@@ -25,6 +23,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print the report; exit 1 when the path cannot be read at all, else 0."""
+    from medanomaly.io import inspect_path
+
     report = inspect_path(args.path, series_uid=args.series_uid)
     print(report)
     failed = any(line.startswith(_FAILURE_PREFIX) for line in report.splitlines())

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 
-from medanomaly.registry import get_model_class, list_models
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``models``."""
@@ -15,6 +13,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print each registered name with the first line of its docstring."""
+    from medanomaly.registry import get_model_class, list_models
+
     for name in list_models():
         doc = (get_model_class(name).__doc__ or "").strip().splitlines()[0]
         print(f"{name:12s} {doc}")

@@ -5,11 +5,6 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medanomaly.base import BaseDetector
-from medanomaly.cli._common import report_skipped
-from medanomaly.datasets import load_dataset
-from medanomaly.outputs import save_maps, write_scores_csv
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``score``."""
@@ -24,13 +19,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Score with the run's own preprocessing and write the score table (and maps)."""
+    from medanomaly.base import BaseDetector
+    from medanomaly.cli._common import report_skipped
+    from medanomaly.datasets import load_dataset
+    from medanomaly.evaluation import conformal_pvalues
+    from medanomaly.outputs import save_maps, write_scores_csv
+
     detector = BaseDetector.load(args.run)
     data_cfg = (getattr(detector, "run_config_", None) or {}).get("data") or {}
     out = Path(args.out)
     images, report = load_dataset(args.data, **data_cfg)
     report_skipped(report, out.with_suffix(".skipped.txt"))
     result = detector.detect(images)
-    write_scores_csv(out, images.ids, images.labels, result)
+    p_values = conformal_pvalues(detector.val_scores_, result.scores)
+    write_scores_csv(out, images.ids, images.labels, result, extra={"p_value": p_values})
     if args.maps:
         save_maps(args.maps, images.ids, images.images, result)
     flagged = int(result.labels.sum())
