@@ -213,13 +213,10 @@ class DeepDetector(BaseDetector):
         self._check_input_shape(input_shape)
         torch.manual_seed(cfg.seed)
         network = self.build_network(input_shape)
-        task = TrainingTask(network=network, loss=self.loss, score=self._score_only)
         if run_dir is not None:
             self.run_config_ = self._run_config(Path(run_dir))
         engine = Engine(cfg)
-        self.history_ = engine.fit(
-            task, data, run_dir=run_dir, resume=resume, extra_state=self.config()
-        )
+        self.history_ = self.train_network(engine, network, data, run_dir, resume)
         self.is_main_process_ = engine.is_global_zero
         self.network_ = network.eval()
         self.input_shape_ = input_shape
@@ -227,6 +224,23 @@ class DeepDetector(BaseDetector):
         if run_dir is not None and self.is_main_process_:
             self.save(Path(run_dir) / MODEL_FILE)
         return self
+
+    def train_network(
+        self,
+        engine: Engine,
+        network: nn.Module,
+        data: TrainingData,
+        run_dir: str | Path | None,
+        resume: bool,
+    ) -> list[dict[str, float]]:
+        """Optimise ``network`` in place; return the per-epoch history.
+
+        The default minimises :meth:`loss` in one stage. Models trained in several stages
+        or with several optimisers (GANs) override this and call ``engine.fit`` per stage
+        with their own :class:`~medanomaly.engine.TrainingTask`.
+        """
+        task = TrainingTask(network=network, loss=self.loss, score=self._score_only)
+        return engine.fit(task, data, run_dir=run_dir, resume=resume, extra_state=self.config())
 
     def _training_data(self, train: Any, val: Any, cfg: EngineConfig) -> TrainingData:
         train_set = as_image_set(train, self.spatial_dims)

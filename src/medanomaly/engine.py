@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from lightning_fabric import Fabric
+from lightning_fabric.strategies import DDPStrategy
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
@@ -94,20 +95,38 @@ class EngineConfig:
         return asdict(self)
 
 
+Optimizers = dict[str, torch.optim.Optimizer]
+Backward = Callable[[torch.Tensor], None]
+TrainingStep = Callable[[nn.Module, torch.Tensor, Optimizers, Backward, int], torch.Tensor]
+
+
 @dataclass
 class TrainingTask:
     """What the engine needs from a detector: a network and how to compute its losses.
 
+    Most models only give ``loss``: the engine then runs one Adam optimiser over the trainable
+    parameters. Models with several players (GANs) also give ``optimizers`` and ``step``.
+
     Attributes:
-        network: The module to optimise.
+        network: The module to optimise (frozen parts: ``requires_grad=False``).
         loss: ``loss(network, batch) -> scalar tensor`` used for training and validation.
         score: ``score(network, batch) -> (B,) tensor`` of anomaly scores, for the history
             of labelled validation data (seed 000, Fig. 2).
+        optimizers: ``optimizers(network) -> {name: optimizer}``; default one Adam with the
+            engine's ``lr`` and ``weight_decay``.
+        step: ``step(network, batch, optimizers, backward, index) -> loss`` runs one training
+            step itself (zero_grad, ``backward(loss)``, ``optimizer.step()``) and returns the
+            loss to log; ``index`` counts batches within the epoch. Default: minimise ``loss``.
+        keep_best: Load the weights of the epoch with the lowest validation loss at the end
+            (``False`` keeps the last epoch, e.g. for a GAN whose loss does not rank epochs).
     """
 
     network: nn.Module
     loss: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     score: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+    optimizers: Callable[[nn.Module], Optimizers] | None = None
+    step: TrainingStep | None = None
+    keep_best: bool = True
 
 
 @dataclass
@@ -150,6 +169,7 @@ class Engine:
         run_dir: str | Path | None = None,
         resume: bool = False,
         extra_state: dict[str, Any] | None = None,
+        stage: str = "",
     ) -> list[dict[str, float]]:
         """Train ``task.network`` in place and leave the best weights loaded in it.
 
@@ -160,51 +180,65 @@ class Engine:
             resume: Continue from ``run_dir/checkpoint.pt`` if it exists.
             extra_state: Stored in each checkpoint so that a resumed run can check it
                 continues the same experiment (the resolved config).
+            stage: Name of a training stage of a multi-stage model; its files are
+                ``checkpoint_<stage>.pt`` and ``history_<stage>.csv``.
 
         Returns:
             The per-epoch history (one dict per epoch).
         """
         cfg = self.config
-        fabric = self._make_fabric()
+        fabric = self._make_fabric(find_unused_parameters=task.step is not None)
         self.is_global_zero = fabric.is_global_zero
         network = task.network
         if fabric.world_size > 1 and fabric.device.type == "cuda":
             nn.SyncBatchNorm.convert_sync_batchnorm(network)
-        optimizer = torch.optim.Adam(network.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizers = (task.optimizers or self._default_optimizers)(network)
         state = _RunState(best_state=_cpu_state(network))
-        checkpoint_path = Path(run_dir) / CHECKPOINT_NAME if run_dir else None
+        checkpoint_path = Path(run_dir) / stage_file(CHECKPOINT_NAME, stage) if run_dir else None
         if resume and checkpoint_path is not None and checkpoint_path.exists():
-            state = _RunState.restore(checkpoint_path, network, optimizer, extra_state)
+            state = _RunState.restore(checkpoint_path, network, optimizers, extra_state)
             log.info("resuming %s at epoch %d", checkpoint_path, state.epoch)
-        model, optimizer = fabric.setup(network, optimizer)
+        model, *wrapped = fabric.setup(network, *optimizers.values())
+        optimizers = dict(zip(optimizers, wrapped, strict=True))
         loaders = self._loaders(fabric, data)
         bar = tqdm(
             total=cfg.epochs,
             initial=state.epoch,
-            desc="epochs",
+            desc=f"{stage} epochs".strip(),
             # None: tqdm shows the bar on a terminal only, keeping logs of batch jobs clean
             disable=None if cfg.progress and fabric.is_global_zero else True,
         )
         while state.epoch < cfg.epochs and not state.stopped:
             torch.manual_seed(epoch_seed(cfg.seed, state.epoch))
-            row = self._run_epoch(fabric, model, optimizer, task, loaders, state.epoch)
+            row = self._run_epoch(fabric, model, optimizers, task, loaders, state.epoch)
             state.record(row, network, cfg.patience)
             if checkpoint_path is not None and fabric.is_global_zero:
-                state.save(checkpoint_path, network, optimizer, extra_state)
-                _write_history(Path(run_dir), state.history)
+                state.save(checkpoint_path, network, optimizers, extra_state)
+                _write_history(Path(run_dir) / stage_file(HISTORY_NAME, stage), state.history)
             bar.update(1)
             bar.set_postfix({k: f"{v:.4g}" for k, v in row.items() if k != "epoch"})
         bar.close()
-        network.load_state_dict(state.best_state)
+        if task.keep_best:
+            network.load_state_dict(state.best_state)
         return state.history
 
-    def _make_fabric(self) -> Fabric:
+    def _default_optimizers(self, network: nn.Module) -> Optimizers:
+        trainable = [p for p in network.parameters() if p.requires_grad]
         cfg = self.config
+        return {"adam": torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)}
+
+    def _make_fabric(self, find_unused_parameters: bool = False) -> Fabric:
+        cfg = self.config
+        distributed = cfg.devices > 1 or cfg.num_nodes > 1
         fabric = Fabric(
             accelerator=cfg.accelerator,
             devices=cfg.devices,
             num_nodes=cfg.num_nodes,
             precision=resolve_precision(cfg),
+            # a custom step (GAN) uses part of the network per optimiser step
+            strategy=DDPStrategy(find_unused_parameters=find_unused_parameters)
+            if distributed
+            else "auto",
         )
         if cfg.devices > 1 or cfg.num_nodes > 1:
             fabric.launch()
@@ -244,7 +278,7 @@ class Engine:
         self,
         fabric: Fabric,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizers: Optimizers,
         task: TrainingTask,
         loaders: dict[str, DataLoader | None],
         epoch: int,
@@ -256,22 +290,45 @@ class Engine:
         elif isinstance(sampler, RandomSampler) and sampler.generator is not None:
             sampler.generator.manual_seed(epoch_seed(self.config.seed, epoch))
         model.train()
+        step = task.step or _minimise_loss(task.loss)
         total, count = 0.0, 0
-        for batch in train_loader:
-            optimizer.zero_grad(set_to_none=True)
-            loss = task.loss(model, batch)
+        for index, batch in enumerate(train_loader):
+            loss = step(model, batch, optimizers, fabric.backward, index)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
                     f"training loss became {loss.item()} at epoch {epoch + 1}; lower the "
                     "learning rate or check the input scaling"
                 )
-            fabric.backward(loss)
-            optimizer.step()
             total += loss.item() * len(batch)
             count += len(batch)
         row = {"epoch": float(epoch + 1), "train_loss": total / max(count, 1)}
         row.update(_evaluate(model, task, loaders))
         return row
+
+
+def _minimise_loss(loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> TrainingStep:
+    """The default training step: one optimiser minimises ``loss_fn``."""
+
+    def step(
+        model: nn.Module, batch: torch.Tensor, optimizers: Optimizers, backward: Backward, _: int
+    ) -> torch.Tensor:
+        (optimizer,) = optimizers.values()
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch)
+        if torch.isfinite(loss):
+            backward(loss)
+            optimizer.step()
+        return loss.detach()
+
+    return step
+
+
+def stage_file(name: str, stage: str) -> str:
+    """``checkpoint.pt`` -> ``checkpoint_<stage>.pt`` (unchanged when ``stage`` is empty)."""
+    if not stage:
+        return name
+    stem, dot, suffix = name.partition(".")
+    return f"{stem}_{stage}{dot}{suffix}"
 
 
 def _evaluate(
@@ -324,7 +381,7 @@ class _RunState:
         self,
         path: Path,
         network: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizers: Optimizers,
         extra_state: dict[str, Any] | None,
     ) -> None:
         atomic_torch_save(
@@ -336,7 +393,7 @@ class _RunState:
                 "history": self.history,
                 "best_state": self.best_state,
                 "network": _cpu_state(network),
-                "optimizer": optimizer.state_dict(),
+                "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
                 "extra_state": extra_state or {},
             },
             path,
@@ -347,7 +404,7 @@ class _RunState:
         cls,
         path: Path,
         network: nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizers: Optimizers,
         extra_state: dict[str, Any] | None,
     ) -> _RunState:
         saved = torch.load(path, map_location="cpu", weights_only=False)
@@ -357,7 +414,8 @@ class _RunState:
                 "use a new run directory or the same config to resume"
             )
         network.load_state_dict(saved["network"])
-        optimizer.load_state_dict(saved["optimizer"])
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(saved["optimizers"][name])
         return cls(
             best_state=saved["best_state"],
             epoch=saved["epoch"],
@@ -372,20 +430,20 @@ def _cpu_state(network: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in network.state_dict().items()}
 
 
-def _write_history(run_dir: Path, history: list[dict[str, float]]) -> None:
-    """Write ``history.csv`` (one row per epoch) atomically."""
+def _write_history(path: Path, history: list[dict[str, float]]) -> None:
+    """Write the history CSV (one row per epoch) atomically."""
     columns: list[str] = []
     for row in history:
         columns.extend(k for k in row if k not in columns)
     lines = [",".join(columns)]
     for row in history:
         lines.append(",".join("" if row.get(c) is None else f"{row[c]:.6g}" for c in columns))
-    atomic_write_text(run_dir / HISTORY_NAME, "\n".join(lines) + "\n")
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def read_history(run_dir: str | Path) -> list[dict[str, float]]:
-    """Read ``history.csv`` back as a list of dicts of floats."""
-    with open(Path(run_dir) / HISTORY_NAME, newline="") as handle:
+def read_history(run_dir: str | Path, stage: str = "") -> list[dict[str, float]]:
+    """Read a run's history CSV back as a list of dicts of floats."""
+    with open(Path(run_dir) / stage_file(HISTORY_NAME, stage), newline="") as handle:
         return [
             {k: float(v) for k, v in row.items() if v not in ("", None)}
             for row in csv.DictReader(handle)
