@@ -26,10 +26,7 @@ from medanomaly.evaluation import image_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "head_ct_hemorrhage"
-CONFIGS = {
-    "cae": ROOT / "configs" / "cae_head_ct_2d.yaml",
-    "vae": ROOT / "configs" / "vae_head_ct_2d.yaml",
-}
+CONFIGS = {p.name.split("_")[0]: p for p in sorted((ROOT / "configs").glob("*_head_ct_2d.yaml"))}
 N_TRAIN_NORMAL = 70
 
 

@@ -24,7 +24,20 @@ _EXPORTS = {
     "read_image": "medanomaly.io",
 }
 
-__all__ = [*sorted(_EXPORTS), "__version__", "load_model"]
+__all__ = [
+    "AnomalyResult",
+    "BaseDetector",
+    "DeepDetector",
+    "EngineConfig",
+    "ImageSet",
+    "MedicalImage",
+    "__version__",
+    "get_model",
+    "list_models",
+    "load_model",
+    "read_image",
+    "register",
+]
 
 if TYPE_CHECKING:
     from medanomaly.base import AnomalyResult, BaseDetector, DeepDetector
