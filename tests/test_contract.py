@@ -15,11 +15,15 @@ def _data(request, dims):
     return request.getfixturevalue("tiny2d" if dims == 2 else "tiny3d")
 
 
-@pytest.fixture(params=CASES, ids=[f"{n}-{d}d" for n, d in CASES])
-def fitted(request, fast_engine):
+ENGINE = {"epochs": 2, "batch_size": 8, "progress": False, "seed": 0}
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[f"{n}-{d}d" for n, d in CASES])
+def fitted(request):
+    """Each registered model fitted once per module, in 2D and 3D."""
     name, dims = request.param
     data = _data(request, dims)
-    detector = get_model(name, spatial_dims=dims, engine=fast_engine)
+    detector = get_model(name, spatial_dims=dims, engine=ENGINE)
     returned = detector.fit(data.normal)
     return name, dims, detector, returned, data
 
@@ -42,9 +46,9 @@ def test_outputs_have_the_documented_shapes(fitted):
     np.testing.assert_allclose(result.scores, detector.score(data), rtol=1e-5)
 
 
-def test_same_seed_gives_same_scores(fitted, fast_engine):
+def test_same_seed_gives_same_scores(fitted):
     name, dims, detector, _, data = fitted
-    again = get_model(name, spatial_dims=dims, engine=fast_engine).fit(data.normal)
+    again = get_model(name, spatial_dims=dims, engine=ENGINE).fit(data.normal)
     np.testing.assert_allclose(again.score(data), detector.score(data), rtol=1e-5)
 
 
