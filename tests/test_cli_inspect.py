@@ -6,10 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from medanomaly.cli import build_parser, main
+from medanomaly.phantoms import write_dicom_slice
 
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -24,30 +23,16 @@ def data_path(relative: str) -> Path:
 
 def write_slice(path: Path, z: float, series_uid: str) -> None:
     """One 4x6 axial CT slice, 0.5 x 0.8 mm pixels, stored values 1000 + z, intercept -1024."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesDescription = f"series {series_uid}"
-    ds.ImagePositionPatient = [0.0, 0.0, z]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelSpacing = [0.5, 0.8]
-    ds.SliceThickness = 2.5
-    ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
-    ds.Rows, ds.Columns = 4, 6
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.PixelRepresentation = 1
-    ds.PixelData = np.full((4, 6), 1000 + int(z), "<i2").tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    pixels = np.full((4, 6), 1000 + int(z))
+    write_dicom_slice(
+        path,
+        pixels,
+        (0.0, 0.0, z),
+        pixel_spacing=(0.5, 0.8),
+        thickness=2.5,
+        series_uid=series_uid,
+        description=f"series {series_uid}",
+    )
 
 
 def write_series(folder: Path, zs: list[float], series_uid: str = "1.2.3.1") -> Path:

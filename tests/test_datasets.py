@@ -9,10 +9,9 @@ import numpy as np
 import pytest
 import yaml
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 import medanomaly.datasets as datasets
+from medanomaly import phantoms
 from medanomaly.cache import CACHE_ENV, PreprocessCache, content_digest
 from medanomaly.cli import main
 from medanomaly.data import ABNORMAL, NORMAL, UNKNOWN
@@ -37,29 +36,8 @@ def write_png(path: Path, value: int = 100, size: int = 16, square: bool = False
 
 def write_dicom_slice(path: Path, z: float, series_uid: str = "1.2.3.1", value: int = 0) -> None:
     """One 8x8 axial CT slice at height ``z`` (1 mm pixels, HU = stored - 1024)."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.SeriesInstanceUID = series_uid
-    ds.ImagePositionPatient = [0.0, 0.0, z]
-    ds.ImageOrientationPatient = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
-    ds.PixelSpacing = [1.0, 1.0]
-    ds.SliceThickness = 2.0
-    ds.RescaleSlope, ds.RescaleIntercept = 1.0, -1024.0
-    ds.Rows = ds.Columns = 8
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.PixelRepresentation = 1
-    ds.PixelData = np.full((8, 8), 1024 + value + int(z), "<i2").tobytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    ds.save_as(path, enforce_file_format=True)
+    pixels = np.full((8, 8), 1024 + value + int(z))
+    phantoms.write_dicom_slice(path, pixels, (0.0, 0.0, z), series_uid=series_uid)
 
 
 def write_series(folder: Path, zs: list[float], series_uid: str = "1.2.3.1") -> Path:

@@ -10,11 +10,10 @@ import numpy as np
 import pytest
 import tifffile
 from PIL import Image
-from pydicom.dataset import Dataset, FileMetaDataset
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from medanomaly.errors import ImageReadError, InvalidImageError
 from medanomaly.io import IMAGE_SUFFIXES, inspect_path, list_dicom_series, read_image
+from medanomaly.phantoms import write_dicom_slice
 
 ROWS, COLS = 4, 3
 PIXEL_SPACING = (0.5, 0.8)  # DICOM order: (between rows, between columns)
@@ -44,35 +43,21 @@ def write_slice(
     instance: int = 1,
 ) -> None:
     """Write one CT slice with the given geometry and stored pixels."""
-    meta = FileMetaDataset()
-    meta.MediaStorageSOPClassUID = CTImageStorage
-    meta.MediaStorageSOPInstanceUID = generate_uid()
-    meta.TransferSyntaxUID = ExplicitVRLittleEndian
-    ds = Dataset()
-    ds.file_meta = meta
-    ds.SOPClassUID = CTImageStorage
-    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
-    ds.Modality = "CT"
-    ds.PatientID = "P042"
-    ds.StudyInstanceUID = "1.2.3.4"
-    ds.SeriesInstanceUID = series_uid
-    ds.SeriesDescription = description
-    ds.InstanceNumber = instance
-    ds.ImagePositionPatient = list(position)
-    ds.ImageOrientationPatient = list(orientation)
-    ds.PixelSpacing = list(PIXEL_SPACING)
-    ds.SliceThickness = thickness
-    ds.RescaleSlope = slope
-    ds.RescaleIntercept = intercept
-    ds.WindowCenter = 40
-    ds.WindowWidth = 400
-    ds.Rows, ds.Columns = pixels.shape
-    ds.SamplesPerPixel = 1
-    ds.PhotometricInterpretation = "MONOCHROME2"
-    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
-    ds.PixelRepresentation = 1
-    ds.PixelData = pixels.astype("<i2").tobytes()
-    ds.save_as(path, enforce_file_format=True)
+    write_dicom_slice(
+        path,
+        pixels,
+        position,
+        orientation=orientation,
+        pixel_spacing=PIXEL_SPACING,
+        thickness=thickness,
+        slope=slope,
+        intercept=intercept,
+        series_uid=series_uid,
+        description=description,
+        patient_id="P042",
+        instance=instance,
+        window=(40, 400),
+    )
 
 
 def write_series(

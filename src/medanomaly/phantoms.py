@@ -9,6 +9,8 @@ Everything is deterministic by seed and scaled to [0, 1].
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from medanomaly.data import ImageSet
@@ -103,3 +105,82 @@ def make_phantoms(
         ids=ids,
         masks=np.stack(masks),
     )
+
+
+AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+
+
+def write_dicom_slice(
+    path: str | Path,
+    pixels: np.ndarray,
+    position: tuple[float, float, float],
+    *,
+    orientation: tuple[float, ...] = AXIAL,
+    pixel_spacing: tuple[float, float] = (1.0, 1.0),
+    thickness: float = 2.0,
+    slope: float = 1.0,
+    intercept: float = -1024.0,
+    series_uid: str = "1.2.3.1",
+    description: str = "phantom",
+    patient_id: str | None = None,
+    instance: int = 1,
+    window: tuple[float, float] | None = None,
+) -> Path:
+    """Write one uncompressed CT slice (stored int16 ``pixels``) as a DICOM file.
+
+    Used to make synthetic DICOM series for tests and demos: real-world value =
+    ``pixels * slope + intercept`` (Hounsfield units with the defaults).
+
+    Args:
+        path: The file to write (its folder is created).
+        pixels: Stored values ``(rows, columns)``.
+        position: ImagePositionPatient of the first pixel (mm, LPS).
+        orientation: ImageOrientationPatient (row and column direction cosines).
+        pixel_spacing: PixelSpacing (between rows, between columns) in mm.
+        thickness: SliceThickness in mm (readers must not trust it for spacing).
+        slope: RescaleSlope.
+        intercept: RescaleIntercept.
+        series_uid: SeriesInstanceUID.
+        description: SeriesDescription.
+        patient_id: PatientID, if any.
+        instance: InstanceNumber.
+        window: (WindowCenter, WindowWidth), if any.
+
+    Returns:
+        ``path`` as a :class:`Path`.
+    """
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = CTImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = Dataset()
+    ds.file_meta = meta
+    ds.SOPClassUID = CTImageStorage
+    ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+    ds.Modality = "CT"
+    if patient_id is not None:
+        ds.PatientID = patient_id
+    ds.StudyInstanceUID = "1.2.3.4"
+    ds.SeriesInstanceUID = series_uid
+    ds.SeriesDescription = description
+    ds.InstanceNumber = instance
+    ds.ImagePositionPatient = [float(v) for v in position]
+    ds.ImageOrientationPatient = [float(v) for v in orientation]
+    ds.PixelSpacing = [float(v) for v in pixel_spacing]
+    ds.SliceThickness = thickness
+    ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+    if window is not None:
+        ds.WindowCenter, ds.WindowWidth = window
+    ds.Rows, ds.Columns = pixels.shape
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit = 16, 16, 15
+    ds.PixelRepresentation = 1
+    ds.PixelData = np.asarray(pixels).astype("<i2").tobytes()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
