@@ -6,6 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
+from medanomaly.cli._common import add_override_arguments
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``cv``."""
@@ -30,14 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="share of the training folds held out for validation (default 0.2)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed of the splits (default 0)")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config value, e.g. --set engine.epochs=60",
-    )
-    p.add_argument("--strict", action="store_true", help="stop on the first unreadable image")
+    add_override_arguments(p)
     p.set_defaults(func=run)
 
 

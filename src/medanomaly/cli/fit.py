@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from medanomaly import __version__
+from medanomaly.cli._common import add_override_arguments
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,14 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--devices", type=int, help="GPUs per node (data-parallel): engine.devices")
     p.add_argument("--num-nodes", type=int, help="machines (with torchrun): engine.num_nodes")
-    p.add_argument(
-        "--set",
-        action="append",
-        default=[],
-        metavar="SECTION.KEY=VALUE",
-        help="override a config value, e.g. --set engine.epochs=5",
-    )
-    p.add_argument("--strict", action="store_true", help="stop on the first unreadable image")
+    add_override_arguments(p)
     p.set_defaults(func=run)
 
 
