@@ -18,13 +18,18 @@ def _data(request, dims):
 ENGINE = {"epochs": 2, "batch_size": 8, "progress": False, "seed": 0}
 
 
+def _train(detector, data):
+    """Normals only, or the labelled set for a supervised detector (a classifier)."""
+    return data if getattr(detector, "supervised", False) else data.normal
+
+
 @pytest.fixture(scope="module", params=CASES, ids=[f"{n}-{d}d" for n, d in CASES])
 def fitted(request):
     """Each registered model fitted once per module, in 2D and 3D."""
     name, dims = request.param
     data = _data(request, dims)
     detector = get_model(name, spatial_dims=dims, engine=ENGINE)
-    returned = detector.fit(data.normal)
+    returned = detector.fit(_train(detector, data))
     return name, dims, detector, returned, data
 
 
@@ -48,7 +53,8 @@ def test_outputs_have_the_documented_shapes(fitted):
 
 def test_same_seed_gives_same_scores(fitted):
     name, dims, detector, _, data = fitted
-    again = get_model(name, spatial_dims=dims, engine=ENGINE).fit(data.normal)
+    again = get_model(name, spatial_dims=dims, engine=ENGINE)
+    again.fit(_train(again, data))
     np.testing.assert_allclose(again.score(data), detector.score(data), rtol=1e-5)
 
 

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 from medanomaly import EngineConfig, get_model
+from medanomaly.datasets import ArrayAugment
 from medanomaly.engine import Engine, read_history
 from medanomaly.errors import ConfigError
+from medanomaly.transforms import build_transforms
 
 
 def _weights(detector) -> dict[str, torch.Tensor]:
@@ -70,14 +75,55 @@ def test_early_stopping_restores_the_best_epoch(tiny2d):
     assert history[-1]["val_loss"] > best or len(history) == 1
 
 
+def test_monitor_val_auroc_keeps_the_epoch_with_the_best_validation_auroc(tiny2d):
+    engine = {"epochs": 6, "patience": None, "monitor": "val_auroc", "progress": False}
+    detector = get_model("cae", engine=engine).fit(tiny2d.normal, val=tiny2d)
+    aurocs = [row["val_auroc"] for row in detector.history_]
+    kept = roc_auc_score(tiny2d.labels, detector.score(tiny2d))
+    assert kept == pytest.approx(max(aurocs), abs=1e-9)
+    assert len(set(aurocs)) > 1, "AUROC constant over epochs: the test shows nothing"
+
+
+def test_monitor_val_auroc_without_abnormal_images_falls_back_to_the_loss(tiny2d, caplog):
+    engine = {"epochs": 2, "monitor": "val_auroc", "progress": False}
+    detector = get_model("cae", engine=engine).fit(tiny2d.normal)
+    assert "using val_loss" in caplog.text
+    assert all("val_auroc" not in row for row in detector.history_)
+
+
 def test_engine_config_rejects_unknown_keys():
     with pytest.raises(ConfigError, match="unknown keys"):
         EngineConfig.from_any({"epoch": 3})
     with pytest.raises(ConfigError, match="val_fraction"):
         EngineConfig(val_fraction=1.5)
+    with pytest.raises(ConfigError, match="Did you mean 'val_auroc'"):
+        EngineConfig(monitor="val_aurc")
 
 
 def test_labelled_abnormal_training_images_are_left_out(tiny2d, fast_engine):
     detector = get_model("cae", engine=fast_engine).fit(tiny2d)
     n_val = round(len(tiny2d.normal) * 0.1)
     assert len(detector.val_scores_) == n_val
+
+
+def _augmented(data):
+    transforms = [{"rand_flip": {"axes": [1], "prob": 0.5}}, "rand_affine"]
+    return replace(data.normal, augment=ArrayAugment(build_transforms(transforms)))
+
+
+def test_augmented_runs_with_the_same_seed_are_identical(tiny2d):
+    engine = {"epochs": 3, "batch_size": 4, "progress": False, "seed": 5}
+    first = get_model("cae", engine=engine).fit(_augmented(tiny2d))
+    second = get_model("cae", engine=engine).fit(_augmented(tiny2d))
+    for key, value in _weights(first).items():
+        torch.testing.assert_close(_weights(second)[key], value, rtol=0, atol=0)
+
+
+def test_augmentation_draws_differ_between_epochs_and_workers(tiny2d):
+    data = _augmented(tiny2d)
+    data.reseed(1)
+    one = data[0]
+    data.reseed(2)
+    assert not torch.equal(one, data[0])
+    data.reseed(1)
+    assert torch.equal(one, data[0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import inspect
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -18,18 +19,19 @@ import numpy as np
 import torch
 import yaml
 from torch import nn
-from torch.utils.data import DataLoader
 
 from medanomaly import __version__
 from medanomaly.checkpoint import atomic_torch_save, atomic_write_text
 from medanomaly.data import ImageSet, as_image_set
 from medanomaly.engine import Engine, EngineConfig, TrainingData, TrainingTask, split_indices
 from medanomaly.errors import InvalidImageError, NotFittedError
+from medanomaly.scoring import MapScoring
 
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"
+INFERENCE_VOXELS = 2**20
 
 
 @dataclass
@@ -129,6 +131,29 @@ class BaseDetector(ABC):
         return detector
 
     @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """The resolved config: ``{model: {name, ...params}, engine: {...}}``."""
+
+    def _run_config(self, run_dir: Path) -> dict[str, Any]:
+        """The run's full config: ``run_dir/config.yaml`` if a caller wrote one, else ours."""
+        path = run_dir / CONFIG_FILE
+        if path.exists():
+            return yaml.safe_load(path.read_text())
+        config = {**self.config(), "version": __version__}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
+        return config
+
+    def save(self, path: str | Path) -> None:
+        """Write the fitted detector to ``path`` atomically (read it back with :meth:`load`)."""
+        self.check_fitted()
+        atomic_torch_save(self.saved_state(), path)
+
+    @abstractmethod
+    def saved_state(self) -> dict[str, Any]:
+        """Everything :meth:`load` needs: ``{"model": name, "params": ..., ...}``."""
+
+    @abstractmethod
     def _restore(self, saved: dict[str, Any]) -> None:
         """Set the fitted state from a dict written by ``save``."""
 
@@ -146,6 +171,9 @@ class DeepDetector(BaseDetector):
         in_channels: Image channels.
         threshold_sd: ``k`` in the default threshold mean + k * SD of normal validation scores.
         engine: Training settings (:class:`~medanomaly.engine.EngineConfig` or a dict).
+        map_score: Score images from their standardised, smoothed anomaly maps instead of
+            the model's own score (:class:`~medanomaly.scoring.MapScoring` or its dict form,
+            e.g. ``{smooth: 5, reduce: top}``); ``None`` keeps the model's score.
     """
 
     def __init__(
@@ -154,11 +182,13 @@ class DeepDetector(BaseDetector):
         in_channels: int = 1,
         threshold_sd: float = 3.0,
         engine: EngineConfig | dict[str, Any] | None = None,
+        map_score: MapScoring | dict[str, Any] | None = None,
     ) -> None:
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.threshold_sd = threshold_sd
         self.engine = engine
+        self.map_score = map_score
 
     # -- what a model defines -------------------------------------------------------------
     @property
@@ -220,6 +250,7 @@ class DeepDetector(BaseDetector):
         self.is_main_process_ = engine.is_global_zero
         self.network_ = network.eval()
         self.input_shape_ = input_shape
+        self._fit_map_statistics(data.train)
         self._set_threshold(data.val_normal if len(data.val_normal) else data.train)
         if run_dir is not None and self.is_main_process_:
             self.save(Path(run_dir) / MODEL_FILE)
@@ -239,8 +270,34 @@ class DeepDetector(BaseDetector):
         or with several optimisers (GANs) override this and call ``engine.fit`` per stage
         with their own :class:`~medanomaly.engine.TrainingTask`.
         """
-        task = TrainingTask(network=network, loss=self.loss, score=self._score_only)
+        score, refresh = self._validation_scoring(data.train)
+        task = TrainingTask(network=network, loss=self.loss, score=score, before_validation=refresh)
         return engine.fit(task, data, run_dir=run_dir, resume=resume, extra_state=self.config())
+
+    def _validation_scoring(
+        self, normal: ImageSet
+    ) -> tuple[Callable[[nn.Module, torch.Tensor], torch.Tensor], Callable[[nn.Module], None]]:
+        """The score the engine validates with, and what refreshes it before each validation.
+
+        With ``map_score`` the validation scores are the final ones: the per-voxel scale is
+        recomputed from the normal training images with the current weights, so that
+        ``monitor: val_auroc`` ranks epochs by the score the detector will use.
+        """
+        scoring = self.map_scoring
+        if scoring is None:
+            return self._score_only, lambda network: None
+
+        def refresh(network: nn.Module) -> None:
+            if scoring.standardise:
+                maps = self._run(normal, with_maps=True, raw=True, network=network)[1]
+                self.map_scale_ = scoring.statistics(maps)
+
+        def score(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+            maps = scoring.transform(self.evaluate(network, x)[1], self.map_scale_)
+            return scoring.reduce_maps(maps)
+
+        self.map_scale_ = None
+        return score, refresh
 
     def _training_data(self, train: Any, val: Any, cfg: EngineConfig) -> TrainingData:
         train_set = as_image_set(train, self.spatial_dims)
@@ -272,14 +329,22 @@ class DeepDetector(BaseDetector):
                 f"resize or pad the images (e.g. to {self.size_multiple * 4} per axis)",
             )
 
+    @property
+    def map_scoring(self) -> MapScoring | None:
+        """The resolved ``map_score`` setting (``None``: the model's own score)."""
+        return MapScoring.from_any(self.map_score)
+
+    def _fit_map_statistics(self, normal: ImageSet) -> None:
+        """Per-voxel residual statistics of the normal training images (no augmentation)."""
+        self.map_scale_ = None
+        scoring = self.map_scoring
+        if scoring is not None and scoring.standardise:
+            self.map_scale_ = scoring.statistics(self._run(normal, with_maps=True, raw=True)[1])
+
     def _set_threshold(self, normal: ImageSet) -> None:
         scores = self._run(normal, with_maps=False)[0]
         self.val_scores_ = scores
-        self.threshold_ = (
-            float(scores.mean() + self.threshold_sd * scores.std(ddof=1))
-            if len(scores) > 1
-            else float(scores.max())
-        )
+        self.threshold_ = mean_sd_threshold(scores, self.threshold_sd)
 
     def _score_only(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.evaluate(network, x)[0]
@@ -306,9 +371,26 @@ class DeepDetector(BaseDetector):
         """One anomaly score per image, higher = more abnormal."""
         return self.detect_scores(x)
 
+    def inference_batch_size(self, voxels_per_image: int) -> int:
+        """Images per scoring batch: about ``INFERENCE_VOXELS`` voxels.
+
+        Never fewer than the training batch (which fitted in memory), nor more than 512.
+        """
+        train = self.engine_config.batch_size
+        return int(np.clip(INFERENCE_VOXELS // max(voxels_per_image, 1), train, max(train, 512)))
+
     def _run(
-        self, x: Any, with_maps: bool
+        self, x: Any, with_maps: bool, raw: bool = False, network: nn.Module | None = None
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
+        """Scores (and maps, reconstructions) of ``x`` in batches.
+
+        Args:
+            x: Images.
+            with_maps: Keep maps and reconstructions.
+            raw: The model's own scores and maps, without ``map_score``.
+            network: Evaluate this network (default the fitted ``network_``).
+        """
+        network = self.network_ if network is None else network
         images = as_image_set(x, self.spatial_dims)
         expected = getattr(self, "input_shape_", None)
         if expected is not None and tuple(images.images.shape[1:]) != expected:
@@ -317,18 +399,28 @@ class DeepDetector(BaseDetector):
                 f"image shape {tuple(images.images.shape[1:])} differs from the training "
                 f"shape {expected}; apply the same preprocessing as for training",
             )
-        device = next(self.network_.parameters()).device
-        loader = DataLoader(images, batch_size=self.engine_config.batch_size)
+        device = next(network.parameters()).device
         scores, maps, recons = [], [], []
-        self.network_.eval()
-        with torch.no_grad():
-            for batch in loader:
-                s, m, r = self.evaluate(self.network_, batch.to(device))
+        scoring = None if raw else self.map_scoring
+        network.eval()
+        step = self.inference_batch_size(images.images[0].size if len(images) else 1)
+        with torch.inference_mode():
+            # slices of the array, not the dataset: a training set's augmentation stays off
+            for start in range(0, len(images), step):
+                batch = _to_device(images.images[start : start + step], device)
+                if not with_maps and scoring is None:  # costly maps are skipped in _score_only
+                    scores.append(self._score_only(network, batch).float().cpu().numpy())
+                    continue
+                s, m, r = self.evaluate(network, batch)
+                if scoring is not None:
+                    m = scoring.transform(m, self.map_scale_)
+                    s = scoring.reduce_maps(m)
                 scores.append(s.float().cpu().numpy())
-                if with_maps:
-                    maps.append(m.float().cpu().numpy())
-                    if r is not None:
-                        recons.append(r.float().cpu().numpy())
+                if not with_maps:
+                    continue
+                maps.append(m.float().cpu().numpy())
+                if r is not None:
+                    recons.append(r.float().cpu().numpy())
         return (
             np.concatenate(scores).astype(np.float64),
             np.concatenate(maps) if maps else None,
@@ -344,35 +436,22 @@ class DeepDetector(BaseDetector):
             "engine": self.engine_config.to_dict(),
         }
 
-    def _run_config(self, run_dir: Path) -> dict[str, Any]:
-        """The run's full config: ``run_dir/config.yaml`` if a caller wrote one, else ours."""
-        path = run_dir / CONFIG_FILE
-        if path.exists():
-            return yaml.safe_load(path.read_text())
-        config = {**self.config(), "version": __version__}
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
-        return config
-
-    def save(self, path: str | Path) -> None:
-        """Write weights, constructor arguments, fitted state and resolved config atomically."""
-        self.check_fitted()
+    def saved_state(self) -> dict[str, Any]:
+        """Weights, constructor arguments, fitted state and the resolved config."""
         params = {k: _plain(v) for k, v in self.get_params().items()}
         params["engine"] = self.engine_config.to_dict()
-        atomic_torch_save(
-            {
-                "model": self.name,
-                "params": params,
-                "config": getattr(self, "run_config_", None) or self.config(),
-                "version": __version__,
-                "state_dict": {k: v.cpu() for k, v in self.network_.state_dict().items()},
-                "input_shape": list(self.input_shape_),
-                "threshold": self.threshold_,
-                "val_scores": np.asarray(self.val_scores_).tolist(),
-                "history": getattr(self, "history_", []),
-            },
-            path,
-        )
+        return {
+            "model": self.name,
+            "params": params,
+            "config": getattr(self, "run_config_", None) or self.config(),
+            "version": __version__,
+            "state_dict": {k: v.cpu() for k, v in self.network_.state_dict().items()},
+            "input_shape": list(self.input_shape_),
+            "threshold": self.threshold_,
+            "val_scores": np.asarray(self.val_scores_).tolist(),
+            "history": getattr(self, "history_", []),
+            "map_scale": getattr(self, "map_scale_", None),
+        }
 
     def _restore(self, saved: dict[str, Any]) -> None:
         self.input_shape_ = tuple(saved["input_shape"])
@@ -384,6 +463,23 @@ class DeepDetector(BaseDetector):
         self.val_scores_ = np.asarray(saved["val_scores"], dtype=np.float64)
         self.history_ = saved.get("history", [])
         self.run_config_ = saved.get("config", {})
+        self.map_scale_ = saved.get("map_scale")
+
+
+def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A batch on ``device``, channels-last for convolutions (faster on CPU and GPU)."""
+    batch = torch.from_numpy(np.ascontiguousarray(array)).to(device)
+    if batch.dim() == 4:
+        return batch.contiguous(memory_format=torch.channels_last)
+    if batch.dim() == 5:
+        return batch.contiguous(memory_format=torch.channels_last_3d)
+    return batch
+
+
+def mean_sd_threshold(scores: np.ndarray, k: float) -> float:
+    """Mean + k * SD (``ddof=1``) of normal scores; the maximum when there is only one."""
+    scores = np.asarray(scores, dtype=np.float64)
+    return float(scores.mean() + k * scores.std(ddof=1)) if len(scores) > 1 else float(scores.max())
 
 
 def _plain(value: Any) -> Any:

@@ -53,6 +53,12 @@ class ImageSet(Dataset):
     def __len__(self) -> int:
         return len(self.images)
 
+    def reseed(self, seed: int) -> None:
+        """Reset the augmentation's random state (the engine does so every epoch)."""
+        set_random_state = getattr(self.augment, "set_random_state", None)
+        if set_random_state is not None:
+            set_random_state(seed)
+
     def __getitem__(self, index: int) -> torch.Tensor:
         image = self.images[index]
         if self.augment is not None:

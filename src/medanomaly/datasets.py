@@ -277,7 +277,7 @@ def load_dataset(
             masks=_stack_masks(lesions, spatial, fill=False),
             foreground=_stack_masks(foregrounds, spatial, fill=True),
             groups=np.array([c.group or str(c.path) for c in kept]),
-            augment=_ArrayAugment(augmentation) if augment and len(augmentation) else None,
+            augment=ArrayAugment(augmentation) if augment and len(augmentation) else None,
         ),
         report,
     )
@@ -292,12 +292,18 @@ def _stack_masks(
     return np.stack([np.full(spatial, fill, bool) if m is None else m for m in masks])
 
 
-class _ArrayAugment:
+class ArrayAugment:
     """Apply random transforms to a bare array ``(C, *spatial)`` (unit spacing)."""
 
     def __init__(self, transforms: Compose) -> None:
         self.transforms = transforms
 
+    def set_random_state(self, seed: int | None) -> ArrayAugment:
+        """Reseed the random transforms (see :meth:`Compose.set_random_state`)."""
+        self.transforms.set_random_state(seed)
+        return self
+
     def __call__(self, array: np.ndarray) -> np.ndarray:
+        """One random draw of the transforms applied to ``array``."""
         spacing = (1.0,) * (array.ndim - 1)
         return self.transforms(MedicalImage(array=array, spacing=spacing)).array

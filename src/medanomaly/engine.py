@@ -22,17 +22,19 @@ import numpy as np
 import torch
 from lightning_fabric import Fabric
 from lightning_fabric.strategies import DDPStrategy
+from sklearn.metrics import roc_auc_score
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
 from tqdm.auto import tqdm
 
 from medanomaly.checkpoint import atomic_torch_save, atomic_write_text
-from medanomaly.errors import ConfigError
+from medanomaly.errors import ConfigError, did_you_mean
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "history.csv"
+MONITORS = ("val_loss", "val_auroc")
 
 
 @dataclass(frozen=True)
@@ -45,8 +47,13 @@ class EngineConfig:
         lr: Adam learning rate.
         weight_decay: Adam weight decay.
         seed: Seeds weight initialisation, shuffling, dropout and the validation split.
-        patience: Stop after this many epochs without a better normal validation loss;
-            ``None`` never stops early.
+        patience: Stop after this many epochs without a better monitored value; ``None``
+            never stops early.
+        monitor: What ranks the epochs for early stopping and for the weights kept at the
+            end: ``val_loss`` (loss on the normal validation images, lower is better) or
+            ``val_auroc`` (image AUROC of the scores on a labelled validation set, higher is
+            better, ties broken by the lower validation loss; seed 003's model selection).
+            Without abnormal validation images ``val_auroc`` falls back to ``val_loss``.
         val_fraction: Share of the normal training images held out for validation when no
             validation set is given.
         accelerator: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"gpu"``.
@@ -63,6 +70,7 @@ class EngineConfig:
     weight_decay: float = 0.0
     seed: int = 0
     patience: int | None = 10
+    monitor: str = "val_loss"
     val_fraction: float = 0.1
     accelerator: str = "auto"
     devices: int = 1
@@ -76,6 +84,11 @@ class EngineConfig:
             raise ConfigError("engine: epochs and batch_size must be >= 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"engine: val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.monitor not in MONITORS:
+            raise ConfigError(
+                f"engine: monitor must be one of {MONITORS}, got {self.monitor!r}."
+                + did_you_mean(self.monitor, MONITORS)
+            )
 
     @classmethod
     def from_any(cls, value: EngineConfig | dict[str, Any] | None) -> EngineConfig:
@@ -119,6 +132,14 @@ class TrainingTask:
             loss to log; ``index`` counts batches within the epoch. Default: minimise ``loss``.
         keep_best: Load the weights of the epoch with the lowest validation loss at the end
             (``False`` keeps the last epoch, e.g. for a GAN whose loss does not rank epochs).
+        supervised: Batches are ``(images, labels)`` and the validation loss is the mean
+            over normal *and* abnormal validation images (a classifier's loss needs both).
+        before_validation: ``before_validation(network)`` runs (in eval mode, without
+            gradients) before each validation pass, e.g. to refresh statistics ``score``
+            needs.
+        epoch_start: ``epoch_start(epoch, optimizers)`` runs before each epoch (0-based),
+            e.g. to set the learning rate of a schedule; a function of the epoch alone, so
+            that a resumed run continues the schedule.
     """
 
     network: nn.Module
@@ -127,11 +148,17 @@ class TrainingTask:
     optimizers: Callable[[nn.Module], Optimizers] | None = None
     step: TrainingStep | None = None
     keep_best: bool = True
+    supervised: bool = False
+    epoch_start: Callable[[int, Optimizers], None] | None = None
+    before_validation: Callable[[nn.Module], None] | None = None
 
 
 @dataclass
 class TrainingData:
-    """Datasets of the run; each item is a tensor ``(C, *spatial)``."""
+    """Datasets of the run.
+
+    Each item is a tensor ``(C, *spatial)`` or, for a supervised task, ``(image, label)``.
+    """
 
     train: Dataset
     val_normal: Dataset | None = None
@@ -193,6 +220,8 @@ class Engine:
         if fabric.world_size > 1 and fabric.device.type == "cuda":
             nn.SyncBatchNorm.convert_sync_batchnorm(network)
         optimizers = (task.optimizers or self._default_optimizers)(network)
+        if cfg.monitor == "val_auroc" and task.keep_best and data.val_abnormal is None:
+            log.warning("monitor val_auroc needs abnormal validation images; using val_loss")
         state = _RunState(best_state=_cpu_state(network))
         checkpoint_path = Path(run_dir) / stage_file(CHECKPOINT_NAME, stage) if run_dir else None
         if resume and checkpoint_path is not None and checkpoint_path.exists():
@@ -210,8 +239,11 @@ class Engine:
         )
         while state.epoch < cfg.epochs and not state.stopped:
             torch.manual_seed(epoch_seed(cfg.seed, state.epoch))
+            _reseed(data.train, cfg.seed, state.epoch, fabric.global_rank)
+            if task.epoch_start is not None:
+                task.epoch_start(state.epoch, optimizers)
             row = self._run_epoch(fabric, model, optimizers, task, loaders, state.epoch)
-            state.record(row, network, cfg.patience)
+            state.record(row, network, cfg.patience, cfg.monitor)
             if checkpoint_path is not None and fabric.is_global_zero:
                 state.save(checkpoint_path, network, optimizers, extra_state)
                 _write_history(Path(run_dir) / stage_file(HISTORY_NAME, stage), state.history)
@@ -257,6 +289,7 @@ class Engine:
             batch_size=cfg.batch_size,
             sampler=sampler,
             num_workers=cfg.num_workers,
+            worker_init_fn=_reseed_worker,
             drop_last=len(data.train) > cfg.batch_size,
         )
         loaders: dict[str, DataLoader | None] = {
@@ -299,11 +332,30 @@ class Engine:
                     f"training loss became {loss.item()} at epoch {epoch + 1}; lower the "
                     "learning rate or check the input scaling"
                 )
-            total += loss.item() * len(batch)
-            count += len(batch)
+            total += loss.item() * batch_size(batch)
+            count += batch_size(batch)
         row = {"epoch": float(epoch + 1), "train_loss": total / max(count, 1)}
         row.update(_evaluate(model, task, loaders))
         return row
+
+
+def _reseed(dataset: Dataset, *key: int) -> None:
+    """Give the dataset's augmentation a random state derived from ``key`` (seed, epoch, rank)."""
+    reseed = getattr(dataset, "reseed", None)
+    if reseed is not None:
+        reseed(int(np.random.SeedSequence(list(key)).generate_state(1)[0]) % 2**31)
+
+
+def _reseed_worker(worker_id: int) -> None:
+    """DataLoader workers hold copies of the dataset: give each its own augmentation stream."""
+    info = torch.utils.data.get_worker_info()
+    if info is not None:
+        _reseed(info.dataset, info.seed % 2**31, worker_id)
+
+
+def batch_size(batch: torch.Tensor | tuple | list) -> int:
+    """Images in a batch: a tensor ``(B, ...)`` or a tuple whose first item is one."""
+    return len(batch[0]) if isinstance(batch, tuple | list) else len(batch)
 
 
 def _minimise_loss(loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -> TrainingStep:
@@ -334,22 +386,42 @@ def stage_file(name: str, stage: str) -> str:
 def _evaluate(
     model: nn.Module, task: TrainingTask, loaders: dict[str, DataLoader | None]
 ) -> dict[str, float]:
-    """Validation loss on normal images and mean scores of each validation group."""
+    """Validation loss on normal images, mean scores of each group and their AUROC."""
     model.eval()
     out: dict[str, float] = {}
+    normal = abnormal = None
+    losses: list[float] = []
     with torch.no_grad():
+        if task.before_validation is not None:
+            task.before_validation(model)
         if loaders["val_normal"] is not None:
-            losses, scores = [], []
-            for batch in loaders["val_normal"]:
-                losses.append(task.loss(model, batch).item() * len(batch))
-                scores.append(task.score(model, batch).float().cpu())
-            n = sum(len(s) for s in scores)
-            out["val_loss"] = sum(losses) / n
-            out["val_score_normal"] = float(torch.cat(scores).mean())
+            normal = _validation_scores(model, task, loaders["val_normal"], losses)
+            out["val_loss"] = sum(losses) / len(normal)
+            out["val_score_normal"] = float(normal.mean())
         if loaders["val_abnormal"] is not None:
-            scores = [task.score(model, b).float().cpu() for b in loaders["val_abnormal"]]
-            out["val_score_abnormal"] = float(torch.cat(scores).mean())
+            abnormal_losses = losses if task.supervised else None
+            abnormal = _validation_scores(model, task, loaders["val_abnormal"], abnormal_losses)
+            out["val_score_abnormal"] = float(abnormal.mean())
+    if task.supervised and losses:
+        out["val_loss"] = sum(losses) / sum(len(s) for s in (normal, abnormal) if s is not None)
+    if normal is not None and abnormal is not None:
+        values = torch.cat([normal, abnormal]).numpy()
+        if np.isfinite(values).all():
+            labels = np.r_[np.zeros(len(normal)), np.ones(len(abnormal))]
+            out["val_auroc"] = float(roc_auc_score(labels, values))
     return out
+
+
+def _validation_scores(
+    model: nn.Module, task: TrainingTask, loader: DataLoader, losses: list[float] | None
+) -> torch.Tensor:
+    """Scores of every image of ``loader``; appends each batch's summed loss to ``losses``."""
+    scores = []
+    for batch in loader:
+        if losses is not None:
+            losses.append(task.loss(model, batch).item() * batch_size(batch))
+        scores.append(task.score(model, batch).float().cpu())
+    return torch.cat(scores)
 
 
 @dataclass
@@ -358,7 +430,7 @@ class _RunState:
 
     best_state: dict[str, torch.Tensor]
     epoch: int = 0
-    best_loss: float = math.inf
+    best_rank: tuple[float, float] = (math.inf, math.inf)
     bad_epochs: int = 0
     stopped: bool = False
     history: list[dict[str, float]] | None = None
@@ -366,12 +438,14 @@ class _RunState:
     def __post_init__(self) -> None:
         self.history = self.history or []
 
-    def record(self, row: dict[str, float], network: nn.Module, patience: int | None) -> None:
+    def record(
+        self, row: dict[str, float], network: nn.Module, patience: int | None, monitor: str
+    ) -> None:
         self.history.append(row)
         self.epoch += 1
-        monitored = row.get("val_loss", row["train_loss"])
-        if monitored < self.best_loss:
-            self.best_loss, self.bad_epochs = monitored, 0
+        monitored = _rank(row, monitor)
+        if monitored < self.best_rank:
+            self.best_rank, self.bad_epochs = monitored, 0
             self.best_state = _cpu_state(network)
         else:
             self.bad_epochs += 1
@@ -387,7 +461,7 @@ class _RunState:
         atomic_torch_save(
             {
                 "epoch": self.epoch,
-                "best_loss": self.best_loss,
+                "best_rank": self.best_rank,
                 "bad_epochs": self.bad_epochs,
                 "stopped": self.stopped,
                 "history": self.history,
@@ -419,11 +493,19 @@ class _RunState:
         return cls(
             best_state=saved["best_state"],
             epoch=saved["epoch"],
-            best_loss=saved["best_loss"],
+            best_rank=tuple(saved["best_rank"]),
             bad_epochs=saved["bad_epochs"],
             stopped=saved["stopped"],
             history=saved["history"],
         )
+
+
+def _rank(row: dict[str, float], monitor: str) -> tuple[float, float]:
+    """Sort key of an epoch (lower is better): ``(-AUROC, loss)`` or ``(loss, 0)``."""
+    loss = row.get("val_loss", row["train_loss"])
+    if monitor == "val_auroc" and "val_auroc" in row:
+        return (-row["val_auroc"], loss)
+    return (loss, 0.0)
 
 
 def _cpu_state(network: nn.Module) -> dict[str, torch.Tensor]:

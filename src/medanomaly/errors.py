@@ -45,3 +45,7 @@ class ConfigError(MedanomalyError):
 
 class NotFittedError(MedanomalyError, RuntimeError):
     """A detector was asked to score or predict before it was fitted."""
+
+
+class LabelError(MedanomalyError, ValueError):
+    """Labels are missing or unusable for a model that learns from them (a classifier)."""

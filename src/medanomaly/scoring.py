@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-import torch
+from dataclasses import dataclass, fields
+from typing import Any
 
-RESIDUALS = ("squared", "abs")
+import numpy as np
+import torch
+from torch.nn import functional
+
+from medanomaly.errors import ConfigError, did_you_mean
+
+RESIDUALS = ("squared", "abs", "ssim")
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
 
 
 def residual_map(
@@ -15,14 +24,45 @@ def residual_map(
     Args:
         x: Input batch ``(B, C, *spatial)``.
         reconstruction: Reconstruction of ``x``, same shape.
-        kind: ``squared`` (squared difference) or ``abs`` (L1 difference).
+        kind: ``squared`` (squared difference), ``abs`` (L1 difference) or ``ssim``
+            (``1 - SSIM``, local structural dissimilarity: Gaussian window of 11 voxels,
+            sigma 1.5, intensities assumed in [0, 1]).
     """
+    if kind == "ssim":
+        return structural_dissimilarity(x, reconstruction)
     diff = x.float() - reconstruction.float()
     if kind == "squared":
         return diff.pow(2).sum(dim=1)
     if kind == "abs":
         return diff.abs().sum(dim=1)
     raise ValueError(f"residual must be one of {RESIDUALS}, got {kind!r}")
+
+
+def structural_dissimilarity(
+    x: torch.Tensor,
+    reconstruction: torch.Tensor,
+    window: int = SSIM_WINDOW,
+    sigma: float = SSIM_SIGMA,
+    data_range: float = 1.0,
+) -> torch.Tensor:
+    """``1 - SSIM`` per voxel ``(B, *spatial)`` (mean over channels), same grid as ``x``.
+
+    MONAI computes SSIM over the valid part of the grid; the inputs are reflect-padded by
+    half a window first so that the map covers every voxel.
+    """
+    from monai.metrics.regression import compute_ssim_and_cs  # heavy: only when used
+
+    spatial_dims = x.dim() - 2
+    half = window // 2
+    if any(side <= half for side in x.shape[2:]):
+        raise ValueError(f"ssim residual: image sides {tuple(x.shape[2:])} under {half + 1}")
+    pad = (half,) * (2 * spatial_dims)
+    a = functional.pad(x.float(), pad, mode="reflect")
+    b = functional.pad(reconstruction.float(), pad, mode="reflect")
+    ssim, _ = compute_ssim_and_cs(
+        b, a, spatial_dims, [window] * spatial_dims, [sigma] * spatial_dims, data_range
+    )
+    return (1.0 - ssim).mean(dim=1)
 
 
 def per_image_mean(values: torch.Tensor) -> torch.Tensor:
@@ -38,3 +78,100 @@ def per_image_sum(values: torch.Tensor) -> torch.Tensor:
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     """KL(N(mu, sigma^2) || N(0, 1)) per image, summed over latent dimensions."""
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
+
+
+def coarse_noise(x: torch.Tensor, std: float, grid: int) -> torch.Tensor:
+    """Smooth Gaussian noise like ``x``: drawn on a ``grid``-per-side lattice, upsampled.
+
+    The denoising autoencoder of Kascenas et al. (2022) learns to remove such blob-sized
+    perturbations, so that it also "repairs" lesions instead of copying them.
+    """
+    spatial = x.shape[2:]
+    coarse = torch.randn(x.shape[0], x.shape[1], *(grid,) * len(spatial), device=x.device)
+    mode = "bilinear" if len(spatial) == 2 else "trilinear"
+    noise = functional.interpolate(coarse, size=spatial, mode=mode, align_corners=False)
+    return noise.to(x.dtype) * std
+
+
+REDUCTIONS = ("mean", "max", "top")
+
+
+@dataclass(frozen=True)
+class MapScoring:
+    """Read the image score off a standardised, smoothed anomaly map (``map_score:``).
+
+    A model's own score averages its residual over the whole image, where the voxels that
+    are hard to reconstruct in *every* image (bone edges, the skull base) drown the few that
+    hold a lesion. With ``standardise`` each voxel's residual is divided by what the normal
+    training images show at that voxel (mean + SD of their residuals there, plus 1 % of its
+    image-wide mean so that voxels that are always perfectly reconstructed do not dominate);
+    a box filter of ``smooth`` voxels then favours lesion-sized blobs over single noisy
+    voxels, and the score is the mean of the ``top_fraction`` highest voxels (``top``), the
+    maximum or the mean. The standardised map is also what ``anomaly_map`` returns. On the
+    seed-003 head CT split this lifts a CAE from AUROC 0.88 to 0.93 (see the README).
+
+    Attributes:
+        standardise: Standardise each voxel by the normal training residuals.
+        smooth: Width of the box filter in voxels (1: no smoothing).
+        reduce: ``top``, ``max`` or ``mean``.
+        top_fraction: Share of the voxels averaged by ``top``.
+    """
+
+    standardise: bool = True
+    smooth: int = 5
+    reduce: str = "top"
+    top_fraction: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.reduce not in REDUCTIONS:
+            raise ConfigError(
+                f"map_score: reduce must be one of {REDUCTIONS}, got {self.reduce!r}."
+                + did_you_mean(self.reduce, REDUCTIONS)
+            )
+        if self.smooth < 1 or self.smooth % 2 == 0:
+            raise ConfigError(f"map_score: smooth must be an odd width >= 1, got {self.smooth}")
+        if not 0.0 < self.top_fraction <= 1.0:
+            raise ConfigError(
+                f"map_score: top_fraction must lie in (0, 1], got {self.top_fraction}"
+            )
+
+    @classmethod
+    def from_any(cls, value: MapScoring | dict[str, Any] | None) -> MapScoring | None:
+        """Build from a YAML mapping (``None`` keeps the model's own score)."""
+        if value is None or isinstance(value, cls):
+            return value
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise ConfigError(f"map_score: unknown keys {unknown}; known keys: {sorted(known)}")
+        return cls(**value)
+
+    @staticmethod
+    def statistics(maps: np.ndarray) -> np.ndarray:
+        """Per-voxel scale ``(*spatial)`` of normal maps ``(N, *spatial)``: mean + SD + floor."""
+        maps = np.asarray(maps, dtype=np.float64)
+        sd = maps.std(axis=0, ddof=1) if len(maps) > 1 else np.zeros(maps.shape[1:])
+        typical = maps.mean(axis=0) + sd
+        floor = 0.01 * float(typical.mean()) or 1e-12
+        return (typical + floor).astype(np.float32)
+
+    def transform(self, maps: torch.Tensor, scale: np.ndarray | None) -> torch.Tensor:
+        """Standardised (if fitted) and smoothed maps ``(B, *spatial)``."""
+        maps = maps.float()
+        if self.standardise and scale is not None:
+            maps = maps / torch.as_tensor(scale, device=maps.device)
+        if self.smooth > 1:
+            pool = functional.avg_pool2d if maps.dim() == 3 else functional.avg_pool3d
+            pad = self.smooth // 2
+            maps = pool(maps.unsqueeze(1), self.smooth, 1, pad, count_include_pad=False)[:, 0]
+        return maps
+
+    def reduce_maps(self, maps: torch.Tensor) -> torch.Tensor:
+        """One score per image from its (transformed) map."""
+        flat = maps.flatten(1)
+        if self.reduce == "mean":
+            return flat.mean(dim=1)
+        if self.reduce == "max":
+            return flat.max(dim=1).values
+        k = max(1, round(self.top_fraction * flat.shape[1]))
+        return flat.topk(k, dim=1).values.mean(dim=1)

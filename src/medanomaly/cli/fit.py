@@ -54,11 +54,13 @@ def run(args: argparse.Namespace) -> int:
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_text(config_path, yaml.safe_dump(resolved, sort_keys=False))
     detector.fit(train, val, run_dir=out, resume=args.resume)
-    if not detector.is_main_process_:
+    if not getattr(detector, "is_main_process_", True):
         return 0
-    n_normal = int((train.labels != 1).sum())
-    print(
-        f"trained {detector.name} on {n_normal} normal images; threshold {detector.threshold_:.6g}"
-    )
+    if getattr(detector, "supervised", False):
+        n_normal, n_abnormal = int((train.labels == 0).sum()), int((train.labels == 1).sum())
+        seen = f"{n_normal} normal and {n_abnormal} abnormal images"
+    else:
+        seen = f"{int((train.labels != 1).sum())} normal images"
+    print(f"trained {detector.name} on {seen}; threshold {detector.threshold_:.6g}")
     print(f"run directory: {out}")
     return 0

@@ -6,10 +6,11 @@ sides. For each fold:
 
 1. A validation part (``val_fraction`` of the training folds, grouped and stratified) is
    carved out of the training folds.
-2. The detector is trained on the **normal** images of the remaining training part only.
-   The validation part is passed as ``val`` to ``fit``: its normal images drive early
-   stopping (the epoch with the lowest normal validation loss is kept) and its abnormal
-   images only feed the training curves.
+2. The detector is trained on the **normal** images of the remaining training part only
+   (a supervised classifier, ``supervised = True``, on all of them).
+   The validation part is passed as ``val`` to ``fit``; it selects the epoch whose weights
+   are kept: the lowest normal validation loss (``engine.monitor: val_loss``) or the highest
+   validation AUROC, normal against abnormal validation images (``val_auroc``, seed 003).
 3. The threshold is chosen on the validation part (default ``f1``, as in seed 003).
 4. Only then is the test fold scored; its metrics are saved atomically to
    ``OUT/folds/rR_fF/fold.json``. A fold with that file is never recomputed, and a fold
@@ -309,9 +310,11 @@ def run_fold(
         The fold record (also in ``fold_dir/fold.json``).
     """
     labels = images.labels
-    train = images.subset(split.train[labels[split.train] == 0], keep_augment=True)
-    val, test = images.subset(split.val), images.subset(split.test)
     detector = build_detector(config)
+    supervised = getattr(detector, "supervised", False)
+    keep = split.train if supervised else split.train[labels[split.train] == 0]
+    train = images.subset(keep, keep_augment=True)
+    val, test = images.subset(split.val), images.subset(split.test)
     _write_run_config(fold_dir, detector, config)
     start = time.perf_counter()
     detector.fit(train, val, run_dir=fold_dir, resume=True)
@@ -649,6 +652,22 @@ def _fold(
     return record
 
 
+def _train_on(config: dict[str, Any]) -> str:
+    """Which training images each fold's detector saw, in words."""
+    detector = build_detector(config)
+    if getattr(detector, "supervised", False):
+        return "normal and abnormal images of the training part (a supervised classifier)"
+    return "normal images of the training part only"
+
+
+def _model_selection(config: dict[str, Any]) -> str:
+    """How each fold's epoch was chosen, in words."""
+    monitor = (config.get("engine") or {}).get("monitor", "val_loss")
+    if monitor == "val_auroc":
+        return "epoch with the highest validation AUROC (ties: lower normal validation loss)"
+    return "epoch with the lowest normal validation loss (early stopping)"
+
+
 def _cv_facts(
     settings: CVSettings,
     images: ImageSet,
@@ -668,8 +687,8 @@ def _cv_facts(
             "grouped": bool(np.unique(groups).size < len(images)),
             "splitter": "sklearn StratifiedGroupKFold, random_state = seed + repeat",
             "sd": "sample standard deviation (ddof=1) over the folds where defined",
-            "model_selection": "epoch with the lowest normal validation loss (early stopping)",
-            "train_on": "normal images of the training part only",
+            "model_selection": _model_selection(config),
+            "train_on": _train_on(config),
             "seconds": float(sum(r["seconds"] for r in records)),
         },
         "n_cases": len(images),

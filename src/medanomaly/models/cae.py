@@ -12,7 +12,7 @@ from medanomaly.base import DeepDetector
 from medanomaly.engine import EngineConfig
 from medanomaly.nets import ConvAutoencoder
 from medanomaly.registry import register
-from medanomaly.scoring import per_image_mean, residual_map
+from medanomaly.scoring import coarse_noise, per_image_mean, residual_map
 
 
 @register("cae")
@@ -29,9 +29,14 @@ class CAE(DeepDetector):
         dropout: Dropout after each block.
         negative_slope: LeakyReLU slope.
         output_activation: ``sigmoid`` ([0, 1] inputs), ``tanh`` ([-1, 1]) or ``none``.
-        residual: ``squared`` or ``abs`` difference for maps and scores.
+        residual: ``squared``, ``abs`` or ``ssim`` (1 - SSIM) for maps and scores.
+        noise_std: Denoising training: SD of coarse Gaussian noise added to the inputs (the
+            target stays clean); 0 trains a plain autoencoder.
+        noise_grid: Lattice of that noise per side (16: blobs about 1/16 of the image).
         threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
         engine: Training settings.
+        map_score: Score from the standardised, smoothed map (see
+            :class:`~medanomaly.scoring.MapScoring`); ``None`` keeps the model's own score.
     """
 
     def __init__(
@@ -44,16 +49,21 @@ class CAE(DeepDetector):
         negative_slope: float = 0.2,
         output_activation: str = "sigmoid",
         residual: str = "squared",
+        noise_std: float = 0.0,
+        noise_grid: int = 16,
         threshold_sd: float = 3.0,
         engine: EngineConfig | dict[str, Any] | None = None,
+        map_score: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(spatial_dims, in_channels, threshold_sd, engine)
+        super().__init__(spatial_dims, in_channels, threshold_sd, engine, map_score)
         self.channels = channels
         self.latent_channels = latent_channels
         self.dropout = dropout
         self.negative_slope = negative_slope
         self.output_activation = output_activation
         self.residual = residual
+        self.noise_std = noise_std
+        self.noise_grid = noise_grid
 
     @property
     def size_multiple(self) -> int:  # type: ignore[override]
@@ -73,8 +83,9 @@ class CAE(DeepDetector):
         )
 
     def loss(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Mean squared error over the batch."""
-        return torch.mean((network(x).float() - x.float()) ** 2)
+        """Mean squared error over the batch (from a noised input when denoising)."""
+        noisy = x + coarse_noise(x, self.noise_std, self.noise_grid) if self.noise_std else x
+        return torch.mean((network(noisy).float() - x.float()) ** 2)
 
     def evaluate(
         self, network: nn.Module, x: torch.Tensor

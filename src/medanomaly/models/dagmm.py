@@ -50,7 +50,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medanomaly.base import MODEL_FILE, DeepDetector
-from medanomaly.checkpoint import atomic_torch_save
 from medanomaly.data import ImageSet, as_image_set
 from medanomaly.engine import EngineConfig
 from medanomaly.errors import NotFittedError
@@ -383,14 +382,12 @@ class DAGMM(DeepDetector):
         return self.phi_, self.mu_, self.cov_
 
     # -- persistence ----------------------------------------------------------------------
-    def save(self, path: str | Path) -> None:
-        """Write what :meth:`DeepDetector.save` writes plus the fixed mixture."""
-        super().save(path)
-        if not hasattr(self, "phi_"):
-            return  # the base's save at the end of training, before the mixture exists
-        saved = torch.load(path, map_location="cpu", weights_only=False)
-        saved[GMM_KEY] = {"phi": self.phi_, "mu": self.mu_, "cov": self.cov_}
-        atomic_torch_save(saved, path)
+    def saved_state(self) -> dict[str, Any]:
+        """What :meth:`DeepDetector.saved_state` holds plus the fixed mixture."""
+        saved = super().saved_state()
+        if hasattr(self, "phi_"):  # absent at the base's save before the mixture exists
+            saved[GMM_KEY] = {"phi": self.phi_, "mu": self.mu_, "cov": self.cov_}
+        return saved
 
     def _restore(self, saved: dict[str, Any]) -> None:
         if GMM_KEY not in saved:

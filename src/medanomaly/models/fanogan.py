@@ -157,6 +157,8 @@ class FAnoGAN(DeepDetector):
         kappa: Weight of the critic-feature residual in the izi_f loss and the score.
         threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
         engine: Training settings (the encoder stage; the GAN stage takes ``gan_*``).
+        map_score: Score from the standardised, smoothed map (see
+            :class:`~medanomaly.scoring.MapScoring`); ``None`` keeps the model's own score.
     """
 
     def __init__(
@@ -173,8 +175,9 @@ class FAnoGAN(DeepDetector):
         kappa: float = 1.0,
         threshold_sd: float = 3.0,
         engine: EngineConfig | dict[str, Any] | None = None,
+        map_score: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(spatial_dims, in_channels, threshold_sd, engine)
+        super().__init__(spatial_dims, in_channels, threshold_sd, engine, map_score)
         self.channels = channels
         self.latent_dim = latent_dim
         self.output_activation = output_activation

@@ -227,6 +227,8 @@ class SSAE(DeepDetector):
         residual: ``squared`` or ``abs`` difference for maps and scores.
         threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
         engine: Training settings.
+        map_score: Score from the standardised, smoothed map (see
+            :class:`~medanomaly.scoring.MapScoring`); ``None`` keeps the model's own score.
     """
 
     def __init__(
@@ -244,8 +246,9 @@ class SSAE(DeepDetector):
         residual: str = "squared",
         threshold_sd: float = 3.0,
         engine: EngineConfig | dict[str, Any] | None = None,
+        map_score: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(spatial_dims, in_channels, threshold_sd, engine)
+        super().__init__(spatial_dims, in_channels, threshold_sd, engine, map_score)
         self.levels = levels
         self.channels = channels
         self.latent_channels = latent_channels

@@ -34,6 +34,8 @@ class VAE(DeepDetector):
         kl_weight: Weight of the KL term (seed 000: 1).
         threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
         engine: Training settings.
+        map_score: Score from the standardised, smoothed map (see
+            :class:`~medanomaly.scoring.MapScoring`); ``None`` keeps the model's own score.
     """
 
     def __init__(
@@ -49,8 +51,9 @@ class VAE(DeepDetector):
         kl_weight: float = 1.0,
         threshold_sd: float = 3.0,
         engine: EngineConfig | dict[str, Any] | None = None,
+        map_score: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__(spatial_dims, in_channels, threshold_sd, engine)
+        super().__init__(spatial_dims, in_channels, threshold_sd, engine, map_score)
         self.channels = channels
         self.hidden_dim = hidden_dim
         self.latent_dim = latent_dim

@@ -1,0 +1,242 @@
+"""Score ensemble: several detectors trained on the same normals, standardised and averaged.
+
+Each member's scores are turned into z-scores with the mean and SD of its scores on the
+held-out normal validation images, and the ensemble score is the mean of those z-scores
+(seed 003's suggestion of "ensembles of scores"). Members that err on different images
+(different architectures, residuals or seeds) average out each other's misses. Maps are
+standardised the same way, with the mean and SD of the member's validation maps.
+
+A YAML config lists the members as ``model:`` blocks; each inherits ``spatial_dims``,
+``in_channels`` and the ``engine`` block of the ensemble, and may override any of them
+(an ``engine`` entry inside a member is merged onto the ensemble's)::
+
+    model:
+      name: ensemble
+      members:
+        - {name: cae, residual: squared}
+        - {name: cae, residual: ssim, engine: {seed: 1}}
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medanomaly import __version__
+from medanomaly.base import MODEL_FILE, AnomalyResult, BaseDetector, mean_sd_threshold
+from medanomaly.data import ImageSet, as_image_set
+from medanomaly.engine import EngineConfig, split_indices
+from medanomaly.errors import ConfigError
+from medanomaly.registry import get_model, get_model_class, register
+
+DEFAULT_MEMBERS = ({"name": "cae"}, {"name": "cae", "residual": "ssim"})
+
+
+@register("ensemble")
+class Ensemble(BaseDetector):
+    """Mean of the validation-standardised scores of several detectors.
+
+    Args:
+        members: ``model:`` blocks of the members (each with a ``name``); default a CAE
+            scored by squared residual and one scored by structural dissimilarity.
+        spatial_dims: 2 or 3, passed to every member that does not set it.
+        in_channels: Image channels, passed on likewise.
+        threshold_sd: ``k`` of the threshold mean + k * SD of the ensemble's normal
+            validation scores.
+        engine: Training settings shared by the members (a member's ``engine`` entry is
+            merged onto them).
+    """
+
+    def __init__(
+        self,
+        members: Sequence[Mapping[str, Any]] | None = None,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        threshold_sd: float = 3.0,
+        engine: EngineConfig | dict[str, Any] | None = None,
+    ) -> None:
+        self.members = members
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.threshold_sd = threshold_sd
+        self.engine = engine
+
+    # -- members ----------------------------------------------------------------------------
+    @property
+    def engine_config(self) -> EngineConfig:
+        """The resolved shared training settings."""
+        return EngineConfig.from_any(self.engine)
+
+    def member_blocks(self) -> list[dict[str, Any]]:
+        """Each member's full ``model:`` block, with the inherited settings filled in."""
+        blocks = [dict(m) for m in (self.members or DEFAULT_MEMBERS)]
+        if not blocks:
+            raise ConfigError("ensemble: 'members' is empty; list at least one model block")
+        shared = self.engine_config.to_dict()
+        for index, block in enumerate(blocks):
+            if not block.get("name"):
+                raise ConfigError(f"ensemble: member {index + 1} has no 'name'")
+            if block["name"] == "ensemble":
+                raise ConfigError("ensemble: a member cannot itself be an ensemble")
+            block.setdefault("spatial_dims", self.spatial_dims)
+            block.setdefault("in_channels", self.in_channels)
+            block["engine"] = {**shared, **(block.get("engine") or {})}
+        return blocks
+
+    def _build_members(self) -> list[BaseDetector]:
+        detectors = []
+        for block in self.member_blocks():
+            params = dict(block)
+            name = params.pop("name")
+            try:
+                detectors.append(get_model(name, **params))
+            except TypeError as error:
+                raise ConfigError(f"ensemble member {name!r}: {error}") from error
+        return detectors
+
+    # -- fitting ----------------------------------------------------------------------------
+    def fit(
+        self,
+        train: ImageSet | np.ndarray,
+        val: ImageSet | np.ndarray | None = None,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+    ) -> Ensemble:
+        """Fit every member on ``train`` (normal images) and standardise on ``val``.
+
+        Args:
+            train: Normal training images.
+            val: Validation images (normal ones standardise the scores and set the
+                threshold); ``None`` holds out ``engine.val_fraction`` of ``train``, the same
+                images for every member.
+            run_dir: Each member keeps its run in ``run_dir/member_<i>_<name>``.
+            resume: Resume interrupted members; finished members are loaded, not retrained.
+
+        Returns:
+            ``self``, fitted.
+        """
+        members = self._build_members()
+        train_set = as_image_set(train, self.spatial_dims)
+        if val is None:
+            cfg = self.engine_config
+            keep, held = split_indices(len(train_set), cfg.val_fraction, cfg.seed)
+            train_set, val = train_set.subset(keep, keep_augment=True), train_set.subset(held)
+        val_set = as_image_set(val, self.spatial_dims)
+        normal = val_set.subset(val_set.labels != 1)
+        if len(normal) == 0:
+            raise ConfigError("ensemble: the validation images hold no normal image")
+        if run_dir is not None:
+            self.run_config_ = self._run_config(Path(run_dir))
+        self.members_ = [
+            self._fit_member(i, m, train_set, val_set, run_dir, resume)
+            for i, m in enumerate(members)
+        ]
+        self.history_ = getattr(self.members_[0], "history_", [])
+        self.is_main_process_ = all(getattr(m, "is_main_process_", True) for m in self.members_)
+        self._standardise(normal)
+        if run_dir is not None and self.is_main_process_:
+            self.save(Path(run_dir) / MODEL_FILE)
+        return self
+
+    def _fit_member(
+        self,
+        index: int,
+        member: BaseDetector,
+        train: ImageSet,
+        val: ImageSet,
+        run_dir: str | Path | None,
+        resume: bool,
+    ) -> BaseDetector:
+        if run_dir is None:
+            return member.fit(train, val)
+        member_dir = Path(run_dir) / f"member_{index + 1}_{member.name}"
+        if resume and (member_dir / MODEL_FILE).exists():
+            return BaseDetector.load(member_dir)
+        return member.fit(train, val, run_dir=member_dir, resume=resume)
+
+    def _standardise(self, normal: ImageSet) -> None:
+        """Score and map statistics of each member on the normal validation images."""
+        results = [member.detect(normal) for member in self.members_]
+        self.score_stats_ = [_mean_sd(r.scores) for r in results]
+        self.map_stats_ = [_mean_sd(r.maps) for r in results]
+        scores = self.val_scores_ = self._combine_scores([r.scores for r in results])
+        self.threshold_ = mean_sd_threshold(scores, self.threshold_sd)
+
+    # -- inference --------------------------------------------------------------------------
+    def _combine_scores(self, scores: list[np.ndarray]) -> np.ndarray:
+        z = [(s - mean) / sd for s, (mean, sd) in zip(scores, self.score_stats_, strict=True)]
+        return np.mean(z, axis=0)
+
+    def detect(self, x: ImageSet | np.ndarray) -> AnomalyResult:
+        """Combined scores and maps; ``reconstructions`` are the first member's, if any."""
+        self.check_fitted()
+        results = [member.detect(x) for member in self.members_]
+        scores = self._combine_scores([r.scores for r in results])
+        maps = np.mean(
+            [(r.maps - mean) / sd for r, (mean, sd) in zip(results, self.map_stats_, strict=True)],
+            axis=0,
+        ).astype(np.float32)
+        return AnomalyResult(
+            scores=scores,
+            labels=(scores > self.threshold_).astype(np.int64),
+            maps=maps,
+            reconstructions=results[0].reconstructions,
+            threshold=self.threshold_,
+        )
+
+    def score(self, x: ImageSet | np.ndarray) -> np.ndarray:
+        """Combined scores only (members keep no maps in memory)."""
+        self.check_fitted()
+        return self._combine_scores([_scores_only(member, x) for member in self.members_])
+
+    # -- persistence ------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The resolved config: ``{model: {name: ensemble, members, ...}, engine: {...}}``."""
+        params = {k: v for k, v in self.get_params().items() if k != "engine"}
+        params["members"] = [dict(m) for m in (self.members or DEFAULT_MEMBERS)]
+        return {"model": {"name": self.name, **params}, "engine": self.engine_config.to_dict()}
+
+    def saved_state(self) -> dict[str, Any]:
+        """Constructor arguments, each member's saved state and the standardisation."""
+        params = self.config()["model"]
+        params.pop("name")
+        return {
+            "model": self.name,
+            "params": {**params, "engine": self.engine_config.to_dict()},
+            "config": getattr(self, "run_config_", None) or self.config(),
+            "version": __version__,
+            "members": [member.saved_state() for member in self.members_],
+            "score_stats": self.score_stats_,
+            "map_stats": self.map_stats_,
+            "threshold": self.threshold_,
+            "val_scores": np.asarray(self.val_scores_).tolist(),
+        }
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        self.members_ = []
+        for state in saved["members"]:
+            member = get_model_class(state["model"])(**state["params"])
+            member._restore(state)
+            self.members_.append(member)
+        self.score_stats_ = [tuple(s) for s in saved["score_stats"]]
+        self.map_stats_ = [tuple(s) for s in saved["map_stats"]]
+        self.threshold_ = float(saved["threshold"])
+        self.val_scores_ = np.asarray(saved["val_scores"], dtype=np.float64)
+        self.history_ = getattr(self.members_[0], "history_", [])
+        self.run_config_ = saved.get("config", {})
+
+
+def _mean_sd(values: np.ndarray) -> tuple[float, float]:
+    """Mean and SD (``ddof=1``) of ``values``; an SD of 0 becomes 1 (nothing to scale)."""
+    values = np.asarray(values, dtype=np.float64)
+    sd = float(values.std(ddof=1)) if values.size > 1 else 0.0
+    return float(values.mean()), sd if sd > 0 else 1.0
+
+
+def _scores_only(member: BaseDetector, x: ImageSet | np.ndarray) -> np.ndarray:
+    """A member's scores without maps (``detect_scores`` where the member has it)."""
+    fast = getattr(member, "detect_scores", None)
+    return fast(x) if fast is not None else member.score(x)
