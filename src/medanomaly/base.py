@@ -288,9 +288,7 @@ class DeepDetector(BaseDetector):
             return self._score_only, lambda network: None
 
         def refresh(network: nn.Module) -> None:
-            if scoring.standardise:
-                maps = self._run(normal, with_maps=True, raw=True, network=network)[1]
-                self.map_scale_ = scoring.statistics(maps)
+            self._fit_map_statistics(normal, network)
 
         def score(network: nn.Module, x: torch.Tensor) -> torch.Tensor:
             maps = scoring.transform(self.evaluate(network, x)[1], self.map_scale_)
@@ -334,12 +332,18 @@ class DeepDetector(BaseDetector):
         """The resolved ``map_score`` setting (``None``: the model's own score)."""
         return MapScoring.from_any(self.map_score)
 
-    def _fit_map_statistics(self, normal: ImageSet) -> None:
-        """Per-voxel residual statistics of the normal training images (no augmentation)."""
+    def _fit_map_statistics(self, normal: ImageSet, network: nn.Module | None = None) -> None:
+        """Per-voxel residual statistics of the normal training images (no augmentation).
+
+        Args:
+            normal: The normal training images.
+            network: Their maps come from this network (default the fitted ``network_``).
+        """
         self.map_scale_ = None
         scoring = self.map_scoring
         if scoring is not None and scoring.standardise:
-            self.map_scale_ = scoring.statistics(self._run(normal, with_maps=True, raw=True)[1])
+            maps = self._run(normal, with_maps=True, raw=True, network=network)[1]
+            self.map_scale_ = scoring.statistics(maps)
 
     def _set_threshold(self, normal: ImageSet) -> None:
         scores = self._run(normal, with_maps=False)[0]
