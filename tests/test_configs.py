@@ -13,7 +13,7 @@ from medanomaly.datasets import load_dataset
 from medanomaly.transforms import build_transforms
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-SEED_004 = Path(__file__).resolve().parents[1] / "configs" / "cae_ccta_3d_seed004.yaml"
+SEED_004 = Path(__file__).resolve().parents[1] / "configs" / "resnet_ae_ccta_3d_seed004.yaml"
 
 
 def test_configs_are_found() -> None:

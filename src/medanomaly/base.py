@@ -345,6 +345,19 @@ class DeepDetector(BaseDetector):
             maps = self._run(normal, with_maps=True, raw=True, network=network)[1]
             self.map_scale_ = scoring.statistics(maps)
 
+    def calibrate(self, normal: ImageSet | np.ndarray | torch.Tensor) -> DeepDetector:
+        """Recompute ``threshold_`` from held-out normal images (e.g. after changing the score).
+
+        Args:
+            normal: Normal images the network was not trained on.
+
+        Returns:
+            ``self``, with ``val_scores_`` and ``threshold_`` (mean + ``threshold_sd`` * SD) set.
+        """
+        self.check_fitted()
+        self._set_threshold(as_image_set(normal, self.spatial_dims))
+        return self
+
     def _set_threshold(self, normal: ImageSet) -> None:
         scores = self._run(normal, with_maps=False)[0]
         self.val_scores_ = scores
@@ -396,13 +409,7 @@ class DeepDetector(BaseDetector):
         """
         network = self.network_ if network is None else network
         images = as_image_set(x, self.spatial_dims)
-        expected = getattr(self, "input_shape_", None)
-        if expected is not None and tuple(images.images.shape[1:]) != expected:
-            raise InvalidImageError(
-                images.ids[0] if images.ids else "<input>",
-                f"image shape {tuple(images.images.shape[1:])} differs from the training "
-                f"shape {expected}; apply the same preprocessing as for training",
-            )
+        self._check_scoring_shape(images)
         device = next(network.parameters()).device
         scores, maps, recons = [], [], []
         scoring = None if raw else self.map_scoring
@@ -430,6 +437,38 @@ class DeepDetector(BaseDetector):
             np.concatenate(maps) if maps else None,
             np.concatenate(recons) if recons else None,
         )
+
+    def _check_scoring_shape(self, images: ImageSet) -> None:
+        """Raise unless ``images`` are on the grid the network was trained on."""
+        expected = getattr(self, "input_shape_", None)
+        if expected is not None and tuple(images.images.shape[1:]) != expected:
+            raise InvalidImageError(
+                images.ids[0] if images.ids else "<input>",
+                f"image shape {tuple(images.images.shape[1:])} differs from the training "
+                f"shape {expected}; apply the same preprocessing as for training",
+            )
+
+    def latent(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """Latent vectors ``(B, D)`` of a batch; ``None`` for models without a latent."""
+        return None
+
+    def embed(self, x: ImageSet | np.ndarray | torch.Tensor) -> np.ndarray | None:
+        """Latent vectors ``(N, D)`` of images (for UMAP/clustering); ``None`` if no latent."""
+        self.check_fitted()
+        images = as_image_set(x, self.spatial_dims)
+        self._check_scoring_shape(images)
+        device = next(self.network_.parameters()).device
+        step = self.inference_batch_size(images.images[0].size if len(images) else 1)
+        vectors = []
+        self.network_.eval()
+        with torch.inference_mode():
+            for start in range(0, len(images), step):
+                batch = _to_device(images.images[start : start + step], device)
+                vector = self.latent(self.network_, batch)
+                if vector is None:
+                    return None
+                vectors.append(vector.float().flatten(1).cpu().numpy())
+        return np.concatenate(vectors).astype(np.float64) if vectors else None
 
     # -- persistence ----------------------------------------------------------------------
     def config(self) -> dict[str, Any]:

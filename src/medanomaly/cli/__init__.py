@@ -2,6 +2,8 @@
 
     medanomaly fit --config C --data D --out RUN [--val V] [--resume] [--devices N]
     medanomaly score --run RUN --data D --out scores.csv [--maps DIR] [--strict]
+    medanomaly screen --run RUN --data UNLABELLED --out DIR [--k 3] [--metal-level 3000]
+                      [--eps E] [--min-samples 5] [--batch 16] [--strict]
     medanomaly evaluate --run RUN --data LABELLED --out DIR [--threshold RULE] [--alpha A]
     medanomaly cv --config C --data LABELLED --out DIR [--folds 5] [--repeats 2] [--set K=V]
     medanomaly inspect PATH [--series-uid UID]
@@ -21,10 +23,10 @@ import sys
 from collections.abc import Sequence
 
 from medanomaly import __version__
-from medanomaly.cli import cv, demo, evaluate, fit, inspect, models, score
+from medanomaly.cli import cv, demo, evaluate, fit, inspect, models, score, screen
 from medanomaly.errors import MedanomalyError
 
-COMMANDS = (fit, score, evaluate, cv, inspect, demo, models)
+COMMANDS = (fit, score, screen, evaluate, cv, inspect, demo, models)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,6 +4,12 @@ Scores are "higher = more abnormal", labels are 1 = abnormal / 0 = normal, and a
 voxel) is called abnormal iff ``score > threshold`` everywhere in this package.
 """
 
+from medanomaly.evaluation.fidelity import (
+    FidelityScores,
+    anatomical_fidelity,
+    overlap_score,
+    quality_score,
+)
 from medanomaly.evaluation.metrics import (
     DECISION_RULE,
     bootstrap_auroc_ci,
@@ -24,8 +30,10 @@ from medanomaly.evaluation.thresholds import (
 
 __all__ = [
     "DECISION_RULE",
+    "FidelityScores",
     "THRESHOLD_RULES",
     "PixelMetricAccumulator",
+    "anatomical_fidelity",
     "bootstrap_auroc_ci",
     "choose_threshold",
     "conformal_pvalues",
@@ -33,8 +41,10 @@ __all__ = [
     "f1_threshold",
     "image_metrics",
     "mean_sd_threshold",
+    "overlap_score",
     "percentile_threshold",
     "pixel_metrics",
     "predict_abnormal",
+    "quality_score",
     "youden_threshold",
 ]

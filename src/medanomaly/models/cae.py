@@ -94,3 +94,7 @@ class CAE(DeepDetector):
         reconstruction = network(x)
         maps = residual_map(x, reconstruction, self.residual)
         return per_image_mean(maps), maps, reconstruction
+
+    def latent(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The flattened bottleneck feature map of each image."""
+        return network.encoder(x).flatten(1)

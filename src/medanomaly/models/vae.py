@@ -10,6 +10,7 @@ from torch import nn
 
 from medanomaly.base import DeepDetector
 from medanomaly.engine import EngineConfig
+from medanomaly.latent_search import latent_search, unwrap
 from medanomaly.nets import VariationalAutoencoder
 from medanomaly.registry import register
 from medanomaly.scoring import gaussian_kl, per_image_sum, residual_map
@@ -20,7 +21,11 @@ class VAE(DeepDetector):
     """VAE trained with sum of squared errors + KL divergence; score = that total loss.
 
     At scoring time the latent mean is decoded (no sampling), so scores are deterministic.
-    The map is the squared difference between input and reconstruction.
+    The map is the squared difference between input and reconstruction. With
+    ``latent_steps > 0`` the latent mean is first refined by a latent representation search
+    (seed 002; :func:`~medanomaly.latent_search.latent_search`, Adam on the sum of squared
+    errors, network frozen) and the searched ``z`` is decoded; the KL term of the score is
+    then that of N(z, sigma^2) with the encoder's sigma.
 
     Args:
         spatial_dims: 2 or 3 (seed 000 is 3D at 64^3).
@@ -36,6 +41,9 @@ class VAE(DeepDetector):
         engine: Training settings.
         map_score: Score from the standardised, smoothed map (see
             :class:`~medanomaly.scoring.MapScoring`); ``None`` keeps the model's own score.
+        latent_steps: Steps of latent representation search before decoding at scoring
+            (and validation) time; 0 turns it off (seed 002 uses 100).
+        latent_lr: Learning rate of that search (seed 002: 1e-3).
     """
 
     def __init__(
@@ -52,6 +60,8 @@ class VAE(DeepDetector):
         threshold_sd: float = 3.0,
         engine: EngineConfig | dict[str, Any] | None = None,
         map_score: dict[str, Any] | None = None,
+        latent_steps: int = 0,
+        latent_lr: float = 1e-3,
     ) -> None:
         super().__init__(spatial_dims, in_channels, threshold_sd, engine, map_score)
         self.channels = channels
@@ -61,6 +71,8 @@ class VAE(DeepDetector):
         self.negative_slope = negative_slope
         self.output_activation = output_activation
         self.kl_weight = kl_weight
+        self.latent_steps = latent_steps
+        self.latent_lr = latent_lr
 
     def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
         """Build the VAE for images of ``input_shape``."""
@@ -89,5 +101,20 @@ class VAE(DeepDetector):
     def evaluate(
         self, network: nn.Module, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Total loss per image, squared-difference maps and reconstructions."""
-        return self._total_loss(network, x)
+        """Total loss per image, squared-difference maps and reconstructions.
+
+        With ``latent_steps`` the reconstruction is decoded from the searched latent.
+        """
+        if not self.latent_steps:
+            return self._total_loss(network, x)
+        net = unwrap(network)
+        mu, logvar = net.encode(x)
+        z = latent_search(net.decode, x, mu, self.latent_steps, self.latent_lr, "l2")
+        reconstruction = net.decode(z)
+        maps = residual_map(x, reconstruction, "squared")
+        total = per_image_sum(maps) + self.kl_weight * gaussian_kl(z.float(), logvar.float())
+        return total, maps, reconstruction
+
+    def latent(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The latent mean of each image."""
+        return network.encode(x)[0]

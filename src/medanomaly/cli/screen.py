@@ -1,0 +1,113 @@
+"""``medanomaly screen``: flag outliers in an unlabelled folder with a trained run."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+DESCRIPTION = """\
+Score every case of an unlabelled folder (or manifest) with a trained run, flag the cases whose
+score exceeds mean + k*SD of the run's held-out normal validation scores, and describe each case
+(reconstruction error over all voxels and over the foreground, raw size, spacing, intensities,
+metal fraction, orientation/spacing oddities, latent-space cluster) so that findings can be told
+from acquisition problems. Unreadable files are skipped and listed (never fatal)."""
+
+EPILOG = """\
+outputs in --out:
+  screen.csv      one row per case, ranked by score: rank, id, score, flagged, p_value, mse,
+                  masked_mse, shape, voxel_count, foreground_voxels, max_intensity,
+                  mean_intensity, metal_fraction, spacing, oddities, cluster (-1 = DBSCAN noise)
+  summary.json    threshold, k, case and flagged counts, flagged ids, Spearman size-bias
+                  results, DBSCAN settings and cluster sizes, skipped files
+  report.html     self-contained report (figures inlined, sortable case table)
+  gallery/*.png   input | reconstruction | difference of every flagged case
+  umap_score.png, umap_size.png
+                  2D UMAP of the latent vectors coloured by score / raw voxel count, flagged
+                  cases ringed (only for models with a latent space and >= 5 cases)
+  size_bias.png   each error against raw and foreground voxel count
+  skipped.txt     unreadable files and why (only when there are some)
+
+exit status: 0; 1 with --strict when files were skipped; 2 on an error. See docs/screening.md."""
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``screen``."""
+    p = sub.add_parser(
+        "screen",
+        help="flag outliers in an unlabelled folder (with size-bias and latent-space checks)",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--run", required=True, help="run directory (or model.pt) written by fit")
+    p.add_argument("--data", required=True, help="unlabelled folder or CSV manifest to screen")
+    p.add_argument("--out", required=True, help="output folder (created)")
+    p.add_argument(
+        "--k",
+        type=float,
+        default=3.0,
+        help="flag score > mean + k*SD of the run's normal validation scores (default: 3)",
+    )
+    p.add_argument(
+        "--metal-level",
+        type=float,
+        default=3000.0,
+        help="raw value above which a voxel counts as metal, in the file's units "
+        "(default: 3000, i.e. HU for CT)",
+    )
+    p.add_argument(
+        "--eps",
+        type=float,
+        help="DBSCAN radius in standardised latent units (default: automatic, the 90 %% "
+        "quantile of each case's distance to its min-samples-th nearest case)",
+    )
+    p.add_argument(
+        "--min-samples",
+        type=int,
+        default=5,
+        help="DBSCAN min_samples: cases (itself included) a core case has within eps "
+        "(default: 5, capped at the number of cases)",
+    )
+    p.add_argument(
+        "--batch",
+        type=int,
+        default=16,
+        help="cases scored at a time; bounds memory held by maps (default: 16)",
+    )
+    p.add_argument("--strict", action="store_true", help="exit 1 if any file was skipped")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Screen the folder with the run's own preprocessing and write the outputs."""
+    from medanomaly.base import BaseDetector
+    from medanomaly.cli._common import report_skipped
+    from medanomaly.datasets import load_dataset
+    from medanomaly.screening import (
+        GALLERY_DIR,
+        SKIPPED_FILE,
+        save_gallery,
+        screen,
+        summary_line,
+        write_screen_outputs,
+    )
+
+    detector = BaseDetector.load(args.run)
+    data_cfg = (getattr(detector, "run_config_", None) or {}).get("data") or {}
+    out = Path(args.out)
+    images, report = load_dataset(args.data, **data_cfg)
+    report_skipped(report, out / SKIPPED_FILE)
+    result = screen(
+        detector,
+        images,
+        k=args.k,
+        metal_level=args.metal_level,
+        eps=args.eps,
+        min_samples=args.min_samples,
+        batch=args.batch,
+        skipped=report.skipped,
+    )
+    gallery = save_gallery(detector, images, result, out / GALLERY_DIR, batch=args.batch)
+    write_screen_outputs(result, out, gallery, run=str(args.run), data=str(args.data))
+    print(summary_line(result, out))
+    return 1 if (report and args.strict) else 0
