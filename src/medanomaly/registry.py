@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from medanomaly.errors import ConfigError, did_you_mean
@@ -75,3 +76,48 @@ def get_model_class(name: str) -> type[BaseDetector]:
 def get_model(name: str, **params: Any) -> BaseDetector:
     """Build the detector registered as ``name`` with constructor arguments ``params``."""
     return get_model_class(name)(**params)
+
+
+def nested_block(
+    block: Mapping[str, Any], owner: str, what: str, inherited: Mapping[str, Any]
+) -> dict[str, Any]:
+    """A detector's ``model:`` block nested in another's config, with inherited settings.
+
+    ``spatial_dims`` and ``in_channels`` (and any other key of ``inherited`` but ``engine``)
+    fill in what the block leaves out; the block's ``engine`` entries override the owner's.
+
+    Args:
+        block: The nested block (``{name: ..., ...constructor arguments}``).
+        owner: Registry name of the detector that nests it (it cannot nest itself).
+        what: How errors name the block, e.g. ``"member 2"`` or ``"the reconstructor"``.
+        inherited: The owner's settings, ``engine`` as a dict.
+
+    Raises:
+        ConfigError: If the block has no name or names the owner.
+    """
+    full = dict(block)
+    if not full.get("name"):
+        raise ConfigError(f"{owner}: {what} has no 'name'")
+    if full["name"] == owner:
+        raise ConfigError(f"{owner}: {what} cannot itself be a {owner}")
+    for key, value in inherited.items():
+        if key != "engine":
+            full.setdefault(key, value)
+    full["engine"] = {**(inherited.get("engine") or {}), **(full.get("engine") or {})}
+    return full
+
+
+def build_nested(block: Mapping[str, Any], owner: str, role: str) -> BaseDetector:
+    """Build the detector of a full nested block (see :func:`nested_block`).
+
+    Args:
+        block: The full block.
+        owner: Registry name of the nesting detector.
+        role: The block's role in errors, e.g. ``"member"`` or ``"reconstructor"``.
+    """
+    params = dict(block)
+    name = params.pop("name")
+    try:
+        return get_model(name, **params)
+    except TypeError as error:
+        raise ConfigError(f"{owner} {role} {name!r}: {error}") from error

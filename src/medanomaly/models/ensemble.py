@@ -30,7 +30,7 @@ from medanomaly.base import MODEL_FILE, AnomalyResult, BaseDetector, mean_sd_thr
 from medanomaly.data import ImageSet, as_image_set
 from medanomaly.engine import EngineConfig, split_indices
 from medanomaly.errors import ConfigError
-from medanomaly.registry import get_model, get_model_class, register
+from medanomaly.registry import build_nested, get_model_class, nested_block, register
 
 DEFAULT_MEMBERS = ({"name": "cae"}, {"name": "cae", "residual": "ssim"})
 
@@ -72,30 +72,21 @@ class Ensemble(BaseDetector):
 
     def member_blocks(self) -> list[dict[str, Any]]:
         """Each member's full ``model:`` block, with the inherited settings filled in."""
-        blocks = [dict(m) for m in (self.members or DEFAULT_MEMBERS)]
+        blocks = list(self.members or DEFAULT_MEMBERS)
         if not blocks:
             raise ConfigError("ensemble: 'members' is empty; list at least one model block")
-        shared = self.engine_config.to_dict()
-        for index, block in enumerate(blocks):
-            if not block.get("name"):
-                raise ConfigError(f"ensemble: member {index + 1} has no 'name'")
-            if block["name"] == "ensemble":
-                raise ConfigError("ensemble: a member cannot itself be an ensemble")
-            block.setdefault("spatial_dims", self.spatial_dims)
-            block.setdefault("in_channels", self.in_channels)
-            block["engine"] = {**shared, **(block.get("engine") or {})}
-        return blocks
+        inherited = {
+            "spatial_dims": self.spatial_dims,
+            "in_channels": self.in_channels,
+            "engine": self.engine_config.to_dict(),
+        }
+        return [
+            nested_block(block, self.name, f"member {index + 1}", inherited)
+            for index, block in enumerate(blocks)
+        ]
 
     def _build_members(self) -> list[BaseDetector]:
-        detectors = []
-        for block in self.member_blocks():
-            params = dict(block)
-            name = params.pop("name")
-            try:
-                detectors.append(get_model(name, **params))
-            except TypeError as error:
-                raise ConfigError(f"ensemble member {name!r}: {error}") from error
-        return detectors
+        return [build_nested(block, self.name, "member") for block in self.member_blocks()]
 
     # -- fitting ----------------------------------------------------------------------------
     def fit(

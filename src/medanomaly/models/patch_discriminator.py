@@ -68,7 +68,7 @@ from medanomaly.data import ImageSet, as_image_set
 from medanomaly.engine import Engine, EngineConfig, TrainingData, TrainingTask, split_indices
 from medanomaly.errors import ConfigError, InvalidImageError
 from medanomaly.nets.patch_embedding import PatchEmbedding
-from medanomaly.registry import get_model, get_model_class, register
+from medanomaly.registry import build_nested, get_model_class, nested_block, register
 
 log = logging.getLogger(__name__)
 
@@ -411,24 +411,16 @@ class PatchDiscriminator(BaseDetector):
 
     def reconstructor_block(self) -> dict[str, Any]:
         """The reconstructor's full ``model:`` block, with the inherited settings filled in."""
-        block = dict(self.reconstructor or DEFAULT_RECONSTRUCTOR)
-        name = block.get("name")
-        if not name:
-            raise ConfigError("patch_discriminator: the 'reconstructor' block has no 'name'")
-        if name == self.name:
-            raise ConfigError("patch_discriminator: the reconstructor cannot be itself")
-        block.setdefault("spatial_dims", self.spatial_dims)
-        block.setdefault("in_channels", self.in_channels)
-        block["engine"] = {**self.engine_config.to_dict(), **(block.get("engine") or {})}
-        return block
+        inherited = {
+            "spatial_dims": self.spatial_dims,
+            "in_channels": self.in_channels,
+            "engine": self.engine_config.to_dict(),
+        }
+        block = self.reconstructor or DEFAULT_RECONSTRUCTOR
+        return nested_block(block, self.name, "the 'reconstructor' block", inherited)
 
     def _build_reconstructor(self) -> BaseDetector:
-        params = self.reconstructor_block()
-        name = params.pop("name")
-        try:
-            return get_model(name, **params)
-        except TypeError as error:
-            raise ConfigError(f"patch_discriminator reconstructor {name!r}: {error}") from error
+        return build_nested(self.reconstructor_block(), self.name, "reconstructor")
 
     def _check_settings(self) -> None:
         """Raise :class:`ConfigError` naming the first setting out of range."""
