@@ -24,7 +24,7 @@ Protocol (seed 000: 3D VAE on orbital CT, AUROC 0.801, sensitivity 79.2 %, speci
 4. Speed of the VAE: training throughput = normal training volumes x epochs run / training
    seconds (the seconds include each epoch's validation pass and the final threshold pass),
    and scoring throughput = 298 test volumes / seconds of ``detector.score`` (after a
-   warm-up batch) with ``--speed-threads`` torch threads.
+   warm-up batch; the fastest of 3 passes) with ``--speed-threads`` torch threads.
 
 A model whose ``OUT/<model>/model.pt`` exists and whose ``bench.json`` records the same
 settings is loaded instead of retrained (``--retrain`` forces training). Writes
@@ -63,7 +63,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "vae": {
         "model": "vae",  # the registry's defaults are seed 000's architecture and loss
         "params": {},
-        "engine": {"epochs": 3, "patience": 2, "batch_size": 16, "monitor": "val_auroc"},
+        "engine": {"epochs": 10, "patience": 4, "batch_size": 16, "monitor": "val_auroc"},
     },
     "vae_map": {"from": "vae", "map_score": MAP_SCORE},
     "cae": {
@@ -83,6 +83,7 @@ SEED_000 = {"auroc": 0.801, "sensitivity": 0.792, "specificity": 0.727}
 TARGET_AUROC = 0.85
 TABLE_KEYS = ("auroc", "sensitivity", "specificity", "accuracy", "f1")
 SPLITS = ("train", "val", "test")
+SPEED_REPEATS = 3  # scoring-speed passes; the fastest is reported
 QUICK = {"train": 16, "val": (6, 4), "test": (10, 6), "epochs": 1}
 
 
@@ -204,21 +205,30 @@ def voxel_count_reference(data: dict[str, ImageSet]) -> dict[str, Any]:
     }
 
 
-def scoring_speed(detector: Any, test: ImageSet, threads: int) -> dict[str, Any]:
-    """Volumes per second of ``detector.score`` over the test set with ``threads`` threads."""
+def scoring_speed(
+    detector: Any, test: ImageSet, threads: int, repeats: int = SPEED_REPEATS
+) -> dict[str, Any]:
+    """Volumes per second of ``detector.score`` over the test set with ``threads`` threads.
+
+    The fastest of ``repeats`` passes is reported (on a shared CPU the others are slowed by
+    other jobs); every pass's seconds are kept.
+    """
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
+    passes = []
     try:
         detector.score(test.images[:4])  # warm-up: allocations, kernel selection
-        start = time.perf_counter()
-        detector.score(test)
-        seconds = time.perf_counter() - start
+        for _ in range(repeats):
+            start = time.perf_counter()
+            detector.score(test)
+            passes.append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(before)
     return {
-        "volumes_per_s": len(test) / seconds,
+        "volumes_per_s": len(test) / min(passes),
         "volumes": len(test),
-        "seconds": seconds,
+        "seconds": min(passes),
+        "pass_seconds": passes,
         "threads": threads,
         "batch_size": detector.inference_batch_size(int(np.prod(test.images.shape[1:]))),
     }
@@ -343,7 +353,8 @@ def results_markdown(summary: dict[str, Any]) -> str:
             f"({speed['train_volumes']} normal volumes x {speed['epochs']} epochs in "
             f"{speed['train_seconds']:.0f} s, validation passes included, "
             f"{summary['threads']} thread(s)); scoring {speed['volumes_per_s']:.1f} volumes/s "
-            f"({speed['volumes']} test volumes in {speed['seconds']:.1f} s, batches of "
+            f"({speed['volumes']} test volumes in {speed['seconds']:.1f} s, fastest of "
+            f"{len(speed['pass_seconds'])} passes, batches of "
             f"{speed['batch_size']}, {speed['threads']} thread(s)); scoring target "
             f"≥ 20 volumes/s: **{'met' if speed['volumes_per_s'] >= 20 else 'missed'}**.",
         ]

@@ -43,11 +43,14 @@ def test_quick_run_writes_results(bench, tmp_path, capsys):
     threads = torch.get_num_threads()
     argv = ["--out", str(out), "--data", str(data), "--quick", "--threads", "1"]
     try:
-        assert bench.main([*argv, "--models", "cae", "cae_map"]) == 0
+        assert bench.main([*argv, "--models", "vae", "cae", "cae_map"]) == 0
     finally:
         torch.set_num_threads(threads)
     summary = json.loads((out / "results.json").read_text())
-    assert set(summary["models"]) == {"cae", "cae_map"}
+    assert set(summary["models"]) == {"vae", "cae", "cae_map"}
+    speed = summary["speed"]
+    assert speed["volumes"] == 16 and speed["volumes_per_s"] > 0 and speed["threads"] == 1
+    assert speed["train_volumes_per_s"] > 0 and len(speed["pass_seconds"]) == 3
     row = summary["models"]["cae"]
     for key in ("auroc", "auroc_ci", "sensitivity", "specificity", "accuracy", "f1", "threshold"):
         assert key in row
@@ -58,6 +61,7 @@ def test_quick_run_writes_results(bench, tmp_path, capsys):
     }  # fmt: skip
     markdown = (out / "results.md").read_text()
     assert "seed 000" in markdown and "0.801" in markdown and "| cae_map |" in markdown
+    assert "VAE-3D speed" in markdown and "voxel count" in markdown
     assert (out / "roc_test.png").exists()
     # a second run loads the saved model instead of retraining
     capsys.readouterr()
