@@ -63,7 +63,7 @@ MODELS: dict[str, dict[str, Any]] = {
     "vae": {
         "model": "vae",  # the registry's defaults are seed 000's architecture and loss
         "params": {},
-        "engine": {"epochs": 10, "patience": 4, "batch_size": 16, "monitor": "val_auroc"},
+        "engine": {"epochs": 5, "patience": 3, "batch_size": 16, "monitor": "val_auroc"},
     },
     "vae_map": {"from": "vae", "map_score": MAP_SCORE},
     "cae": {

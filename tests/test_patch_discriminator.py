@@ -16,13 +16,13 @@ from medanomaly.models.patch_discriminator import (
     TripletPatches,
     clip_patch_shape,
     extract_patches,
-    patch_starts,
     spread_to_grid,
     top_fraction_mean,
     zscore_maps,
 )
 from medanomaly.nets.patch_embedding import SEED_002_WIDTHS, PatchEmbedding
 from medanomaly.phantoms import make_phantoms
+from medanomaly.scoring import patch_starts
 
 FOREGROUND = 0.05
 ENGINE = {"epochs": 6, "batch_size": 16, "progress": False, "seed": 0, "patience": None}

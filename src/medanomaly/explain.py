@@ -22,18 +22,10 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from medanomaly.scoring import patch_starts
+
 Predict = Callable[[torch.Tensor], torch.Tensor]
 _INTERPOLATION = {2: "bilinear", 3: "trilinear"}
-
-
-def patch_starts(size: int, patch: int, stride: int) -> list[int]:
-    """Start positions of a patch along one axis, the last one flush with the border."""
-    if patch >= size:
-        return [0]
-    starts = list(range(0, size - patch + 1, stride))
-    if starts[-1] != size - patch:
-        starts.append(size - patch)
-    return starts
 
 
 def default_patch(spatial: Sequence[int]) -> int:

@@ -175,3 +175,17 @@ class MapScoring:
             return flat.max(dim=1).values
         k = max(1, round(self.top_fraction * flat.shape[1]))
         return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+def patch_starts(size: int, patch: int, stride: int) -> list[int]:
+    """Start of every window of side ``patch`` along an axis of ``size`` voxels.
+
+    Windows start every ``stride`` voxels and the last one is flush with the border, so the
+    windows cover the axis; an axis no longer than the patch has one window at 0.
+    """
+    if patch >= size:
+        return [0]
+    starts = list(range(0, size - patch + 1, max(1, stride)))
+    if starts[-1] != size - patch:
+        starts.append(size - patch)
+    return starts

@@ -69,6 +69,7 @@ from medanomaly.engine import Engine, EngineConfig, TrainingData, TrainingTask, 
 from medanomaly.errors import ConfigError, InvalidImageError
 from medanomaly.nets.patch_embedding import PatchEmbedding
 from medanomaly.registry import build_nested, get_model_class, nested_block, register
+from medanomaly.scoring import patch_starts
 
 log = logging.getLogger(__name__)
 
@@ -111,14 +112,6 @@ def clip_patch_shape(
             clipped,
         )
     return clipped, tuple(min(s, p) for s, p in zip(stride, clipped, strict=True))
-
-
-def patch_starts(side: int, patch: int, stride: int) -> np.ndarray:
-    """First voxel of each window along one axis: every ``stride``, plus the last position."""
-    starts = list(range(0, side - patch + 1, stride))
-    if starts[-1] != side - patch:
-        starts.append(side - patch)
-    return np.asarray(starts, dtype=np.int64)
 
 
 def extract_patches(

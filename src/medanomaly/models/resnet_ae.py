@@ -16,7 +16,7 @@ from medanomaly.engine import EngineConfig
 from medanomaly.errors import ConfigError, InvalidImageError
 from medanomaly.nets import ResNetAutoencoder
 from medanomaly.registry import register
-from medanomaly.scoring import residual_map
+from medanomaly.scoring import patch_starts, residual_map
 
 PATCH_REDUCTIONS = ("mean", "max")
 
@@ -214,13 +214,7 @@ def random_patches(x: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
 
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:
     """Start of every window along one axis: step ``patch * (1 - overlap)``, last one flush."""
-    if size <= patch:
-        return [0]
-    step = max(1, int(patch * (1 - overlap)))
-    starts = list(range(0, size - patch + 1, step))
-    if starts[-1] != size - patch:
-        starts.append(size - patch)
-    return starts
+    return patch_starts(size, patch, int(patch * (1 - overlap)))
 
 
 def window_slices(
