@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from medanomaly.nets import layers
+from medanomaly.nets.layers import ResidualBlock
 
 
 def _conv_bn_relu(d: int, c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
@@ -120,37 +121,6 @@ def _pooled(size: int, times: int) -> int:
     for _ in range(times):
         size = math.ceil(size / 2)
     return size
-
-
-class ResidualBlock(nn.Module):
-    """Two 3x3 convolutions with batch norm and a residual path (1x1 projection if needed).
-
-    Args:
-        spatial_dims: 2 or 3.
-        in_channels: Input channels.
-        out_channels: Output channels.
-        stride: Stride of the first convolution (2 halves the grid).
-    """
-
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1):
-        super().__init__()
-        d = spatial_dims
-        self.body = nn.Sequential(
-            *_conv_bn_relu(d, in_channels, out_channels, stride),
-            layers.conv(d, out_channels, out_channels, kernel_size=3, padding=1, bias=False),
-            layers.batch_norm(d, out_channels),
-        )
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                layers.conv(d, in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
-                layers.batch_norm(d, out_channels),
-            )
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """``relu(body(x) + shortcut(x))``."""
-        return self.relu(self.body(x) + self.shortcut(x))
 
 
 class ResNetClassifier(_Classifier):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 _CONV = {2: nn.Conv2d, 3: nn.Conv3d}
@@ -62,3 +63,39 @@ def output_activation(name: str) -> nn.Module:
     if name not in table:
         raise ValueError(f"output_activation must be one of {sorted(table)}, got {name!r}")
     return table[name]()
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 convolutions with batch norm and an identity (or 1x1 projection) shortcut.
+
+    ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``: the basic block of ResNet-10/18/34,
+    shared by the seed-001 classifier, the seed-004 autoencoder and the seed-002 patch embedding.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Input channels.
+        out_channels: Output channels.
+        stride: Stride of the first convolution (2 halves the grid).
+    """
+
+    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1):
+        super().__init__()
+        d = check_spatial_dims(spatial_dims)
+        self.body = nn.Sequential(
+            conv(d, in_channels, out_channels, kernel_size=3, stride=stride, padding=1, bias=False),
+            batch_norm(d, out_channels),
+            nn.ReLU(inplace=True),
+            conv(d, out_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            batch_norm(d, out_channels),
+        )
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_channels != out_channels:
+            self.shortcut = nn.Sequential(
+                conv(d, in_channels, out_channels, kernel_size=1, stride=stride, bias=False),
+                batch_norm(d, out_channels),
+            )
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``relu(body(x) + shortcut(x))``."""
+        return self.relu(self.body(x) + self.shortcut(x))

@@ -15,44 +15,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from medanomaly.nets.layers import batch_norm, check_spatial_dims, conv
+from medanomaly.nets.layers import ResidualBlock, check_spatial_dims
 
 SEED_002_WIDTHS = {"channels": (64, 128, 256, 512), "hidden_dim": 1024, "embedding_dim": 256}
 """The seed's widths, as keyword arguments of :class:`PatchEmbedding`."""
 
 _MAX_POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
-
-
-class ResidualBlock(nn.Module):
-    """Two [convolution + batch norm + ReLU] steps with an identity (or 1x1) shortcut.
-
-    Args:
-        spatial_dims: 2 or 3.
-        in_channels: Input channels.
-        out_channels: Output channels; a 1x1 convolution + batch norm matches the shortcut
-            when they differ from ``in_channels``.
-    """
-
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int) -> None:
-        super().__init__()
-        self.body = nn.Sequential(
-            conv(spatial_dims, in_channels, out_channels, 3, padding=1, bias=False),
-            batch_norm(spatial_dims, out_channels),
-            nn.ReLU(inplace=True),
-            conv(spatial_dims, out_channels, out_channels, 3, padding=1, bias=False),
-            batch_norm(spatial_dims, out_channels),
-        )
-        self.shortcut: nn.Module = nn.Identity()
-        if in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                conv(spatial_dims, in_channels, out_channels, 1, bias=False),
-                batch_norm(spatial_dims, out_channels),
-            )
-        self.activation = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Return ``relu(body(x) + shortcut(x))``."""
-        return self.activation(self.body(x) + self.shortcut(x))
 
 
 class PatchEmbedding(nn.Module):

@@ -13,39 +13,6 @@ from medanomaly.nets import layers
 RESNET_STAGES = {10: (1, 1, 1, 1), 18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
 
-class BasicBlock(nn.Module):
-    """Two 3x3 convolutions with batch norm and an identity (or 1x1 projection) shortcut.
-
-    Args:
-        spatial_dims: 2 or 3.
-        in_channels: Input channels.
-        out_channels: Output channels.
-        stride: Stride of the first convolution (2 halves the grid).
-    """
-
-    def __init__(self, spatial_dims: int, in_channels: int, out_channels: int, stride: int = 1):
-        super().__init__()
-        d = spatial_dims
-        self.body = nn.Sequential(
-            layers.conv(d, in_channels, out_channels, 3, stride=stride, padding=1, bias=False),
-            layers.batch_norm(d, out_channels),
-            nn.ReLU(inplace=True),
-            layers.conv(d, out_channels, out_channels, 3, padding=1, bias=False),
-            layers.batch_norm(d, out_channels),
-        )
-        self.shortcut: nn.Module = nn.Identity()
-        if stride != 1 or in_channels != out_channels:
-            self.shortcut = nn.Sequential(
-                layers.conv(d, in_channels, out_channels, 1, stride=stride, bias=False),
-                layers.batch_norm(d, out_channels),
-            )
-        self.relu = nn.ReLU(inplace=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Residual update of ``x``."""
-        return self.relu(self.body(x) + self.shortcut(x))
-
-
 def _up(spatial_dims: int, in_channels: int, out_channels: int) -> nn.Sequential:
     """Transposed convolution doubling the grid, batch norm, ReLU."""
     return nn.Sequential(
@@ -114,7 +81,7 @@ class ResNetAutoencoder(nn.Module):
         for stage in range(3, 0, -1):
             decoder.append(_up(d, channels[stage], channels[stage - 1]))
             decoder += [
-                BasicBlock(d, channels[stage - 1], channels[stage - 1])
+                layers.ResidualBlock(d, channels[stage - 1], channels[stage - 1])
                 for _ in range(blocks[stage - 1])
             ]
         decoder += [
@@ -146,6 +113,6 @@ def _stages(spatial_dims: int, channels: Sequence[int], blocks: Sequence[int]) -
     for stage, (width, count) in enumerate(zip(channels, blocks, strict=True)):
         for index in range(count):
             stride = 2 if stage > 0 and index == 0 else 1
-            modules.append(BasicBlock(spatial_dims, previous, width, stride))
+            modules.append(layers.ResidualBlock(spatial_dims, previous, width, stride))
             previous = width
     return modules
