@@ -62,6 +62,7 @@ from medanomaly.base import (
     MODEL_FILE,
     AnomalyResult,
     BaseDetector,
+    inference_network,
     mean_sd_threshold,
 )
 from medanomaly.data import ImageSet, as_image_set
@@ -520,7 +521,7 @@ class PatchDiscriminator(BaseDetector):
             extra_state=self.config(),
             stage=EMBEDDING_STAGE,
         )
-        self.network_ = network.eval()
+        self.network_ = inference_network(network, self.spatial_dims)
         self.input_shape_ = tuple(train_set.images.shape[1:])
         self.is_main_process_ = engine.is_global_zero and getattr(
             reconstructor, "is_main_process_", True
@@ -761,7 +762,7 @@ class PatchDiscriminator(BaseDetector):
         network = self.build_network()
         network.load_state_dict(saved["state_dict"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.network_ = network.to(device).eval()
+        self.network_ = inference_network(network.to(device), self.spatial_dims)
         self.threshold_ = float(saved["threshold"])
         self.val_scores_ = np.asarray(saved["val_scores"], dtype=np.float64)
         self.history_ = saved.get("history", [])
