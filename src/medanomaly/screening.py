@@ -225,8 +225,8 @@ def _spacing_notes(spacing: tuple[float, ...] | None, median: np.ndarray | None)
         ]
         if axes:
             notes.append(
-                f"spacing {format_spacing(spacing)} mm differs from the folder median "
-                f"{format_spacing(tuple(median))} mm by more than {SPACING_TOLERANCE:.0%} "
+                f"spacing {compact_spacing(spacing)} mm differs from the folder median "
+                f"{compact_spacing(tuple(median))} mm by more than {SPACING_TOLERANCE:.0%} "
                 f"({', '.join(axes)})"
             )
     if values.min() > 0 and values.max() / values.min() > ANISOTROPY_RATIO:
@@ -237,7 +237,7 @@ def _spacing_notes(spacing: tuple[float, ...] | None, median: np.ndarray | None)
     return notes
 
 
-def format_spacing(spacing: Sequence[float] | None) -> str:
+def compact_spacing(spacing: Sequence[float] | None) -> str:
     """Spacing as ``'0.8x0.8x2.5'`` (empty when unknown)."""
     return "" if not spacing else "x".join(f"{s:.4g}" for s in spacing)
 
@@ -567,7 +567,7 @@ class ScreenResult:
                 "max_intensity": self.raw[i].max_intensity,
                 "mean_intensity": self.raw[i].mean_intensity,
                 "metal_fraction": self.raw[i].metal_fraction,
-                "spacing": format_spacing(self.raw[i].spacing),
+                "spacing": compact_spacing(self.raw[i].spacing),
                 "oddities": "; ".join(self.oddities[i]),
                 "cluster": None if clusters is None else int(clusters[i]),
             }
