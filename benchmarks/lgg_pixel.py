@@ -13,14 +13,21 @@ only. The validation patients (normal and tumour slices) drive early stopping (n
 test patients are used for nothing but the reported numbers.
 
 Preprocessing: FLAIR (``--channels flair``) or all three channels (``--channels all``), area
-resize to ``--size`` (default 64, see "Budget"); per patient (volume), the head is the FLAIR
-above 10 % of the volume's 99th FLAIR percentile, opened once, largest component, holes filled
-(the "brain" foreground of the metrics: the non-background region of the slice, skull and
-scalp included, as in seed 002 which does not skull-strip); each channel is divided by the
-volume's 99.5th percentile inside the head, clipped to [0, 1] and mapped to [-1, 1] (tanh
-outputs, as the configs), background set to -1. A per-volume scale (instead of the configs'
-per-slice min-max) keeps a slice's tumour from changing the scale of its normal tissue;
-seed 002 matches histograms per volume for the same reason.
+resize to ``--size`` (default 64, see "Budget"). Per patient (volume), on the native 256^2
+FLAIR: the head (``medanomaly.transforms.mask.head_masks``: above 10 % of the volume's 99th
+percentile, opened, largest component, holes filled) and the brain (``brain_masks``: the head
+eroded by 8 px, tissue above half the typical tissue intensity opened by a 4-px disk to cut it
+from the scalp, largest piece grown back, closed and hole-filled, each slice kept within its
+inner neighbour's brain grown by 8 px; ``results.json`` reports the share of lesion pixels it
+holds), both area-resized to ``--size``. ``--region brain`` (default): the input is
+skull-stripped (outside the brain -1) and the metrics' foreground is the brain, as the issue
+asks ("inside the brain"); ``--region head``: scalp and skull kept, foreground = head (seed
+002 does not skull-strip). Each channel is divided by a per-volume scale taken inside the
+foreground (``--scale median``: 3 x the median, robust to the tumour; ``p99.5``: the 99.5th
+percentile), clipped to [0, 1] and mapped to [-1, 1] (tanh outputs, as the configs). A
+per-volume scale (instead of the configs' per-slice min-max) keeps a slice's tumour from
+changing the scale of its normal tissue; seed 002 matches histograms per volume for the same
+reason.
 
 Models (configs/vae_lgg_2d.yaml, introvae_lgg_2d.yaml, patch_discriminator_lgg_2d.yaml):
 
@@ -34,27 +41,30 @@ Models (configs/vae_lgg_2d.yaml, introvae_lgg_2d.yaml, patch_discriminator_lgg_2
 * Patch discriminator: the ``patch_discriminator`` detector with the VAE as its reconstructor
   (the VAE is trained once and loaded by the detector from ``OUT/vae/reconstructor_vae``), the
   embedding network at the CPU widths the config names (16-32-64-128, hidden 256, embedding
-  64), patches of size/8 (seed 002's 32 at 256), stride size/16, ``--emb-epochs`` (30). The
+  64), patches of size/8 (seed 002's 32 at 256), stride 1 (every pixel, as seed 002),
+  ``--emb-epochs`` (30). The
   embedding network is trained by triplet loss on patches of the normal training images only
   and never sees a reconstruction, so the one trained embedding network serves all three
-  reconstructors: the IntroVAE rows feed their own reconstructions to the detector's
-  ``raw_maps`` (the embedding distance map), then ``foreground_of`` + ``zscore_maps`` as
-  ``PatchDiscriminator.detect`` does.
+  reconstructors: the IntroVAE rows hand their own reconstructions to the detector's
+  ``detect_reconstructed`` (z-scored maps, scores) and ``distance_maps`` (raw maps).
 
 Rows: for each reconstructor (a) the residual map, squared residual summed over channels, and
 (b) the patch-discriminator map, z-scored per slice (seed 002). "Tuned" rows: for each of
 the six, map post-processing chosen on the validation patients (by pixel AUROC + best Dice
-inside the head): residual maps {squared, positive FLAIR residual max(x - x_hat, 0)} x
+inside the foreground): residual maps {squared, positive FLAIR residual max(x - x_hat, 0)} x
 Gaussian smoothing sigma {0, 1, 2} px at 64^2 (scaled with the size) x suppression of the
-outer {0, 3, 6} px rim of the head (scalp and skull, whose edges dominate the residuals: set
-to the map's minimum inside the head; the evaluated region stays the whole head); PD maps
-{z-scored, raw} x the same smoothing and rim suppression.
+outer {0, 3, 6} px rim of the foreground (edges dominate the residuals: set to the map's
+minimum inside the foreground; the evaluated region stays the whole foreground); PD maps
+{z-scored, raw} x the same smoothing and rim suppression. A reference row without any model
+(the scaled FLAIR intensity as the map, smoothing chosen on validation) shows how much of
+the task plain brightness solves.
 
 Metrics on the test patients, all slices pooled (tumour and tumour-free): pixel AUROC, AP and
-best Dice (``medanomaly.evaluation.pixel.pixel_metrics``, 10^4 bins) inside the head and over
-the whole image; Dice at the threshold that gave the best Dice on the validation patients;
-image AUROC (slice has tumour or not) of the mean of the top 1 % of the map inside the head
-(residual rows) or the detector's own score, the top 1 % of the raw distance map (PD rows);
+best Dice (``medanomaly.evaluation.pixel.pixel_metrics``, 10^4 bins) inside the foreground
+and over the whole image; Dice at the threshold that gave the best Dice on the validation
+patients; image AUROC (slice has tumour or not) of the mean of the top 1 % of the map inside
+the foreground (residual rows) or the detector's own score, the top 1 % of the raw distance
+map (PD rows);
 seconds = training of the networks the row uses + reconstructing (and latent search) the
 validation and test slices + computing the maps. Seed 002's tumour pixel AUROC (0.75 / 0.76 /
 0.78 for VAE / IntroVAE / IntroVAE + latent search, with the patch discriminator, background
@@ -73,12 +83,14 @@ IntroVAE epochs and the latent search cost 4-5x more, which does not fit 35 min 
 (``--size 128`` with fewer epochs is possible). ``--size 128`` defaults to the same epochs.
 
     .venv/bin/python benchmarks/lgg_pixel.py --out OUT [--size 64] [--channels flair|all]
-        [--epochs N] [--rows ...] [--quick] [--threads 1] [--retrain]
+        [--region brain|head] [--scale median|p99.5] [--epochs N] [--rows ...] [--quick]
+        [--threads 1] [--retrain]
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import shutil
 import sys
@@ -97,9 +109,9 @@ from medanomaly.config import build_detector, load_config
 from medanomaly.data import ImageSet
 from medanomaly.datasets import ArrayAugment, load_dataset
 from medanomaly.evaluation.pixel import pixel_metrics
-from medanomaly.models.patch_discriminator import foreground_of, top_fraction_mean, zscore_maps
+from medanomaly.models.patch_discriminator import top_fraction_mean
 from medanomaly.transforms import build_transforms
-from medanomaly.transforms.mask import largest_component
+from medanomaly.transforms.mask import brain_masks, head_masks
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "lgg_mri_2d" / "kaggle_3m"
@@ -116,7 +128,7 @@ SEED_002 = {"vae": (0.75, 0.16), "introvae": (0.76, 0.17), "introvae_ls": (0.78,
 TARGETS = {"pixel_auroc": 0.90, "best_dice": 0.45}
 FLAIR = 1
 SMOOTHING = (0.0, 1.0, 2.0)  # Gaussian sigma in pixels at 64x64 (scaled with the size)
-RIMS = (0, 3, 6)  # outer head rim (scalp, skull) set to the map's minimum, pixels at 64x64
+RIMS = (0, 3, 6)  # outer foreground rim set to the map's minimum, pixels at 64x64
 
 
 # -- split ------------------------------------------------------------------------------------
@@ -145,69 +157,97 @@ def split_index(groups: np.ndarray, split: dict[str, list[str]]) -> dict[str, np
 
 
 # -- data -------------------------------------------------------------------------------------
-def head_masks(flair: np.ndarray) -> np.ndarray:
-    """Head (non-background) masks ``(n, H, W)`` of one patient's FLAIR slices ``(n, H, W)``.
+def region_masks(flair: np.ndarray, groups: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    """Head and brain masks ``(N, size, size)`` from native-resolution FLAIR slices ``(N, H, W)``.
 
-    FLAIR above 10 % of the volume's 99th percentile, opened once (noise specks), the largest
-    component, holes filled. A slice without any head voxel keeps an all-true mask.
+    Per patient (one threshold per scan): ``head_masks`` and the morphological ``brain_masks``
+    at the native grid (their radii suit the 256^2 slices), then area-resized to ``size`` and
+    kept where more than half of a pixel is inside.
     """
-    threshold = 0.1 * float(np.percentile(flair, 99))
-    masks = []
-    for image in flair:
-        mask = ndimage.binary_opening(image > threshold)
-        if mask.any():
-            mask = ndimage.binary_fill_holes(largest_component(mask))
-        else:
-            mask = np.ones_like(mask)
-        masks.append(mask)
-    return np.stack(masks)
+    head = np.zeros((len(flair), size, size), bool)
+    brain = np.zeros_like(head)
+    for patient in np.unique(groups):
+        index = np.flatnonzero(groups == patient)
+        patient_head = head_masks(flair[index])
+        patient_brain = brain_masks(flair[index], patient_head)
+        head[index], brain[index] = (_area_mask(m, size) for m in (patient_head, patient_brain))
+    return head, brain
 
 
-def normalise_volume(images: np.ndarray, head: np.ndarray, scale: str = "p99.5") -> np.ndarray:
-    """One patient's slices ``(n, C, H, W)`` -> [-1, 1] per channel, background -1.
+def _area_mask(masks: np.ndarray, size: int) -> np.ndarray:
+    fractions = torch.nn.functional.interpolate(
+        torch.from_numpy(masks[:, None].astype(np.float32)), size=(size, size), mode="area"
+    )
+    return fractions[:, 0].numpy() > 0.5
 
-    ``scale``: ``p99.5`` maps 0 .. the 99.5th percentile inside the head to [-1, 1];
-    ``median`` maps 0 .. 3 x the median inside the head (mostly brain) to [-1, 1], so that
-    brain tissue keeps more of the range than the bright scalp.
+
+def normalise_volume(images: np.ndarray, region: np.ndarray, scale: str = "median") -> np.ndarray:
+    """One patient's slices ``(n, C, H, W)`` -> [-1, 1] per channel, -1 outside ``region``.
+
+    ``scale``: ``median`` maps 0 .. 3 x the median inside the region to [-1, 1] (robust to
+    the tumour: in the brain, tissue keeps the middle of the range and bright lesions stay
+    below the ceiling); ``p99.5`` maps 0 .. the region's 99.5th percentile to [-1, 1].
     """
     out = np.empty_like(images, dtype=np.float32)
     for c in range(images.shape[1]):
         channel = images[:, c]
         if scale == "median":
-            upper = 3.0 * float(np.median(channel[head])) or 1.0
+            upper = 3.0 * float(np.median(channel[region])) or 1.0
         else:
-            upper = float(np.percentile(channel[head], 99.5)) or 1.0
+            upper = float(np.percentile(channel[region], 99.5)) or 1.0
         out[:, c] = np.clip(channel / upper, 0.0, 1.0) * 2.0 - 1.0
-    out[~np.broadcast_to(head[:, None], out.shape)] = -1.0
+    out[~np.broadcast_to(region[:, None], out.shape)] = -1.0
     return out
 
 
-def preprocess(
-    images: np.ndarray, groups: np.ndarray, flair_channel: int, scale: str = "p99.5"
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per-patient head masks and [-1, 1] scaling of raw slices ``(N, C, H, W)``."""
-    scaled = np.empty_like(images, dtype=np.float32)
-    head = np.zeros((len(images), *images.shape[2:]), bool)
-    for patient in np.unique(groups):
-        index = np.flatnonzero(groups == patient)
-        head[index] = head_masks(images[index, flair_channel])
-        scaled[index] = normalise_volume(images[index], head[index], scale)
-    return scaled, head
-
-
-def load_lgg(out: Path, size: int, channels: str, scale: str = "p99.5") -> ImageSet:
-    """All LGG slices, preprocessed; ``foreground`` holds the head masks."""
+def manifest_patients(out: Path) -> tuple[Path, list[str]]:
+    """The LGG manifest (``OUT/lgg_manifest.csv``) and the patient of each slice."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from supervised import lgg_manifest  # benchmarks/supervised.py
 
+    manifest = lgg_manifest(out)
+    with open(manifest, newline="") as handle:
+        return manifest, [row["group"] for row in csv.DictReader(handle)]
+
+
+def restrict_manifest(manifest: Path, patients: set[str]) -> Path:
+    """A copy of the manifest with only the given patients' slices (``*_subset.csv``)."""
+    with open(manifest, newline="") as handle:
+        reader = csv.DictReader(handle)
+        rows = [row for row in reader if row["group"] in patients]
+        fields = list(reader.fieldnames or [])
+    subset = manifest.with_name(manifest.stem + "_subset.csv")
+    with open(subset, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    return subset
+
+
+def load_lgg(
+    manifest: Path, cache: Path, size: int, channels: str, scale: str = "median",
+    region: str = "brain",
+) -> ImageSet:  # fmt: skip
+    """The manifest's LGG slices, preprocessed; ``foreground`` holds the brain (or head) masks.
+
+    ``region`` ``brain``: skull-stripped input (outside the brain -1) scaled inside the brain;
+    ``head``: the whole head (scalp and skull kept) scaled inside the head.
+    """
     read = {"channel": FLAIR} if channels == "flair" else {"keep_channels": True}
-    transforms = [{"resize": {"shape": [size, size], "mode": "area"}}]
-    raw, _ = load_dataset(
-        lgg_manifest(out), transforms, read_options=read, strict=True, cache=out / "cache"
+    resize = [{"resize": {"shape": [size, size], "mode": "area"}}]
+    raw, _ = load_dataset(manifest, resize, read_options=read, strict=True, cache=cache)
+    native, _ = load_dataset(
+        manifest, [], read_options={"channel": FLAIR}, strict=True, cache=cache
     )
-    flair = 0 if channels == "flair" else FLAIR
-    scaled, head = preprocess(raw.images, raw.groups, flair, scale)
-    return ImageSet(scaled, raw.labels, raw.ids, raw.masks, head, raw.groups)
+    if list(native.ids) != list(raw.ids):
+        raise RuntimeError("lgg_pixel: the native and resized reads list different slices")
+    head, brain = region_masks(native.images[:, 0], raw.groups, size)
+    foreground = brain if region == "brain" else head
+    scaled = np.empty_like(raw.images, dtype=np.float32)
+    for patient in np.unique(raw.groups):
+        index = np.flatnonzero(raw.groups == patient)
+        scaled[index] = normalise_volume(raw.images[index], foreground[index], scale)
+    return ImageSet(scaled, raw.labels, raw.ids, raw.masks, foreground, raw.groups)
 
 
 def augmentation() -> ArrayAugment:
@@ -249,7 +289,7 @@ def pd_config(args: argparse.Namespace) -> dict[str, Any]:
         in_channels=args.in_channels,
         reconstructor={**vae["model"], "engine": vae["engine"]},
         patch_size=patch,
-        stride=max(1, patch // 2),
+        stride=1,  # seed 002 scores every pixel
         channels=[16, 32, 64, 128],  # the config's CPU widths
         hidden_dim=256,
         embedding_dim=64,
@@ -340,18 +380,14 @@ def reconstructions(
     return recon, seconds
 
 
-def pd_maps(pd: Any, images: np.ndarray, recon: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The detector's raw embedding-distance maps and its per-slice z-scored maps."""
-    raws, zs = [], []
-    for start in range(0, len(images), 64):
-        x = torch.from_numpy(np.ascontiguousarray(images[start : start + 64]))
-        r = torch.from_numpy(np.ascontiguousarray(recon[start : start + 64]))
-        with torch.inference_mode():
-            raw = pd.raw_maps(x, r)
-            z = zscore_maps(raw, foreground_of(x, pd.foreground_threshold))
-        raws.append(raw.numpy())
-        zs.append(z.numpy())
-    return np.concatenate(raws), np.concatenate(zs)
+def pd_maps(pd: Any, images: np.ndarray, recon: np.ndarray) -> dict[str, np.ndarray]:
+    """The detector's view of given reconstructions: raw and z-scored maps, image scores."""
+    result = pd.detect_reconstructed(images, recon)
+    return {
+        "pd_raw": pd.distance_maps(images, recon),
+        "pd_z": result.maps,
+        "pd_scores": result.scores,
+    }
 
 
 def smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
@@ -361,20 +397,21 @@ def smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
     return ndimage.gaussian_filter(maps.astype(np.float32), sigma=(0, sigma, sigma))
 
 
-def top_score(maps: np.ndarray, head: np.ndarray) -> np.ndarray:
-    """Mean of the top 1 % of each map inside the head (the detectors' image score)."""
-    return top_fraction_mean(torch.from_numpy(maps), torch.from_numpy(head), 0.01).numpy()
+def top_score(maps: np.ndarray, foreground: np.ndarray) -> np.ndarray:
+    """Mean of the top 1 % of each map inside the foreground (the detectors' image score)."""
+    return top_fraction_mean(torch.from_numpy(maps), torch.from_numpy(foreground), 0.01).numpy()
 
 
-def suppress_rim(maps: np.ndarray, head: np.ndarray, width: int) -> np.ndarray:
-    """Set the outer ``width`` pixels of the head (scalp, skull) to each map's head minimum.
+def suppress_rim(maps: np.ndarray, foreground: np.ndarray, width: int) -> np.ndarray:
+    """Set the outer ``width`` pixels of the foreground to each map's foreground minimum.
 
-    Uses only the input's head mask; the evaluated region (the whole head) is unchanged.
+    The edge of the brain (or of the head: scalp, skull) dominates residuals. Uses only the
+    input's mask; the evaluated region (the whole foreground) is unchanged.
     """
     if width <= 0:
         return maps
     out = maps.copy()
-    for i, (image_map, mask) in enumerate(zip(maps, head, strict=True)):
+    for i, (image_map, mask) in enumerate(zip(maps, foreground, strict=True)):
         rim = mask & ~ndimage.binary_erosion(mask, iterations=width)
         if rim.any():
             out[i][rim] = image_map[mask].min()
@@ -382,7 +419,7 @@ def suppress_rim(maps: np.ndarray, head: np.ndarray, width: int) -> np.ndarray:
 
 
 def variant_maps(
-    kind: str, base: dict[str, np.ndarray], head: np.ndarray, size: int
+    kind: str, base: dict[str, np.ndarray], foreground: np.ndarray, size: int
 ) -> dict[str, np.ndarray]:
     """Named post-processed maps of one reconstructor and map kind (the "tuned" candidates)."""
     scale = size / 64
@@ -397,7 +434,7 @@ def variant_maps(
             for rim in RIMS:
                 label = name + (f", gaussian {sigma:g} px" if sigma else "")
                 label += f", rim {rim} px suppressed" if rim else ""
-                out[label] = suppress_rim(smoothed, head, round(rim * scale))
+                out[label] = suppress_rim(smoothed, foreground, round(rim * scale))
     return out
 
 
@@ -419,17 +456,17 @@ def split_maps(
     pd_seconds = 0.0
     if need_pd:
         start = time.perf_counter()
-        base["pd_raw"], base["pd_z"] = pd_maps(models["pd"], images, recon)
+        base.update(pd_maps(models["pd"], images, recon))
         pd_seconds = time.perf_counter() - start
     base["seconds"] = {"recon": recon_seconds, "residual": residual_seconds, "pd": pd_seconds}
     return base
 
 
 # -- metrics ----------------------------------------------------------------------------------
-def dice_at(maps: np.ndarray, masks: np.ndarray, head: np.ndarray, threshold: float) -> float:
-    """Dice of ``map > threshold`` inside the head against the lesion mask inside the head."""
-    called = (maps > threshold) & head
-    lesion = masks & head
+def dice_at(maps: np.ndarray, masks: np.ndarray, foreground: np.ndarray, threshold: float) -> float:
+    """Dice of ``map > threshold`` against the lesion mask, both inside the foreground."""
+    called = (maps > threshold) & foreground
+    lesion = masks & foreground
     total = called.sum() + lesion.sum()
     return float(2 * (called & lesion).sum() / total) if total else 0.0
 
@@ -437,7 +474,7 @@ def dice_at(maps: np.ndarray, masks: np.ndarray, head: np.ndarray, threshold: fl
 def evaluate(
     maps: np.ndarray, data: ImageSet, scores: np.ndarray, threshold: float | None = None
 ) -> dict[str, Any]:
-    """Pixel metrics inside the head and over the whole image; image AUROC; Dice at a cut."""
+    """Pixel metrics inside the foreground and over the whole image; image AUROC; Dice at a cut."""
     inside = pixel_metrics(maps, data.masks, data.foreground, per_image=False)
     whole = pixel_metrics(maps, data.masks, None, per_image=False)
     labels = data.labels
@@ -452,9 +489,9 @@ def evaluate(
         "image_auroc": float(roc_auc_score(labels, scores)) if len(set(labels)) == 2 else None,
         "n_slices": len(labels),
         "n_tumour_slices": int(labels.sum()),
-        "n_lesion_pixels_in_head": inside["n_lesion"],
+        "n_lesion_pixels_inside": inside["n_lesion"],
     }
-    if data.groups is not None:  # spread over patients (pixel AUROC inside the head)
+    if data.groups is not None:  # spread over patients (pixel AUROC inside the foreground)
         result["per_patient_pixel_auroc"] = {
             str(g): pixel_metrics(
                 maps[data.groups == g], data.masks[data.groups == g],
@@ -502,8 +539,7 @@ def run_rows(
             }
             # image scores: the PD detector's own (top 1 % of the raw distance map), else
             # the top 1 % of the row's map
-            pd_scores = {s: top_score(maps[s]["pd_raw"], d.foreground) for s, d in
-                         (("val", val), ("test", test))} if kind == "pd" else {}  # fmt: skip
+            pd_scores = {s: maps[s]["pd_scores"] for s in ("val", "test")} if kind == "pd" else {}
             seconds = train_seconds + sum(
                 maps[s]["seconds"]["recon"] + maps[s]["seconds"][kind] for s in ("val", "test")
             )
@@ -541,9 +577,33 @@ def run_rows(
     return results, kept
 
 
+def intensity_reference(
+    data: ImageSet, index: dict[str, np.ndarray], args: argparse.Namespace
+) -> dict[str, Any]:
+    """No model: the scaled FLAIR intensity itself as the map (FLAIR lesions are bright).
+
+    The smoothing (0, 1, 2 px at 64^2) is chosen on the validation patients; the image score
+    is the top 1 % of the map inside the foreground, as for the residual rows.
+    """
+    parts = {s: data.subset(index[s]) for s in ("val", "test")}
+    maps = {s: d.images[:, args.flair_index] for s, d in parts.items()}
+    validation = {}
+    for sigma in SMOOTHING:
+        smoothed = smooth(maps["val"], sigma * args.size / 64)
+        scores = top_score(smoothed, parts["val"].foreground)
+        validation[sigma] = evaluate(smoothed, parts["val"], scores)
+    sigma = max(validation, key=lambda v: _selection_key(validation[v]))
+    test_maps = smooth(maps["test"], sigma * args.size / 64)
+    scores = top_score(test_maps, parts["test"].foreground)
+    threshold = validation[sigma]["best_dice_threshold"]
+    metrics = evaluate(test_maps, parts["test"], scores, threshold)
+    print(f"    FLAIR intensity (no model) [gaussian {sigma:g} px] {_brief(metrics)}")
+    return {"variant": f"gaussian {sigma:g} px", **metrics, "validation": validation[sigma]}
+
+
 def _brief(m: dict[str, Any]) -> str:
     return (
-        f"head AUROC {_f(m['pixel_auroc'])} AP {_f(m['pixel_ap'])} Dice {_f(m['best_dice'])} "
+        f"inside AUROC {_f(m['pixel_auroc'])} AP {_f(m['pixel_ap'])} Dice {_f(m['best_dice'])} "
         f"(@val {_f(m.get('dice_at_val_threshold'))}) | whole AUROC {_f(m['pixel_auroc_whole'])}"
         f" | image AUROC {_f(m['image_auroc'])}"
     )
@@ -598,11 +658,18 @@ def figures(test: ImageSet, kept: dict[str, Any], folder: Path, n_cases: int) ->
 
 
 # -- report -----------------------------------------------------------------------------------
-COLUMNS = [
-    "row", "map variant", "pixel AUROC (head)", "AP (head)", "best Dice (head)",
-    "Dice @ val thr (head)", "pixel AUROC (whole)", "AP (whole)", "best Dice (whole)",
-    "image AUROC", "seconds", "seed 002 pixel AUROC",
-]  # fmt: skip
+def columns(region: str) -> list[str]:
+    """Table header; ``region`` names where the pixel metrics are taken."""
+    return [
+        "row", "map variant", f"pixel AUROC ({region})", f"AP ({region})",
+        f"best Dice ({region})", f"Dice @ val thr ({region})", "pixel AUROC (whole)",
+        "AP (whole)", "best Dice (whole)", "image AUROC", "seconds", "seed 002 pixel AUROC",
+    ]  # fmt: skip
+
+
+def region_word(settings: dict[str, Any]) -> str:
+    """``brain`` or ``head``: the foreground of the run's metrics."""
+    return str(settings.get("region", "head"))
 
 
 def _row_name(key: str, r: dict[str, Any]) -> str:
@@ -618,7 +685,9 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"Test patients {split['test_patients']} ({split['n']['test']} slices, "
         f"{split['n_tumour']['test']} with tumour); validation patients {split['val_patients']} "
         f"({split['n']['val']} slices); {split['n_train_normal']} tumour-free slices of "
-        f"{len(split['train_patients'])} training patients for training. Size {s['size']}², "
+        f"{len(split['train_patients'])} training patients for training; "
+        f"{100 * split.get('lesion_pixels_in_foreground', float('nan')):.1f} % of the lesion "
+        f"pixels lie inside the {region_word(s)} mask. Size {s['size']}², "
         f"channels {s['channels']}, epochs VAE {s['epochs']} / IntroVAE {s['introvae_epochs']} / "
         f"embedding {s['emb_epochs']} (early stopping on the validation normals), latent search "
         f"{s['latent_steps']} steps at lr {s['latent_lr']:g}, {s['threads']} CPU thread(s), "
@@ -627,8 +696,8 @@ def results_markdown(results: dict[str, Any]) -> str:
         f"the models it used {results['recorded_seconds'] / 60:.1f} min (reused models are "
         "not retrained).",
         "",
-        "| " + " | ".join(COLUMNS) + " |",
-        "|" + "---|" * len(COLUMNS),
+        "| " + " | ".join(columns(region_word(s))) + " |",
+        "|" + "---|" * len(columns(region_word(s))),
     ]
     for key, r in rows.items():
         seed = SEED_002[r["reconstructor"]]
@@ -640,13 +709,23 @@ def results_markdown(results: dict[str, Any]) -> str:
             f"{r['seconds']:.0f}", seed_text,
         ]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "## Targets (best row, inside the head)", ""]
+    ref = results.get("reference", {}).get("flair_intensity")
+    if ref:
+        lines += [
+            "",
+            f"Reference without a model: the scaled FLAIR intensity as the map "
+            f"({ref['variant']}, chosen on validation): pixel AUROC {_f(ref['pixel_auroc'])}, "
+            f"AP {_f(ref['pixel_ap'])}, best Dice {_f(ref['best_dice'])} (@val thr "
+            f"{_f(ref.get('dice_at_val_threshold'))}), whole-image AUROC "
+            f"{_f(ref['pixel_auroc_whole'])}, image AUROC {_f(ref['image_auroc'])}.",
+        ]
+    lines += ["", f"## Targets (best row, inside the {region_word(s)})", ""]
     for line in targets(rows):
         lines.append(f"- {line}")
     patients = split["test_patients"]
     lines += [
         "",
-        "## Pixel AUROC inside the head per test patient",
+        f"## Pixel AUROC inside the {region_word(s)} per test patient",
         "",
         "| row | " + " | ".join(patients) + " |",
         "|---|" + "---|" * len(patients),
@@ -657,8 +736,8 @@ def results_markdown(results: dict[str, Any]) -> str:
         lines.append(f"| {_row_name(key, r)} ({r['variant']}) | " + " | ".join(cells) + " |")
     lines += ["", "## Map post-processing tried on the validation patients", ""]
     lines += [
-        "Chosen per row by validation pixel AUROC + best Dice inside the head; the test "
-        'numbers of the chosen variant are the "tuned" rows above.',
+        "Chosen per row by validation pixel AUROC + best Dice inside the "
+        f'{region_word(s)}; the test numbers of the chosen variant are the "tuned" rows above.',
         "",
         "| row | variant | val pixel AUROC | val AP | val best Dice | val image AUROC |",
         "|---|---|---|---|---|---|",
@@ -723,8 +802,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=64, help="side of the slices (mult. of 16)")
     parser.add_argument("--channels", choices=("flair", "all"), default="flair")
     parser.add_argument(
-        "--scale", choices=("p99.5", "median"), default="p99.5", help="per-volume intensity scale"
+        "--scale", choices=("median", "p99.5"), default="median", help="per-volume intensity scale"
     )
+    parser.add_argument(
+        "--region", choices=("brain", "head"), default="brain",
+        help="brain: skull-stripped input, metrics inside the brain; head: scalp and skull kept",
+    )  # fmt: skip
     parser.add_argument("--epochs", type=int, help="VAE epochs (default 100; all nets if given)")
     parser.add_argument("--introvae-epochs", type=int, help="default 80 (or --epochs)")
     parser.add_argument("--emb-epochs", type=int, help="embedding epochs, default 30 (or --epochs)")
@@ -758,14 +841,10 @@ def recorded_seconds(out: Path) -> float:
     )
 
 
-def quick_subset(data: ImageSet, index: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """--quick: 4 training, 1 validation and 1 test patient."""
+def quick_split(split: dict[str, list[str]]) -> dict[str, list[str]]:
+    """--quick: the first 4 training, 1 validation and 1 test patient of the split."""
     keep = {"train": 4, "val": 1, "test": 1}
-    out = {}
-    for name, idx in index.items():
-        patients = sorted(set(data.groups[idx]))[: keep[name]]
-        out[name] = idx[np.isin(data.groups[idx], patients)]
-    return out
+    return {name: patients[: keep[name]] for name, patients in split.items()}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -778,12 +857,13 @@ def main(argv: list[str] | None = None) -> int:
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    data = load_lgg(out, args.size, args.channels, args.scale)
-    split = split_patients(list(data.groups), seed=args.seed)
+    manifest, patients = manifest_patients(out)
+    split = split_patients(patients, seed=args.seed)
+    if args.quick:  # read only the patients the smoke run uses
+        split = quick_split(split)
+        manifest = restrict_manifest(manifest, {p for part in split.values() for p in part})
+    data = load_lgg(manifest, out / "cache", args.size, args.channels, args.scale, args.region)
     index = split_index(data.groups, split)
-    if args.quick:
-        index = quick_subset(data, index)
-        split = {k: sorted(set(data.groups[v])) for k, v in index.items()}
     n_train_normal = int((data.labels[index["train"]] == 0).sum())
     print(
         f"LGG: {len(data)} slices; train {len(split['train'])} patients "
@@ -791,6 +871,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     models = train_models(data, index, args, out)
     rows, kept = run_rows(data, index, models, args, out)
+    reference = intensity_reference(data, index, args)
     test = data.subset(index["test"])
     paths = figures(test, kept, out / "figures", args.figures) if args.figures else []
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "rows")}
@@ -805,8 +886,12 @@ def main(argv: list[str] | None = None) -> int:
             "n": {k: int(len(v)) for k, v in index.items()},
             "n_tumour": {k: int(data.labels[v].sum()) for k, v in index.items()},
             "n_train_normal": n_train_normal,
+            "lesion_pixels_in_foreground": float(
+                (data.masks & data.foreground).sum() / max(int(data.masks.sum()), 1)
+            ),
         },
         "rows": rows,
+        "reference": {"flair_intensity": reference},
         "figures": paths,
         "notes": NOTES,
         "wall_seconds": time.perf_counter() - start,
@@ -821,8 +906,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 NOTES = [
-    "Head = non-background region of the slice (skull and scalp included, as seed 002 "
-    "evaluates inside the body without skull-stripping); pixel metrics pool every test slice.",
+    "Brain = morphological brain mask of the native FLAIR (--region brain, input skull-"
+    "stripped); head = non-background region, skull and scalp included (--region head, as "
+    "seed 002 evaluates inside the body without skull-stripping); pixel metrics pool every "
+    "test slice.",
     "Seed 002's figures are tumour pixel ROC-AUC (mean ± SD over patients) of the patch "
     "discriminator on brain metastases in contrast-enhanced 3D GRE at 256², another task.",
     "The one embedding network (trained on normal patches only) serves the three "

@@ -1,12 +1,14 @@
-"""benchmarks/lgg_pixel.py: patient-grouped split, head masks, scaling and metrics (synthetic)."""
+"""benchmarks/lgg_pixel.py: split, region masks, scaling, metrics (synthetic); a quick real run."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import real_data  # noqa: I001
 
 from medanomaly.data import ImageSet
 
@@ -59,10 +61,28 @@ def test_head_mask_and_volume_scaling(bench):
     assert masks.shape == (4, 32, 32)
     assert (masks == head).mean() > 0.97
     assert masks[1, 15, 15]
-    scaled = bench.normalise_volume(volume, masks)
-    assert scaled.min() >= -1.0 and scaled.max() <= 1.0
-    assert np.all(scaled[:, 0][~masks] == -1.0)
-    assert scaled[:, 0][masks].mean() > 0.5
+    for scale, tissue in (("median", -1 / 3), ("p99.5", 1.0)):
+        scaled = bench.normalise_volume(volume, masks, scale)
+        assert scaled.min() >= -1.0 and scaled.max() <= 1.0
+        assert np.all(scaled[:, 0][~masks] == -1.0)
+        # median: tissue at a third of the range (3 x median = 1); p99.5: tissue near the top
+        assert np.median(scaled[:, 0][masks]) == pytest.approx(tissue, abs=0.05)
+
+
+def test_region_masks_per_patient_at_the_model_size(bench):
+    rng = np.random.default_rng(1)
+    yy, xx = np.mgrid[:128, :128]
+    radius = np.hypot(yy - 64, xx - 64)
+    slices = rng.uniform(0, 4, (4, 128, 128)).astype(np.float32)
+    slices[:, (radius >= 44) & (radius < 56)] = 150.0  # scalp
+    slices[:, (radius >= 38) & (radius < 44)] = 20.0  # skull
+    slices[:, radius < 38] = 100.0  # brain
+    head, brain = bench.region_masks(slices, np.array(["a", "a", "b", "b"]), 32)
+    assert head.shape == brain.shape == (4, 32, 32)
+    small = np.hypot(*(np.mgrid[:32, :32] + 0.5 - 16))  # pixel centres at 32^2
+    assert (head == (small < 14)).mean() > 0.97
+    assert (brain == (small < 9.5)).mean() > 0.97
+    assert not (brain & ~head).any()
 
 
 def test_evaluate_and_dice_at_threshold(bench):
@@ -78,3 +98,23 @@ def test_evaluate_and_dice_at_threshold(bench):
     assert result["dice_at_val_threshold"] == pytest.approx(1.0)
     assert result["image_auroc"] == 1.0
     assert bench.dice_at(maps, masks, head, 2.0) == 0.0
+
+
+@pytest.mark.slow
+@pytest.mark.realdata
+def test_quick_run_on_real_lgg_writes_every_row(bench, tmp_path):
+    real_data("lgg_mri_2d")
+    out = tmp_path / "out"
+    assert bench.main(["--out", str(out), "--quick", "--figures", "1", "--threads", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["region"] == "brain"
+    assert [len(results["split"][f"{k}_patients"]) for k in ("train", "val", "test")] == [4, 1, 1]
+    assert set(results["rows"]) == {key for row in bench.ROWS for key in (row, f"{row}_tuned")}
+    for row in results["rows"].values():
+        for metric in ("pixel_auroc", "pixel_ap", "best_dice", "image_auroc", "seconds"):
+            assert row[metric] is not None and np.isfinite(row[metric])
+        assert 0.0 <= row["pixel_auroc"] <= 1.0 and 0.0 <= row["best_dice"] <= 1.0
+    assert 0.0 <= results["reference"]["flair_intensity"]["pixel_auroc"] <= 1.0
+    markdown = (out / "results.md").read_text()
+    assert "pixel AUROC (brain)" in markdown and "Reference without a model" in markdown
+    assert results["figures"] and (out / results["figures"][0]).exists()

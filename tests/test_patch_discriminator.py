@@ -10,7 +10,7 @@ import torch
 from scipy import ndimage
 
 from medanomaly import BaseDetector, get_model
-from medanomaly.errors import ConfigError
+from medanomaly.errors import ConfigError, InvalidImageError
 from medanomaly.evaluation.pixel import pixel_metrics
 from medanomaly.models.patch_discriminator import (
     TripletPatches,
@@ -149,6 +149,14 @@ def test_zscore_and_top_fraction_use_the_foreground_only():
     np.testing.assert_allclose(top_fraction_mean(maps, foreground, 0.5).numpy(), [2.5, 5.0])
 
 
+def test_an_empty_foreground_counts_as_every_voxel():
+    maps = torch.tensor([[1.0, 2.0, 3.0, 6.0], [4.0, 0.0, 0.0, 0.0]])
+    foreground = torch.tensor([[False] * 4, [True, False, False, False]])
+    np.testing.assert_allclose(top_fraction_mean(maps, foreground, 0.5).numpy(), [4.5, 4.0])
+    z = zscore_maps(maps, foreground)
+    assert torch.isfinite(z).all() and abs(float(z[0].mean())) < 1e-6
+
+
 # -- the fitted detector ---------------------------------------------------------------------
 def test_map_is_on_the_input_grid_and_z_scored_inside_the_foreground(fitted, lesions):
     result = fitted.detect(lesions)
@@ -207,6 +215,20 @@ def test_save_load_round_trip(fitted, lesions, tmp_path):
 def test_reconstructions_are_the_reconstructors(fitted, lesions):
     own = fitted.reconstructor_.detect(lesions).reconstructions
     np.testing.assert_allclose(fitted.detect(lesions).reconstructions, own)
+
+
+def test_scores_reconstructions_made_elsewhere(fitted, lesions):
+    own = fitted.detect(lesions)
+    again = fitted.detect_reconstructed(lesions, own.reconstructions)
+    np.testing.assert_allclose(again.scores, own.scores, rtol=1e-5)
+    np.testing.assert_allclose(again.maps, own.maps, atol=1e-5)
+    # a perfect reconstruction leaves no distance; a blank one lights up the whole head
+    perfect = fitted.distance_maps(lesions, lesions.images)
+    assert np.abs(perfect).max() < 1e-4
+    blank = fitted.detect_reconstructed(lesions, np.full_like(lesions.images, -1.0))
+    assert np.all(blank.scores > own.scores)
+    with pytest.raises(InvalidImageError, match="reconstructions have shape"):
+        fitted.detect_reconstructed(lesions, lesions.images[:1])
 
 
 def test_composes_with_a_vae_and_resumes_from_its_run_directory(tmp_path):

@@ -174,14 +174,26 @@ def foreground_of(images: torch.Tensor, threshold: float | None) -> torch.Tensor
     return torch.from_numpy(filled).to(images.device)
 
 
+def every_voxel_if_empty(foreground: torch.Tensor) -> torch.Tensor:
+    """The foreground masks ``(B, *spatial)``, with an empty one replaced by all voxels.
+
+    An image without foreground (a slice above the head, a failed mask) is scored over the
+    whole image rather than not at all, as :func:`foreground_of` does.
+    """
+    empty = ~foreground.flatten(1).any(dim=1)
+    if not empty.any():
+        return foreground
+    return foreground | empty.view(-1, *([1] * (foreground.dim() - 1)))
+
+
 def zscore_maps(maps: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
     """Per-image z-score with the mean and population SD of the foreground voxels.
 
     Background voxels get the foreground minimum. A constant map (SD at float precision
-    of zero) becomes all zeros.
+    of zero) becomes all zeros. An empty foreground counts as every voxel.
     """
     flat = maps.flatten(1).double()
-    weight = foreground.flatten(1).double()
+    weight = every_voxel_if_empty(foreground).flatten(1).double()
     count = weight.sum(dim=1, keepdim=True)
     mean = (flat * weight).sum(dim=1, keepdim=True) / count
     sd = (((flat - mean) ** 2 * weight).sum(dim=1, keepdim=True) / count).sqrt()
@@ -196,7 +208,11 @@ def zscore_maps(maps: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
 def top_fraction_mean(
     maps: torch.Tensor, foreground: torch.Tensor, fraction: float
 ) -> torch.Tensor:
-    """Mean of the highest ``fraction`` of each map's foreground voxels (at least one)."""
+    """Mean of the highest ``fraction`` of each map's foreground voxels (at least one).
+
+    An empty foreground counts as every voxel.
+    """
+    foreground = every_voxel_if_empty(foreground)
     flat = maps.flatten(1).double().masked_fill(~foreground.flatten(1), -math.inf)
     ordered = flat.sort(dim=1, descending=True).values
     counts = foreground.flatten(1).sum(dim=1)
@@ -612,22 +628,70 @@ class PatchDiscriminator(BaseDetector):
         self.check_fitted()
         return self._run(x, keep_maps=False)[0]
 
-    def distance_maps(self, x: ImageSet | np.ndarray | torch.Tensor) -> np.ndarray:
-        """The raw (not z-scored) embedding-distance maps ``(N, *spatial)``."""
+    def distance_maps(
+        self, x: ImageSet | np.ndarray | torch.Tensor, reconstructions: np.ndarray | None = None
+    ) -> np.ndarray:
+        """The raw (not z-scored) embedding-distance maps ``(N, *spatial)``.
+
+        ``reconstructions``: compare with these instead of the reconstructor's.
+        """
         self.check_fitted()
-        return self._run(x, keep_maps=True)[2]
+        recons = None if reconstructions is None else np.asarray(reconstructions, np.float32)
+        return self._run(x, keep_maps=True, reconstructions=recons)[2]
+
+    def detect_reconstructed(
+        self, x: ImageSet | np.ndarray | torch.Tensor, reconstructions: np.ndarray
+    ) -> AnomalyResult:
+        """Like :meth:`detect`, against reconstructions made elsewhere.
+
+        The embedding network is trained on normal patches only and never sees a
+        reconstruction, so one trained detector can compare images with the reconstructions
+        of another model or of a latent search (seed 002 pairs its patch discriminator with
+        VAE, IntroVAE and IntroVAE + latent search).
+
+        Args:
+            x: Images ``(N, C, *spatial)`` of the training shape.
+            reconstructions: Their reconstructions, the same shape.
+
+        Returns:
+            Scores, z-scored maps, labels at the detector's threshold and the given
+            reconstructions (``distance_maps(x, reconstructions)``: the raw maps).
+        """
+        self.check_fitted()
+        recons = np.asarray(reconstructions, dtype=np.float32)
+        scores, maps, _, recons = self._run(x, keep_maps=True, reconstructions=recons)
+        return AnomalyResult(
+            scores=scores,
+            labels=(scores > self.threshold_).astype(np.int64),
+            maps=maps,
+            reconstructions=recons,
+            threshold=self.threshold_,
+        )
 
     def _run(
-        self, x: Any, keep_maps: bool
+        self, x: Any, keep_maps: bool, reconstructions: np.ndarray | None = None
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None, np.ndarray | None]:
-        """Scores, z-scored maps, raw maps and reconstructions, in chunks of images."""
+        """Scores, z-scored maps, raw maps and reconstructions, in chunks of images.
+
+        ``reconstructions`` given: used instead of the reconstructor's.
+        """
         images = as_image_set(x, self.spatial_dims)
         self._check_shape(images)
         if len(images) == 0:
             raise InvalidImageError("<input>", "no images to score")
+        if reconstructions is not None and reconstructions.shape != images.images.shape:
+            raise InvalidImageError(
+                images.ids[0] if images.ids else "<input>",
+                f"reconstructions have shape {reconstructions.shape}, the images "
+                f"{images.images.shape}",
+            )
         step = self._chunk_size(tuple(images.images.shape[1:]))
         parts = [
-            self._score_chunk(images.images[start : start + step], keep_maps)
+            self._score_chunk(
+                images.images[start : start + step],
+                keep_maps,
+                None if reconstructions is None else reconstructions[start : start + step],
+            )
             for start in range(0, len(images), step)
         ]
         scores = np.concatenate([part[0] for part in parts]).astype(np.float64)
@@ -674,9 +738,12 @@ class PatchDiscriminator(BaseDetector):
             )
         return recons
 
-    def _score_chunk(self, chunk: np.ndarray, keep_maps: bool) -> tuple[np.ndarray, ...]:
+    def _score_chunk(
+        self, chunk: np.ndarray, keep_maps: bool, recons: np.ndarray | None = None
+    ) -> tuple[np.ndarray, ...]:
         """Scores (and z-scored maps, raw maps, reconstructions) of a chunk of images."""
-        recons = self._reconstruct(chunk)
+        if recons is None:
+            recons = self._reconstruct(chunk)
         device = next(self.network_.parameters()).device
         x = torch.from_numpy(np.ascontiguousarray(chunk)).to(device)
         raw = self.raw_maps(x, torch.from_numpy(recons).to(device))

@@ -24,13 +24,14 @@ from medanomaly.transforms.compose import (
 )
 from medanomaly.transforms.intensity import Clip, HUWindow, MinMax, PercentileRescale, ZScore
 from medanomaly.transforms.mask import ForegroundMask
-from medanomaly.transforms.mri import HistogramMatch, N4BiasCorrection
+from medanomaly.transforms.mri import BrainMask, HistogramMatch, N4BiasCorrection
 from medanomaly.transforms.spatial import Crop, Flip, Pad, Resample, Resize
 
 __all__ = [
     "FOREGROUND_KEY",
     "LESION_KEY",
     "TRANSFORMS",
+    "BrainMask",
     "Clip",
     "Compose",
     "Crop",

@@ -14,7 +14,7 @@ from medanomaly.transforms._base import RandomTransform, Transform
 from medanomaly.transforms.augment import RandAffine, RandFlip, RandIntensity
 from medanomaly.transforms.intensity import Clip, HUWindow, MinMax, PercentileRescale, ZScore
 from medanomaly.transforms.mask import ForegroundMask
-from medanomaly.transforms.mri import HistogramMatch, N4BiasCorrection
+from medanomaly.transforms.mri import BrainMask, HistogramMatch, N4BiasCorrection
 from medanomaly.transforms.spatial import Crop, Flip, Pad, Resample, Resize
 
 TRANSFORMS: dict[str, type[Transform]] = {
@@ -31,6 +31,7 @@ TRANSFORMS: dict[str, type[Transform]] = {
     "foreground_mask": ForegroundMask,
     "n4_bias_correction": N4BiasCorrection,
     "histogram_match": HistogramMatch,
+    "brain_mask": BrainMask,
     "rand_flip": RandFlip,
     "rand_affine": RandAffine,
     "rand_intensity": RandIntensity,

@@ -1,4 +1,4 @@
-"""MRI intensity corrections with SimpleITK: N4 bias-field correction and histogram matching."""
+"""MRI-specific steps: N4 bias-field correction, histogram matching (SimpleITK), brain masks."""
 
 from __future__ import annotations
 
@@ -9,18 +9,22 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk  # noqa: N813 - the customary SimpleITK alias
 
-from medanomaly.errors import ConfigError
+from medanomaly.errors import ConfigError, InvalidImageError
 from medanomaly.image import MedicalImage
 from medanomaly.transforms._base import (
+    FOREGROUND_KEY,
     Transform,
     as_bool,
+    as_float,
     as_int,
     as_sequence,
     check_image,
     config_error,
     get_foreground,
+    source_of,
     with_values,
 )
+from medanomaly.transforms.mask import brain_masks
 
 
 def _to_sitk(values: np.ndarray, spacing: Sequence[float]) -> sitk.Image:
@@ -165,3 +169,83 @@ class HistogramMatch(Transform):
         """Return the histogram-matched image."""
         check_image(self.name, image)
         return with_values(image, np.stack([self._match(c) for c in image.array]))
+
+
+class BrainMask(Transform):
+    """Morphological brain mask of head MRI (T1, T2, FLAIR) in ``meta["foreground"]``.
+
+    Wraps :func:`medanomaly.transforms.mask.brain_masks` (no network or atlas: a dark skull
+    band separates scalp from brain). A 3D volume is cut into slices along ``axis`` (the
+    axial axis; 2 for RAS-ordered arrays) which share one intensity threshold and are kept
+    consistent from the middle outwards; a 2D image is one slice. The radii are in
+    millimetres, converted with the in-plane spacing. Run it on raw intensities, before
+    normalisation; with ``strip`` the voxels outside the brain are set to ``background``
+    (skull stripping), so a later normalisation sees brain only.
+
+    Args:
+        channel: Channel whose intensities define the mask (e.g. FLAIR).
+        axis: Spatial axis of the slices of a 3D volume.
+        erode_mm: Scalp margin removed from the head.
+        opening_mm: Radius that separates brain from scalp.
+        closing_mm: Radius that smooths the brain outline.
+        grow_mm: Largest outward step of the outline between neighbouring slices (3D).
+        strip: Set every channel outside the brain to ``background``.
+        background: The value outside the brain when stripping.
+    """
+
+    name = "brain_mask"
+
+    def __init__(
+        self,
+        channel: int = 0,
+        axis: int = 2,
+        erode_mm: float = 8.0,
+        opening_mm: float = 4.0,
+        closing_mm: float = 6.0,
+        grow_mm: float = 8.0,
+        strip: bool = False,
+        background: float = 0.0,
+    ) -> None:
+        self.channel = as_int(self.name, "channel", channel, minimum=0)
+        self.axis = as_int(self.name, "axis", axis, minimum=0)
+        self.erode_mm = as_float(self.name, "erode_mm", erode_mm, positive=True)
+        self.opening_mm = as_float(self.name, "opening_mm", opening_mm, positive=True)
+        self.closing_mm = as_float(self.name, "closing_mm", closing_mm, positive=True)
+        self.grow_mm = as_float(self.name, "grow_mm", grow_mm, positive=True)
+        self.strip = as_bool(self.name, "strip", strip)
+        self.background = as_float(self.name, "background", background)
+
+    def __call__(self, image: MedicalImage) -> MedicalImage:
+        """Return the image with ``meta["foreground"]`` = brain (and stripped if asked)."""
+        check_image(self.name, image)
+        if self.channel >= image.array.shape[0]:
+            raise InvalidImageError(
+                source_of(image),
+                f"{self.name}: channel {self.channel} does not exist "
+                f"({image.array.shape[0]} channel(s))",
+            )
+        if image.spatial_dims == 3 and self.axis > 2:
+            raise config_error(self.name, "axis", f"must be 0, 1 or 2 (got {self.axis})")
+        axis = self.axis if image.spatial_dims == 3 else None
+        brain = self._mask(image.array[self.channel], image.spacing, axis)
+        array = image.array
+        if self.strip:
+            array = np.where(brain[None], array, np.asarray(self.background, array.dtype))
+        return image.with_array(array, meta={**image.meta, FOREGROUND_KEY: brain})
+
+    def _mask(self, values: np.ndarray, spacing: Sequence[float], axis: int | None) -> np.ndarray:
+        slices = values[None] if axis is None else np.moveaxis(values, axis, 0)
+        in_plane = [s for i, s in enumerate(spacing) if i != axis]
+        mm = float(np.mean(in_plane)) or 1.0
+
+        def pixels(radius: float) -> int:
+            return max(1, round(radius / mm))
+
+        brain = brain_masks(
+            slices,
+            erode=pixels(self.erode_mm),
+            opening=pixels(self.opening_mm),
+            closing=pixels(self.closing_mm),
+            grow=pixels(self.grow_mm) if axis is not None else None,
+        )
+        return brain[0] if axis is None else np.moveaxis(brain, 0, axis)
