@@ -41,8 +41,8 @@ Models (configs/vae_lgg_2d.yaml, introvae_lgg_2d.yaml, patch_discriminator_lgg_2
 * Patch discriminator: the ``patch_discriminator`` detector with the VAE as its reconstructor
   (the VAE is trained once and loaded by the detector from ``OUT/vae/reconstructor_vae``), the
   embedding network at the CPU widths the config names (16-32-64-128, hidden 256, embedding
-  64), patches of size/8 (seed 002's 32 at 256), stride 1 (every pixel, as seed 002),
-  ``--emb-epochs`` (30). The
+  64), patches of size/8 (seed 002's 32 at 256), stride size/64 (1 at 64^2: every pixel, as
+  seed 002; the cost grows with 1 / stride^2), ``--emb-epochs`` (30), ``--positive-blur`` (0). The
   embedding network is trained by triplet loss on patches of the normal training images only
   and never sees a reconstruction, so the one trained embedding network serves all three
   reconstructors: the IntroVAE rows hand their own reconstructions to the detector's
@@ -289,10 +289,11 @@ def pd_config(args: argparse.Namespace) -> dict[str, Any]:
         in_channels=args.in_channels,
         reconstructor={**vae["model"], "engine": vae["engine"]},
         patch_size=patch,
-        stride=1,  # seed 002 scores every pixel
+        stride=max(1, args.size // 64),  # seed 002 scores every pixel; 1 at 64^2
         channels=[16, 32, 64, 128],  # the config's CPU widths
         hidden_dim=256,
         embedding_dim=64,
+        positive_blur=args.positive_blur,
     )
     config["engine"] = engine_block(config, args, args.emb_epochs)
     config["engine"]["batch_size"] = 64
@@ -812,6 +813,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--introvae-epochs", type=int, help="default 80 (or --epochs)")
     parser.add_argument("--emb-epochs", type=int, help="embedding epochs, default 30 (or --epochs)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--positive-blur", type=float, default=0.0,
+        help="largest Gaussian SD (px) blurring the triplet positives (0: seed 002's triplets)",
+    )  # fmt: skip
     parser.add_argument("--latent-steps", type=int, default=100)
     parser.add_argument("--latent-lr", type=float, default=1e-3)
     parser.add_argument("--rows", nargs="+", choices=ROWS, default=ROWS)

@@ -79,6 +79,18 @@ def test_positives_are_closer_than_negatives_in_pixel_space():
     assert np.mean(closer) > 0.9
 
 
+def test_blurred_positives_are_smoother_and_still_closer():
+    rng = np.random.default_rng(0)
+    images = rng.normal(0, 1, (4, 1, 32, 32)).astype(np.float32)  # sharp texture
+    fixed = {"max_shift": 0, "intensity_scale": 0.0, "intensity_offset": 0.0}
+    plain = TripletPatches(images, (16, 16), negative_min_distance=8, **fixed)
+    blurred = TripletPatches(images, (16, 16), negative_min_distance=8, blur_sigma=2.0, **fixed)
+    for index in range(8):
+        anchor, positive, negative = blurred[index].numpy()
+        np.testing.assert_array_equal(plain[index].numpy()[1], anchor)  # no blur: a copy
+        assert positive.std() <= anchor.std()  # smoothed noise loses variance
+
+
 def test_triplets_depend_only_on_seed_and_index_and_change_with_reseed():
     images = _smooth_fields(4)
     first, again = (TripletPatches(images, (16, 16), seed=3) for _ in range(2))
@@ -267,6 +279,7 @@ def test_a_reconstructor_without_reconstructions_is_named(fitted, lesions, monke
         ({"stride": 16, "patch_size": 8}, "larger than patch_size"),
         ({"score_from": "mean"}, "score_from"),
         ({"top_fraction": 0.0}, "top_fraction"),
+        ({"positive_blur": -1.0}, "positive_blur"),
         ({"reconstructor": {"latent_dim": 8}}, "no 'name'"),
     ],
 )

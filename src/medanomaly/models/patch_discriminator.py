@@ -238,6 +238,8 @@ class TripletPatches(Dataset):
         intensity_scale: The positive's intensities are multiplied by a factor drawn from
             ``[1 - intensity_scale, 1 + intensity_scale]``.
         intensity_offset: ... and shifted by an offset drawn from ``[-offset, offset]``.
+        blur_sigma: ... and smoothed by a Gaussian whose SD (voxels) is drawn from
+            ``[0, blur_sigma]`` (0: never).
         negative_min_distance: A negative from the anchor's image starts at least this many
             voxels away along some axis.
         negative_other_image: Probability that the negative comes from another image (at a
@@ -261,6 +263,7 @@ class TripletPatches(Dataset):
         negative_other_image: float = 0.0,
         triplets_per_image: int = 16,
         seed: int = 0,
+        blur_sigma: float = 0.0,
     ) -> None:
         self.images = np.asarray(images, dtype=np.float32)
         self.patch_shape = tuple(patch_shape)
@@ -272,6 +275,7 @@ class TripletPatches(Dataset):
         self.max_shift = max_shift
         self.intensity_scale = intensity_scale
         self.intensity_offset = intensity_offset
+        self.blur_sigma = blur_sigma
         self.negative_min_distance = negative_min_distance
         self.negative_other_image = negative_other_image
         self.triplets_per_image = triplets_per_image
@@ -301,6 +305,9 @@ class TripletPatches(Dataset):
         scale = rng.uniform(1.0 - self.intensity_scale, 1.0 + self.intensity_scale)
         offset = rng.uniform(-self.intensity_offset, self.intensity_offset)
         positive = self._crop(image, np.clip(start + shift, 0, self.limits)) * scale + offset
+        if self.blur_sigma > 0:
+            sigma = rng.uniform(0.0, self.blur_sigma)
+            positive = ndimage.gaussian_filter(positive, (0.0,) + (sigma,) * len(start))
         negative = self._crop(*self._negative(rng, image, start))
         return torch.from_numpy(np.stack([anchor, positive, negative]).astype(np.float32))
 
@@ -352,6 +359,9 @@ class PatchDiscriminator(BaseDetector):
         max_shift: Largest shift (voxels per axis) between anchor and positive.
         intensity_scale: Largest relative intensity scaling of the positive.
         intensity_offset: Largest intensity offset of the positive.
+        positive_blur: Largest SD (voxels) of a Gaussian blur of the positive (0: none, as
+            seed 002). Reconstructions are smoother than the images; a blur-invariant
+            embedding measures what differs in content rather than in sharpness.
         negative_min_distance: Smallest distance (voxels, along some axis) between the
             anchor and a negative from the same image; ``None``: half the patch side.
         negative_other_image: Probability of drawing the negative from another image
@@ -383,6 +393,7 @@ class PatchDiscriminator(BaseDetector):
         max_shift: int = 3,
         intensity_scale: float = 0.1,
         intensity_offset: float = 0.05,
+        positive_blur: float = 0.0,
         negative_min_distance: int | None = None,
         negative_other_image: float = 0.0,
         triplets_per_image: int = 16,
@@ -404,6 +415,7 @@ class PatchDiscriminator(BaseDetector):
         self.max_shift = max_shift
         self.intensity_scale = intensity_scale
         self.intensity_offset = intensity_offset
+        self.positive_blur = positive_blur
         self.negative_min_distance = negative_min_distance
         self.negative_other_image = negative_other_image
         self.triplets_per_image = triplets_per_image
@@ -453,6 +465,7 @@ class PatchDiscriminator(BaseDetector):
             "triplets_per_image must be >= 1": self.triplets_per_image >= 1,
             "negative_other_image must lie in [0, 1]": 0.0 <= self.negative_other_image <= 1.0,
             "intensity_scale must lie in [0, 1)": 0.0 <= self.intensity_scale < 1.0,
+            "positive_blur must be >= 0": self.positive_blur >= 0,
         }
         for message, ok in checks.items():
             if not ok:
@@ -478,6 +491,7 @@ class PatchDiscriminator(BaseDetector):
             self.negative_other_image,
             self.triplets_per_image,
             seed,
+            self.positive_blur,
         )
 
     def build_network(self) -> PatchEmbedding:
