@@ -41,12 +41,13 @@ Models (configs/vae_lgg_2d.yaml, introvae_lgg_2d.yaml, patch_discriminator_lgg_2
 * Patch discriminator: the ``patch_discriminator`` detector with the VAE as its reconstructor
   (the VAE is trained once and loaded by the detector from ``OUT/vae/reconstructor_vae``), the
   embedding network at the CPU widths the config names (16-32-64-128, hidden 256, embedding
-  64), patches of size/8 (seed 002's 32 at 256), stride size/64 (1 at 64^2: every pixel, as
-  seed 002; the cost grows with 1 / stride^2), ``--emb-epochs`` (30), ``--positive-blur`` (0). The
-  embedding network is trained by triplet loss on patches of the normal training images only
-  and never sees a reconstruction, so the one trained embedding network serves all three
-  reconstructors: the IntroVAE rows hand their own reconstructions to the detector's
-  ``detect_reconstructed`` (z-scored maps, scores) and ``distance_maps`` (raw maps).
+  64), patches of size/8 (seed 002's 32 at 256), stride ``--pd-stride``, default size/64 (1
+  at 64^2: every pixel, as seed 002; the cost grows with 1 / stride^2; --quick: 4),
+  ``--emb-epochs`` (30), ``--positive-blur`` (0). The embedding network is trained by
+  triplet loss on patches of the normal training images only and never sees a
+  reconstruction, so the one trained embedding network serves all three reconstructors: the
+  IntroVAE rows hand their own reconstructions to the detector's ``patch_maps`` (scores,
+  z-scored and raw maps).
 
 Rows: for each reconstructor (a) the residual map, squared residual summed over channels, and
 (b) the patch-discriminator map, z-scored per slice (seed 002). "Tuned" rows: for each of
@@ -289,7 +290,7 @@ def pd_config(args: argparse.Namespace) -> dict[str, Any]:
         in_channels=args.in_channels,
         reconstructor={**vae["model"], "engine": vae["engine"]},
         patch_size=patch,
-        stride=max(1, args.size // 64),  # seed 002 scores every pixel; 1 at 64^2
+        stride=args.pd_stride or max(1, args.size // 64),  # seed 002: every pixel
         channels=[16, 32, 64, 128],  # the config's CPU widths
         hidden_dim=256,
         embedding_dim=64,
@@ -383,12 +384,8 @@ def reconstructions(
 
 def pd_maps(pd: Any, images: np.ndarray, recon: np.ndarray) -> dict[str, np.ndarray]:
     """The detector's view of given reconstructions: raw and z-scored maps, image scores."""
-    result = pd.detect_reconstructed(images, recon)
-    return {
-        "pd_raw": pd.distance_maps(images, recon),
-        "pd_z": result.maps,
-        "pd_scores": result.scores,
-    }
+    scores, zscored, raw = pd.patch_maps(images, recon)
+    return {"pd_raw": raw, "pd_z": zscored, "pd_scores": scores}
 
 
 def smooth(maps: np.ndarray, sigma: float) -> np.ndarray:
@@ -813,6 +810,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--introvae-epochs", type=int, help="default 80 (or --epochs)")
     parser.add_argument("--emb-epochs", type=int, help="embedding epochs, default 30 (or --epochs)")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--pd-stride", type=int, help="patch-map stride (default size/64)")
     parser.add_argument(
         "--positive-blur", type=float, default=0.0,
         help="largest Gaussian SD (px) blurring the triplet positives (0: seed 002's triplets)",
@@ -834,6 +832,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     if args.quick:
         args.epochs, args.introvae_epochs, args.emb_epochs = 2, 2, 1
         args.latent_steps = min(args.latent_steps, 3)
+        args.pd_stride = args.pd_stride or 4
     args.in_channels = 1 if args.channels == "flair" else 3
     args.flair_index = FLAIR if args.in_channels == 3 else 0
     return args

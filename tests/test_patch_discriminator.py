@@ -241,6 +241,10 @@ def test_scores_reconstructions_made_elsewhere(fitted, lesions):
     assert np.all(blank.scores > own.scores)
     with pytest.raises(InvalidImageError, match="reconstructions have shape"):
         fitted.detect_reconstructed(lesions, lesions.images[:1])
+    scores, zscored, raw = fitted.patch_maps(lesions, own.reconstructions)
+    np.testing.assert_allclose(scores, own.scores, rtol=1e-5)
+    np.testing.assert_allclose(zscored, own.maps, atol=1e-5)
+    np.testing.assert_allclose(raw, fitted.distance_maps(lesions), rtol=1e-5, atol=1e-6)
 
 
 def test_composes_with_a_vae_and_resumes_from_its_run_directory(tmp_path):

@@ -653,6 +653,18 @@ class PatchDiscriminator(BaseDetector):
         recons = None if reconstructions is None else np.asarray(reconstructions, np.float32)
         return self._run(x, keep_maps=True, reconstructions=recons)[2]
 
+    def patch_maps(
+        self, x: ImageSet | np.ndarray | torch.Tensor, reconstructions: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Scores, z-scored maps and raw distance maps in one pass.
+
+        ``reconstructions``: compare with these instead of the reconstructor's.
+        """
+        self.check_fitted()
+        recons = None if reconstructions is None else np.asarray(reconstructions, np.float32)
+        scores, z, raw, _ = self._run(x, keep_maps=True, reconstructions=recons)
+        return scores, z, raw
+
     def detect_reconstructed(
         self, x: ImageSet | np.ndarray | torch.Tensor, reconstructions: np.ndarray
     ) -> AnomalyResult:
