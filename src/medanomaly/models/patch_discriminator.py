@@ -649,9 +649,7 @@ class PatchDiscriminator(BaseDetector):
 
         ``reconstructions``: compare with these instead of the reconstructor's.
         """
-        self.check_fitted()
-        recons = None if reconstructions is None else np.asarray(reconstructions, np.float32)
-        return self._run(x, keep_maps=True, reconstructions=recons)[2]
+        return self.patch_maps(x, reconstructions)[2]
 
     def patch_maps(
         self, x: ImageSet | np.ndarray | torch.Tensor, reconstructions: np.ndarray | None = None
@@ -683,9 +681,8 @@ class PatchDiscriminator(BaseDetector):
             Scores, z-scored maps, labels at the detector's threshold and the given
             reconstructions (``distance_maps(x, reconstructions)``: the raw maps).
         """
-        self.check_fitted()
         recons = np.asarray(reconstructions, dtype=np.float32)
-        scores, maps, _, recons = self._run(x, keep_maps=True, reconstructions=recons)
+        scores, maps, _ = self.patch_maps(x, recons)
         return AnomalyResult(
             scores=scores,
             labels=(scores > self.threshold_).astype(np.int64),
