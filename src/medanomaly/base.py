@@ -69,6 +69,8 @@ class BaseDetector(ABC):
 
     Attributes:
         name: Registry name, set by :func:`medanomaly.registry.register`.
+        baseline: True for the no-model baselines (``intensity``, ``volume``): benchmarks
+            mark their rows as such.
         threshold_: Image-level decision threshold learned by ``fit`` (score > threshold_
             means abnormal); by default mean + ``threshold_sd`` * SD of the scores of held-out
             normal validation images (seed 004).
@@ -76,6 +78,7 @@ class BaseDetector(ABC):
     """
 
     name: ClassVar[str] = ""
+    baseline: ClassVar[bool] = False  # a no-model baseline (plain statistics, no network)
     spatial_dims: int
 
     @abstractmethod

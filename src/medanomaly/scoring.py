@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -80,17 +81,153 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
 
 
-def coarse_noise(x: torch.Tensor, std: float, grid: int) -> torch.Tensor:
+def coarse_noise(
+    x: torch.Tensor, std: float, grid: int, shift: bool = False, lattice: torch.Tensor | None = None
+) -> torch.Tensor:
     """Smooth Gaussian noise like ``x``: drawn on a ``grid``-per-side lattice, upsampled.
 
     The denoising autoencoder of Kascenas et al. (2022) learns to remove such blob-sized
-    perturbations, so that it also "repairs" lesions instead of copying them.
+    perturbations, so that it also "repairs" lesions instead of copying them. The lattice is
+    upsampled (bi/trilinear) to the image grid; with ``shift`` each image's noise is rolled by
+    a random offset along every axis, so that the blobs do not sit on the same lattice in
+    every image (the paper rolls the noise the same way).
+
+    Args:
+        x: Batch ``(B, C, *spatial)`` the noise is for.
+        std: SD of the lattice values (in the image's intensity units).
+        grid: Lattice points per side.
+        shift: Roll each image's noise by a random offset (uniform over each axis).
+        lattice: Use these lattice values ``(B, C, *(grid,) * d)`` instead of drawing them
+            (tests); they are scaled by ``std``.
     """
     spatial = x.shape[2:]
-    coarse = torch.randn(x.shape[0], x.shape[1], *(grid,) * len(spatial), device=x.device)
+    if lattice is None:
+        lattice = torch.randn(x.shape[0], x.shape[1], *(grid,) * len(spatial), device=x.device)
     mode = "bilinear" if len(spatial) == 2 else "trilinear"
-    noise = functional.interpolate(coarse, size=spatial, mode=mode, align_corners=False)
+    noise = functional.interpolate(lattice.float(), size=spatial, mode=mode, align_corners=False)
+    if shift:
+        dims = tuple(range(1, len(spatial) + 1))
+        offsets = torch.stack([torch.randint(0, n, (x.shape[0],)) for n in spatial], dim=1)
+        noise = torch.stack(
+            [
+                torch.roll(n, tuple(int(o) for o in off), dims)
+                for n, off in zip(noise, offsets, strict=True)
+            ]
+        )
     return noise.to(x.dtype) * std
+
+
+def foreground_mask(x: torch.Tensor, threshold: float | None) -> torch.Tensor:
+    """Foreground voxels ``(B, *spatial)``: any channel above ``threshold`` (``None``: all)."""
+    if threshold is None:
+        return torch.ones((x.shape[0], *x.shape[2:]), dtype=torch.bool, device=x.device)
+    return (x > threshold).any(dim=1)
+
+
+def erode_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
+    """Box erosion of bool masks ``(B, *spatial)`` by ``width`` voxels (0: unchanged).
+
+    Voxels beyond the image border count as background, so the border is eroded too.
+    """
+    if width <= 0:
+        return mask
+    pool = functional.max_pool2d if mask.dim() == 3 else functional.max_pool3d
+    outside = functional.pad(
+        (~mask).float().unsqueeze(1), (width,) * (2 * (mask.dim() - 1)), value=1.0
+    )
+    return pool(outside, 2 * width + 1, stride=1)[:, 0] < 0.5
+
+
+def median_filter(maps: torch.Tensor, size: int) -> torch.Tensor:
+    """Median of each voxel's ``size``-wide neighbourhood, maps ``(B, *spatial)``.
+
+    The border is replicated; ``size`` 1 returns the maps unchanged.
+    """
+    if size <= 1:
+        return maps
+    if size % 2 == 0:
+        raise ValueError(f"median_filter: size must be odd, got {size}")
+    dims = maps.dim() - 1
+    half = size // 2
+    padded = functional.pad(maps.unsqueeze(1), (half,) * (2 * dims), mode="replicate")[:, 0]
+    windows = padded
+    for axis in range(1, dims + 1):
+        windows = windows.unfold(axis, size, 1)
+    return windows.flatten(dims + 1).median(dim=-1).values
+
+
+def every_voxel_if_empty(foreground: torch.Tensor) -> torch.Tensor:
+    """The foreground masks ``(B, *spatial)``, with an empty one replaced by all voxels.
+
+    An image without foreground (a slice above the head, a failed mask) is scored over the
+    whole image rather than not at all.
+    """
+    empty = ~foreground.flatten(1).any(dim=1)
+    if not empty.any():
+        return foreground
+    return foreground | empty.view(-1, *([1] * (foreground.dim() - 1)))
+
+
+def top_fraction_mean(
+    maps: torch.Tensor, foreground: torch.Tensor, fraction: float
+) -> torch.Tensor:
+    """Mean of the highest ``fraction`` of each map's foreground voxels (at least one).
+
+    An empty foreground counts as every voxel.
+    """
+    foreground = every_voxel_if_empty(foreground)
+    flat = maps.flatten(1).double().masked_fill(~foreground.flatten(1), -math.inf)
+    ordered = flat.sort(dim=1, descending=True).values
+    counts = foreground.flatten(1).sum(dim=1)
+    k = (counts.double() * fraction).round().clamp_min(1).long().clamp_max(counts)
+    totals = ordered.cumsum(dim=1).gather(1, (k - 1).unsqueeze(1))[:, 0]
+    return (totals / k.double()).float()
+
+
+def masked_percentile(maps: torch.Tensor, foreground: torch.Tensor, q: float) -> torch.Tensor:
+    """The ``q``-th percentile (0-100, linear interpolation) of each map inside its foreground.
+
+    An empty foreground counts as every voxel.
+    """
+    foreground = every_voxel_if_empty(foreground).flatten(1)
+    flat = maps.flatten(1).double()
+    out = [
+        torch.quantile(row[inside], q / 100.0) for row, inside in zip(flat, foreground, strict=True)
+    ]
+    return torch.stack(out).float() if out else maps.new_zeros(0)
+
+
+SCORE_REDUCTIONS = ("percentile", "top", "sum", "mean", "max")
+
+
+def reduce_inside(
+    maps: torch.Tensor, foreground: torch.Tensor, how: str, value: float
+) -> torch.Tensor:
+    """One score per map ``(B,)`` from its voxels inside ``foreground``.
+
+    Args:
+        maps: Anomaly maps ``(B, *spatial)``.
+        foreground: Bool masks like ``maps``; an empty one counts as every voxel.
+        how: ``percentile`` (the ``value``-th percentile), ``top`` (mean of the highest
+            ``value`` share of the voxels), ``sum``, ``mean`` or ``max``.
+        value: The percentile (0-100) or the share (0-1); unused otherwise.
+    """
+    if how == "percentile":
+        return masked_percentile(maps, foreground, value)
+    if how == "top":
+        return top_fraction_mean(maps, foreground, value)
+    inside = every_voxel_if_empty(foreground).flatten(1)
+    flat = maps.flatten(1).float()
+    if how == "sum":
+        return (flat * inside).sum(dim=1)
+    if how == "mean":
+        return (flat * inside).sum(dim=1) / inside.sum(dim=1)
+    if how == "max":
+        return flat.masked_fill(~inside, -math.inf).max(dim=1).values
+    raise ConfigError(
+        f"score reduction must be one of {SCORE_REDUCTIONS}, got {how!r}."
+        + did_you_mean(how, SCORE_REDUCTIONS)
+    )
 
 
 REDUCTIONS = ("mean", "max", "top")

@@ -70,7 +70,7 @@ from medanomaly.engine import Engine, EngineConfig, TrainingData, TrainingTask, 
 from medanomaly.errors import ConfigError, InvalidImageError
 from medanomaly.nets.patch_embedding import PatchEmbedding
 from medanomaly.registry import build_nested, get_model_class, nested_block, register
-from medanomaly.scoring import patch_starts
+from medanomaly.scoring import every_voxel_if_empty, patch_starts, top_fraction_mean
 
 log = logging.getLogger(__name__)
 
@@ -174,18 +174,6 @@ def foreground_of(images: torch.Tensor, threshold: float | None) -> torch.Tensor
     return torch.from_numpy(filled).to(images.device)
 
 
-def every_voxel_if_empty(foreground: torch.Tensor) -> torch.Tensor:
-    """The foreground masks ``(B, *spatial)``, with an empty one replaced by all voxels.
-
-    An image without foreground (a slice above the head, a failed mask) is scored over the
-    whole image rather than not at all, as :func:`foreground_of` does.
-    """
-    empty = ~foreground.flatten(1).any(dim=1)
-    if not empty.any():
-        return foreground
-    return foreground | empty.view(-1, *([1] * (foreground.dim() - 1)))
-
-
 def zscore_maps(maps: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
     """Per-image z-score with the mean and population SD of the foreground voxels.
 
@@ -203,22 +191,6 @@ def zscore_maps(maps: torch.Tensor, foreground: torch.Tensor) -> torch.Tensor:
     inside = weight.bool()
     floor = z.masked_fill(~inside, math.inf).min(dim=1, keepdim=True).values
     return torch.where(inside, z, floor).float().view_as(maps)
-
-
-def top_fraction_mean(
-    maps: torch.Tensor, foreground: torch.Tensor, fraction: float
-) -> torch.Tensor:
-    """Mean of the highest ``fraction`` of each map's foreground voxels (at least one).
-
-    An empty foreground counts as every voxel.
-    """
-    foreground = every_voxel_if_empty(foreground)
-    flat = maps.flatten(1).double().masked_fill(~foreground.flatten(1), -math.inf)
-    ordered = flat.sort(dim=1, descending=True).values
-    counts = foreground.flatten(1).sum(dim=1)
-    k = (counts.double() * fraction).round().clamp_min(1).long().clamp_max(counts)
-    totals = ordered.cumsum(dim=1).gather(1, (k - 1).unsqueeze(1))[:, 0]
-    return (totals / k.double()).float()
 
 
 # -- triplets ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from medanomaly.engine import EngineConfig
 from medanomaly.errors import ConfigError, InvalidImageError
 from medanomaly.nets import ResNetAutoencoder
 from medanomaly.registry import register
-from medanomaly.scoring import patch_starts, residual_map
+from medanomaly.scoring import foreground_mask, patch_starts, residual_map
 
 PATCH_REDUCTIONS = ("mean", "max")
 
@@ -171,21 +171,13 @@ class ResNetAE(DeepDetector):
             mode="gaussian",
         )
 
-    def foreground(self, x: torch.Tensor) -> torch.Tensor | None:
-        """Foreground voxels ``(B, *spatial)`` (any channel above the threshold), or ``None``."""
-        if self.foreground_threshold is None:
-            return None
-        return (x > self.foreground_threshold).any(dim=1)
-
     def evaluate(
         self, network: nn.Module, x: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Masked-MSE scores, squared residuals (zero outside the foreground), reconstructions."""
         reconstruction = self.reconstruct(network, x)
         maps = residual_map(x, reconstruction, "squared")
-        inside = self.foreground(x)
-        if inside is None:
-            inside = torch.ones_like(maps, dtype=torch.bool)
+        inside = foreground_mask(x, self.foreground_threshold)
         maps = maps * inside
         window = self.patch if self.patch_reduce == "max" else None
         return window_scores(maps, inside, window, self.patch_overlap), maps, reconstruction

@@ -1,0 +1,381 @@
+"""No-model baselines: plain statistics of the normal training images, fitted like a detector.
+
+A benchmark without these rows can mislead: thresholding FLAIR brightness beats most
+autoencoders on brain lesions (Meissen et al. 2021), and an enlarged gland is, first of all,
+a larger mask. Both baselines follow the detector interface (``fit`` on normal images, the
+default threshold mean + k * SD of held-out normal scores, ``save``/``load``), so
+``medanomaly cv`` and every benchmark run them under the same protocol as the models.
+
+* ``intensity``: the map is each voxel's intensity standardised against the normal training
+  images (one mean and SD per channel inside the foreground, or per voxel); the score is a
+  high percentile of the map inside the foreground.
+* ``volume``: the score is the foreground voxel count's deviation from the normal training
+  volumes, in SDs; the map shows where the case has foreground that normal images rarely
+  have there (or lacks what they have).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+
+from medanomaly import __version__
+from medanomaly.base import MODEL_FILE, AnomalyResult, BaseDetector, _plain, mean_sd_threshold
+from medanomaly.data import ImageSet, as_image_set
+from medanomaly.engine import EngineConfig, split_indices
+from medanomaly.errors import ConfigError, InvalidImageError, did_you_mean
+from medanomaly.registry import register
+from medanomaly.scoring import SCORE_REDUCTIONS, foreground_mask, reduce_inside
+
+DIRECTIONS = ("high", "low", "both")
+BATCH_VOXELS = 2**22
+SD_FLOOR = 1e-6
+
+
+class StatisticDetector(BaseDetector):
+    """Base of the baselines: statistics of normal images instead of a network.
+
+    A subclass gives ``fit_statistics(images)`` (learn from normal training images),
+    ``evaluate(x)`` (scores and maps of a batch tensor) and ``statistics()`` (its learned
+    arrays, for saving); ``fit``, the threshold, batching, input checks and persistence live
+    here.
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Image channels.
+        foreground_threshold: Voxels with any channel above it are foreground; ``None``:
+            every voxel.
+        threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
+        engine: Only ``val_fraction`` and ``seed`` are used (the held-out normals of the
+            threshold when ``fit`` gets no validation set); accepted like every detector's.
+    """
+
+    baseline: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        foreground_threshold: float | None = None,
+        threshold_sd: float = 3.0,
+        engine: EngineConfig | dict[str, Any] | None = None,
+    ) -> None:
+        self.spatial_dims = spatial_dims
+        self.in_channels = in_channels
+        self.foreground_threshold = foreground_threshold
+        self.threshold_sd = threshold_sd
+        self.engine = engine
+
+    @property
+    def engine_config(self) -> EngineConfig:
+        """The resolved settings (``val_fraction`` and ``seed`` matter here)."""
+        return EngineConfig.from_any(self.engine)
+
+    # -- what a baseline defines ------------------------------------------------------------
+    @abstractmethod
+    def fit_statistics(self, images: np.ndarray) -> None:
+        """Learn the statistics from normal training images ``(N, C, *spatial)``."""
+
+    @abstractmethod
+    def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scores (B,), maps (B, *spatial))`` of a batch."""
+
+    @abstractmethod
+    def statistics(self) -> dict[str, np.ndarray]:
+        """The learned arrays by attribute name (each ends in ``_``)."""
+
+    # -- fitting ----------------------------------------------------------------------------
+    def fit(
+        self,
+        train: ImageSet | np.ndarray | torch.Tensor,
+        val: ImageSet | np.ndarray | torch.Tensor | None = None,
+        run_dir: str | Path | None = None,
+        resume: bool = False,
+    ) -> StatisticDetector:
+        """Learn the statistics of normal images and the threshold.
+
+        Args:
+            train: Normal training images (images labelled abnormal are left out).
+            val: Validation images; its normal ones set the threshold. ``None`` holds out
+                ``engine.val_fraction`` of ``train``.
+            run_dir: Where to save ``model.pt`` and ``config.yaml``.
+            resume: Accepted for the common interface (there is nothing to resume).
+
+        Returns:
+            ``self``, fitted.
+        """
+        train_set = as_image_set(train, self.spatial_dims)
+        train_set = train_set.subset(train_set.labels != 1)
+        if val is None:
+            cfg = self.engine_config
+            keep, held = split_indices(len(train_set), cfg.val_fraction, cfg.seed)
+            train_set, normal = train_set.subset(keep), train_set.subset(held)
+        else:
+            val_set = as_image_set(val, self.spatial_dims)
+            normal = val_set.subset(val_set.labels != 1)
+        if len(train_set) == 0:
+            raise InvalidImageError("<input>", f"{self.name}: no normal training image")
+        self._check_channels(train_set.images.shape[1])
+        self.input_shape_ = tuple(train_set.images.shape[1:])
+        self.fit_statistics(train_set.images)
+        self.history_: list[dict[str, float]] = []
+        if run_dir is not None:
+            self.run_config_ = self._run_config(Path(run_dir))
+        self.val_scores_ = self.score(normal if len(normal) else train_set)
+        self.threshold_ = mean_sd_threshold(self.val_scores_, self.threshold_sd)
+        if run_dir is not None:
+            self.save(Path(run_dir) / MODEL_FILE)
+        return self
+
+    def calibrate(self, normal: ImageSet | np.ndarray | torch.Tensor) -> StatisticDetector:
+        """Recompute ``threshold_`` from held-out normal images."""
+        self.val_scores_ = self.score(normal)
+        self.threshold_ = mean_sd_threshold(self.val_scores_, self.threshold_sd)
+        return self
+
+    def _check_channels(self, channels: int) -> None:
+        if channels != self.in_channels:
+            raise InvalidImageError(
+                "<input>", f"images have {channels} channels, the model expects {self.in_channels}"
+            )
+
+    # -- inference --------------------------------------------------------------------------
+    def _batches(self, x: Any) -> Iterator[torch.Tensor]:
+        images = as_image_set(x, self.spatial_dims)
+        expected = getattr(self, "input_shape_", None)
+        if expected is not None and tuple(images.images.shape[1:]) != expected:
+            raise InvalidImageError(
+                images.ids[0] if images.ids else "<input>",
+                f"image shape {tuple(images.images.shape[1:])} differs from the training "
+                f"shape {expected}; apply the same preprocessing as for training",
+            )
+        step = max(1, BATCH_VOXELS // max(images.images[0].size, 1)) if len(images) else 1
+        for start in range(0, len(images), step):
+            yield torch.from_numpy(np.ascontiguousarray(images.images[start : start + step]))
+
+    def detect(self, x: ImageSet | np.ndarray | torch.Tensor) -> AnomalyResult:
+        """Scores, maps and labels of images ``(N, C, *spatial)``."""
+        self.check_fitted()
+        scores, maps = [], []
+        for batch in self._batches(x):
+            s, m = self.evaluate(batch)
+            scores.append(s.double().numpy())
+            maps.append(m.float().numpy())
+        scores_array = np.concatenate(scores) if scores else np.zeros(0)
+        return AnomalyResult(
+            scores=scores_array,
+            labels=(scores_array > self.threshold_).astype(np.int64),
+            maps=np.concatenate(maps) if maps else np.zeros((0, *self.input_shape_[1:])),
+            reconstructions=None,
+            threshold=self.threshold_,
+        )
+
+    def score(self, x: ImageSet | np.ndarray | torch.Tensor) -> np.ndarray:
+        """One score per image (no maps kept)."""
+        if not hasattr(self, "input_shape_"):
+            self.check_fitted()
+        scores = [self.evaluate(batch)[0].double().numpy() for batch in self._batches(x)]
+        return np.concatenate(scores) if scores else np.zeros(0)
+
+    def foreground(self, x: torch.Tensor) -> torch.Tensor:
+        """Foreground voxels ``(B, *spatial)`` of a batch."""
+        return foreground_mask(x, self.foreground_threshold)
+
+    # -- persistence ------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        """The resolved config: ``{model: {name, ...params}, engine: {...}}``."""
+        params = {k: _plain(v) for k, v in self.get_params().items() if k != "engine"}
+        return {"model": {"name": self.name, **params}, "engine": self.engine_config.to_dict()}
+
+    def saved_state(self) -> dict[str, Any]:
+        """Constructor arguments, the learned statistics and the threshold."""
+        params = {k: _plain(v) for k, v in self.get_params().items()}
+        params["engine"] = self.engine_config.to_dict()
+        return {
+            "model": self.name,
+            "params": params,
+            "config": getattr(self, "run_config_", None) or self.config(),
+            "version": __version__,
+            "statistics": {k: np.asarray(v) for k, v in self.statistics().items()},
+            "input_shape": list(self.input_shape_),
+            "threshold": self.threshold_,
+            "val_scores": np.asarray(self.val_scores_).tolist(),
+        }
+
+    def _restore(self, saved: dict[str, Any]) -> None:
+        for name, value in saved["statistics"].items():
+            setattr(self, name, np.asarray(value))
+        self.input_shape_ = tuple(saved["input_shape"])
+        self.threshold_ = float(saved["threshold"])
+        self.val_scores_ = np.asarray(saved["val_scores"], dtype=np.float64)
+        self.history_ = []
+        self.run_config_ = saved.get("config", {})
+
+
+def _check_choice(owner: str, key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(
+            f"{owner}: {key} must be one of {choices}, got {value!r}."
+            + did_you_mean(value, choices)
+        )
+
+
+def _directed(values: torch.Tensor, direction: str) -> torch.Tensor:
+    """``values`` (high), ``-values`` (low) or ``|values|`` (both)."""
+    if direction == "high":
+        return values
+    return -values if direction == "low" else values.abs()
+
+
+@register("intensity")
+class IntensityBaseline(StatisticDetector):
+    """The intensity itself, standardised against normal images, as the anomaly map.
+
+    Fit: the mean and SD of each channel's intensities inside the foreground of the normal
+    training images (``per_voxel``: at each voxel, over the training images where it is
+    foreground; voxels never or once foreground use the channel's global figures). Map: the
+    channels' mean z-score, signed by ``direction`` (``high`` for hyperintense lesions such
+    as FLAIR lesions or acute blood on CT); outside the foreground it takes the image's lowest
+    value inside. Score: ``score_reduce`` of the map inside the foreground (default its 99th
+    percentile).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Image channels.
+        per_voxel: Standardise each voxel by its own normal mean and SD (needs aligned images).
+        direction: ``high`` (brighter is abnormal), ``low`` or ``both``.
+        score_reduce: ``percentile``, ``top``, ``sum``, ``mean`` or ``max``.
+        score_value: The percentile (0-100) or share (0-1).
+        foreground_threshold: Voxels with any channel above it are foreground; ``None``: all.
+        threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
+        engine: Only ``val_fraction`` and ``seed`` are used.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 1,
+        per_voxel: bool = False,
+        direction: str = "high",
+        score_reduce: str = "percentile",
+        score_value: float = 99.0,
+        foreground_threshold: float | None = None,
+        threshold_sd: float = 3.0,
+        engine: EngineConfig | dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(spatial_dims, in_channels, foreground_threshold, threshold_sd, engine)
+        self.per_voxel = per_voxel
+        self.direction = direction
+        self.score_reduce = score_reduce
+        self.score_value = score_value
+
+    def fit_statistics(self, images: np.ndarray) -> None:
+        """Mean and SD per channel (and per voxel) inside the normal foregrounds."""
+        _check_choice(self.name, "direction", self.direction, DIRECTIONS)
+        _check_choice(self.name, "score_reduce", self.score_reduce, SCORE_REDUCTIONS)
+        x = torch.from_numpy(images).double()
+        inside = self.foreground(x).unsqueeze(1).double().expand_as(x)
+        axes = (0, *range(2, x.dim()))
+        count = inside.sum(dim=axes).clamp_min(1.0)
+        mean = (x * inside).sum(dim=axes) / count
+        sd = (((x - _channels(mean, x)) ** 2 * inside).sum(dim=axes) / count).sqrt()
+        mean_, sd_ = mean, sd.clamp_min(SD_FLOOR)
+        if self.per_voxel:
+            voxel_count = inside.sum(dim=0)
+            voxel_mean = (x * inside).sum(dim=0) / voxel_count.clamp_min(1.0)
+            voxel_sd = (
+                ((x - voxel_mean) ** 2 * inside).sum(dim=0) / voxel_count.clamp_min(1.0)
+            ).sqrt()
+            enough = voxel_count >= 2
+            shape = (-1, *([1] * (x.dim() - 2)))
+            mean_ = torch.where(enough, voxel_mean, mean.view(shape))
+            sd_ = torch.where(enough & (voxel_sd > SD_FLOOR), voxel_sd, sd_.view(shape))
+        self.mean_ = mean_.float().numpy()
+        self.sd_ = sd_.float().numpy()
+
+    def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores and standardised-intensity maps."""
+        mean, sd = torch.from_numpy(self.mean_), torch.from_numpy(self.sd_)
+        if not self.per_voxel:
+            mean, sd = _channels(mean, x), _channels(sd, x)
+        z = _directed(((x.float() - mean) / sd).mean(dim=1), self.direction)
+        inside = self.foreground(x)
+        floor = z.masked_fill(~inside, float("inf")).flatten(1).min(dim=1).values
+        floor = torch.where(torch.isfinite(floor), floor, torch.zeros_like(floor))
+        maps = torch.where(inside, z, floor.view(-1, *([1] * (z.dim() - 1))))
+        return reduce_inside(maps, inside, self.score_reduce, self.score_value), maps
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        """``mean_`` and ``sd_``."""
+        return {"mean_": self.mean_, "sd_": self.sd_}
+
+
+@register("volume")
+class VolumeBaseline(StatisticDetector):
+    """How far the foreground's voxel count lies from the normal volumes', in SDs.
+
+    Fit: mean and SD of the foreground voxel counts of the normal training images, and the
+    share of them in which each voxel is foreground (an occupancy atlas). Score: the count's
+    z-score, signed by ``direction`` (``high``: larger than normal is abnormal, e.g. an
+    enlarged gland). Map: foreground (1/0) minus the normal occupancy, so that tissue where
+    normal images rarely have any stands out (``both``: its absolute value; ``low``: negated).
+
+    Args:
+        spatial_dims: 2 or 3.
+        in_channels: Image channels.
+        direction: ``high``, ``low`` or ``both``.
+        foreground_threshold: Voxels with any channel above it are foreground (default 0.5:
+            binary masks scaled to [0, 1]); ``None`` counts every voxel, which is useless.
+        threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
+        engine: Only ``val_fraction`` and ``seed`` are used.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 3,
+        in_channels: int = 1,
+        direction: str = "both",
+        foreground_threshold: float | None = 0.5,
+        threshold_sd: float = 3.0,
+        engine: EngineConfig | dict[str, Any] | None = None,
+    ) -> None:
+        super().__init__(spatial_dims, in_channels, foreground_threshold, threshold_sd, engine)
+        self.direction = direction
+
+    def fit_statistics(self, images: np.ndarray) -> None:
+        """Mean and SD of the foreground counts; per-voxel occupancy."""
+        _check_choice(self.name, "direction", self.direction, DIRECTIONS)
+        inside = self.foreground(torch.from_numpy(images))
+        counts = inside.flatten(1).sum(dim=1).double()
+        self.count_mean_ = np.asarray(float(counts.mean()))
+        sd = float(counts.std()) if len(counts) > 1 else 0.0
+        self.count_sd_ = np.asarray(max(sd, 1.0))  # one voxel: a floor for identical counts
+        self.occupancy_ = inside.float().mean(dim=0).numpy()
+
+    def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Count z-scores and foreground-minus-occupancy maps."""
+        inside = self.foreground(x)
+        counts = inside.flatten(1).sum(dim=1).double()
+        z = (counts - float(self.count_mean_)) / float(self.count_sd_)
+        maps = inside.float() - torch.from_numpy(self.occupancy_)
+        return _directed(z, self.direction), _directed(maps, self.direction)
+
+    def statistics(self) -> dict[str, np.ndarray]:
+        """``count_mean_``, ``count_sd_`` and ``occupancy_``."""
+        return {
+            "count_mean_": self.count_mean_,
+            "count_sd_": self.count_sd_,
+            "occupancy_": self.occupancy_,
+        }
+
+
+def _channels(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-channel values ``(C,)`` shaped to broadcast over a batch like ``like``."""
+    return values.to(like.dtype if like.is_floating_point() else torch.float32).view(
+        1, -1, *([1] * (like.dim() - 2))
+    )
