@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 
 SOURCE_GRID_KEY = "source_grid"
-"""``MedicalImage.meta`` key of the :class:`SourceGrid` that readers record and transforms update."""
+"""``MedicalImage.meta`` key of the :class:`SourceGrid` (set by readers, kept by transforms)."""
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class SourceGrid:
         return cls(tuple(int(n) for n in shape), affine, np.eye(4), **dicom)
 
     def moved(self, new_to_old: np.ndarray) -> SourceGrid:
-        """The grid after a transform whose output index maps to its input index by ``new_to_old``."""
+        """The grid after a transform that maps its output index to its input by ``new_to_old``."""
         return replace(self, index_to_source=self.index_to_source @ new_to_old)
 
     def to_dict(self) -> dict[str, Any]:
