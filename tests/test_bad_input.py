@@ -121,3 +121,41 @@ def test_fit_warns_when_the_threshold_rests_on_few_normals(
         detector = get_model("cae", channels=[4, 8], engine=engine).fit(train)
     assert len(detector.val_scores_) == 4
     assert "rests on only 4 held-out normal image(s), fewer than 20" in caplog.text
+
+
+def test_evaluate_and_screen_write_maps_in_the_source_geometry(
+    run_3d: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = make_phantoms(2, 2, (24, 24, 20), seed=5)
+    for i, (volume, label) in enumerate(zip(data.images, data.labels, strict=True)):
+        _nifti(
+            tmp_path / "labelled" / ("abnormal" if label else "normal") / f"c{i}.nii.gz", volume[0]
+        )
+    base = ["--run", str(run_3d), "--data", str(tmp_path / "labelled")]
+    assert (
+        main(["evaluate", *base, "--out", str(tmp_path / "eval"), "--maps", str(tmp_path / "em")])
+        == 0
+    )
+    assert (
+        main(["screen", *base, "--out", str(tmp_path / "scr"), "--maps", str(tmp_path / "sm")]) == 0
+    )
+    for folder in ("em", "sm"):
+        written = sorted((tmp_path / folder).glob("*_map.nii.gz"))
+        assert len(written) == 4
+        assert all(nib.load(p).shape == (24, 24, 20) for p in written)
+        np.testing.assert_allclose(nib.load(written[0]).affine, np.diag([2.0, 2.0, 2.0, 1.0]))
+    out = capsys.readouterr().out
+    assert "AUROC" in out and "[95 % CI" in out.split("AUROC", 1)[1].split(",", 1)[0]
+
+
+def test_dicom_output_needs_a_maps_folder(run_3d: Path, tmp_path: Path) -> None:
+    args = [
+        "score",
+        "--run",
+        str(run_3d),
+        "--data",
+        str(tmp_path),
+        "--out",
+        str(tmp_path / "s.csv"),
+    ]
+    assert main([*args, "--dicom"]) == 2

@@ -23,6 +23,7 @@ from medanomaly import __version__
 from medanomaly.checkpoint import atomic_path
 from medanomaly.errors import ImageReadError
 from medanomaly.image import SourceGrid
+from medanomaly.io.dicom_frames import tag_name
 from medanomaly.maps import MapInfo
 
 #: Type 2 patient/study attributes highdicom copies from the source; absent ones are left
@@ -96,7 +97,8 @@ def write_parametric_map(
                 content_label="ANOMALY",
             )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
-        raise ImageReadError(info.case, f"no Parametric Map written: highdicom: {exc}") from exc
+        problem = f"no Parametric Map written: highdicom: {type(exc).__name__}: {exc}"
+        raise ImageReadError(info.case, problem) from exc
     with atomic_path(path) as tmp:
         parametric_map.save_as(tmp)
     return path
@@ -122,14 +124,31 @@ def _source_images(grid: SourceGrid, out: Path) -> list[Dataset]:
         if "FrameOfReferenceUID" not in header:
             raise ImageReadError(
                 file,
-                "no Parametric Map written: the source has no FrameOfReferenceUID "
-                "(0020,0052), so no viewer could place a map on it",
+                f"no Parametric Map written: the source has no {tag_name('FrameOfReferenceUID')}, "
+                "so no viewer could place a map on it",
             )
+        _identify(header, Path(file))
         for keyword in _TYPE2:
             if keyword not in header:
                 setattr(header, keyword, "")
         headers.append(header)
     return headers
+
+
+def _identify(header: Dataset, file: Path) -> None:
+    """Fill an empty SOP Class / Instance UID from the File Meta that mirrors it (in the copy)."""
+    for keyword, meta_keyword in (
+        ("SOPClassUID", "MediaStorageSOPClassUID"),
+        ("SOPInstanceUID", "MediaStorageSOPInstanceUID"),
+    ):
+        if header.get(keyword):
+            continue
+        value = getattr(header, "file_meta", Dataset()).get(meta_keyword)
+        if not value:
+            raise ImageReadError(
+                file, f"no Parametric Map written: the source has no {tag_name(keyword)}"
+            )
+        setattr(header, keyword, value)
 
 
 def _frames(values: np.ndarray, grid: SourceGrid, sources: list[Dataset]) -> np.ndarray:

@@ -1,10 +1,11 @@
 """Command line: a thin layer over the Python API, one module per sub-command.
 
     medanomaly fit --config C --data D --out RUN [--val V] [--resume] [--devices N]
-    medanomaly score --run RUN --data D --out scores.csv [--maps DIR] [--strict]
+    medanomaly score --run RUN --data D --out scores.csv [--maps DIR [--dicom]] [--strict]
     medanomaly screen --run RUN --data UNLABELLED --out DIR [--k 3] [--metal-level 3000]
-                      [--eps E] [--min-samples 5] [--batch 16] [--strict]
+                      [--eps E] [--min-samples 5] [--batch 16] [--maps DIR [--dicom]] [--strict]
     medanomaly evaluate --run RUN --data LABELLED --out DIR [--threshold RULE] [--alpha A]
+                        [--maps DIR [--dicom]]
     medanomaly cv --config C --data LABELLED --out DIR [--folds 5] [--repeats 2] [--set K=V]
     medanomaly inspect PATH [PATH ...] [--series-uid UID]
     medanomaly demo --out DIR
