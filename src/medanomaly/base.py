@@ -194,6 +194,14 @@ class DeepDetector(BaseDetector):
 
     # -- what a model defines -------------------------------------------------------------
     @property
+    def scores_any_size(self) -> bool:
+        """True when the detector scores images of any spatial size (sliding window).
+
+        A model that scores by patches (``resnet_ae`` with ``patch_size``) exposes ``patch``.
+        """
+        return getattr(self, "patch", None) is not None
+
+    @property
     def size_multiple(self) -> int:
         """Each spatial side must be divisible by this (the network's total down-sampling)."""
         return 16

@@ -69,7 +69,9 @@ def input_spec(detector: Any) -> InputSpec | None:
     channels = getattr(detector, "in_channels", None)
     if shape is not None:
         channels = int(shape[0])
-    return InputSpec(int(dims), channels, None if shape is None else tuple(int(n) for n in shape))
+    if shape is None or getattr(detector, "scores_any_size", False):
+        return InputSpec(int(dims), channels)
+    return InputSpec(int(dims), channels, tuple(int(n) for n in shape))
 
 
 @dataclass
