@@ -15,6 +15,7 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
+from medanomaly.datasets import load_dataset
 from medanomaly.errors import ImageReadError
 from medanomaly.io import inspect_path, read_image
 from medanomaly.phantoms import write_dicom_slice
@@ -109,6 +110,10 @@ def test_a_file_without_preamble_is_read_with_force(tmp_path: Path) -> None:
     np.testing.assert_array_equal(image.array, read_image(path).array)
     np.testing.assert_allclose(image.affine, read_image(path).affine)
     assert any("force=True" in p for p in image.problems)
+    (tmp_path / "archive").mkdir()
+    bare.rename(tmp_path / "archive" / "IM0001")
+    images, report = load_dataset(tmp_path / "archive")  # found in a folder, too
+    assert len(images) == 1 and not report
 
 
 def test_bad_integer_value_names_the_file_and_the_tag() -> None:

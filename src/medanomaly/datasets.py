@@ -153,8 +153,10 @@ def _entries(folder: Path) -> list[Path]:
 
 
 def _is_image_file(path: Path) -> bool:
-    """A file with a known image suffix, or a DICOM file of any name."""
-    return path.is_file() and (image_suffix(path) in IMAGE_SUFFIXES or is_dicom_file(path))
+    """A file with a known image suffix, or a DICOM file of any name (preamble or not)."""
+    return path.is_file() and (
+        image_suffix(path) in IMAGE_SUFFIXES or is_dicom_file(path, force=True)
+    )
 
 
 def _folder_cases(folder: Path, label: int = UNKNOWN) -> list[Case]:

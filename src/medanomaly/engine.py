@@ -58,9 +58,10 @@ class EngineConfig:
             Without abnormal validation images ``val_auroc`` falls back to ``val_loss``.
         val_fraction: Share of the normal training images held out for validation when no
             validation set is given.
-        val_min: Hold out at least this many normal images (at most a third of the set), so
-            that the default threshold does not rest on a handful of scores: 70 training
-            normals with ``val_fraction: 0.1`` hold out 20, not 7.
+        val_min: Hold out at least this many normal images when the set holds three times as
+            many, so that the default threshold does not rest on a handful of scores: 70
+            training normals with ``val_fraction: 0.1`` hold out 20, not 7 (smaller sets keep
+            ``val_fraction``, and ``fit`` warns).
         accelerator: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"gpu"``.
         devices: Devices per node (``N`` runs data-parallel over ``N`` GPUs).
         num_nodes: Number of machines (launch with ``torchrun`` or a cluster launcher).
@@ -545,13 +546,15 @@ def split_indices(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split ``range(n)`` into (train, held-out) index arrays, deterministic by ``seed``.
 
-    With ``fraction > 0`` at least ``minimum`` items are held out, but never more than a
-    third of ``n`` (and at least one when ``n > 1``).
+    With ``fraction > 0``, ``round(n * fraction)`` items are held out (at least one when
+    ``n > 1``), and at least ``minimum`` when that leaves two thirds of ``n`` for training
+    (``n >= 3 * minimum``). A smaller set cannot spare them without starving the model.
     """
     order = np.random.default_rng(seed).permutation(n)
     n_held = int(round(n * fraction))
     if fraction > 0:
-        n_held = max(n_held, min(minimum, n // 3))
+        if n >= 3 * minimum:
+            n_held = max(n_held, minimum)
         if n_held == 0 and n > 1:
             n_held = 1
     return np.sort(order[n_held:]), np.sort(order[:n_held])
