@@ -92,8 +92,11 @@ def test_fit_then_score(png_data, capsys):
     assert {r["label"] for r in rows} == {"0", "1"}
     assert all(np.isfinite(float(r["score"])) for r in rows)
     assert all(0 < float(r["p_value"]) <= 1 for r in rows)
-    assert len(list((png_data / "maps").glob("*.npy"))) == 8
-    assert len(list((png_data / "maps").glob("*.png"))) == 8
+    maps = png_data / "maps"
+    assert len(list(maps.glob("*.npy"))) == 8  # model grid
+    assert len(list(maps.glob("*_overlay.png"))) == 8  # the image's own size
+    assert len(list(maps.glob("*_map.tiff"))) == len(list(maps.glob("*_map.json"))) == 8
+    assert len(list(maps.glob("*.png"))) == 16  # + input | reconstruction | map figures
     err = capsys.readouterr().err
     assert "broken.png" in err
     assert "broken.png" in (png_data / "scores.skipped.txt").read_text()

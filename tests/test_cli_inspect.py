@@ -48,7 +48,7 @@ def inspect(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str]:
 
 def test_inspect_is_a_command() -> None:
     args = build_parser().parse_args(["inspect", "x", "--series-uid", "1.2"])
-    assert (args.path, args.series_uid) == ("x", "1.2")
+    assert (args.path, args.series_uid) == (["x"], "1.2")
 
 
 def test_inspect_dicom_series(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -91,7 +91,9 @@ def test_inspect_exits_non_zero_when_nothing_can_be_read(
     write_series(tmp_path / "series", [0.0, 2.5])
     code, out = inspect(capsys, *args)
     assert code == 1
-    assert f"cannot read: {args[0]}: " in out
+    refusal = next(line for line in out.splitlines() if line.startswith("cannot read: "))
+    assert out.startswith(f"path: {args[0]}\n")
+    assert args[0] not in refusal  # the file is named once, on the path line
 
 
 @pytest.mark.realdata

@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from medanomaly import EngineConfig, get_model
 from medanomaly.datasets import ArrayAugment
-from medanomaly.engine import Engine, read_history
+from medanomaly.engine import Engine, read_history, split_indices
 from medanomaly.errors import ConfigError
 from medanomaly.transforms import build_transforms
 
@@ -102,8 +102,26 @@ def test_engine_config_rejects_unknown_keys():
 
 def test_labelled_abnormal_training_images_are_left_out(tiny2d, fast_engine):
     detector = get_model("cae", engine=fast_engine).fit(tiny2d)
-    n_val = round(len(tiny2d.normal) * 0.1)
-    assert len(detector.val_scores_) == n_val
+    # 12 normals cannot spare val_min = 20: val_fraction 0.1 holds out one
+    assert len(detector.val_scores_) == round(len(tiny2d.normal) * 0.1)
+
+
+@pytest.mark.parametrize(
+    ("n", "fraction", "minimum", "held"),
+    [
+        (70, 0.1, 20, 20),
+        (60, 0.1, 20, 20),
+        (59, 0.1, 20, 6),
+        (12, 0.1, 20, 1),
+        (300, 0.1, 20, 30),
+        (70, 0.1, 0, 7),
+        (5, 0.0, 20, 0),
+    ],
+)
+def test_split_holds_out_enough_normals_for_a_threshold(n, fraction, minimum, held):
+    keep, out = split_indices(n, fraction, seed=0, minimum=minimum)
+    assert len(out) == held and len(keep) == n - held
+    assert not set(keep) & set(out)
 
 
 def _augmented(data):

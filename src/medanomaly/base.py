@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"
 INFERENCE_VOXELS = 2**20
+MIN_THRESHOLD_NORMALS = 20
+"""Fewer held-out normal scores than this make ``fit`` warn about its default threshold."""
 
 
 @dataclass
@@ -195,6 +197,14 @@ class DeepDetector(BaseDetector):
 
     # -- what a model defines -------------------------------------------------------------
     @property
+    def scores_any_size(self) -> bool:
+        """True when the detector scores images of any spatial size (sliding window).
+
+        A model that scores by patches (``resnet_ae`` with ``patch_size``) exposes ``patch``.
+        """
+        return getattr(self, "patch", None) is not None
+
+    @property
     def size_multiple(self) -> int:
         """Each spatial side must be divisible by this (the network's total down-sampling)."""
         return 16
@@ -306,7 +316,7 @@ class DeepDetector(BaseDetector):
             log.info("fit: leaving out %d images labelled abnormal", int(train_set.labels.sum()))
             train_set = train_set.subset(train_set.labels != 1, keep_augment=True)
         if val is None:
-            keep, held = split_indices(len(train_set), cfg.val_fraction, cfg.seed)
+            keep, held = split_indices(len(train_set), cfg.val_fraction, cfg.seed, cfg.val_min)
             return TrainingData(
                 train_set.subset(keep, keep_augment=True), train_set.subset(held), None
             )
@@ -534,8 +544,21 @@ def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
 
 
 def mean_sd_threshold(scores: np.ndarray, k: float) -> float:
-    """Mean + k * SD (``ddof=1``) of normal scores; the maximum when there is only one."""
+    """Mean + k * SD (``ddof=1``) of normal scores; the maximum when there is only one.
+
+    Logs a warning when the scores are fewer than :data:`MIN_THRESHOLD_NORMALS`: the SD of a
+    handful of scores is too unsteady for a threshold that claims a tail of ``k`` SD.
+    """
     scores = np.asarray(scores, dtype=np.float64)
+    if len(scores) < MIN_THRESHOLD_NORMALS:
+        log.warning(
+            "the default threshold (mean + %g SD) rests on only %d held-out normal image(s), "
+            "fewer than %d: expect it to be off; hold out more normals (engine.val_min, "
+            "engine.val_fraction or --val) or choose a threshold in evaluate",
+            k,
+            len(scores),
+            MIN_THRESHOLD_NORMALS,
+        )
     return float(scores.mean() + k * scores.std(ddof=1)) if len(scores) > 1 else float(scores.max())
 
 

@@ -18,7 +18,8 @@ Layout under the cache folder (``<kk>`` = first two hex digits of the key)::
     <root>/<kk>/<key>.npy              image, float32, channel-first (C, *spatial)
     <root>/<kk>/<key>.<mask>.npy       each bool mask the transforms produced (lesion, foreground)
     <root>/<kk>/<key>.json             written last, so it marks a complete entry: masks,
-                                       shape, problems found while reading, source, transforms
+                                       shape, problems found while reading, the source grid
+                                       (for maps in the scan's geometry), source, transforms
 
 Every file is written atomically (a temporary file renamed into place), so a crash or two
 processes filling the same cache never leave a half-written entry behind. An entry that
@@ -41,12 +42,13 @@ import numpy as np
 from medanomaly import __version__
 from medanomaly.checkpoint import atomic_path, atomic_write_text
 from medanomaly.errors import ImageReadError
+from medanomaly.image import SourceGrid
 from medanomaly.transforms import Compose
 
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the stored layout or the meaning of a key changes.
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
 #: Environment variable naming the default cache folder.
 CACHE_ENV = "MEDANOMALY_CACHE"
 _CHUNK = 1 << 20
@@ -60,11 +62,15 @@ class Preprocessed:
         array: float32 image ``(C, *spatial)`` after the deterministic transforms.
         masks: Bool masks by ``image.meta`` key (e.g. ``lesion``, ``foreground``).
         problems: Non-fatal problems the reader found (e.g. uneven slice spacing).
+        grid: The case's :class:`~medanomaly.image.SourceGrid` after the transforms.
+        facts: Small facts about the case as read (``file_shape``, ``format``, modality).
     """
 
     array: np.ndarray
     masks: dict[str, np.ndarray] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
+    grid: SourceGrid | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
 
 
 def default_cache_dir() -> Path:
@@ -184,7 +190,14 @@ class PreprocessCache:
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("cache entry %s is unreadable (%s); recomputing", index, exc)
             return None
-        return Preprocessed(array=array, masks=masks, problems=list(info.get("problems", [])))
+        grid = info.get("grid")
+        return Preprocessed(
+            array=array,
+            masks=masks,
+            problems=list(info.get("problems", [])),
+            grid=None if grid is None else SourceGrid.from_dict(grid),
+            facts=dict(info.get("facts", {})),
+        )
 
     def save(
         self, key: str, result: Preprocessed, details: Mapping[str, Any] | None = None
@@ -200,6 +213,8 @@ class PreprocessCache:
             "masks": sorted(result.masks),
             "shape": list(result.array.shape),
             "problems": list(result.problems),
+            "grid": None if result.grid is None else result.grid.to_dict(),
+            "facts": result.facts,
             **dict(details or {}),
         }
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,6 +29,9 @@ class ImageSet(Dataset):
         groups: Optional patient ids ``(N,)``; splitters keep a group on one side.
         augment: Optional random augmentation applied to each image as it is drawn
             (training only; ``subset`` drops it unless asked to keep it).
+        grids: Optional :class:`~medanomaly.image.SourceGrid` per image (``None`` for images
+            made in memory): where each image lies on its file's own voxel grid, so that
+            maps can be written in the scan's geometry.
     """
 
     images: np.ndarray
@@ -37,6 +41,7 @@ class ImageSet(Dataset):
     foreground: np.ndarray | None = None
     groups: np.ndarray | None = None
     augment: Callable[[np.ndarray], np.ndarray] | None = None
+    grids: list[Any] | None = None
 
     def __post_init__(self) -> None:
         self.images = np.asarray(self.images, dtype=np.float32)
@@ -46,7 +51,10 @@ class ImageSet(Dataset):
         self.labels = np.asarray(self.labels, dtype=np.int64)
         if not self.ids:
             self.ids = [f"image_{i:05d}" for i in range(n)]
-        for name, value in (("labels", self.labels), ("ids", self.ids)):
+        named = [("labels", self.labels), ("ids", self.ids)]
+        if self.grids is not None:
+            named.append(("grids", self.grids))
+        for name, value in named:
             if len(value) != n:
                 raise ValueError(f"ImageSet: {name} has {len(value)} entries for {n} images")
 
@@ -78,6 +86,7 @@ class ImageSet(Dataset):
             foreground=None if self.foreground is None else self.foreground[index],
             groups=None if self.groups is None else np.asarray(self.groups)[index],
             augment=self.augment if keep_augment else None,
+            grids=None if self.grids is None else [self.grids[i] for i in index],
         )
 
     @property

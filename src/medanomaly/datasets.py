@@ -26,8 +26,14 @@ import numpy as np
 
 from medanomaly.cache import PreprocessCache, Preprocessed
 from medanomaly.data import ABNORMAL, NORMAL, UNKNOWN, ImageSet
-from medanomaly.errors import ConfigError, ImageReadError, InvalidImageError, MedanomalyError
-from medanomaly.image import MedicalImage
+from medanomaly.errors import (
+    ConfigError,
+    ImageReadError,
+    InvalidImageError,
+    MedanomalyError,
+    problem_text,
+)
+from medanomaly.image import SOURCE_GRID_KEY, MedicalImage
 from medanomaly.io import IMAGE_SUFFIXES, image_suffix, read_image
 from medanomaly.io.dicom import is_dicom_file
 from medanomaly.transforms import FOREGROUND_KEY, LESION_KEY, Compose, build_transforms
@@ -35,6 +41,37 @@ from medanomaly.transforms import FOREGROUND_KEY, LESION_KEY, Compose, build_tra
 log = logging.getLogger(__name__)
 
 DEFAULT_LABEL_NAMES = {"normal": NORMAL, "0": NORMAL, "abnormal": ABNORMAL, "1": ABNORMAL}
+MIN_SIZE = 2
+"""Default ``data.min_size``: images with fewer voxels than this along an axis are skipped."""
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """What a run's model takes: cases that do not fit are skipped before preprocessing.
+
+    Attributes:
+        spatial_dims: 2 for slices, 3 for volumes.
+        channels: Image channels the model takes (``None``: any).
+        shape: The preprocessed ``(C, *spatial)`` the model was trained on (``None``: any).
+    """
+
+    spatial_dims: int
+    channels: int | None = None
+    shape: tuple[int, ...] | None = None
+
+
+def input_spec(detector: Any) -> InputSpec | None:
+    """The :class:`InputSpec` of a detector (fitted or not); ``None`` when it says nothing."""
+    dims = getattr(detector, "spatial_dims", None)
+    if dims is None:
+        return None
+    shape = getattr(detector, "input_shape_", None)
+    channels = getattr(detector, "in_channels", None)
+    if shape is not None:
+        channels = int(shape[0])
+    if shape is None or getattr(detector, "scores_any_size", False):
+        return InputSpec(int(dims), channels)
+    return InputSpec(int(dims), channels, tuple(int(n) for n in shape))
 
 
 @dataclass
@@ -116,8 +153,10 @@ def _entries(folder: Path) -> list[Path]:
 
 
 def _is_image_file(path: Path) -> bool:
-    """A file with a known image suffix, or a DICOM file of any name."""
-    return path.is_file() and (image_suffix(path) in IMAGE_SUFFIXES or is_dicom_file(path))
+    """A file with a known image suffix, or a DICOM file of any name (preamble or not)."""
+    return path.is_file() and (
+        image_suffix(path) in IMAGE_SUFFIXES or is_dicom_file(path, force=True)
+    )
 
 
 def _folder_cases(folder: Path, label: int = UNKNOWN) -> list[Case]:
@@ -174,9 +213,73 @@ def list_cases(source: str | Path, label_names: dict[str, int] | None = None) ->
     return scan_folder(source, label_names)
 
 
-def _preprocess(case: Case, pipeline: Compose, read_options: dict[str, Any]) -> Preprocessed:
-    """Read one case (and its lesion mask) and preprocess both."""
+def _read_facts(image: MedicalImage) -> dict[str, Any]:
+    """What the fit checks need to know of a case as read (kept in the cache)."""
+    file_shape = image.meta.get("file_shape")
+    return {
+        "read_shape": [int(n) for n in image.array.shape],
+        "file_shape": None if file_shape is None else [int(n) for n in file_shape],
+        "format": image.meta.get("format"),
+    }
+
+
+def _size_text(shape: Any) -> str:
+    return "×".join(str(int(n)) for n in shape)
+
+
+def check_fits(
+    path: str | Path, facts: dict[str, Any], expect: InputSpec | None, min_size: int
+) -> None:
+    """Refuse a case whose dimensionality, channels or size do not fit the run.
+
+    Args:
+        path: The case (for the error).
+        facts: From reading it: ``read_shape`` ``(C, *spatial)`` and the ``file_shape``.
+        expect: What the model takes (``None``: only the size is checked).
+        min_size: Fewest voxels allowed along any spatial axis longer than one voxel.
+
+    Raises:
+        InvalidImageError: The case does not fit; the message says how.
+    """
+    problem = _misfit(facts, expect, min_size)
+    if problem is not None:
+        raise InvalidImageError(path, problem)
+
+
+def _misfit(facts: dict[str, Any], expect: InputSpec | None, min_size: int) -> str | None:
+    """Why a case read as ``facts`` cannot go into the model, or ``None``."""
+    channels, *spatial = facts["read_shape"]
+    stored = _size_text(facts.get("file_shape") or spatial)
+    thick = [n for n in spatial if n > 1]
+    one_slice = len(spatial) == 3 and len(thick) == 2 and min(thick) >= min_size
+    if expect is not None and expect.spatial_dims == 3 and (len(spatial) == 2 or one_slice):
+        return f"a 2-D image ({stored}) cannot go into a 3-D model"
+    if not thick or min(thick) < min_size:  # one-voxel axes are a slice stored as a volume
+        kind = "volume" if len(spatial) == 3 else "image"
+        return (
+            f"{kind} {_size_text(spatial)} is smaller than the minimum of {min_size} voxels "
+            "per axis (data.min_size)"
+        )
+    if expect is None:
+        return None
+    if expect.spatial_dims == 2 and len(spatial) == 3:
+        return f"a 3-D volume ({stored}) cannot go into a 2-D model"
+    if expect.channels is not None and channels != expect.channels:
+        return f"{channels} channels (stored as {stored}); the run's model takes {expect.channels}"
+    return None
+
+
+def _preprocess(
+    case: Case,
+    pipeline: Compose,
+    read_options: dict[str, Any],
+    expect: InputSpec | None = None,
+    min_size: int = MIN_SIZE,
+) -> Preprocessed:
+    """Read one case (and its lesion mask), check that it fits the run, preprocess both."""
     image = read_image(case.path, **read_options)
+    facts = _read_facts(image)
+    check_fits(case.path, facts, expect, min_size)
     if case.mask is not None:
         mask = read_image(case.mask).array[0] > 0
         if mask.shape != image.spatial_shape:
@@ -191,20 +294,42 @@ def _preprocess(case: Case, pipeline: Compose, read_options: dict[str, Any]) -> 
     masks = {
         k: np.asarray(image.meta[k], bool) for k in (FOREGROUND_KEY, LESION_KEY) if k in image.meta
     }
-    return Preprocessed(array=array, masks=masks, problems=list(image.problems))
+    return Preprocessed(
+        array=array,
+        masks=masks,
+        problems=list(image.problems),
+        grid=image.meta.get(SOURCE_GRID_KEY),
+        facts=facts,
+    )
 
 
 def _load_case(
-    case: Case, pipeline: Compose, read_options: dict[str, Any], cache: PreprocessCache | None
+    case: Case,
+    pipeline: Compose,
+    read_options: dict[str, Any],
+    cache: PreprocessCache | None,
+    expect: InputSpec | None,
+    min_size: int,
 ) -> Preprocessed:
-    """Preprocess one case, through the cache when there is one."""
+    """Preprocess one case, through the cache when there is one; refuse cases that do not fit."""
     if case.problem is not None:
         raise ImageReadError(case.path, case.problem)
     if cache is None:
-        return _preprocess(case, pipeline, read_options)
-    key = cache.key(case.path, pipeline, read_options, mask=case.mask)
-    details = {"source": str(case.path), "transforms": pipeline.to_config()}
-    return cache.fetch(key, lambda: _preprocess(case, pipeline, read_options), details)
+        result = _preprocess(case, pipeline, read_options, expect, min_size)
+    else:
+        key = cache.key(case.path, pipeline, read_options, mask=case.mask)
+        details = {"source": str(case.path), "transforms": pipeline.to_config()}
+        compute = lambda: _preprocess(case, pipeline, read_options, expect, min_size)  # noqa: E731
+        result = cache.fetch(key, compute, details)
+        if result.facts:  # a hit was stored by another run: check it against this one
+            check_fits(case.path, result.facts, expect, min_size)
+    if expect is not None and expect.shape is not None and result.array.shape != expect.shape:
+        raise InvalidImageError(
+            case.path,
+            f"preprocessed to shape {tuple(result.array.shape)}, not the model's input "
+            f"{expect.shape}",
+        )
+    return result
 
 
 def load_dataset(
@@ -215,6 +340,8 @@ def load_dataset(
     strict: bool = False,
     augment: bool = False,
     cache: bool | str | Path | None = None,
+    min_size: int = MIN_SIZE,
+    expect: InputSpec | None = None,
 ) -> tuple[ImageSet, LoadReport]:
     """Read and preprocess every case of a manifest or folder.
 
@@ -232,6 +359,9 @@ def load_dataset(
             on later loads: ``None``/``False`` off, ``True`` in ``$MEDANOMALY_CACHE`` (else
             ``~/.cache/medanomaly``), a folder name for that folder. Random transforms stay
             live.
+        min_size: Skip images with fewer voxels than this along any axis (as read).
+        expect: What the run's model takes (:func:`input_spec`): cases of another
+            dimensionality, channel count or preprocessed shape are skipped and named.
 
     Returns:
         The image set and a report of skipped cases (each with its reason).
@@ -239,15 +369,15 @@ def load_dataset(
     pipeline, augmentation = build_transforms(transforms).split_deterministic()
     store = PreprocessCache.from_option(cache)
     report = LoadReport()
-    arrays, lesions, foregrounds, kept = [], [], [], []
+    arrays, lesions, foregrounds, grids, kept = [], [], [], [], []
     for case in list_cases(source, label_names):
         try:
-            result = _load_case(case, pipeline, read_options or {}, store)
+            result = _load_case(case, pipeline, read_options or {}, store, expect, min_size)
         except (MedanomalyError, OSError, ValueError) as error:
             if strict:
                 raise
-            report.skipped.append((str(case.path), str(error)))
-            log.info("skipping %s: %s", case.path, error)
+            report.skipped.append((str(case.path), problem_text(error, case.path)))
+            log.info("skipping %s", case.path, exc_info=True)
             continue
         for problem in result.problems:
             report.warnings.append((str(case.path), problem))
@@ -255,6 +385,7 @@ def load_dataset(
         arrays.append(result.array)
         lesions.append(result.masks.get(LESION_KEY))
         foregrounds.append(result.masks.get(FOREGROUND_KEY))
+        grids.append(result.grid)
         kept.append(case)
     if store is not None:
         log.info(
@@ -262,12 +393,7 @@ def load_dataset(
         )
     if not arrays:
         raise ImageReadError(source, "no readable images: " + "; ".join(report.lines()[:3]))
-    shapes = {a.shape for a in arrays}
-    if len(shapes) > 1:
-        raise ConfigError(
-            f"{source}: images end up with different shapes {sorted(shapes)[:4]}; add a "
-            "'resize' (or 'pad') step to data.transforms"
-        )
+    _check_one_grid(source, arrays, kept)
     spatial = arrays[0].shape[1:]
     return (
         ImageSet(
@@ -278,9 +404,23 @@ def load_dataset(
             foreground=_stack_masks(foregrounds, spatial, fill=True),
             groups=np.array([c.group or str(c.path) for c in kept]),
             augment=ArrayAugment(augmentation) if augment and len(augmentation) else None,
+            grids=grids,
         ),
         report,
     )
+
+
+def _check_one_grid(source: str | Path, arrays: list[np.ndarray], cases: list[Case]) -> None:
+    """Raise ConfigError naming the cases whose preprocessed shape differs from the most common."""
+    shapes = [a.shape for a in arrays]
+    common = max(set(shapes), key=shapes.count)
+    odd = [f"{c.path.name} {s}" for c, s in zip(cases, shapes, strict=True) if s != common]
+    if odd:
+        raise ConfigError(
+            f"{source}: images end up with different shapes (most are {common}; "
+            f"{', '.join(odd[:4])}{' ...' if len(odd) > 4 else ''}); add a 'resize' (or 'pad') "
+            "step to data.transforms"
+        )
 
 
 def _stack_masks(

@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_NAME = "checkpoint.pt"
 HISTORY_NAME = "history.csv"
+VAL_MIN = 20
+"""Default of ``engine.val_min``: held-out normals a default threshold should rest on."""
 MONITORS = ("val_loss", "val_auroc")
 
 
@@ -56,6 +58,10 @@ class EngineConfig:
             Without abnormal validation images ``val_auroc`` falls back to ``val_loss``.
         val_fraction: Share of the normal training images held out for validation when no
             validation set is given.
+        val_min: Hold out at least this many normal images when the set holds three times as
+            many, so that the default threshold does not rest on a handful of scores: 70
+            training normals with ``val_fraction: 0.1`` hold out 20, not 7 (smaller sets keep
+            ``val_fraction``, and ``fit`` warns).
         accelerator: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"gpu"``.
         devices: Devices per node (``N`` runs data-parallel over ``N`` GPUs).
         num_nodes: Number of machines (launch with ``torchrun`` or a cluster launcher).
@@ -72,6 +78,7 @@ class EngineConfig:
     patience: int | None = 10
     monitor: str = "val_loss"
     val_fraction: float = 0.1
+    val_min: int = VAL_MIN
     accelerator: str = "auto"
     devices: int = 1
     num_nodes: int = 1
@@ -84,6 +91,8 @@ class EngineConfig:
             raise ConfigError("engine: epochs and batch_size must be >= 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ConfigError(f"engine: val_fraction must be in [0, 1), got {self.val_fraction}")
+        if self.val_min < 0:
+            raise ConfigError(f"engine: val_min must be >= 0, got {self.val_min}")
         if self.monitor not in MONITORS:
             raise ConfigError(
                 f"engine: monitor must be one of {MONITORS}, got {self.monitor!r}."
@@ -532,10 +541,20 @@ def read_history(run_dir: str | Path, stage: str = "") -> list[dict[str, float]]
         ]
 
 
-def split_indices(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``range(n)`` into (train, held-out) index arrays, deterministic by ``seed``."""
+def split_indices(
+    n: int, fraction: float, seed: int, minimum: int = VAL_MIN
+) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``range(n)`` into (train, held-out) index arrays, deterministic by ``seed``.
+
+    With ``fraction > 0``, ``round(n * fraction)`` items are held out (at least one when
+    ``n > 1``), and at least ``minimum`` when that leaves two thirds of ``n`` for training
+    (``n >= 3 * minimum``). A smaller set cannot spare them without starving the model.
+    """
     order = np.random.default_rng(seed).permutation(n)
     n_held = int(round(n * fraction))
-    if fraction > 0 and n_held == 0 and n > 1:
-        n_held = 1
+    if fraction > 0:
+        if n >= 3 * minimum:
+            n_held = max(n_held, minimum)
+        if n_held == 0 and n > 1:
+            n_held = 1
     return np.sort(order[n_held:]), np.sort(order[:n_held])

@@ -35,6 +35,23 @@ class ImageReadError(MedanomalyError):
         super().__init__(f"{self.path}: {problem}")
 
 
+def problem_text(error: BaseException, named: str | Path) -> str:
+    """The text of ``error`` for a line that already names ``named``, without repeating it.
+
+    A reading error about ``named`` itself gives its problem only; one about a file inside
+    the folder ``named`` (a slice of a series) gives that file relative to it, then the problem.
+    """
+    if not isinstance(error, ImageReadError):
+        return str(error)
+    where, named = Path(error.path), Path(named)
+    if where == named:
+        return error.problem
+    try:
+        return f"{where.relative_to(named)}: {error.problem}"
+    except ValueError:
+        return str(error)
+
+
 class InvalidImageError(ImageReadError):
     """An image was read but its content is unusable (NaN/inf, wrong dimensionality, empty)."""
 

@@ -1,9 +1,14 @@
-"""Files that scoring commands write: the per-case score table and the anomaly maps."""
+"""Files that scoring commands write: the per-case score table and the anomaly maps.
+
+Maps are written on the model's grid (``.npy`` and a picture) and, for cases read from a
+file, in the scan's own geometry (:mod:`medanomaly.maps`, :mod:`medanomaly.dicom_maps`).
+"""
 
 from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +16,9 @@ import numpy as np
 
 from medanomaly.base import AnomalyResult
 from medanomaly.checkpoint import atomic_path, atomic_write
+from medanomaly.errors import MedanomalyError, problem_text
+from medanomaly.image import SourceGrid
+from medanomaly.maps import MapInfo, to_source_grid, write_source_map
 from medanomaly.viz import save_case_figure
 
 SCORE_COLUMNS = ("id", "label", "score", "prediction", "threshold")
@@ -64,23 +72,148 @@ def case_stem(case_id: str, index: int) -> str:
     return f"{index:05d}_{safe}"
 
 
+@dataclass
+class MapsWritten:
+    """What :func:`save_maps` wrote, and the cases it could not write a map for (named)."""
+
+    files: list[Path] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
 def save_maps(
-    folder: str | Path, ids: Sequence[str], images: np.ndarray, result: AnomalyResult
-) -> list[Path]:
-    """Save each case's anomaly map (``.npy``) and its input | reconstruction | map PNG."""
+    folder: str | Path,
+    ids: Sequence[str],
+    images: np.ndarray,
+    result: AnomalyResult,
+    grids: Sequence[SourceGrid | None] | None = None,
+    *,
+    model: str = "",
+    dicom: bool = False,
+    first_index: int = 0,
+) -> MapsWritten:
+    """Save each case's maps: on the model's grid and, where known, in the scan's geometry.
+
+    Per case ``<stem>`` (``NNNNN_<file name>``)::
+
+        <stem>.npy, <stem>.png      the map on the model's grid, input | reconstruction | map
+        <stem>_map.nii.gz           3D: the map on the source file's grid, source affine
+        <stem>_map.tiff, <stem>_overlay.png
+                                    2D: the map at the image's own size, and over the image
+        <stem>_map.json             score, threshold, model, source shape and affine
+        <stem>_map.dcm              with ``dicom``, for DICOM volumes: a Parametric Map that
+                                    references the source series
+
+    Args:
+        folder: Output folder.
+        ids: Case names (source paths).
+        images: The preprocessed images ``(N, C, *spatial)``.
+        result: Their scores and maps.
+        grids: Each case's :class:`~medanomaly.image.SourceGrid` (``None``: model grid only).
+        model: The detector's name, recorded beside the maps.
+        dicom: Also write DICOM Parametric Maps for DICOM input.
+        first_index: Index of the first case in the whole batch (stems stay unique when a
+            batch is written in chunks).
+
+    Returns:
+        The files written and one line per case whose source-geometry map failed.
+    """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     diff_max = float(np.percentile(result.maps, 99.9)) if result.maps.size else None
-    written = []
+    done = MapsWritten()
     for i, case_id in enumerate(ids):
-        stem = case_stem(case_id, i)
+        stem = case_stem(case_id, first_index + i)
         with atomic_path(folder / f"{stem}.npy") as tmp, open(tmp, "wb") as handle:
             np.save(handle, result.maps[i].astype(np.float32))
         recon = None if result.reconstructions is None else result.reconstructions[i]
         title = f"{Path(case_id).name}  score {result.scores[i]:.4g}"
-        written.append(
+        done.files.append(
             save_case_figure(
                 images[i], recon, result.maps[i], folder / f"{stem}.png", title, diff_max
             )
         )
+        grid = None if grids is None else grids[i]
+        if grid is None:
+            continue
+        info = MapInfo(
+            case=str(case_id),
+            score=float(result.scores[i]),
+            threshold=float(result.threshold),
+            flagged=bool(result.labels[i]),
+            model=model,
+        )
+        try:
+            done.files += _source_maps(folder, stem, result.maps[i], grid, info, dicom)
+        except (MedanomalyError, ValueError, OSError) as error:
+            done.problems.append(f"{case_id}: {problem_text(error, case_id)}")
+    return done
+
+
+def _source_maps(
+    folder: Path, stem: str, model_map: np.ndarray, grid: SourceGrid, info: MapInfo, dicom: bool
+) -> list[Path]:
+    """The maps of one case in its source geometry (and the DICOM object when asked)."""
+    picture = _picture(info.case) if len(grid.shape) == 2 else None
+    values = to_source_grid(model_map, grid)
+    written = write_source_map(folder, stem, model_map, grid, info, picture, values)
+    if dicom and grid.dicom_files and len(grid.shape) == 3:
+        from medanomaly.dicom_maps import write_parametric_map  # highdicom loads slowly
+
+        written.append(write_parametric_map(folder / f"{stem}_map.dcm", values, grid, info))
     return written
+
+
+def _picture(source: str) -> np.ndarray | None:
+    """The 2D image at its own size, gray, for the overlay (``None`` if it cannot be read)."""
+    from medanomaly.io import read_image
+
+    try:
+        image = read_image(source)
+    except (MedanomalyError, ValueError):
+        return None
+    return image.array[0] if image.spatial_dims == 2 else None
+
+
+def save_maps_in_chunks(
+    detector: Any,
+    images: Any,
+    folder: str | Path,
+    *,
+    dicom: bool = False,
+    threshold: float | None = None,
+    chunk: int = 16,
+) -> MapsWritten:
+    """Detect and :func:`save_maps` a few cases at a time (memory holds one chunk of maps).
+
+    Args:
+        detector: A fitted detector.
+        images: An :class:`~medanomaly.data.ImageSet` (its ``grids`` place the maps).
+        folder: Output folder.
+        dicom: Also write DICOM Parametric Maps for DICOM volumes.
+        threshold: Threshold recorded with the maps (default: the detector's).
+        chunk: Cases per call to ``detect``.
+
+    Returns:
+        Everything written, and the cases whose source-geometry maps failed.
+    """
+    done = MapsWritten()
+    for start in range(0, len(images), chunk):
+        index = np.arange(start, min(start + chunk, len(images)))
+        part = images.subset(index)
+        result = detector.detect(part)
+        if threshold is not None:
+            result.threshold = float(threshold)
+            result.labels = (result.scores > threshold).astype(np.int64)
+        written = save_maps(
+            folder,
+            part.ids,
+            part.images,
+            result,
+            part.grids,
+            model=getattr(detector, "name", ""),
+            dicom=dicom,
+            first_index=start,
+        )
+        done.files += written.files
+        done.problems += written.problems
+    return done

@@ -1,12 +1,13 @@
 """Command line: a thin layer over the Python API, one module per sub-command.
 
     medanomaly fit --config C --data D --out RUN [--val V] [--resume] [--devices N]
-    medanomaly score --run RUN --data D --out scores.csv [--maps DIR] [--strict]
+    medanomaly score --run RUN --data D --out scores.csv [--maps DIR [--dicom]] [--strict]
     medanomaly screen --run RUN --data UNLABELLED --out DIR [--k 3] [--metal-level 3000]
-                      [--eps E] [--min-samples 5] [--batch 16] [--strict]
+                      [--eps E] [--min-samples 5] [--batch 16] [--maps DIR [--dicom]] [--strict]
     medanomaly evaluate --run RUN --data LABELLED --out DIR [--threshold RULE] [--alpha A]
+                        [--maps DIR [--dicom]]
     medanomaly cv --config C --data LABELLED --out DIR [--folds 5] [--repeats 2] [--set K=V]
-    medanomaly inspect PATH [--series-uid UID]
+    medanomaly inspect PATH [PATH ...] [--series-uid UID]
     medanomaly demo --out DIR
     medanomaly models
 
@@ -43,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _without_library_noise(record: logging.LogRecord) -> bool:
+    """Drop pydicom's own log records (outside ``--verbose``).
+
+    pydicom logs every decoder plugin that fails, with its traceback, and every odd value it
+    meets; the readers turn what matters into one message that names the file and the tag.
+    """
+    return not record.name.startswith("pydicom")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``medanomaly`` command."""
     args = build_parser().parse_args(argv)
@@ -50,6 +60,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(levelname)s %(name)s: %(message)s",
     )
+    if not args.verbose:
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(_without_library_noise)
     try:
         return args.func(args)
     except MedanomalyError as error:

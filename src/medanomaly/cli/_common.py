@@ -38,3 +38,29 @@ def report_skipped(report: LoadReport, out: Path | None) -> None:
         from medanomaly.checkpoint import atomic_write_text
 
         atomic_write_text(out, "\n".join(report.lines()) + "\n")
+
+
+def add_dicom_argument(parser: argparse.ArgumentParser) -> None:
+    """``--dicom``: also write a DICOM Parametric Map per DICOM volume (with ``--maps``)."""
+    parser.add_argument(
+        "--dicom",
+        action="store_true",
+        help="with --maps, also write <case>_map.dcm for DICOM volumes: a DICOM Parametric "
+        "Map of the anomaly map on the source frame of reference, referencing the source series",
+    )
+
+
+def report_map_problems(problems: list[str]) -> None:
+    """Name each case whose maps in the scan's geometry could not be written."""
+    if problems:
+        print(f"{len(problems)} case(s) without a map in the scan's geometry:", file=sys.stderr)
+        for line in problems:
+            print(f"  {line}", file=sys.stderr)
+
+
+def check_dicom_needs_maps(args: argparse.Namespace) -> None:
+    """``--dicom`` writes beside the maps, so it needs ``--maps``."""
+    if getattr(args, "dicom", False) and not getattr(args, "maps", None):
+        from medanomaly.errors import ConfigError
+
+        raise ConfigError("--dicom writes the DICOM maps into the --maps folder: give --maps DIR")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medanomaly.cli._common import add_dicom_argument, check_dicom_needs_maps
 from medanomaly.evaluation.thresholds import THRESHOLD_RULES
 
 RULE_HELP = (
@@ -32,13 +33,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="pixel metrics: foreground = any channel above this preprocessed value "
         "(default: 5 %% of each image's intensity range above its minimum)",
     )
+    p.add_argument(
+        "--maps", help="folder for every case's anomaly map in the scan's geometry (see score)"
+    )
+    add_dicom_argument(p)
     p.add_argument("--strict", action="store_true", help="stop on the first unreadable image")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print a one-line summary."""
+    from medanomaly.cli._common import report_map_problems
     from medanomaly.evaluation.runner import METRICS_FILE, REPORT_FILE, evaluate_run, summary_line
+
+    check_dicom_needs_maps(args)
 
     metrics = evaluate_run(
         args.run,
@@ -48,14 +56,15 @@ def run(args: argparse.Namespace) -> int:
         alpha=args.alpha,
         strict=args.strict,
         foreground_threshold=args.foreground_threshold,
+        maps_dir=args.maps,
+        dicom=args.dicom,
     )
     image = metrics["image"]
-    low, high = image["auroc_ci95"]
-    ci = f" [95 % CI {low:.3f}-{high:.3f}]" if low is not None else ""
-    print(f"evaluated {metrics['n_cases']} cases: {summary_line(image)}{ci}")
+    print(f"evaluated {metrics['n_cases']} cases: {summary_line(image)}")
     value = image["threshold"]
     shown = "+inf (nothing called abnormal)" if value is None else f"{value:.6g}"
-    print(f"threshold {shown} ({image['threshold_rule']})")
+    print(f"threshold {shown} ({image['threshold_rule']}, from {image['threshold_n']} scores)")
+    report_map_problems(metrics.get("map_problems", []))
     if "pixel" in metrics:
         pixel = metrics["pixel"]
         values = ", ".join(

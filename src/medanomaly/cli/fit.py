@@ -31,7 +31,7 @@ def run(args: argparse.Namespace) -> int:
     from medanomaly.checkpoint import atomic_write_text
     from medanomaly.cli._common import report_skipped
     from medanomaly.config import apply_overrides, build_detector, load_config
-    from medanomaly.datasets import load_dataset
+    from medanomaly.datasets import input_spec, load_dataset
 
     overrides = list(args.set)
     if args.devices:
@@ -42,11 +42,14 @@ def run(args: argparse.Namespace) -> int:
     detector = build_detector(config)
     data_cfg = config.get("data") or {}
     out = Path(args.out)
-    train, report = load_dataset(args.data, **data_cfg, strict=args.strict, augment=True)
+    expect = input_spec(detector)
+    train, report = load_dataset(
+        args.data, **data_cfg, strict=args.strict, augment=True, expect=expect
+    )
     report_skipped(report, out / "skipped_train.txt")
     val = None
     if args.val:
-        val, val_report = load_dataset(args.val, **data_cfg, strict=args.strict)
+        val, val_report = load_dataset(args.val, **data_cfg, strict=args.strict, expect=expect)
         report_skipped(val_report, out / "skipped_val.txt")
     config_path = out / CONFIG_FILE
     if not (args.resume and config_path.exists()):
@@ -61,6 +64,10 @@ def run(args: argparse.Namespace) -> int:
         seen = f"{n_normal} normal and {n_abnormal} abnormal images"
     else:
         seen = f"{int((train.labels != 1).sum())} normal images"
-    print(f"trained {detector.name} on {seen}; threshold {detector.threshold_:.6g}")
+    rests_on = ""
+    if not getattr(detector, "supervised", False):  # a classifier's threshold is P > 0.5
+        n_val = len(getattr(detector, "val_scores_", []))
+        rests_on = f" (mean + k·SD of {n_val} held-out normal validation scores)"
+    print(f"trained {detector.name} on {seen}; threshold {detector.threshold_:.6g}{rests_on}")
     print(f"run directory: {out}")
     return 0

@@ -12,9 +12,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``inspect``."""
     p = sub.add_parser(
         "inspect",
-        help="print shape, spacing, orientation, intensity range and problems of an image",
+        help="print shape, spacing, orientation, intensity range and problems of images",
     )
-    p.add_argument("path", help="image file or DICOM series folder")
+    p.add_argument("path", nargs="+", help="image files or DICOM series folders")
     p.add_argument(
         "--series-uid", help="SeriesInstanceUID to read when a DICOM folder holds several"
     )
@@ -22,10 +22,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Print the report; exit 1 when the path cannot be read at all, else 0."""
+    """Print one report per path (blank-line separated); exit 1 when one cannot be read."""
     from medanomaly.io import inspect_path
 
-    report = inspect_path(args.path, series_uid=args.series_uid)
-    print(report)
-    failed = any(line.startswith(_FAILURE_PREFIX) for line in report.splitlines())
+    failed = False
+    for index, path in enumerate(args.path):
+        report = inspect_path(path, series_uid=args.series_uid)
+        print(("\n" if index else "") + report, flush=True)
+        failed |= any(line.startswith(_FAILURE_PREFIX) for line in report.splitlines())
     return 1 if failed else 0

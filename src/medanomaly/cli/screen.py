@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from medanomaly.cli._common import add_dicom_argument, check_dicom_needs_maps
+
 DESCRIPTION = """\
 Score every case of an unlabelled folder (or manifest) with a trained run, flag the cases whose
 score exceeds mean + k*SD of the run's held-out normal validation scores, and describe each case
@@ -26,6 +28,8 @@ outputs in --out:
                   cases ringed (only for models with a latent space and >= 5 cases)
   size_bias.png   each error against raw and foreground voxel count
   skipped.txt     unreadable files and why (only when there are some)
+with --maps DIR, every case's anomaly map in the scan's own geometry (<case>_map.nii.gz or
+<case>_map.tiff + _overlay.png, <case>_map.json; with --dicom a Parametric Map per DICOM volume)
 
 exit status: 0; 1 with --strict when files were skipped; 2 on an error. See docs/screening.md."""
 
@@ -74,6 +78,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=16,
         help="cases scored at a time; bounds memory held by maps (default: 16)",
     )
+    p.add_argument(
+        "--maps", help="folder for every case's anomaly map in the scan's geometry (see score)"
+    )
+    add_dicom_argument(p)
     p.add_argument("--strict", action="store_true", help="exit 1 if any file was skipped")
     p.set_defaults(func=run)
 
@@ -81,8 +89,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Screen the folder with the run's own preprocessing and write the outputs."""
     from medanomaly.base import BaseDetector
-    from medanomaly.cli._common import report_skipped
-    from medanomaly.datasets import load_dataset
+    from medanomaly.cli._common import report_map_problems, report_skipped
+    from medanomaly.datasets import input_spec, load_dataset
+    from medanomaly.outputs import save_maps_in_chunks
     from medanomaly.screening import (
         GALLERY_DIR,
         SKIPPED_FILE,
@@ -92,10 +101,11 @@ def run(args: argparse.Namespace) -> int:
         write_screen_outputs,
     )
 
+    check_dicom_needs_maps(args)
     detector = BaseDetector.load(args.run)
     data_cfg = (getattr(detector, "run_config_", None) or {}).get("data") or {}
     out = Path(args.out)
-    images, report = load_dataset(args.data, **data_cfg)
+    images, report = load_dataset(args.data, **data_cfg, expect=input_spec(detector))
     report_skipped(report, out / SKIPPED_FILE)
     result = screen(
         detector,
@@ -109,5 +119,10 @@ def run(args: argparse.Namespace) -> int:
     )
     gallery = save_gallery(detector, images, result, out / GALLERY_DIR, batch=args.batch)
     write_screen_outputs(result, out, gallery, run=str(args.run), data=str(args.data))
+    if args.maps:
+        written = save_maps_in_chunks(
+            detector, images, args.maps, dicom=args.dicom, threshold=result.threshold
+        )
+        report_map_problems(written.problems)
     print(summary_line(result, out))
     return 1 if (report and args.strict) else 0

@@ -18,23 +18,24 @@ from __future__ import annotations
 import json
 import logging
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from scipy import ndimage
 
-from medanomaly.base import AnomalyResult, BaseDetector
+from medanomaly.base import MIN_THRESHOLD_NORMALS, AnomalyResult, BaseDetector
 from medanomaly.checkpoint import atomic_write_text
 from medanomaly.data import ImageSet
-from medanomaly.datasets import LoadReport, list_cases, load_dataset
+from medanomaly.datasets import LoadReport, input_spec, list_cases, load_dataset
 from medanomaly.errors import ConfigError
 from medanomaly.evaluation import figures as figs
 from medanomaly.evaluation.metrics import bootstrap_auroc_ci, image_metrics, predict_abnormal
 from medanomaly.evaluation.pixel import pixel_metrics
 from medanomaly.evaluation.report import Facts, Figure, Figures, Table, Text, write_report
 from medanomaly.evaluation.thresholds import THRESHOLD_RULES, choose_threshold, conformal_pvalues
-from medanomaly.outputs import case_stem, write_scores_csv
+from medanomaly.outputs import case_stem, save_maps_in_chunks, write_scores_csv
 
 log = logging.getLogger(__name__)
 
@@ -129,10 +130,20 @@ def describe_rule(rule: str | None, params: dict[str, float], alpha: float) -> s
     return f"{rule}({args})" if args else rule
 
 
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """A threshold, its rule, what it was computed from and how many scores it rests on."""
+
+    value: float
+    rule: str
+    source: str
+    n: int
+
+
 def _evaluate_threshold(
     detector: BaseDetector, spec: str | None, labels: np.ndarray, scores: np.ndarray, alpha: float
-) -> tuple[float, str, str]:
-    """Threshold, rule name and where it came from, for :func:`evaluate_run`."""
+) -> ThresholdChoice:
+    """The threshold of :func:`evaluate_run` and what it rests on."""
     rule, params = parse_rule(spec)
     calibration = np.asarray(getattr(detector, "val_scores_", []), dtype=np.float64)
     if rule is None:
@@ -143,17 +154,19 @@ def _evaluate_threshold(
             if k is not None
             else "the run's own threshold"
         )
-        return float(detector.threshold_), "run", source
+        return ThresholdChoice(float(detector.threshold_), "run", source, calibration.size)
     name = describe_rule(rule, params, alpha)
     if rule in LABELLED_RULES:
         log.warning("threshold %s is fitted on the evaluated cases themselves (optimistic)", name)
         threshold = rule_threshold(rule, params, labels, scores, alpha)
-        return threshold, name, "the evaluated cases themselves (in-sample, optimistic)"
+        source = "the evaluated cases themselves (in-sample, optimistic)"
+        return ThresholdChoice(threshold, name, source, int(np.size(labels)))
     if calibration.size == 0:
         raise ConfigError(f"threshold {name}: the run holds no validation scores")
     normal = np.zeros(calibration.size, dtype=np.int64)
     threshold = rule_threshold(rule, params, normal, calibration, alpha)
-    return threshold, name, f"the run's {calibration.size} held-out normal validation scores"
+    source = f"the run's {calibration.size} held-out normal validation scores"
+    return ThresholdChoice(threshold, name, source, calibration.size)
 
 
 # -- scoring and metric blocks ----------------------------------------------------------------
@@ -192,6 +205,7 @@ def image_block(
     rule: str,
     source: str,
     n_boot: int = 1000,
+    threshold_n: int | None = None,
 ) -> dict[str, Any]:
     """The ``image`` block of ``metrics.json``.
 
@@ -202,6 +216,8 @@ def image_block(
         rule: Name of the threshold rule.
         source: What the threshold was computed from.
         n_boot: Bootstrap resamples of the AUROC interval (0 leaves it out).
+        threshold_n: How many scores the threshold was computed from (``None``: unknown);
+            fewer than 20 adds a note.
 
     Returns:
         A JSON-ready dict (see docs/evaluation.md).
@@ -215,12 +231,18 @@ def image_block(
         confusion_matrix=m["confusion_matrix"],
         threshold=m["threshold"],
         threshold_rule=rule,
+        threshold_n=threshold_n,
         threshold_source=source,
         decision_rule=m["decision_rule"],
         n_normal=m["n_normal"],
         n_abnormal=m["n_abnormal"],
         notes=m["notes"],
     )
+    if threshold_n is not None and threshold_n < MIN_THRESHOLD_NORMALS:
+        block["notes"].append(
+            f"the threshold rests on only {threshold_n} scores (fewer than "
+            f"{MIN_THRESHOLD_NORMALS}): its sensitivity and specificity are unsteady"
+        )
     return block
 
 
@@ -343,7 +365,7 @@ def _load_labelled(
     detector: BaseDetector, data: str | Path, strict: bool
 ) -> tuple[ImageSet, LoadReport, dict[str, Any]]:
     data_cfg = dict((getattr(detector, "run_config_", None) or {}).get("data") or {})
-    images, report = load_dataset(data, **data_cfg, strict=strict)
+    images, report = load_dataset(data, **data_cfg, strict=strict, expect=input_spec(detector))
     if not np.any(images.labels != -1):
         raise ConfigError(
             f"{data}: no case has a label; evaluate needs labelled data (a manifest with a "
@@ -435,10 +457,16 @@ def headline(block: dict[str, Any]) -> list[tuple[str, Any]]:
         ("AUROC 95 % bootstrap interval", ci_text),
         *((names.get(k, k), block[k]) for k in IMAGE_KEYS if k != "auroc"),
         ("threshold", block["threshold"]),
-        ("threshold rule", block["threshold_rule"]),
+        ("threshold rule", _rule_with_n(block)),
         ("threshold from", block["threshold_source"]),
         ("cases (normal / abnormal)", f"{block['n_normal']} / {block['n_abnormal']}"),
     ]
+
+
+def _rule_with_n(block: dict[str, Any]) -> str:
+    """The threshold rule with the number of scores it rests on, e.g. ``run (n = 7)``."""
+    n = block.get("threshold_n")
+    return block["threshold_rule"] if n is None else f"{block['threshold_rule']} (n = {n})"
 
 
 def _pixel_facts(block: dict[str, Any]) -> Facts:
@@ -496,6 +524,8 @@ def evaluate_run(
     n_boot: int = 1000,
     gallery_per_group: int = 3,
     foreground_threshold: float | None = None,
+    maps_dir: str | Path | None = None,
+    dicom: bool = False,
 ) -> dict[str, Any]:
     """Score labelled data with a trained run and write metrics, scores and a report.
 
@@ -514,9 +544,13 @@ def evaluate_run(
         gallery_per_group: Cases per gallery group (see :func:`figures.gallery_indices`).
         foreground_threshold: Intensity cut-off of the pixel-metric foreground (see
             :func:`foreground_masks`).
+        maps_dir: Folder for every case's anomaly map in the scan's own geometry (see
+            :func:`medanomaly.outputs.save_maps`); ``None`` writes none.
+        dicom: With ``maps_dir``, also write a DICOM Parametric Map per DICOM volume.
 
     Returns:
-        The metrics written to ``metrics.json``.
+        The metrics written to ``metrics.json``; ``map_problems`` lists the cases whose
+        maps could not be written.
     """
     out = Path(out)
     detector = BaseDetector.load(run_dir)
@@ -524,10 +558,19 @@ def evaluate_run(
     with_masks = images.masks is not None
     scores, maps = score_in_chunks(detector, images, keep_maps=with_masks)
     labelled = images.labels != -1
-    value, rule, source = _evaluate_threshold(
+    choice = _evaluate_threshold(
         detector, threshold, images.labels[labelled], scores[labelled], alpha
     )
-    block = image_block(images.labels[labelled], scores[labelled], value, rule, source, n_boot)
+    value = choice.value
+    block = image_block(
+        images.labels[labelled],
+        scores[labelled],
+        value,
+        choice.rule,
+        choice.source,
+        n_boot,
+        threshold_n=choice.n,
+    )
     if not math.isfinite(value):
         block["notes"].append(
             "threshold is +inf (too few calibration scores for this alpha): no case is called "
@@ -557,6 +600,9 @@ def evaluate_run(
         detector, images.labels[labelled], scores[labelled], block, figures_dir
     )
     gallery = _gallery(detector, images, scores, figures_dir / "gallery", gallery_per_group)
+    if maps_dir is not None:
+        written = save_maps_in_chunks(detector, images, maps_dir, dicom=dicom, threshold=value)
+        metrics["map_problems"] = written.problems
     _write_evaluation_report(out, metrics, made, gallery, images, scores, predictions, extra)
     write_json(out / METRICS_FILE, metrics)
     return json_ready(metrics)
@@ -633,4 +679,8 @@ def summary_line(block: dict[str, Any]) -> str:
 
     keys = ("auroc", "auprc", "f1", "sensitivity", "specificity", "accuracy")
     names = {"auroc": "AUROC", "auprc": "AUPRC", "f1": "F1"}
-    return ", ".join(f"{names.get(k, k)} {fmt(block.get(k))}" for k in keys)
+    parts = [f"{names.get(k, k)} {fmt(block.get(k))}" for k in keys]
+    low, high = block.get("auroc_ci95") or (None, None)
+    if low is not None and high is not None:
+        parts[0] += f" [95 % CI {low:.3f}-{high:.3f}]"
+    return ", ".join(parts)

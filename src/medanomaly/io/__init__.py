@@ -7,17 +7,20 @@ wrong number of dimensions, or hold NaN/inf values.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
-from medanomaly.errors import ImageReadError, InvalidImageError
+from medanomaly.errors import ImageReadError, InvalidImageError, MedanomalyError
 from medanomaly.image import MedicalImage
 from medanomaly.io.dicom import is_dicom_file, list_dicom_series, read_dicom
 from medanomaly.io.inspect import inspect_path
 from medanomaly.io.nifti import read_nifti
 from medanomaly.io.raster import read_array, read_picture
+
+log = logging.getLogger(__name__)
 
 __all__ = ["IMAGE_SUFFIXES", "image_suffix", "inspect_path", "list_dicom_series", "read_image"]
 
@@ -79,7 +82,15 @@ def read_image(
     if keep_channels and channel is not None:
         raise ValueError("give either keep_channels=True or channel=..., not both")
     path = Path(path)
-    image = _dispatch(path, series_uid)
+    if series_uid is not None and path.is_file() and image_suffix(path) in _READERS:
+        raise ValueError(f"series_uid applies to DICOM only, not to {path}")
+    try:
+        image = _dispatch(path, series_uid)
+    except MedanomalyError:
+        raise
+    except Exception as exc:  # a library failed on odd input: name the file, keep the cause
+        log.debug("reading %s failed", path, exc_info=True)
+        raise ImageReadError(path, f"cannot read ({type(exc).__name__}: {exc})") from exc
     image = _choose_channels(image, path, keep_channels=keep_channels, channel=channel)
     return _validated(image, path)
 
@@ -93,7 +104,7 @@ def _dispatch(path: Path, series_uid: str | None) -> MedicalImage:
     if path.stat().st_size == 0:
         raise ImageReadError(path, "file is empty (0 bytes)")
     suffix = image_suffix(path)
-    if suffix == ".dcm" or (suffix not in _READERS and is_dicom_file(path)):
+    if suffix == ".dcm" or (suffix not in _READERS and is_dicom_file(path, force=True)):
         return read_dicom(path, series_uid=series_uid)
     reader = _READERS.get(suffix)
     if reader is None:
@@ -103,8 +114,6 @@ def _dispatch(path: Path, series_uid: str | None) -> MedicalImage:
             f"{', '.join(IMAGE_SUFFIXES)}, DICOM files of any name and DICOM "
             "series folders",
         )
-    if series_uid is not None:
-        raise ValueError(f"series_uid applies to DICOM only, not to {path}")
     return reader(path)
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medanomaly.errors import MedanomalyError
+from medanomaly.errors import MedanomalyError, problem_text
 from medanomaly.image import MedicalImage
 from medanomaly.io.dicom import list_dicom_series
 
@@ -45,7 +45,7 @@ def inspect_path(path: str | Path, *, series_uid: str | None = None) -> str:
     try:
         image = read_image(path, series_uid=series_uid)
     except (MedanomalyError, ValueError) as exc:
-        lines.append(f"cannot read: {exc}")
+        lines.append(f"cannot read: {problem_text(exc, path)}")
         return "\n".join(lines)
     lines += _image_lines(image)
     return "\n".join(lines)

@@ -9,7 +9,7 @@ import numpy as np
 from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation
 
 from medanomaly.errors import ImageReadError, InvalidImageError
-from medanomaly.image import MedicalImage
+from medanomaly.image import SOURCE_GRID_KEY, MedicalImage, SourceGrid
 
 #: Factor that turns a NIfTI spatial unit into millimetres.
 _UNIT_TO_MM = {"meter": 1000.0, "mm": 1.0, "micron": 0.001, "unknown": 1.0}
@@ -49,6 +49,22 @@ def to_canonical(
     return canonical, new_affine, tuple(new_spacing)
 
 
+def canonical_grid(affine: np.ndarray, shape: tuple[int, ...], **dicom: tuple) -> SourceGrid:
+    """The :class:`SourceGrid` of a volume stored with ``affine`` and read back as RAS+.
+
+    Args:
+        affine: 4x4 voxel-to-world (RAS, mm) matrix of the stored volume.
+        shape: Its spatial shape as stored.
+        **dicom: ``dicom_files`` / ``dicom_frames`` for DICOM series.
+
+    Returns:
+        The stored grid, with ``index_to_source`` taking a RAS+ index to the stored index.
+    """
+    spatial = tuple(int(n) for n in shape[:3])
+    step = inv_ornt_aff(io_orientation(affine), spatial)
+    return SourceGrid(spatial, np.asarray(affine, dtype=np.float64), step, **dicom)
+
+
 def read_nifti(path: Path) -> MedicalImage:
     """Read a ``.nii`` / ``.nii.gz`` file as a RAS+ volume.
 
@@ -70,6 +86,7 @@ def read_nifti(path: Path) -> MedicalImage:
         data = np.asarray(img.dataobj, dtype=np.float32)
     except Exception as exc:
         raise ImageReadError(path, f"cannot read NIfTI file: {exc}") from exc
+    file_shape = tuple(int(n) for n in data.shape)
     data = _spatial_first(data, path)
     xyz_unit = img.header.get_xyzt_units()[0]
     factor = _UNIT_TO_MM.get(xyz_unit, 1.0)
@@ -77,6 +94,7 @@ def read_nifti(path: Path) -> MedicalImage:
     affine = img.affine.copy()
     affine[:3, :] *= factor
     original = axcodes(affine)
+    grid = canonical_grid(affine, data.shape)
     data, affine, spacing = to_canonical(data, affine, zooms)
     problems = []
     if factor != 1.0:
@@ -86,7 +104,11 @@ def read_nifti(path: Path) -> MedicalImage:
         spacing=spacing,
         affine=affine,
         source=str(path),
-        meta=_nifti_meta(img, data.shape[-1], original),
+        meta={
+            **_nifti_meta(img, data.shape[-1], original),
+            "file_shape": file_shape,
+            SOURCE_GRID_KEY: grid,
+        },
         problems=problems,
     )
 

@@ -15,7 +15,7 @@ import tifffile
 from PIL import Image, UnidentifiedImageError
 
 from medanomaly.errors import ImageReadError, InvalidImageError
-from medanomaly.image import MedicalImage
+from medanomaly.image import SOURCE_GRID_KEY, MedicalImage, SourceGrid
 
 #: PIL modes whose pixels are one gray value.
 _GRAY_MODES = {"1", "L", "I", "F", "I;16", "I;16L", "I;16B", "I;16N"}
@@ -45,7 +45,12 @@ def read_picture(path: Path) -> MedicalImage:
     else:
         array, kind, problems = _read_with_pil(path)
         spacing = (1.0, 1.0)
-    meta = {"format": path.suffix.lower().lstrip("."), "channel_kind": kind}
+    meta = {
+        "format": path.suffix.lower().lstrip("."),
+        "channel_kind": kind,
+        "file_shape": tuple(int(n) for n in array.shape[1:]),
+        SOURCE_GRID_KEY: SourceGrid.of_array(array.shape[1:]),
+    }
     return MedicalImage(
         array=array, spacing=spacing, source=str(path), meta=meta, problems=problems
     )
@@ -185,6 +190,8 @@ def read_array(path: Path) -> MedicalImage:
     if len(spacing) == 3:
         meta["geometry"] = "none in file: identity affine, assumed RAS+ with 1 mm voxels"
     affine = np.eye(4) if len(spacing) == 3 else None
+    meta["file_shape"] = tuple(int(n) for n in array.shape[1:])
+    meta[SOURCE_GRID_KEY] = SourceGrid.of_array(array.shape[1:], affine)
     return MedicalImage(array=array, spacing=spacing, affine=affine, source=str(path), meta=meta)
 
 

@@ -17,7 +17,7 @@ import torch
 from monai.data import MetaTensor
 
 from medanomaly.errors import ConfigError, InvalidImageError
-from medanomaly.image import MedicalImage
+from medanomaly.image import SOURCE_GRID_KEY, MedicalImage
 
 FOREGROUND_KEY = "foreground"
 """``image.meta`` key of the bool foreground mask (spatial shape) that transforms keep in step."""
@@ -324,7 +324,8 @@ def apply_geometric(name: str, image: MedicalImage, op: GeometricOp) -> MedicalI
     The image goes in as a MONAI ``MetaTensor`` carrying its voxel-to-world matrix; MONAI
     updates that matrix, and the new ``spacing`` is read back from it (column norms). A
     foreground mask in ``meta`` is transformed with ``op(mask, True)`` (the op must then sample
-    nearest-neighbour) and thresholded at 0.5.
+    nearest-neighbour) and thresholded at 0.5. The image's :class:`~medanomaly.image.SourceGrid`
+    learns the index mapping, so that maps can be put back onto the file's own grid.
 
     Raises:
         RuntimeError: If MONAI returned no geometry (``monai.data.set_track_meta(False)``).
@@ -337,6 +338,9 @@ def apply_geometric(name: str, image: MedicalImage, op: GeometricOp) -> MedicalI
         )
     new_affine = out.affine.detach().cpu().numpy().astype(np.float64)
     meta = move_masks(name, image, lambda mask: op(MetaTensor(mask, affine=affine), True))
+    grid = meta.get(SOURCE_GRID_KEY)
+    if grid is not None:  # output index -> input index, whatever world frame the affines use
+        meta[SOURCE_GRID_KEY] = grid.moved(np.linalg.inv(_affine4(image)) @ new_affine)
     dims = image.spatial_dims
     spacing = tuple(round(float(s), 9) for s in np.linalg.norm(new_affine[:3, :dims], axis=0))
     array = to_numpy(out)
