@@ -14,10 +14,16 @@ Protocol (seed 000: 3D VAE on orbital CT, AUROC 0.801, sensitivity 79.2 %, speci
    abnormal ones are left out by ``fit``). The validation split's normal volumes drive early
    stopping (or, with ``engine.monitor: val_auroc``, its normal and abnormal volumes rank the
    epochs); the test split is never seen before the final scoring.
-2. A row with ``"from": <model>`` re-scores that model's trained weights with another
-   ``map_score`` (standardised, smoothed anomaly map; see ``medanomaly.scoring.MapScoring``):
-   same network, only the score differs. Its per-voxel scale comes from the normal training
-   volumes, as ``fit`` would compute it.
+2. A row with ``"from": <model>`` re-scores that model's trained detector with other
+   settings (``"set"``): another ``map_score`` (standardised, smoothed anomaly map; its
+   per-voxel scale comes from the normal training volumes, as ``fit`` would compute it),
+   another ``score_reduce``, or another ``combine`` of a latent density (re-standardised on
+   the normal validation volumes): same network, only the score differs.
+   Rows with ``"size": 32`` train and score at 32³: the 64³ volumes area-downsampled (the
+   masks' partial volumes kept), 8x cheaper per epoch, so they train longer.
+   No-model rows (``volume``, ``volume32``: the mask's voxel count against the normal
+   training volumes, larger = more abnormal) are fitted and cut the same way; their rows
+   carry ``"baseline": true``.
 3. The cut-off is Youden's J on the **validation** scores (seed 000's ROC cut-off); test
    AUROC (95 % stratified bootstrap CI, 1000 resamples), sensitivity, specificity, accuracy
    and F1 at that cut-off are reported.
@@ -28,7 +34,8 @@ Protocol (seed 000: 3D VAE on orbital CT, AUROC 0.801, sensitivity 79.2 %, speci
 
 A model whose ``OUT/<model>/model.pt`` exists and whose ``bench.json`` records the same
 settings is loaded instead of retrained (``--retrain`` forces training). Writes
-``OUT/results.json``, ``OUT/results.md`` and ``OUT/roc_test.png``.
+``OUT/results.json`` (``rows``: name -> metrics and ``baseline``; ``speed``, ``counts``
+beside), ``OUT/results.md`` and ``OUT/roc_test.png``.
 
     .venv/bin/python benchmarks/adrenal3d.py --out OUT [--models vae cae] [--epochs N] [--quick]
 """
@@ -52,6 +59,9 @@ from medanomaly.data import ImageSet
 from medanomaly.evaluation import bootstrap_auroc_ci, image_metrics, youden_threshold
 from medanomaly.evaluation.figures import plot_roc
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import is_baseline, results_row  # noqa: E402  (benchmarks/common.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "adrenal3d" / "adrenalmnist3d_64.npz"
 MAP_SCORE = {"smooth": 5, "reduce": "top", "top_fraction": 0.01}
@@ -60,30 +70,60 @@ MAP_SCORE = {"smooth": 5, "reduce": "top", "top_fraction": 0.01}
 # volumes/s on one free thread, the CAE at about 25 (down to a third of that when the cores are
 # busy); on 2 free cores the default run takes about 15 minutes, on one busy thread about an hour.
 MODELS: dict[str, dict[str, Any]] = {
+    "volume": {"model": "volume", "params": {"direction": "high"}, "engine": {}},
     "vae": {
         "model": "vae",  # the registry's defaults are seed 000's architecture and loss
         "params": {},
         "engine": {"epochs": 5, "patience": 3, "batch_size": 16, "monitor": "val_auroc"},
     },
-    "vae_map": {"from": "vae", "map_score": MAP_SCORE},
+    "vae_map": {"from": "vae", "set": {"map_score": MAP_SCORE}},
     "cae": {
         "model": "cae",
         "params": {"channels": [16, 32, 64, 128], "latent_channels": 16},
         "engine": {"epochs": 8, "patience": 4, "batch_size": 16, "monitor": "val_auroc"},
     },
-    "cae_map": {"from": "cae", "map_score": MAP_SCORE},
+    "cae_map": {"from": "cae", "set": {"map_score": MAP_SCORE}},
     "resnet_ae": {
         "model": "resnet_ae",  # seed 004's ResNet autoencoder: ResNet-10, 1024-d latent
         "params": {"depth": 10, "latent_dim": 1024, "output_activation": "sigmoid"},
         "engine": {"epochs": 3, "patience": 2, "batch_size": 16, "monitor": "val_auroc"},
     },
+    "volume32": {"model": "volume", "size": 32, "params": {"direction": "high"}, "engine": {}},
+    "vae32": {
+        "model": "vae",
+        "size": 32,
+        "params": {},
+        "engine": {"epochs": 40, "patience": 10, "batch_size": 16, "monitor": "val_auroc"},
+    },
+    # the density of vae32's latent means under the normal training volumes (no retraining)
+    "vae32_latent": {
+        "model": "latent_density",
+        "size": 32,
+        "params": {"encoder_run": "vae32", "density": "gaussian", "combine": "latent"},
+        "engine": {},
+    },
+    "vae32_latent_sum": {"from": "vae32_latent", "set": {"combine": "sum"}},
+    "dae32": {
+        "model": "dae",
+        "size": 32,
+        "params": {"features": [8, 16, 32, 64, 128, 8], "erode": 0, "median_size": 3},
+        "engine": {"epochs": 20, "patience": 6, "batch_size": 16, "monitor": "val_auroc"},
+    },
+    "dae32_sum": {"from": "dae32", "set": {"score_reduce": "sum"}},
+    "fpi32": {
+        "model": "fpi",
+        "size": 32,
+        "params": {"features": [8, 16, 32, 64, 128, 8]},
+        "engine": {"epochs": 10, "patience": 4, "batch_size": 16, "monitor": "val_auroc"},
+    },
 }
 DEFAULT_MODELS = list(MODELS)
 SEED_000 = {"auroc": 0.801, "sensitivity": 0.792, "specificity": 0.727}
-TARGET_AUROC = 0.85
+TARGET_AUROC = 0.85  # the issue's moonshot; seed 000's 0.80 is the target
 TABLE_KEYS = ("auroc", "sensitivity", "specificity", "accuracy", "f1")
 SPLITS = ("train", "val", "test")
 SPEED_REPEATS = 3  # scoring-speed passes; the fastest is reported
+
 QUICK = {"train": 16, "val": (6, 4), "test": (10, 6), "epochs": 1}
 
 
@@ -104,6 +144,24 @@ def load_splits(path: Path, quick: bool) -> dict[str, ImageSet]:
         volumes = images[index, None].astype(np.float32) / 255.0
         ids = [f"{split}_{i:04d}" for i in index]
         out[split] = ImageSet(volumes, labels[index].astype(np.int64), ids)
+    return out
+
+
+def at_size(data: dict[str, ImageSet], size: int | None) -> dict[str, ImageSet]:
+    """The splits resampled to ``size``³ (area when smaller: the masks' partial volumes).
+
+    ``None`` keeps the grid of the file (64³).
+    """
+    side = data["train"].images.shape[-1]
+    if size is None or size == side:
+        return data
+    mode = "area" if size < side else "nearest"
+    out = {}
+    for split, images in data.items():
+        volumes = torch.nn.functional.interpolate(
+            torch.from_numpy(images.images), size=(size,) * 3, mode=mode
+        )
+        out[split] = ImageSet(volumes.numpy(), images.labels, images.ids)
     return out
 
 
@@ -131,9 +189,10 @@ def train_or_load(
             print(f"  {name}: loading {run_dir / 'model.pt'} (trained before; --retrain to redo)")
             return medanomaly.load_model(run_dir), record
         print(f"  {name}: {run_dir} holds other settings; retraining")
-    detector = medanomaly.get_model(
-        spec["model"], spatial_dims=3, **spec["params"], engine=spec["engine"]
-    )
+    params = dict(spec["params"])
+    if "encoder_run" in params:  # the run of another row of this benchmark
+        params["encoder_run"] = str(out / params["encoder_run"])
+    detector = medanomaly.get_model(spec["model"], spatial_dims=3, **params, engine=spec["engine"])
     start = time.perf_counter()
     detector.fit(data["train"], val=data["val"], run_dir=run_dir)
     record = {"settings": settings, "seconds": time.perf_counter() - start}
@@ -141,12 +200,15 @@ def train_or_load(
     return detector, record
 
 
-def rescored(base: Any, map_score: dict[str, Any], train: ImageSet) -> Any:
-    """``base``'s trained network, scored from its standardised, smoothed anomaly maps."""
+def rescored(base: Any, settings: dict[str, Any], data: dict[str, ImageSet]) -> Any:
+    """``base``'s trained detector with other scoring settings; the network is unchanged."""
     detector = copy.copy(base)
-    detector.map_score = map_score
-    # what fit() does last: per-voxel scale of the normal training residuals (no augmentation)
-    detector._fit_map_statistics(train)
+    for key, value in settings.items():
+        setattr(detector, key, value)
+    if "map_score" in settings:
+        # what fit() does last: per-voxel scale of the normal training residuals (no augmentation)
+        detector._fit_map_statistics(data["train"])
+    detector.calibrate(data["val"].normal)  # e.g. a latent density's re-standardisation
     return detector
 
 
@@ -185,23 +247,6 @@ def evaluate(detector: Any, data: dict[str, ImageSet]) -> dict[str, Any]:
         "val_specificity": val_metrics["specificity"],
         "test_score_seconds": score_seconds,
         "test_scores": test_scores.tolist(),
-    }
-
-
-def voxel_count_reference(data: dict[str, ImageSet]) -> dict[str, Any]:
-    """No model: the score is the mask's voxel count (hyperplasia enlarges the gland)."""
-
-    def count(images: ImageSet) -> np.ndarray:
-        return (images.images > 0.5).reshape(len(images), -1).sum(axis=1).astype(np.float64)
-
-    val_scores, test_scores = count(data["val"]), count(data["test"])
-    threshold = youden_threshold(data["val"].labels, val_scores)
-    metrics = image_metrics(data["test"].labels, test_scores, threshold)
-    return {
-        **{key: metrics[key] for key in TABLE_KEYS},
-        "auroc_ci": list(bootstrap_auroc_ci(data["test"].labels, test_scores)),
-        "threshold": threshold,
-        "val_auroc": image_metrics(data["val"].labels, val_scores, threshold)["auroc"],
     }
 
 
@@ -248,28 +293,34 @@ def run_row(
         if base not in trained:
             print(f"  {name}: skipped ({base} is not among the models run)")
             return None
-        detector = rescored(trained[base], spec["map_score"], data["train"])
-        row = {**evaluate(detector, data), "model": results[base]["model"], "from": base}
-        row.update(map_score=spec["map_score"], seconds=results[base]["seconds"])
+        sized = at_size(data, MODELS[base].get("size"))
+        detector = rescored(trained[base], spec["set"], sized)
+        row = {**evaluate(detector, sized), "model": results[base]["model"], "from": base}
+        row.update(settings=spec["set"], seconds=results[base]["seconds"])
         row.update(epochs=results[base]["epochs"], epoch_kept=results[base]["epoch_kept"])
+        row.update(size=results[base]["size"], baseline=results[base]["baseline"])
         return row
-    if spec["model"] not in medanomaly.list_models():
-        print(f"  {name}: skipped (model {spec['model']!r} is not registered yet)")
+    needs = spec["params"].get("encoder_run")
+    if needs and needs not in trained:
+        print(f"  {name}: skipped (needs the trained {needs} row)")
         return None
-    detector, record = train_or_load(name, spec, data, args.out, args.retrain)
+    sized = at_size(data, spec.get("size"))
+    detector, record = train_or_load(name, spec, sized, args.out, args.retrain)
     trained[name] = detector
     history = detector.history_
-    monitor = detector.engine_config.monitor
-    row = evaluate(detector, data)
+    monitor = "–" if detector.baseline else detector.engine_config.monitor
+    row = evaluate(detector, sized)
     row.update(
         model=spec["model"],
         params=spec["params"],
         engine=spec["engine"],
+        size=int(sized["train"].images.shape[-1]),
+        baseline=is_baseline(spec["model"]),
         seconds=record["seconds"],
         epochs=len(history),
         epoch_kept=kept_epoch(history, monitor),
         monitor=monitor,
-        train_volumes_per_s=len(data["train"]) * len(history) / record["seconds"],
+        train_volumes_per_s=len(sized["train"]) * len(history) / record["seconds"],
     )
     return row
 
@@ -283,14 +334,16 @@ def _row_cells(r: dict[str, Any]) -> list[str]:
     low, high = r["auroc_ci"]
     ci = f" ({low:.3f}–{high:.3f})" if low is not None else ""
     how = f"re-scored {r['from']}" if "from" in r else f"{r['monitor']}"
+    kept = "–" if r["baseline"] else f"{r['epoch_kept']} / {r['epochs']}"
     return [
+        f"{r['size']}³",
         f"{r['auroc']:.3f}{ci}",
         _pct(r["sensitivity"]),
         _pct(r["specificity"]),
         _pct(r["accuracy"]),
         f"{r['f1']:.3f}" if r["f1"] is not None else "–",
         f"{r['val_auroc']:.3f}",
-        f"{r['epoch_kept']} / {r['epochs']}",
+        kept,
         how,
         f"{r['seconds'] / 60:.1f} min",
     ]
@@ -298,52 +351,38 @@ def _row_cells(r: dict[str, Any]) -> list[str]:
 
 def results_markdown(summary: dict[str, Any]) -> str:
     """The results table, with seed 000's figures and the target."""
-    rows, speed, n = summary["models"], summary.get("speed"), summary["counts"]
+    rows, speed, n = summary["rows"], summary.get("speed"), summary["counts"]
     lines = [
-        "AdrenalMNIST3D 64³ (`benchmarks/adrenal3d.py`): train on the normal training volumes "
+        "AdrenalMNIST3D (`benchmarks/adrenal3d.py`): train on the normal training volumes "
         f"({n['train']}), epoch and Youden cut-off chosen on the validation split "
         f"({n['val_normal']} normal / {n['val_abnormal']} abnormal), metrics on the test split "
         f"({n['test_normal']} normal / {n['test_abnormal']} abnormal). "
         f"{summary['threads']} torch CPU thread(s) on a CPU shared with other jobs, so times "
         "are upper bounds." + (" **Quick smoke run: few volumes, 1 epoch.**" * summary["quick"]),
         "",
-        "| model | test AUROC (95 % CI) | sensitivity | specificity | accuracy | F1 | val AUROC "
-        "| epoch kept / run | epoch chosen by | training |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| row | grid | test AUROC (95 % CI) | sensitivity | specificity | accuracy | F1 | "
+        "val AUROC | epoch kept / run | epoch chosen by | training |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in rows.items():
-        lines.append(f"| {name} | " + " | ".join(_row_cells(r)) + " |")
+        label = f"*{name} (no model)*" if r["baseline"] else name
+        lines.append(f"| {label} | " + " | ".join(_row_cells(r)) + " |")
     seed = SEED_000
     lines.append(
-        f"| seed 000 (3D VAE, orbital CT) | {seed['auroc']:.3f} | {_pct(seed['sensitivity'])} | "
-        f"{_pct(seed['specificity'])} | – | – | – | – | – | – |"
+        f"| seed 000 (3D VAE, orbital CT) | 64³ | {seed['auroc']:.3f} | "
+        f"{_pct(seed['sensitivity'])} | {_pct(seed['specificity'])} | – | – | – | – | – | – |"
     )
-    best_name = max(rows, key=lambda k: rows[k]["auroc"]) if rows else None
-    if best_name:
-        best = rows[best_name]["auroc"]
-        verdict = "met" if best >= TARGET_AUROC else "missed"
-        lines += [
-            "",
-            f"Target best test AUROC ≥ {TARGET_AUROC:.2f}: **{verdict}** (best: {best_name}, "
-            f"{best:.3f}; seed 000: {seed['auroc']:.3f}).",
-        ]
+    lines += ["", "Italic rows are no-model baselines, fitted and cut the same way.", ""]
+    lines += verdict_lines(rows)
     lines += [
         "",
         "Cut-off: Youden's J on the validation scores (seed 000's ROC cut-off), applied "
         "unchanged to the test scores. `*_map` rows re-score the trained network of the row "
         f"named in 'epoch chosen by' with `map_score: {MAP_SCORE}` (per-voxel standardised, "
-        "5-voxel box-smoothed residual, mean of the top 1 %); same weights, same training time.",
+        "5-voxel box-smoothed residual, mean of the top 1 %); `*_sum` rows score by the sum of "
+        "the map (dae) or by the latent score plus the VAE's own (latent density); same "
+        "weights, same training time.",
     ]
-    ref = summary.get("voxel_count")
-    if ref:
-        low, high = ref["auroc_ci"]
-        lines += [
-            "",
-            f"Reference without a model: the mask's voxel count as the score gives test AUROC "
-            f"{ref['auroc']:.3f} ({low:.3f}–{high:.3f}), sensitivity {_pct(ref['sensitivity'])}, "
-            f"specificity {_pct(ref['specificity'])} at its validation Youden cut-off (val AUROC "
-            f"{ref['val_auroc']:.3f}).",
-        ]
     if summary.get("skipped"):
         lines += ["", "Not run: " + "; ".join(f"{k} ({v})" for k, v in summary["skipped"].items())]
     if speed:
@@ -359,6 +398,28 @@ def results_markdown(summary: dict[str, Any]) -> str:
             f"≥ 20 volumes/s: **{'met' if speed['volumes_per_s'] >= 20 else 'missed'}**.",
         ]
     return "\n".join(lines) + "\n"
+
+
+def verdict_lines(rows: dict[str, Any]) -> list[str]:
+    """The target and which models beat the no-model rows (test AUROC)."""
+    models = {k: r["auroc"] for k, r in rows.items() if not r["baseline"]}
+    baselines = {k: r["auroc"] for k, r in rows.items() if r["baseline"]}
+    if not models:
+        return []
+    best = max(models, key=models.get)
+    lines = []
+    for goal, label in ((SEED_000["auroc"], "seed 000's 0.80"), (TARGET_AUROC, "moonshot")):
+        verdict = "met" if models[best] >= goal else "missed"
+        lines.append(f"- Best model `{best}` ({models[best]:.3f}) ≥ {goal:.2f} ({label}): "
+                     f"**{verdict}**.")  # fmt: skip
+    for name, value in baselines.items():
+        above = sorted(k for k, v in models.items() if v > value)
+        lines.append(
+            f"- Above `{name}` (no model, {value:.3f}): "
+            + (", ".join(f"`{k}`" for k in above) if above else "no model")
+            + "."
+        )
+    return lines
 
 
 # -- main -------------------------------------------------------------------------------------
@@ -430,16 +491,17 @@ def main(argv: list[str] | None = None) -> int:
     test_labels = data["test"].labels
     curves = [(test_labels, np.asarray(r["test_scores"]), r["threshold"]) for r in results.values()]
     figure = plot_roc(curves, args.out / "roc_test.png", names=list(results), title="Test ROC")
+    rows = {name: results_row(r, r.pop("baseline")) for name, r in results.items()}
     summary = {
+        "benchmark": "adrenal3d",
         "dataset": "AdrenalMNIST3D 64^3 (MedMNIST v2), official splits",
         "protocol": "train on normal training volumes; epoch and Youden cut-off on validation; "
         "metrics on test",
         "quick": args.quick,
         "threads": args.threads,
         "counts": counts,
-        "models": results,
+        "rows": rows,
         "skipped": skipped,
-        "voxel_count": voxel_count_reference(data),
         "speed": speed,
         "seed_000": SEED_000,
         "target_auroc": TARGET_AUROC,

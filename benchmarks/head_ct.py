@@ -14,11 +14,18 @@ Two protocols:
   the mean + 3 SD threshold); the last 30 normals and all 100 hemorrhage slices are the test
   set. No test image is seen during training, model selection or thresholding.
 
-Both write ``OUT/results.json`` and ``OUT/results.md`` (with seed 003's figures beside ours).
+Every ``configs/*_head_ct_2d.yaml`` is a row, the no-model baseline ``intensity`` (CT
+intensity z-scored against the normal brains, 99th percentile) included: it runs under the
+same protocol and its row carries ``"baseline": true``. Both protocols write
+``OUT/results.json`` (``rows``: name -> metrics, each ``{mean, sd}`` over the folds under
+``cv``, and ``baseline``) and ``OUT/results.md`` (with seed 003's figures beside ours).
 Wall time is per model: the sum over folds of training, thresholding and scoring, as recorded
 in each fold's ``fold.json`` (so a resumed run reports the time its folds took when they ran).
 The scoring speed of the CAE (images/s at 64x64, the trained model of the first fold,
-inference mode, batches of ``DeepDetector.inference_batch_size``) is measured after its folds.
+inference mode, batches of ``DeepDetector.inference_batch_size``) is measured after its folds;
+for ``dae`` also its training speed (training slices x epochs / seconds of the first fold, its
+validation and test scoring included) and both as a share of the fp32 matmul peak measured
+in the same run (FLOPs per slice counted by ``torch.utils.flop_counter``).
 
     .venv/bin/python benchmarks/head_ct.py [--protocol cv|split] [--models ...] [--out DIR]
 """
@@ -44,20 +51,31 @@ from medanomaly.datasets import load_dataset
 from medanomaly.evaluation import image_metrics
 from medanomaly.evaluation.cv import cross_validate
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402  (benchmarks/common.py)
+    inference_flops,
+    is_baseline,
+    matmul_peak,
+    results_row,
+    speed_block,
+    training_flops,
+)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "head_ct_hemorrhage"
 SUFFIX = "_head_ct_2d.yaml"
 CONFIGS = {p.name.removesuffix(SUFFIX): p for p in sorted((ROOT / "configs").glob(f"*{SUFFIX}"))}
 N_TRAIN_NORMAL = 70
 PROTOCOLS = {
-    "split": "fixed split: train 70 normal (10% held out for validation); test 30 normal + "
-    "100 hemorrhage; threshold = mean + 3 SD of validation normals",
+    "split": "fixed split: train 70 normal (20 held out for validation, engine.val_min); "
+    "test 30 normal + 100 hemorrhage; threshold = mean + 3 SD of validation normals",
     "cv": "2 x 5 stratified CV; train on normal training slices; epoch chosen on the validation "
     "part (by the config's engine.monitor); F1 threshold on validation",
 }
 # Seed 003's table (2 x 5 CV, test AUROC mean +- SD and F1); DAGMM "did not work".
 TABLE_KEYS = ("auroc", "accuracy", "sensitivity", "precision", "f1")
 SEED_003 = {"cae": (0.78, 0.09, 0.84), "ssae": (0.81, 0.08, 0.86), "fanogan": (0.87, 0.06, 0.91)}
+TARGET_AUROC = 0.92
 
 
 def write_manifest(folder: Path, out: Path) -> Path:
@@ -136,6 +154,31 @@ def scoring_speed(run_dir: Path, manifest: Path, n_images: int = 4000) -> dict[s
     }
 
 
+def dae_speed(run_dir: Path, manifest: Path) -> dict[str, Any]:
+    """The DAE's training and scoring slices/s at 64x64 and their share of the matmul peak."""
+    peak = matmul_peak(torch.get_num_threads())
+    detector = BaseDetector.load(run_dir)
+    fold_file = run_dir / "fold.json"
+    record = json.loads(fold_file.read_text()) if fold_file.exists() else {}
+    scoring = scoring_speed(run_dir, manifest)
+    sample = torch.from_numpy(np.zeros((16, *detector.input_shape_), np.float32) + 0.5)
+    torch.manual_seed(0)
+    out = {"threads": peak["threads"], "matmul_peak_gflops": peak["gflops"]}
+    out["scoring"] = {
+        **speed_block(scoring["images_per_second"], inference_flops(detector, sample), peak),
+        "images": scoring["images"],
+    }
+    if record.get("seconds"):
+        rate = record["n_train"] * record["epochs"] / record["seconds"]
+        out["training"] = {
+            **speed_block(rate, training_flops(detector, sample), peak),
+            "images": record["n_train"],
+            "epochs": record["epochs"],
+            "seconds": record["seconds"],
+        }
+    return out
+
+
 def _number(value: Any) -> str:
     if isinstance(value, dict):
         return f"{value['mean']:.3f} ± {value['sd']:.3f}" if value.get("mean") is not None else "–"
@@ -143,8 +186,9 @@ def _number(value: Any) -> str:
 
 
 def results_markdown(
-    protocol: str, results: dict[str, dict[str, Any]], speed: dict[str, float] | None
-) -> str:
+    protocol: str, results: dict[str, dict[str, Any]], speed: dict[str, Any] | None,
+    dae: dict[str, Any] | None = None,
+) -> str:  # fmt: skip
     """The results table, with seed 003's AUROC and F1 beside ours."""
     lines = [
         f"Head CT 64x64, protocol `{protocol}` (`benchmarks/head_ct.py --protocol {protocol}`): "
@@ -161,9 +205,13 @@ def results_markdown(
         cells = [_number(r.get(key)) for key in TABLE_KEYS]
         minutes = f"{r['seconds'] / 60:.1f} min"  # cv: the folds' own time (see docstring)
         monitor = model_config(name, None)["engine"].get("monitor", "val_loss")
+        label = f"*{name} (no model)*" if r["baseline"] else name
+        monitor = "–" if r["baseline"] else monitor
         lines.append(
-            f"| {name} | {' | '.join(cells)} | {minutes} | {monitor} | {seed_auroc} | {seed_f1} |"
+            f"| {label} | {' | '.join(cells)} | {minutes} | {monitor} | {seed_auroc} | {seed_f1} |"
         )
+    lines += ["", "Italic rows are no-model baselines, run under the same protocol.", ""]
+    lines += verdict_lines(results)
     if speed:
         lines += [
             "",
@@ -171,7 +219,46 @@ def results_markdown(
             f"({speed['images']} images, batches of {speed['batch_size']}, "
             f"{speed['threads']} threads).",
         ]
+    if dae:
+        peak = f"{dae['matmul_peak_gflops']:.1f} GFLOP/s on {dae['threads']} threads"
+        lines += ["", f"DAE speed at 64x64 (fp32 matmul peak of this run: {peak}):"]
+        for what in ("training", "scoring"):
+            block = dae.get(what)
+            if block:
+                lines.append(
+                    f"- {what}: {block['images_per_second']:.1f} slices/s "
+                    f"({block['gflop_per_image']:.2f} GFLOP per slice, {block['gflops']:.1f} "
+                    f"GFLOP/s = {100 * block['fraction_of_matmul_peak']:.1f} % of the peak)"
+                )
     return "\n".join(lines) + "\n"
+
+
+def _mean(value: Any) -> float:
+    if isinstance(value, dict):
+        return value.get("mean") or 0.0
+    return value or 0.0
+
+
+def verdict_lines(results: dict[str, dict[str, Any]]) -> list[str]:
+    """Which models beat the no-model rows (by mean AUROC) and the AUROC target."""
+    baselines = {k: _mean(r["auroc"]) for k, r in results.items() if r["baseline"]}
+    models = {k: _mean(r["auroc"]) for k, r in results.items() if not r["baseline"]}
+    if not models:
+        return []
+    best = max(models, key=models.get)
+    lines = [
+        f"- Best model: `{best}` (AUROC {models[best]:.3f}); target ≥ {TARGET_AUROC}: "
+        f"**{'met' if models[best] >= TARGET_AUROC else 'missed'}**."
+    ]
+    for name, value in baselines.items():
+        above = sorted(k for k, v in models.items() if v > value)
+        below = sorted(k for k, v in models.items() if v <= value)
+        lines.append(
+            f"- Against `{name}` (no model, AUROC {value:.3f}): above it "
+            f"{', '.join(f'`{k}`' for k in above) or 'none'}; not above it "
+            f"{', '.join(f'`{k}`' for k in below) or 'none'}."
+        )
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -187,18 +274,31 @@ def main(argv: list[str] | None = None) -> int:
     manifest = write_manifest(DATA, args.out)
     run = run_split if args.protocol == "split" else run_cv
     print(PROTOCOLS[args.protocol])
-    results, speed = {}, None
+    results, speed, dae = {}, None, None
     for name in args.models:
-        results[name] = run(name, manifest, args.out, args.epochs)
+        row = run(name, manifest, args.out, args.epochs)
+        results[name] = results_row(row, is_baseline(model_config(name, None)["model"]["name"]))
         r = results[name]
         print(f"{name:8s} AUROC {_number(r['auroc'])}  F1 {_number(r['f1'])}  {r['seconds']:.0f} s")
+        first = args.out / (f"cv_{name}/folds/r1_f1" if args.protocol == "cv" else name)
         if name == "cae":
-            first = "cv_cae/folds/r1_f1" if args.protocol == "cv" else "cae"
-            speed = scoring_speed(args.out / first, manifest)
+            speed = scoring_speed(first, manifest)
             print(f"cae scoring: {speed['images_per_second']:.0f} images/s at 64x64")
-    summary = {**results, **({"cae_scoring": speed} if speed else {})}
+        if name == "dae":
+            dae = dae_speed(first, manifest)
+            print(f"dae speed: {json.dumps(dae)}")
+    summary = {
+        "benchmark": "head_ct",
+        "protocol": args.protocol,
+        "rows": results,
+        "cae_scoring": speed,
+        "dae_speed": dae,
+        "target_auroc": TARGET_AUROC,
+    }
     atomic_write_text(args.out / "results.json", json.dumps(summary, indent=1))
-    atomic_write_text(args.out / "results.md", results_markdown(args.protocol, results, speed))
+    markdown = results_markdown(args.protocol, results, speed, dae)
+    atomic_write_text(args.out / "results.md", markdown)
+    print(markdown)
     print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
     return 0
 

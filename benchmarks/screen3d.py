@@ -18,7 +18,11 @@ that mixes the 8 held-out normals with planted outliers:
 One network (trained with the plain MSE loss, epoch chosen by the validation loss), two scores:
 seed 004's masked MSE (voxels above 0.05 after scaling to [0, 1]) and the MSE over every voxel.
 The ``mse`` run is the ``masked_mse`` run's network re-scored: its threshold is recomputed from
-the same held-out normal validation volumes (``DeepDetector.calibrate``).
+the same held-out normal validation volumes (``DeepDetector.calibrate``). The no-model row
+``intensity`` (``"baseline": true``) is the ``intensity`` detector fitted on the same training
+volumes and screened the same way: each voxel's intensity z-scored by the normal volumes' mean
+and SD at that voxel (the volumes share one grid), in both directions, scored by the 99th
+percentile of |z| inside the foreground (voxels above 0.05).
 The threshold is mean + 3 SD of the scores of normal validation volumes held out of training
 (``engine.val_fraction``); the held-out normals never take part in training or threshold.
 Reported: which planted outliers are flagged, false positives among the held-out normals,
@@ -27,7 +31,8 @@ normal, and wall times (fit, screen).
 
     .venv/bin/python benchmarks/screen3d.py --out OUT [--epochs N] [--quick]
 
-Writes ``OUT/results.json`` and ``OUT/results.md``; the screen's own outputs (``screen.csv``,
+Writes ``OUT/results.json`` (``rows``: score -> outcome, with ``baseline``) and
+``OUT/results.md``; the screen's own outputs (``screen.csv``,
 ``report.html``, gallery) are in ``OUT/screen``.
 """
 
@@ -53,6 +58,9 @@ from medanomaly.cli import main as medanomaly
 from medanomaly.datasets import load_dataset
 from medanomaly.engine import split_indices
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import results_row  # noqa: E402  (benchmarks/common.py)
+
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
 N_HELD_OUT = 8
@@ -69,8 +77,18 @@ MODEL = {
 }
 # The two scores of seed 004 (the first trains the network, the second re-scores it): voxels
 # above 0.05 after scaling to [0, 1] (the brain and skull; air is ~0), or every voxel.
-SCORES = {"masked_mse": 0.05, "mse": None}
+SCORES = {"masked_mse": 0.05, "mse": None, "intensity": 0.05}
 TRAINED = "masked_mse"
+BASELINE = "intensity"
+INTENSITY = {
+    "name": "intensity",
+    "spatial_dims": 3,
+    "per_voxel": True,
+    "direction": "both",
+    "score_reduce": "percentile",
+    "score_value": 99.0,
+    "threshold_sd": 3.0,
+}
 ENGINE = {
     "epochs": 80,
     "batch_size": 4,
@@ -208,7 +226,7 @@ def prepare(data: Path, out: Path) -> tuple[Path, Path, dict[str, str]]:
 def write_config(out: Path, epochs: int | None, score: str) -> Path:
     """The YAML config (model, engine, data) of the run with ``score``."""
     engine = {**ENGINE, **({"epochs": epochs} if epochs else {})}
-    model = {**MODEL, "foreground_threshold": SCORES[score]}
+    model = {**(INTENSITY if score == BASELINE else MODEL), "foreground_threshold": SCORES[score]}
     config = {"model": model, "engine": engine, "data": {"transforms": TRANSFORMS}}
     path = out / f"config_{score}.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
@@ -271,6 +289,16 @@ def summarise(rows: list[dict[str, str]], truth: dict[str, str]) -> dict[str, An
     }
 
 
+def headline(summary: dict[str, Any]) -> dict[str, Any]:
+    """The row's metrics in ``results.json`` (the cases stay in its ``summary``)."""
+    keys = ("auroc_planted_vs_normal", "planted_flagged", "n_planted", "n_normal")
+    return {
+        **{k: summary[k] for k in keys},
+        "false_positives": len(summary["false_positives"]),
+        "all_planted_above_all_normals": summary["all_planted_above_all_normals"],
+    }
+
+
 def _case_lines(runs: dict[str, dict[str, Any]]) -> list[str]:
     """One table row per case: its kind, and rank / score / flag under each score."""
     scores = list(runs)
@@ -289,6 +317,8 @@ def _case_lines(runs: dict[str, dict[str, Any]]) -> list[str]:
 
 
 def _fit_cell(run: dict[str, Any]) -> str:
+    if run["baseline"]:
+        return f"{run['fit_seconds']:.0f} s (statistics, no training)"
     if run["rescored_from"]:
         return f"the {run['rescored_from']} network, re-scored"
     return f"{run['fit_seconds'] / 60:.1f} min ({run['epochs_run']} epochs)"
@@ -296,7 +326,7 @@ def _fit_cell(run: dict[str, Any]) -> str:
 
 def results_markdown(results: dict[str, Any]) -> str:
     """The benchmark's markdown report."""
-    runs = results["runs"]
+    runs = results["rows"]
     lines = [
         "# 3D outlier screening (seed-004 analogue): IXI T1 normals + planted outliers",
         "",
@@ -312,8 +342,9 @@ def results_markdown(results: dict[str, Any]) -> str:
     ]
     for score, run in runs.items():
         s = run["summary"]
+        label = f"*{score} (no model)*" if run["baseline"] else score
         lines.append(
-            f"| {score} | {s['planted_flagged']} / {s['n_planted']} | "
+            f"| {label} | {s['planted_flagged']} / {s['n_planted']} | "
             f"{', '.join(s['planted_missed']) or '–'} | {len(s['false_positives'])} / "
             f"{s['n_normal']} | {'met' if s['all_planted_above_all_normals'] else 'missed'} | "
             f"{s['auroc_planted_vs_normal']:.3f} | {_fit_cell(run)} | "
@@ -334,7 +365,8 @@ def rescore(source: Path, run: Path, manifest: Path, score: str) -> float:
     config = detector.run_config_
     images, _ = load_dataset(manifest, **config["data"])
     engine = detector.engine_config
-    held = images.subset(split_indices(len(images), engine.val_fraction, engine.seed)[1])
+    held = split_indices(len(images), engine.val_fraction, engine.seed, engine.val_min)[1]
+    held = images.subset(held)
     start = time.perf_counter()
     original = detector.threshold_
     if not np.isclose(detector.calibrate(held).threshold_, original, rtol=1e-4):
@@ -353,7 +385,7 @@ def run_score(args: argparse.Namespace, score: str, manifest: Path, folder: Path
     """Fit, re-score or reuse the run of ``score``, screen the folder, read back the outcome."""
     run = args.out / f"run_{score}"
     trained = args.out / f"run_{TRAINED}"
-    if score == TRAINED:
+    if score in (TRAINED, BASELINE):
         fit_seconds = fit(write_config(args.out, args.epochs, score), manifest, run, args.retrain)
     else:
         fit(write_config(args.out, args.epochs, TRAINED), manifest, trained, args.retrain)
@@ -374,7 +406,7 @@ def run_score(args: argparse.Namespace, score: str, manifest: Path, folder: Path
         "screen_seconds": screen_seconds,
         "epochs_run": len(history),
         "foreground_threshold": SCORES[score],
-        "rescored_from": None if score == TRAINED else TRAINED,
+        "rescored_from": None if score in (TRAINED, BASELINE) else TRAINED,
     }
 
 
@@ -398,8 +430,13 @@ def main(argv: list[str] | None = None) -> int:
         run["summary"] = summarise(run.pop("rows"), truth)
         runs[score] = run
     n_train = len(manifest.read_text().splitlines()) - 1
+    rows = {
+        score: results_row(headline(run["summary"]), score == BASELINE, **run)
+        for score, run in runs.items()
+    }
     results = {
-        "runs": runs,
+        "benchmark": "screen3d",
+        "rows": rows,
         "threads": args.threads,
         "n_train": n_train,
         "n_val": round(n_train * ENGINE["val_fraction"]),

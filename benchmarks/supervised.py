@@ -119,14 +119,24 @@ def head_ct_manifest(out: Path) -> Path:
     return manifest
 
 
-def lgg_manifest(out: Path) -> Path:
-    """``path,label,mask,group`` of the LGG slices; label 1 = non-empty FLAIR mask."""
-    root = DATA / "lgg_mri_2d" / "kaggle_3m"
+def lgg_manifest(out: Path, root: Path | None = None) -> Path:
+    """``path,label,mask,group`` of the LGG slices; label 1 = non-empty FLAIR mask.
+
+    ``root`` (default ``../shared/data/lgg_mri_2d/kaggle_3m``) holds one folder per patient
+    with ``*_N.tif`` slices and ``*_N_mask.tif`` masks, as ``kaggle_3m``.
+    """
+    root = DATA / "lgg_mri_2d" / "kaggle_3m" if root is None else Path(root)
+    patients = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not any(any(p.glob("*_mask.tif")) for p in patients):
+        raise FileNotFoundError(
+            f"{root}: no patient folders with *_N.tif / *_N_mask.tif slices (laid out like "
+            "kaggle_3m: one folder per patient)"
+        )
     manifest = out / "lgg_manifest.csv"
     with open(manifest, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["path", "label", "mask", "group"])
-        for patient in sorted(p for p in root.iterdir() if p.is_dir()):
+        for patient in patients:
             for mask in sorted(patient.glob("*_mask.tif"), key=_slice_number):
                 image = mask.with_name(mask.name.replace("_mask", ""))
                 label = int(tifffile.imread(mask).any())

@@ -43,25 +43,28 @@ def test_quick_run_writes_results(bench, tmp_path, capsys):
     threads = torch.get_num_threads()
     argv = ["--out", str(out), "--data", str(data), "--quick", "--threads", "1"]
     try:
-        assert bench.main([*argv, "--models", "vae", "cae", "cae_map"]) == 0
+        models = ["volume", "vae", "cae", "cae_map", "dae32", "dae32_sum"]
+        assert bench.main([*argv, "--models", *models]) == 0
     finally:
         torch.set_num_threads(threads)
     summary = json.loads((out / "results.json").read_text())
-    assert set(summary["models"]) == {"vae", "cae", "cae_map"}
+    assert set(summary["rows"]) == set(models)
+    assert [summary["rows"][m]["baseline"] for m in models] == [True] + [False] * 5
+    assert summary["rows"]["dae32"]["size"] == 32 and summary["rows"]["dae32_sum"]["size"] == 32
     speed = summary["speed"]
     assert speed["volumes"] == 16 and speed["volumes_per_s"] > 0 and speed["threads"] == 1
     assert speed["train_volumes_per_s"] > 0 and len(speed["pass_seconds"]) == 3
-    row = summary["models"]["cae"]
+    row = summary["rows"]["cae"]
     for key in ("auroc", "auroc_ci", "sensitivity", "specificity", "accuracy", "f1", "threshold"):
         assert key in row
     assert row["epochs"] == 1 and row["epoch_kept"] == 1
-    assert summary["models"]["cae_map"]["from"] == "cae"
+    assert summary["rows"]["cae_map"]["from"] == "cae"
     assert summary["counts"] == {
         "train": 16, "val_normal": 6, "val_abnormal": 4, "test_normal": 10, "test_abnormal": 6
     }  # fmt: skip
     markdown = (out / "results.md").read_text()
     assert "seed 000" in markdown and "0.801" in markdown and "| cae_map |" in markdown
-    assert "VAE-3D speed" in markdown and "voxel count" in markdown
+    assert "VAE-3D speed" in markdown and "*volume (no model)*" in markdown
     assert (out / "roc_test.png").exists()
     # a second run loads the saved model instead of retraining
     capsys.readouterr()

@@ -85,6 +85,22 @@ def test_region_masks_per_patient_at_the_model_size(bench):
     assert not (brain & ~head).any()
 
 
+def test_cv_folds_test_every_patient_once(bench):
+    groups = _groups()
+    folds = bench.cv_folds(list(groups), folds=5, n_val=4, seed=0)
+    assert len(folds) == 5
+    tested = [p for fold in folds for p in fold["test"]]
+    assert sorted(tested) == sorted(set(groups)) and len(tested) == len(set(tested))
+    for fold in folds:
+        parts = [set(fold[k]) for k in ("train", "val", "test")]
+        assert len(fold["val"]) == 4 and len(fold["test"]) == 6
+        assert set.union(*parts) == set(groups)
+        assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])
+    assert folds == bench.cv_folds(list(groups[::-1]), folds=5, n_val=4, seed=0)
+    with pytest.raises(ValueError):
+        bench.cv_folds(["a", "b"], folds=5)
+
+
 def test_evaluate_and_dice_at_threshold(bench):
     masks = np.zeros((3, 16, 16), bool)
     masks[0, 4:8, 4:8] = True
@@ -96,25 +112,51 @@ def test_evaluate_and_dice_at_threshold(bench):
     assert result["pixel_auroc"] == pytest.approx(1.0, abs=1e-3)
     assert result["best_dice"] == pytest.approx(1.0, abs=1e-3)
     assert result["dice_at_val_threshold"] == pytest.approx(1.0)
+    assert result["dice_counts"] == {"overlap": 16, "called": 16, "lesion": 16}
     assert result["image_auroc"] == 1.0
     assert bench.dice_at(maps, masks, head, 2.0) == 0.0
+    # pooled Dice sums the overlaps of the folds, each at its own cut-off
+    pooled = {"overlap": 10, "called": 30, "lesion": 10}
+    assert bench.dice_from(pooled) == pytest.approx(0.5)
+
+
+def test_patient_scaling_and_transfer_dice(bench):
+    masks = np.zeros((4, 8, 8), bool)
+    masks[:, 2:4, 2:4] = True
+    foreground = np.ones_like(masks)
+    groups = np.array(["a", "a", "b", "b"])
+    maps = masks.astype(np.float32) + 0.1
+    maps[2:] *= 10.0  # patient b's maps are on another scale
+    data = ImageSet(np.zeros((4, 1, 8, 8)), np.ones(4), masks=masks, foreground=foreground,
+                    groups=groups)  # fmt: skip
+    scaled = bench.patient_scaled(maps, data)
+    np.testing.assert_allclose(scaled[:2], scaled[2:])  # one scale for both patients
+    assert bench.transfer_dice(scaled, data) == pytest.approx(1.0)
+    # on the raw maps a cut-off that suits one patient calls all or nothing in the other
+    assert bench.transfer_dice(maps, data) < 0.9
+    assert bench.transfer_dice(maps[:2], data.subset([0, 1])) is None
 
 
 @pytest.mark.slow
 @pytest.mark.realdata
-def test_quick_run_on_real_lgg_writes_every_row(bench, tmp_path):
-    real_data("lgg_mri_2d")
+def test_quick_cv_on_real_lgg_writes_rows_with_baselines(bench, tmp_path):
+    data = real_data("lgg_mri_2d", "kaggle_3m")
     out = tmp_path / "out"
-    assert bench.main(["--out", str(out), "--quick", "--figures", "1", "--threads", "1"]) == 0
+    argv = ["--out", str(out), "--quick", "--figures", "1", "--threads", "1"]
+    argv += ["--data", str(data), "--rows", "intensity", "dae", "vae_residual"]
+    assert bench.main(argv) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["settings"]["region"] == "brain"
-    assert [len(results["split"][f"{k}_patients"]) for k in ("train", "val", "test")] == [4, 1, 1]
-    assert set(results["rows"]) == {key for row in bench.ROWS for key in (row, f"{row}_tuned")}
-    for row in results["rows"].values():
-        for metric in ("pixel_auroc", "pixel_ap", "best_dice", "image_auroc", "seconds"):
-            assert row[metric] is not None and np.isfinite(row[metric])
-        assert 0.0 <= row["pixel_auroc"] <= 1.0 and 0.0 <= row["best_dice"] <= 1.0
-    assert 0.0 <= results["reference"]["flair_intensity"]["pixel_auroc"] <= 1.0
+    assert results["protocol"] == "cv" and len(results["folds"]) == 3
+    tested = [p for split in results["folds"].values() for p in split["test"]]
+    assert len(tested) == len(set(tested)) == 6  # every patient of the quick run tested once
+    rows = results["rows"]
+    assert set(rows) == {"intensity", "dae", "vae_residual"}
+    assert rows["intensity"]["baseline"] is True and rows["dae"]["baseline"] is False
+    for row in rows.values():
+        for metric in ("pixel_auroc", "pixel_ap", "best_dice", "dice_at_val_threshold"):
+            assert 0.0 <= row[metric] <= 1.0
+        assert row["per_fold"]["pixel_ap"]["n"] == 3
+    assert rows["dae"]["speed"]["scoring"]["images_per_second"] > 0
     markdown = (out / "results.md").read_text()
-    assert "pixel AUROC (brain)" in markdown and "Reference without a model" in markdown
+    assert "Dice @ val cut-off" in markdown and "⌈Dice⌉" in markdown
     assert results["figures"] and (out / results["figures"][0]).exists()

@@ -522,6 +522,33 @@ class DeepDetector(BaseDetector):
         self.map_scale_ = saved.get("map_scale")
 
 
+def fit_or_load(
+    detector: BaseDetector,
+    train: ImageSet,
+    val: ImageSet | None,
+    folder: str | Path | None,
+    resume: bool,
+) -> BaseDetector:
+    """Fit a nested detector (an ensemble member, a reconstructor) into its own folder.
+
+    Args:
+        detector: The unfitted detector.
+        train: Normal training images.
+        val: Validation images.
+        folder: The detector's run directory; ``None`` keeps nothing.
+        resume: Load a finished model from ``folder`` or resume its interrupted training.
+
+    Returns:
+        The fitted (or loaded) detector.
+    """
+    if folder is None:
+        return detector.fit(train, val)
+    folder = Path(folder)
+    if resume and (folder / MODEL_FILE).exists():
+        return BaseDetector.load(folder)
+    return detector.fit(train, val, run_dir=folder, resume=resume)
+
+
 def inference_network(network: nn.Module, spatial_dims: int) -> nn.Module:
     """``network`` in eval mode with channels-last convolution weights.
 
@@ -560,6 +587,19 @@ def mean_sd_threshold(scores: np.ndarray, k: float) -> float:
             MIN_THRESHOLD_NORMALS,
         )
     return float(scores.mean() + k * scores.std(ddof=1)) if len(scores) > 1 else float(scores.max())
+
+
+def standardisation(values: np.ndarray) -> tuple[float, float]:
+    """Mean and SD (``ddof=1``) of ``values``; an SD of 0 (or one value) becomes 1."""
+    values = np.asarray(values, dtype=np.float64)
+    sd = float(values.std(ddof=1)) if values.size > 1 else 0.0
+    return float(values.mean()), sd if sd > 0 else 1.0
+
+
+def scores_only(detector: BaseDetector, x: Any) -> np.ndarray:
+    """A detector's scores without keeping maps (``detect_scores`` where it has it)."""
+    fast = getattr(detector, "detect_scores", None)
+    return fast(x) if fast is not None else detector.score(x)
 
 
 def _plain(value: Any) -> Any:

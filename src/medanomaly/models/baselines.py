@@ -113,7 +113,7 @@ class StatisticDetector(BaseDetector):
         train_set = train_set.subset(train_set.labels != 1)
         if val is None:
             cfg = self.engine_config
-            keep, held = split_indices(len(train_set), cfg.val_fraction, cfg.seed)
+            keep, held = split_indices(len(train_set), cfg.val_fraction, cfg.seed, cfg.val_min)
             train_set, normal = train_set.subset(keep), train_set.subset(held)
         else:
             val_set = as_image_set(val, self.spatial_dims)

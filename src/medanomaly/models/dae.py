@@ -26,7 +26,7 @@ from torch import nn
 
 from medanomaly.base import DeepDetector
 from medanomaly.engine import EngineConfig
-from medanomaly.errors import ConfigError
+from medanomaly.errors import ConfigError, did_you_mean
 from medanomaly.nets.unet import CPU_FEATURES, skip_unet
 from medanomaly.registry import register
 from medanomaly.scoring import (
@@ -37,6 +37,8 @@ from medanomaly.scoring import (
     median_filter,
     reduce_inside,
 )
+
+RESIDUALS = ("abs", "positive", "negative")
 
 
 @register("dae")
@@ -58,6 +60,9 @@ class DenoisingAE(DeepDetector):
         erode: The map is kept only inside the foreground eroded by this many voxels (a box;
             the paper's 5-px box is 2), which drops the residuals of the brain's edge.
         median_size: Width of the median filter of the map; ``None``: 5 in 2D, 3 in 3D.
+        residual: ``abs`` (the paper's |x - f(x)|), ``positive`` (max(x - f(x), 0): only
+            what is brighter than the repaired image, e.g. FLAIR lesions, acute blood) or
+            ``negative`` (only what is darker).
         score_reduce: Image score from the map inside the eroded foreground:
             ``percentile``, ``top`` (mean of the top share), ``sum``, ``mean`` or ``max``.
         score_value: The percentile (``percentile``, 0-100) or share (``top``, 0-1).
@@ -79,6 +84,7 @@ class DenoisingAE(DeepDetector):
         foreground_threshold: float | None = None,
         erode: int = 2,
         median_size: int | None = None,
+        residual: str = "abs",
         score_reduce: str = "percentile",
         score_value: float = 99.0,
         threshold_sd: float = 3.0,
@@ -94,6 +100,7 @@ class DenoisingAE(DeepDetector):
         self.foreground_threshold = foreground_threshold
         self.erode = erode
         self.median_size = median_size
+        self.residual = residual
         self.score_reduce = score_reduce
         self.score_value = score_value
 
@@ -102,6 +109,11 @@ class DenoisingAE(DeepDetector):
         if self.score_reduce not in SCORE_REDUCTIONS:
             raise ConfigError(
                 f"dae: score_reduce must be one of {SCORE_REDUCTIONS}, got {self.score_reduce!r}"
+            )
+        if self.residual not in RESIDUALS:
+            raise ConfigError(
+                f"dae: residual must be one of {RESIDUALS}, got {self.residual!r}."
+                + did_you_mean(self.residual, RESIDUALS)
             )
         channels = input_shape[0]
         return skip_unet(
@@ -133,7 +145,16 @@ class DenoisingAE(DeepDetector):
         """Scores, median-filtered residual maps inside the eroded foreground, reconstructions."""
         reconstruction = network(x)
         core = erode_mask(foreground_mask(x, self.foreground_threshold), self.erode)
-        residual = (x.float() - reconstruction.float()).abs().mean(dim=1) * core
+        difference = x.float() - reconstruction.float()
+        if self.residual == "abs":
+            difference = difference.abs()
+        else:
+            difference = (
+                difference.clamp_min(0)
+                if self.residual == "positive"
+                else (-difference).clamp_min(0)
+            )
+        residual = difference.mean(dim=1) * core
         maps = median_filter(residual, self.median_width)
         scores = reduce_inside(maps, core, self.score_reduce, self.score_value)
         return scores, maps, reconstruction

@@ -26,7 +26,15 @@ from typing import Any
 import numpy as np
 
 from medanomaly import __version__
-from medanomaly.base import MODEL_FILE, AnomalyResult, BaseDetector, mean_sd_threshold
+from medanomaly.base import (
+    MODEL_FILE,
+    AnomalyResult,
+    BaseDetector,
+    fit_or_load,
+    mean_sd_threshold,
+    scores_only,
+    standardisation,
+)
 from medanomaly.data import ImageSet, as_image_set
 from medanomaly.engine import EngineConfig, split_indices
 from medanomaly.errors import ConfigError
@@ -113,7 +121,7 @@ class Ensemble(BaseDetector):
         train_set = as_image_set(train, self.spatial_dims)
         if val is None:
             cfg = self.engine_config
-            keep, held = split_indices(len(train_set), cfg.val_fraction, cfg.seed)
+            keep, held = split_indices(len(train_set), cfg.val_fraction, cfg.seed, cfg.val_min)
             train_set, val = train_set.subset(keep, keep_augment=True), train_set.subset(held)
         val_set = as_image_set(val, self.spatial_dims)
         normal = val_set.subset(val_set.labels != 1)
@@ -141,18 +149,14 @@ class Ensemble(BaseDetector):
         run_dir: str | Path | None,
         resume: bool,
     ) -> BaseDetector:
-        if run_dir is None:
-            return member.fit(train, val)
-        member_dir = Path(run_dir) / f"member_{index + 1}_{member.name}"
-        if resume and (member_dir / MODEL_FILE).exists():
-            return BaseDetector.load(member_dir)
-        return member.fit(train, val, run_dir=member_dir, resume=resume)
+        folder = None if run_dir is None else Path(run_dir) / f"member_{index + 1}_{member.name}"
+        return fit_or_load(member, train, val, folder, resume)
 
     def _standardise(self, normal: ImageSet) -> None:
         """Score and map statistics of each member on the normal validation images."""
         results = [member.detect(normal) for member in self.members_]
-        self.score_stats_ = [_mean_sd(r.scores) for r in results]
-        self.map_stats_ = [_mean_sd(r.maps) for r in results]
+        self.score_stats_ = [standardisation(r.scores) for r in results]
+        self.map_stats_ = [standardisation(r.maps) for r in results]
         scores = self.val_scores_ = self._combine_scores([r.scores for r in results])
         self.threshold_ = mean_sd_threshold(scores, self.threshold_sd)
 
@@ -181,7 +185,7 @@ class Ensemble(BaseDetector):
     def score(self, x: ImageSet | np.ndarray) -> np.ndarray:
         """Combined scores only (members keep no maps in memory)."""
         self.check_fitted()
-        return self._combine_scores([_scores_only(member, x) for member in self.members_])
+        return self._combine_scores([scores_only(member, x) for member in self.members_])
 
     # -- persistence ------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -218,16 +222,3 @@ class Ensemble(BaseDetector):
         self.val_scores_ = np.asarray(saved["val_scores"], dtype=np.float64)
         self.history_ = getattr(self.members_[0], "history_", [])
         self.run_config_ = saved.get("config", {})
-
-
-def _mean_sd(values: np.ndarray) -> tuple[float, float]:
-    """Mean and SD (``ddof=1``) of ``values``; an SD of 0 becomes 1 (nothing to scale)."""
-    values = np.asarray(values, dtype=np.float64)
-    sd = float(values.std(ddof=1)) if values.size > 1 else 0.0
-    return float(values.mean()), sd if sd > 0 else 1.0
-
-
-def _scores_only(member: BaseDetector, x: ImageSet | np.ndarray) -> np.ndarray:
-    """A member's scores without maps (``detect_scores`` where the member has it)."""
-    fast = getattr(member, "detect_scores", None)
-    return fast(x) if fast is not None else member.score(x)

@@ -62,6 +62,7 @@ from medanomaly.base import (
     MODEL_FILE,
     AnomalyResult,
     BaseDetector,
+    fit_or_load,
     inference_network,
     mean_sd_threshold,
 )
@@ -541,7 +542,7 @@ class PatchDiscriminator(BaseDetector):
         if len(train_set) == 0:
             raise ConfigError("patch_discriminator: no normal training images")
         if val is None:
-            keep, held = split_indices(len(train_set), cfg.val_fraction, cfg.seed)
+            keep, held = split_indices(len(train_set), cfg.val_fraction, cfg.seed, cfg.val_min)
             return train_set.subset(keep, keep_augment=True), train_set.subset(held)
         return train_set, as_image_set(val, self.spatial_dims)
 
@@ -556,12 +557,8 @@ class PatchDiscriminator(BaseDetector):
         self, train: ImageSet, val: ImageSet, run_dir: str | Path | None, resume: bool
     ) -> BaseDetector:
         reconstructor = self._build_reconstructor()
-        if run_dir is None:
-            return reconstructor.fit(train, val)
-        folder = Path(run_dir) / f"reconstructor_{reconstructor.name}"
-        if resume and (folder / MODEL_FILE).exists():
-            return BaseDetector.load(folder)
-        return reconstructor.fit(train, val, run_dir=folder, resume=resume)
+        folder = None if run_dir is None else Path(run_dir) / f"reconstructor_{reconstructor.name}"
+        return fit_or_load(reconstructor, train, val, folder, resume)
 
     def _triplet_data(self, train: ImageSet, val_normal: ImageSet, seed: int) -> TrainingData:
         training = self._triplets(train.images, seed)

@@ -1,12 +1,23 @@
-"""Foreground (body) mask, stored in ``meta["foreground"]`` for masked scores and metrics."""
+"""Foreground masks (body; brain in head CT) in ``meta["foreground"]``, for masked scores."""
 
 from __future__ import annotations
 
 import numpy as np
 from scipy import ndimage
 
+from medanomaly.errors import InvalidImageError
 from medanomaly.image import MedicalImage
-from medanomaly.transforms._base import FOREGROUND_KEY, Transform, as_bool, as_float, check_image
+from medanomaly.transforms._base import (
+    FOREGROUND_KEY,
+    Transform,
+    as_bool,
+    as_float,
+    as_int,
+    as_optional_float,
+    check_image,
+    config_error,
+    source_of,
+)
 
 
 def largest_component(mask: np.ndarray) -> np.ndarray:
@@ -50,6 +61,68 @@ class ForegroundMask(Transform):
         if self.fill_holes:
             mask = ndimage.binary_fill_holes(mask)
         return image.with_array(image.array, meta={**image.meta, FOREGROUND_KEY: mask})
+
+
+class HeadCTBrainMask(Transform):
+    """Intracranial mask of head CT in ``meta["foreground"]`` (skull, air, text and frame out).
+
+    Wraps :func:`head_ct_brain_masks` (no network, no atlas): the skull is found by its depth
+    below the head's outline, so that a bleed as bright as bone in a brain window is kept. A
+    3D volume is cut into slices along ``axis`` (the axial axis; 2 for RAS-ordered arrays);
+    a 2D image is one slice. Works on HU (bone above 300 HU, air below -300 HU by default) and
+    on windowed images such as 8-bit PNG slices (levels relative to each slice's range). Run
+    it before windowing or normalisation changes what bone and air look like; with ``strip``
+    every channel outside the mask is set to ``background``, so that maps and scores ignore
+    the skull, the corners and burnt-in text.
+
+    Args:
+        channel: Channel whose values define the mask.
+        axis: Spatial axis of the slices of a 3D volume.
+        bone: Bone threshold in the image's units; ``None``: per slice (see ``ct_levels``).
+        air: Air threshold in the image's units; ``None``: per slice.
+        strip: Set every channel outside the brain to ``background``.
+        background: The value outside the brain when stripping; ``None``: the image minimum.
+    """
+
+    name = "head_ct_brain_mask"
+
+    def __init__(
+        self,
+        channel: int = 0,
+        axis: int = 2,
+        bone: float | None = None,
+        air: float | None = None,
+        strip: bool = False,
+        background: float | None = None,
+    ) -> None:
+        self.channel = as_int(self.name, "channel", channel, minimum=0)
+        self.axis = as_int(self.name, "axis", axis, minimum=0)
+        self.bone = as_optional_float(self.name, "bone", bone)
+        self.air = as_optional_float(self.name, "air", air)
+        self.strip = as_bool(self.name, "strip", strip)
+        self.background = as_optional_float(self.name, "background", background)
+
+    def __call__(self, image: MedicalImage) -> MedicalImage:
+        """Return the image with ``meta["foreground"]`` = brain (and stripped if asked)."""
+        check_image(self.name, image)
+        if self.channel >= image.array.shape[0]:
+            raise InvalidImageError(
+                source_of(image),
+                f"{self.name}: channel {self.channel} does not exist "
+                f"({image.array.shape[0]} channel(s))",
+            )
+        if image.spatial_dims == 3 and self.axis > 2:
+            raise config_error(self.name, "axis", f"must be 0, 1 or 2 (got {self.axis})")
+        values = image.array[self.channel]
+        axis = self.axis if image.spatial_dims == 3 else None
+        slices = values[None] if axis is None else np.moveaxis(values, axis, 0)
+        brain = head_ct_brain_masks(slices, self.bone, self.air)
+        brain = brain[0] if axis is None else np.moveaxis(brain, 0, axis)
+        array = image.array
+        if self.strip:
+            fill = float(array.min()) if self.background is None else self.background
+            array = np.where(brain[None], array, np.asarray(fill, array.dtype))
+        return image.with_array(array, meta={**image.meta, FOREGROUND_KEY: brain})
 
 
 def disk(radius: int) -> np.ndarray:
@@ -155,6 +228,113 @@ def _brain_slice(
     brain = ndimage.binary_dilation(largest_component(opened), structure=disk(opening)) & tissue
     brain = ndimage.binary_fill_holes(ndimage.binary_closing(brain, structure=disk(closing)))
     return brain & core
+
+
+HU_LIKE_MINIMUM = -500.0  # a slice whose minimum is below this is taken to be in HU
+HU_BONE, HU_AIR = 300.0, -300.0
+
+
+def ct_levels(image: np.ndarray) -> tuple[float, float]:
+    """Default ``(bone, air)`` thresholds of a head CT slice, in the slice's own units.
+
+    HU (the minimum lies below -500): bone above 300 HU, air below -300 HU. Windowed images
+    (8-bit PNG, [0, 1]): between the 1st and 99.9th percentiles ``lo`` and ``hi``, bone at
+    ``lo + 0.9 (hi - lo)`` and air at ``lo + 0.15 (hi - lo)``. In a brain window acute blood
+    is as bright as bone, which is why the mask separates them by position, not intensity.
+    """
+    if float(image.min()) < HU_LIKE_MINIMUM:
+        return HU_BONE, HU_AIR
+    lo, hi = (float(v) for v in np.percentile(image, [1.0, 99.9]))
+    return lo + 0.9 * (hi - lo), lo + 0.15 * (hi - lo)
+
+
+def head_ct_brain_masks(
+    slices: np.ndarray, bone: float | None = None, air: float | None = None
+) -> np.ndarray:
+    """Intracranial masks ``(n, H, W)`` of head CT slices ``(n, H, W)`` (no network, no atlas).
+
+    Per slice: the head is the largest component above ``air``, hole-filled (burnt-in text,
+    rulers and the frame are other components). The skull is found by its *depth* below the
+    head's outline rather than by brightness alone, because in a brain window a bleed is as
+    bright as bone: the share of bright (``>= bone``) pixels is measured in rings of equal
+    depth, and the skull is the outer run of rings that are mostly bright. Deeper than its
+    inner edge, soft tissue (in HU: above ``air``; in a brain window CSF is as dark as air)
+    is opened by a quarter of the skull thickness, which cuts strands that leak through
+    sutures; bright pixels deeper than half a skull thickness past that edge (a bleed, a
+    calcification; nearer, a locally thicker skull) are added back whole; the largest piece,
+    hole-filled, is the brain. A bleed against the skull thus keeps all but a band of half a
+    skull thickness. Sizes adapt to each slice (no millimetres needed). A slice without a
+    bright ring (vertex, or the skull cut off) keeps its head minus the bright pixels.
+
+    Args:
+        slices: ``(n, H, W)`` intensities (HU or windowed).
+        bone: Bone threshold; ``None``: :func:`ct_levels` per slice.
+        air: Air threshold; ``None``: :func:`ct_levels` per slice.
+
+    Returns:
+        Bool ``(n, H, W)``; all-false for a slice without head.
+    """
+    slices = _check_slices("head_ct_brain_masks", slices)
+    masks = []
+    for image in slices:
+        default_bone, default_air = ct_levels(image)
+        masks.append(
+            _ct_brain_slice(
+                image,
+                default_bone if bone is None else bone,
+                default_air if air is None else air,
+                hu=float(image.min()) < HU_LIKE_MINIMUM,
+            )
+        )
+    return np.stack(masks)
+
+
+def _ct_brain_slice(image: np.ndarray, bone: float, air: float, hu: bool) -> np.ndarray:
+    tissue = ndimage.binary_opening(image > air)
+    if not tissue.any():
+        return np.zeros(image.shape, bool)
+    head = ndimage.binary_fill_holes(largest_component(tissue))
+    bright = (image >= bone) & head
+    depth = ndimage.distance_transform_edt(head)
+    inner, thickness = _skull_depths(depth, bright, head)
+    if inner is None:
+        return _largest_filled(ndimage.binary_opening(head & ~bright))
+    deep = head & (depth > inner)
+    # bright and deep: a bleed or calcification, unless within half a skull thickness of the
+    # skull's inner edge (a locally thicker skull)
+    lesion = deep & bright & (depth > inner + thickness / 2)
+    soft = deep & ~bright
+    if hu:  # air is never brain (sinuses); in a brain window CSF is as dark as air
+        soft &= image > air
+    # an opening by a quarter of the skull thickness cuts the strands of soft tissue that
+    # leak through sutures; bright lesions are added back whole
+    soft = ndimage.binary_opening(soft, structure=disk(max(1, round(thickness / 4))))
+    return _largest_filled(soft | lesion)
+
+
+def _largest_filled(mask: np.ndarray) -> np.ndarray:
+    if not mask.any():
+        return mask
+    return ndimage.binary_fill_holes(largest_component(mask))
+
+
+def _skull_depths(
+    depth: np.ndarray, bright: np.ndarray, head: np.ndarray
+) -> tuple[float | None, float]:
+    """Depth of the skull's inner edge below the head outline, and the skull's thickness.
+
+    ``None`` when no ring of depth is mostly bright (no skull in the slice).
+    """
+    rings = np.floor(depth[head]).astype(np.int64)
+    share = np.bincount(rings, weights=bright[head]) / np.maximum(np.bincount(rings), 1)
+    mostly = share >= 0.5
+    if not mostly.any():
+        return None, 0.0
+    first = int(np.argmax(mostly))
+    last = first
+    while last + 1 < len(mostly) and mostly[last + 1]:
+        last += 1
+    return float(last + 1), float(last + 1 - first)
 
 
 def _check_slices(name: str, slices: np.ndarray) -> np.ndarray:
