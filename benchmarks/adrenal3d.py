@@ -58,6 +58,7 @@ from medanomaly.checkpoint import atomic_write_text
 from medanomaly.data import ImageSet
 from medanomaly.evaluation import bootstrap_auroc_ci, image_metrics, youden_threshold
 from medanomaly.evaluation.figures import plot_roc
+from medanomaly.transforms.mask import distance_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import is_baseline, results_row  # noqa: E402  (benchmarks/common.py)
@@ -110,6 +111,35 @@ MODELS: dict[str, dict[str, Any]] = {
         "engine": {"epochs": 20, "patience": 6, "batch_size": 16, "monitor": "val_auroc"},
     },
     "dae32_sum": {"from": "dae32", "set": {"score_reduce": "sum"}},
+    # on the masks' distance maps (thickness as intensity; see distance_inputs)
+    "thickness": {
+        "model": "intensity",  # no model: the 99th percentile of the z-scored distance map
+        "input": "distance",
+        "params": {"foreground_threshold": 0.0, "direction": "high"},
+        "engine": {},
+    },
+    "vae32_dt": {
+        "model": "vae",
+        "size": 32,
+        "input": "distance",
+        "params": {},
+        "engine": {"epochs": 40, "patience": 10, "batch_size": 16, "monitor": "val_auroc"},
+    },
+    "vae32_dt_map": {"from": "vae32_dt", "set": {"map_score": MAP_SCORE}},
+    "vae32_dt_latent": {
+        "model": "latent_density",
+        "size": 32,
+        "input": "distance",
+        "params": {"encoder_run": "vae32_dt", "density": "gaussian", "combine": "sum"},
+        "engine": {},
+    },
+    "dae32_dt": {
+        "model": "dae",
+        "size": 32,
+        "input": "distance",
+        "params": {"features": [8, 16, 32, 64, 128, 8], "erode": 0, "median_size": 3},
+        "engine": {"epochs": 20, "patience": 6, "batch_size": 16, "monitor": "val_auroc"},
+    },
     "fpi32": {
         "model": "fpi",
         "size": 32,
@@ -122,6 +152,7 @@ SEED_000 = {"auroc": 0.801, "sensitivity": 0.792, "specificity": 0.727}
 TARGET_AUROC = 0.85  # the issue's moonshot; seed 000's 0.80 is the target
 TABLE_KEYS = ("auroc", "sensitivity", "specificity", "accuracy", "f1")
 SPLITS = ("train", "val", "test")
+DISTANCE_SCALE = 10.0  # voxels at 64³: distance maps / 10, clipped to 1
 SPEED_REPEATS = 3  # scoring-speed passes; the fastest is reported
 
 QUICK = {"train": 16, "val": (6, 4), "test": (10, 6), "epochs": 1}
@@ -145,6 +176,32 @@ def load_splits(path: Path, quick: bool) -> dict[str, ImageSet]:
         ids = [f"{split}_{i:04d}" for i in index]
         out[split] = ImageSet(volumes, labels[index].astype(np.int64), ids)
     return out
+
+
+def distance_inputs(data: dict[str, ImageSet]) -> dict[str, ImageSet]:
+    """The masks' distance maps at the file's grid: each voxel's distance to the background.
+
+    ``medanomaly.transforms.mask.distance_map`` of the mask (voxels above 0.5), divided by
+    :data:`DISTANCE_SCALE` voxels and clipped to 1 (normal glands reach about 0.6 at 64³),
+    so that a model sees the gland's thickness (the clinical sign of hyperplasia) as
+    intensity; the 32³ rows area-resize these maps.
+    """
+    out = {}
+    for split, images in data.items():
+        maps = np.stack([distance_map(v[0] > 0.5) for v in images.images])[:, None]
+        out[split] = ImageSet(np.minimum(maps / DISTANCE_SCALE, 1.0), images.labels, images.ids)
+    return out
+
+
+def row_inputs(
+    spec: dict[str, Any], data: dict[str, ImageSet], cache: dict[str, Any]
+) -> dict[str, ImageSet]:
+    """A row's input: the masks or their distance maps, at the row's size."""
+    if spec.get("input", "mask") == "distance":
+        if "distance maps" not in cache:  # not a row name: the rows' detectors share the dict
+            cache["distance maps"] = distance_inputs(data)
+        data = cache["distance maps"]
+    return at_size(data, spec.get("size"))
 
 
 def at_size(data: dict[str, ImageSet], size: int | None) -> dict[str, ImageSet]:
@@ -293,18 +350,19 @@ def run_row(
         if base not in trained:
             print(f"  {name}: skipped ({base} is not among the models run)")
             return None
-        sized = at_size(data, MODELS[base].get("size"))
+        sized = row_inputs(MODELS[base], data, trained)
         detector = rescored(trained[base], spec["set"], sized)
         row = {**evaluate(detector, sized), "model": results[base]["model"], "from": base}
         row.update(settings=spec["set"], seconds=results[base]["seconds"])
         row.update(epochs=results[base]["epochs"], epoch_kept=results[base]["epoch_kept"])
         row.update(size=results[base]["size"], baseline=results[base]["baseline"])
+        row.update(input=results[base]["input"])
         return row
     needs = spec["params"].get("encoder_run")
     if needs and needs not in trained:
         print(f"  {name}: skipped (needs the trained {needs} row)")
         return None
-    sized = at_size(data, spec.get("size"))
+    sized = row_inputs(spec, data, trained)
     detector, record = train_or_load(name, spec, sized, args.out, args.retrain)
     trained[name] = detector
     history = detector.history_
@@ -315,6 +373,7 @@ def run_row(
         params=spec["params"],
         engine=spec["engine"],
         size=int(sized["train"].images.shape[-1]),
+        input=spec.get("input", "mask"),
         baseline=is_baseline(spec["model"]),
         seconds=record["seconds"],
         epochs=len(history),
@@ -336,7 +395,7 @@ def _row_cells(r: dict[str, Any]) -> list[str]:
     how = f"re-scored {r['from']}" if "from" in r else f"{r['monitor']}"
     kept = "–" if r["baseline"] else f"{r['epoch_kept']} / {r['epochs']}"
     return [
-        f"{r['size']}³",
+        f"{r['size']}³" + (", distance map" if r.get("input") == "distance" else ""),
         f"{r['auroc']:.3f}{ci}",
         _pct(r["sensitivity"]),
         _pct(r["specificity"]),

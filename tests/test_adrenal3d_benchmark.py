@@ -43,13 +43,14 @@ def test_quick_run_writes_results(bench, tmp_path, capsys):
     threads = torch.get_num_threads()
     argv = ["--out", str(out), "--data", str(data), "--quick", "--threads", "1"]
     try:
-        models = ["volume", "vae", "cae", "cae_map", "dae32", "dae32_sum"]
+        models = ["volume", "vae", "cae", "cae_map", "dae32", "dae32_sum", "thickness"]
         assert bench.main([*argv, "--models", *models]) == 0
     finally:
         torch.set_num_threads(threads)
     summary = json.loads((out / "results.json").read_text())
     assert set(summary["rows"]) == set(models)
-    assert [summary["rows"][m]["baseline"] for m in models] == [True] + [False] * 5
+    assert [summary["rows"][m]["baseline"] for m in models] == [True] + [False] * 5 + [True]
+    assert summary["rows"]["thickness"]["input"] == "distance"
     assert summary["rows"]["dae32"]["size"] == 32 and summary["rows"]["dae32_sum"]["size"] == 32
     speed = summary["speed"]
     assert speed["volumes"] == 16 and speed["volumes_per_s"] > 0 and speed["threads"] == 1

@@ -53,14 +53,14 @@ def _smooth_fields(n: int, seed: int) -> np.ndarray:
 
 
 def test_planted_lesion_scores_higher_than_the_rest_of_the_image():
-    train, test = _smooth_fields(32, 0), _smooth_fields(4, 1)
+    train, test = _smooth_fields(48, 0), _smooth_fields(4, 1)
     yy, xx = np.mgrid[:32, :32]
     lesions = np.stack([(yy - c) ** 2 + (xx - 31 + c) ** 2 <= 16 for c in (9, 13, 18, 22)])
     test[:, 0][lesions] += 0.4  # a bright disk planted in each test image
     fpi = get_model(
         "fpi",
         features=[8, 16, 32, 64, 128, 8],
-        engine={"epochs": 30, "batch_size": 8, "lr": 2e-3, "patience": None, "progress": False},
+        engine={"epochs": 40, "batch_size": 8, "lr": 2e-3, "patience": None, "progress": False},
     ).fit(train)
     maps = fpi.anomaly_map(test)
     for image_map, lesion in zip(maps, lesions, strict=True):

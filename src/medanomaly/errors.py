@@ -17,6 +17,16 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
 
 
+def check_choice(owner: str, key: str, value: str, choices: Iterable[str]) -> None:
+    """Raise :class:`ConfigError` (with a did-you-mean hint) unless ``value`` is a choice."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ConfigError(
+            f"{owner}: {key} must be one of {choices}, got {value!r}."
+            + did_you_mean(str(value), choices)
+        )
+
+
 class MedanomalyError(Exception):
     """Base class of every error raised on purpose by medanomaly."""
 

@@ -28,7 +28,7 @@ from medanomaly import __version__
 from medanomaly.base import MODEL_FILE, AnomalyResult, BaseDetector, _plain, mean_sd_threshold
 from medanomaly.data import ImageSet, as_image_set
 from medanomaly.engine import EngineConfig, split_indices
-from medanomaly.errors import ConfigError, InvalidImageError, did_you_mean
+from medanomaly.errors import InvalidImageError, check_choice
 from medanomaly.registry import register
 from medanomaly.scoring import SCORE_REDUCTIONS, foreground_mask, reduce_inside
 
@@ -217,14 +217,6 @@ class StatisticDetector(BaseDetector):
         self.run_config_ = saved.get("config", {})
 
 
-def _check_choice(owner: str, key: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(
-            f"{owner}: {key} must be one of {choices}, got {value!r}."
-            + did_you_mean(value, choices)
-        )
-
-
 def _directed(values: torch.Tensor, direction: str) -> torch.Tensor:
     """``values`` (high), ``-values`` (low) or ``|values|`` (both)."""
     if direction == "high":
@@ -276,23 +268,17 @@ class IntensityBaseline(StatisticDetector):
 
     def fit_statistics(self, images: np.ndarray) -> None:
         """Mean and SD per channel (and per voxel) inside the normal foregrounds."""
-        _check_choice(self.name, "direction", self.direction, DIRECTIONS)
-        _check_choice(self.name, "score_reduce", self.score_reduce, SCORE_REDUCTIONS)
-        x = torch.from_numpy(images).double()
-        inside = self.foreground(x).unsqueeze(1).double().expand_as(x)
-        axes = (0, *range(2, x.dim()))
-        count = inside.sum(dim=axes).clamp_min(1.0)
-        mean = (x * inside).sum(dim=axes) / count
-        sd = (((x - _channels(mean, x)) ** 2 * inside).sum(dim=axes) / count).sqrt()
+        check_choice(self.name, "direction", self.direction, DIRECTIONS)
+        check_choice(self.name, "score_reduce", self.score_reduce, SCORE_REDUCTIONS)
+        totals = _Moments()
+        for x in _chunks(images):
+            totals.add(x.double(), self.foreground(x).unsqueeze(1).expand_as(x))
+        mean, sd = totals.channel_mean_sd()
         mean_, sd_ = mean, sd.clamp_min(SD_FLOOR)
         if self.per_voxel:
-            voxel_count = inside.sum(dim=0)
-            voxel_mean = (x * inside).sum(dim=0) / voxel_count.clamp_min(1.0)
-            voxel_sd = (
-                ((x - voxel_mean) ** 2 * inside).sum(dim=0) / voxel_count.clamp_min(1.0)
-            ).sqrt()
+            voxel_mean, voxel_sd, voxel_count = totals.voxel_mean_sd()
             enough = voxel_count >= 2
-            shape = (-1, *([1] * (x.dim() - 2)))
+            shape = (-1, *([1] * (images.ndim - 2)))
             mean_ = torch.where(enough, voxel_mean, mean.view(shape))
             sd_ = torch.where(enough & (voxel_sd > SD_FLOOR), voxel_sd, sd_.view(shape))
         self.mean_ = mean_.float().numpy()
@@ -349,13 +335,17 @@ class VolumeBaseline(StatisticDetector):
 
     def fit_statistics(self, images: np.ndarray) -> None:
         """Mean and SD of the foreground counts; per-voxel occupancy."""
-        _check_choice(self.name, "direction", self.direction, DIRECTIONS)
-        inside = self.foreground(torch.from_numpy(images))
-        counts = inside.flatten(1).sum(dim=1).double()
+        check_choice(self.name, "direction", self.direction, DIRECTIONS)
+        counts, occupancy = [], torch.zeros(images.shape[2:], dtype=torch.float64)
+        for x in _chunks(images):
+            inside = self.foreground(x)
+            counts.append(inside.flatten(1).sum(dim=1).double())
+            occupancy += inside.double().sum(dim=0)
+        counts = torch.cat(counts)
         self.count_mean_ = np.asarray(float(counts.mean()))
         sd = float(counts.std()) if len(counts) > 1 else 0.0
         self.count_sd_ = np.asarray(max(sd, 1.0))  # one voxel: a floor for identical counts
-        self.occupancy_ = inside.float().mean(dim=0).numpy()
+        self.occupancy_ = (occupancy / len(images)).float().numpy()
 
     def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Count z-scores and foreground-minus-occupancy maps."""
@@ -379,3 +369,45 @@ def _channels(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return values.to(like.dtype if like.is_floating_point() else torch.float32).view(
         1, -1, *([1] * (like.dim() - 2))
     )
+
+
+def _chunks(images: np.ndarray) -> Iterator[torch.Tensor]:
+    """``images`` as tensors of about :data:`BATCH_VOXELS` voxels each (no copy of the set)."""
+    step = max(1, BATCH_VOXELS // max(int(np.prod(images.shape[1:])), 1))
+    for start in range(0, len(images), step):
+        yield torch.from_numpy(np.ascontiguousarray(images[start : start + step]))
+
+
+class _Moments:
+    """Running sums of values inside masks, per channel and per voxel (float64)."""
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+        self.squares: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None
+
+    def add(self, x: torch.Tensor, inside: torch.Tensor) -> None:
+        weight = inside.double()
+        parts = ((x * weight).sum(dim=0), (x * x * weight).sum(dim=0), weight.sum(dim=0))
+        if self.sum is None:
+            self.sum, self.squares, self.count = parts
+        else:
+            self.sum, self.squares, self.count = (
+                a + b for a, b in zip((self.sum, self.squares, self.count), parts, strict=True)
+            )
+
+    @staticmethod
+    def _mean_sd(
+        total: torch.Tensor, squares: torch.Tensor, count: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = count.clamp_min(1.0)
+        mean = total / n
+        return mean, (squares / n - mean**2).clamp_min(0.0).sqrt()
+
+    def channel_mean_sd(self) -> tuple[torch.Tensor, torch.Tensor]:
+        axes = tuple(range(1, self.sum.dim()))
+        return self._mean_sd(self.sum.sum(axes), self.squares.sum(axes), self.count.sum(axes))
+
+    def voxel_mean_sd(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        mean, sd = self._mean_sd(self.sum, self.squares, self.count)
+        return mean, sd, self.count

@@ -26,7 +26,7 @@ from torch import nn
 
 from medanomaly.base import DeepDetector
 from medanomaly.engine import EngineConfig
-from medanomaly.errors import ConfigError, did_you_mean
+from medanomaly.errors import check_choice
 from medanomaly.nets.unet import CPU_FEATURES, skip_unet
 from medanomaly.registry import register
 from medanomaly.scoring import (
@@ -106,15 +106,8 @@ class DenoisingAE(DeepDetector):
 
     def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
         """The U-Net, input channels in and out."""
-        if self.score_reduce not in SCORE_REDUCTIONS:
-            raise ConfigError(
-                f"dae: score_reduce must be one of {SCORE_REDUCTIONS}, got {self.score_reduce!r}"
-            )
-        if self.residual not in RESIDUALS:
-            raise ConfigError(
-                f"dae: residual must be one of {RESIDUALS}, got {self.residual!r}."
-                + did_you_mean(self.residual, RESIDUALS)
-            )
+        check_choice(self.name, "score_reduce", self.score_reduce, SCORE_REDUCTIONS)
+        check_choice(self.name, "residual", self.residual, RESIDUALS)
         channels = input_shape[0]
         return skip_unet(
             self.spatial_dims, channels, channels, self.features, self.norm_groups, "dae"

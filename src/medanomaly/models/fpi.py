@@ -21,7 +21,7 @@ from torch.nn import functional
 
 from medanomaly.base import DeepDetector
 from medanomaly.engine import EngineConfig
-from medanomaly.errors import ConfigError
+from medanomaly.errors import ConfigError, check_choice
 from medanomaly.nets.unet import CPU_FEATURES, skip_unet
 from medanomaly.registry import register
 from medanomaly.scoring import SCORE_REDUCTIONS, foreground_mask, reduce_inside
@@ -120,10 +120,7 @@ class ForeignPatchInterpolation(DeepDetector):
 
     def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
         """The U-Net: image channels in, one logit per voxel out."""
-        if self.score_reduce not in SCORE_REDUCTIONS:
-            raise ConfigError(
-                f"fpi: score_reduce must be one of {SCORE_REDUCTIONS}, got {self.score_reduce!r}"
-            )
+        check_choice(self.name, "score_reduce", self.score_reduce, SCORE_REDUCTIONS)
         return skip_unet(
             self.spatial_dims, input_shape[0], 1, self.features, self.norm_groups, "fpi"
         )

@@ -41,7 +41,7 @@ from medanomaly.base import (
 )
 from medanomaly.data import ImageSet, as_image_set
 from medanomaly.engine import EngineConfig, split_indices
-from medanomaly.errors import ConfigError, did_you_mean
+from medanomaly.errors import ConfigError, check_choice
 from medanomaly.registry import build_nested, get_model_class, nested_block, register
 
 DENSITIES = ("gaussian", "gmm")
@@ -106,15 +106,8 @@ class LatentDensity(BaseDetector):
         return nested_block(self.encoder or DEFAULT_ENCODER, self.name, "the encoder", inherited)
 
     def _check_settings(self) -> None:
-        for key, value, choices in (
-            ("density", self.density, DENSITIES),
-            ("combine", self.combine, COMBINATIONS),
-        ):
-            if value not in choices:
-                raise ConfigError(
-                    f"{self.name}: {key} must be one of {choices}, got {value!r}."
-                    + did_you_mean(str(value), choices)
-                )
+        check_choice(self.name, "density", self.density, DENSITIES)
+        check_choice(self.name, "combine", self.combine, COMBINATIONS)
         if self.density == "gmm" and int(self.components) < 1:
             raise ConfigError(f"{self.name}: components must be >= 1, got {self.components}")
 

@@ -23,7 +23,7 @@ from medanomaly.transforms.compose import (
     get_transform_class,
 )
 from medanomaly.transforms.intensity import Clip, HUWindow, MinMax, PercentileRescale, ZScore
-from medanomaly.transforms.mask import ForegroundMask, HeadCTBrainMask
+from medanomaly.transforms.mask import DistanceTransform, ForegroundMask, HeadCTBrainMask
 from medanomaly.transforms.mri import BrainMask, HistogramMatch, N4BiasCorrection
 from medanomaly.transforms.spatial import Crop, Flip, Pad, Resample, Resize
 
@@ -35,6 +35,7 @@ __all__ = [
     "Clip",
     "Compose",
     "Crop",
+    "DistanceTransform",
     "Flip",
     "ForegroundMask",
     "HUWindow",

@@ -236,6 +236,38 @@ def check_axes(name: str, image: MedicalImage, axes: Sequence[int]) -> None:
         )
 
 
+def channel_of(name: str, image: MedicalImage, channel: int) -> np.ndarray:
+    """The values of one channel of ``image``; InvalidImageError if there is no such channel."""
+    check_image(name, image)
+    if channel >= image.array.shape[0]:
+        raise InvalidImageError(
+            source_of(image),
+            f"{name}: channel {channel} does not exist ({image.array.shape[0]} channel(s))",
+        )
+    return image.array[channel]
+
+
+def slice_axis(name: str, image: MedicalImage, axis: int) -> int | None:
+    """The axis a 3D image is cut into 2D slices along (``None`` for a 2D image)."""
+    if image.spatial_dims == 2:
+        return None
+    if axis > 2:
+        raise config_error(name, "axis", f"must be 0, 1 or 2 (got {axis})")
+    return axis
+
+
+def per_slice(
+    values: np.ndarray, axis: int | None, function: Callable[[np.ndarray], np.ndarray]
+) -> np.ndarray:
+    """Apply ``function`` (slices ``(n, H, W)`` -> masks alike) to a 2D or 3D array.
+
+    A 2D array is one slice; a 3D array is cut along ``axis`` and put back together.
+    """
+    if axis is None:
+        return function(values[None])[0]
+    return np.moveaxis(function(np.moveaxis(values, axis, 0)), 0, axis)
+
+
 def get_mask(name: str, image: MedicalImage, key: str = FOREGROUND_KEY) -> np.ndarray | None:
     """Return ``image.meta[key]`` as a bool array, ``None`` if absent.
 

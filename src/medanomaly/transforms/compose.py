@@ -13,7 +13,7 @@ from medanomaly.image import MedicalImage
 from medanomaly.transforms._base import RandomTransform, Transform
 from medanomaly.transforms.augment import RandAffine, RandFlip, RandIntensity
 from medanomaly.transforms.intensity import Clip, HUWindow, MinMax, PercentileRescale, ZScore
-from medanomaly.transforms.mask import ForegroundMask, HeadCTBrainMask
+from medanomaly.transforms.mask import DistanceTransform, ForegroundMask, HeadCTBrainMask
 from medanomaly.transforms.mri import BrainMask, HistogramMatch, N4BiasCorrection
 from medanomaly.transforms.spatial import Crop, Flip, Pad, Resample, Resize
 
@@ -33,6 +33,7 @@ TRANSFORMS: dict[str, type[Transform]] = {
     "histogram_match": HistogramMatch,
     "brain_mask": BrainMask,
     "head_ct_brain_mask": HeadCTBrainMask,
+    "distance_transform": DistanceTransform,
     "rand_flip": RandFlip,
     "rand_affine": RandAffine,
     "rand_intensity": RandIntensity,

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk  # noqa: N813 - the customary SimpleITK alias
 
-from medanomaly.errors import ConfigError, InvalidImageError
+from medanomaly.errors import ConfigError
 from medanomaly.image import MedicalImage
 from medanomaly.transforms._base import (
     FOREGROUND_KEY,
@@ -18,10 +18,12 @@ from medanomaly.transforms._base import (
     as_float,
     as_int,
     as_sequence,
+    channel_of,
     check_image,
     config_error,
     get_foreground,
-    source_of,
+    per_slice,
+    slice_axis,
     with_values,
 )
 from medanomaly.transforms.mask import brain_masks
@@ -217,35 +219,27 @@ class BrainMask(Transform):
 
     def __call__(self, image: MedicalImage) -> MedicalImage:
         """Return the image with ``meta["foreground"]`` = brain (and stripped if asked)."""
-        check_image(self.name, image)
-        if self.channel >= image.array.shape[0]:
-            raise InvalidImageError(
-                source_of(image),
-                f"{self.name}: channel {self.channel} does not exist "
-                f"({image.array.shape[0]} channel(s))",
-            )
-        if image.spatial_dims == 3 and self.axis > 2:
-            raise config_error(self.name, "axis", f"must be 0, 1 or 2 (got {self.axis})")
-        axis = self.axis if image.spatial_dims == 3 else None
-        brain = self._mask(image.array[self.channel], image.spacing, axis)
+        values = channel_of(self.name, image, self.channel)
+        brain = self._mask(values, image.spacing, slice_axis(self.name, image, self.axis))
         array = image.array
         if self.strip:
             array = np.where(brain[None], array, np.asarray(self.background, array.dtype))
         return image.with_array(array, meta={**image.meta, FOREGROUND_KEY: brain})
 
     def _mask(self, values: np.ndarray, spacing: Sequence[float], axis: int | None) -> np.ndarray:
-        slices = values[None] if axis is None else np.moveaxis(values, axis, 0)
         in_plane = [s for i, s in enumerate(spacing) if i != axis]
         mm = float(np.mean(in_plane)) or 1.0
 
         def pixels(radius: float) -> int:
             return max(1, round(radius / mm))
 
-        brain = brain_masks(
-            slices,
-            erode=pixels(self.erode_mm),
-            opening=pixels(self.opening_mm),
-            closing=pixels(self.closing_mm),
-            grow=pixels(self.grow_mm) if axis is not None else None,
-        )
-        return brain[0] if axis is None else np.moveaxis(brain, 0, axis)
+        def masks(slices: np.ndarray) -> np.ndarray:
+            return brain_masks(
+                slices,
+                erode=pixels(self.erode_mm),
+                opening=pixels(self.opening_mm),
+                closing=pixels(self.closing_mm),
+                grow=pixels(self.grow_mm) if axis is not None else None,
+            )
+
+        return per_slice(values, axis, masks)
