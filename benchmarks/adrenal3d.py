@@ -27,10 +27,11 @@ Protocol (seed 000: 3D VAE on orbital CT, AUROC 0.801, sensitivity 79.2 %, speci
 3. The cut-off is Youden's J on the **validation** scores (seed 000's ROC cut-off); test
    AUROC (95 % stratified bootstrap CI, 1000 resamples), sensitivity, specificity, accuracy
    and F1 at that cut-off are reported.
-4. Speed of the VAE: training throughput = normal training volumes x epochs run / training
-   seconds (the seconds include each epoch's validation pass and the final threshold pass),
-   and scoring throughput = 298 test volumes / seconds of ``detector.score`` (after a
-   warm-up batch; the fastest of 3 passes) with ``--speed-threads`` torch threads.
+4. Speed of the VAE (``vae`` at 64³, else ``vae32``): training throughput = normal
+   training volumes x epochs run / training seconds (the seconds include each epoch's
+   validation pass and the final threshold pass), and scoring throughput = 298 test
+   volumes / seconds of ``detector.score`` (after a warm-up batch; the fastest of 3
+   passes) with ``--speed-threads`` torch threads.
 
 A model whose ``OUT/<model>/model.pt`` exists and whose ``bench.json`` records the same
 settings is loaded instead of retrained (``--retrain`` forces training). Writes
@@ -111,6 +112,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "engine": {"epochs": 20, "patience": 6, "batch_size": 16, "monitor": "val_auroc"},
     },
     "dae32_sum": {"from": "dae32", "set": {"score_reduce": "sum"}},
+    "dae32_pos": {"from": "dae32", "set": {"residual": "positive"}},  # voxels the gland gained
     # on the masks' distance maps (thickness as intensity; see distance_inputs)
     "thickness": {
         "model": "intensity",  # no model: the 99th percentile of the z-scored distance map
@@ -140,6 +142,7 @@ MODELS: dict[str, dict[str, Any]] = {
         "params": {"features": [8, 16, 32, 64, 128, 8], "erode": 0, "median_size": 3},
         "engine": {"epochs": 20, "patience": 6, "batch_size": 16, "monitor": "val_auroc"},
     },
+    "dae32_dt_pos": {"from": "dae32_dt", "set": {"residual": "positive"}},  # thicker than normal
     "fpi32": {
         "model": "fpi",
         "size": 32,
@@ -147,7 +150,10 @@ MODELS: dict[str, dict[str, Any]] = {
         "engine": {"epochs": 10, "patience": 4, "batch_size": 16, "monitor": "val_auroc"},
     },
 }
-DEFAULT_MODELS = list(MODELS)
+# seed 000's 64^3 networks: 20-45 CPU minutes each and beaten by the 32^3 rows (README), so
+# they run only when asked for (--models vae vae_map cae cae_map resnet_ae)
+LEGACY_64 = ("vae", "vae_map", "cae", "cae_map", "resnet_ae")
+DEFAULT_MODELS = [name for name in MODELS if name not in LEGACY_64]
 SEED_000 = {"auroc": 0.801, "sensitivity": 0.792, "specificity": 0.727}
 TARGET_AUROC = 0.85  # the issue's moonshot; seed 000's 0.80 is the target
 TABLE_KEYS = ("auroc", "sensitivity", "specificity", "accuracy", "f1")
@@ -447,7 +453,8 @@ def results_markdown(summary: dict[str, Any]) -> str:
     if speed:
         lines += [
             "",
-            f"VAE-3D speed at 64³: training {speed['train_volumes_per_s']:.1f} volumes/s "
+            f"VAE-3D (`{speed.get('model', 'vae')}`) speed at {speed.get('size', 64)}³: "
+            f"training {speed['train_volumes_per_s']:.1f} volumes/s "
             f"({speed['train_volumes']} normal volumes x {speed['epochs']} epochs in "
             f"{speed['train_seconds']:.0f} s, validation passes included, "
             f"{summary['threads']} thread(s)); scoring {speed['volumes_per_s']:.1f} volumes/s "
@@ -460,21 +467,24 @@ def results_markdown(summary: dict[str, Any]) -> str:
 
 
 def verdict_lines(rows: dict[str, Any]) -> list[str]:
-    """The target and which models beat the no-model rows (test AUROC)."""
-    models = {k: r["auroc"] for k, r in rows.items() if not r["baseline"]}
+    """The model chosen on validation, the targets, and which models beat the no-model rows."""
+    models = {k: r for k, r in rows.items() if not r["baseline"]}
     baselines = {k: r["auroc"] for k, r in rows.items() if r["baseline"]}
     if not models:
         return []
-    best = max(models, key=models.get)
-    lines = []
+    chosen = max(models, key=lambda k: models[k]["val_auroc"])  # never by the test split
+    test = models[chosen]["auroc"]
+    lines = [
+        f"- Model chosen by validation AUROC: `{chosen}` (validation "
+        f"{models[chosen]['val_auroc']:.3f}, test {test:.3f})."
+    ]
     for goal, label in ((SEED_000["auroc"], "seed 000's 0.80"), (TARGET_AUROC, "moonshot")):
-        verdict = "met" if models[best] >= goal else "missed"
-        lines.append(f"- Best model `{best}` ({models[best]:.3f}) ≥ {goal:.2f} ({label}): "
-                     f"**{verdict}**.")  # fmt: skip
+        lines.append(f"- Its test AUROC ≥ {goal:.2f} ({label}): "
+                     f"**{'met' if test >= goal else 'missed'}**.")  # fmt: skip
     for name, value in baselines.items():
-        above = sorted(k for k, v in models.items() if v > value)
+        above = sorted(k for k, r in models.items() if r["auroc"] > value)
         lines.append(
-            f"- Above `{name}` (no model, {value:.3f}): "
+            f"- Test AUROC above `{name}` (no model, {value:.3f}): "
             + (", ".join(f"`{k}`" for k in above) if above else "no model")
             + "."
         )
@@ -533,17 +543,20 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['epoch_kept']}/{row['epochs']}; {time.perf_counter() - start:.0f} s)",
             flush=True,
         )
-        if name == "vae":
+        if name in ("vae", "vae32") and speed is None:  # seed 000's VAE, at the first size run
             threads = args.speed_threads or args.threads
-            speed = scoring_speed(trained["vae"], data["test"], threads)
+            size = MODELS[name].get("size")
+            speed = scoring_speed(trained[name], at_size(data, size)["test"], threads)
             speed.update(
+                model=name,
+                size=size or 64,
                 train_volumes_per_s=row["train_volumes_per_s"],
                 train_volumes=len(data["train"]),
                 epochs=row["epochs"],
                 train_seconds=row["seconds"],
             )
             print(
-                f"vae speed: training {speed['train_volumes_per_s']:.1f} volumes/s, scoring "
+                f"{name} speed: training {speed['train_volumes_per_s']:.1f} volumes/s, scoring "
                 f"{speed['volumes_per_s']:.1f} volumes/s ({threads} threads)",
                 flush=True,
             )
