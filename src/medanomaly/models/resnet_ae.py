@@ -11,7 +11,6 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from medanomaly.base import DeepDetector
-from medanomaly.data import ImageSet
 from medanomaly.engine import EngineConfig
 from medanomaly.errors import ConfigError, InvalidImageError
 from medanomaly.nets import ResNetAutoencoder
@@ -129,12 +128,6 @@ class ResNetAE(DeepDetector):
             raise InvalidImageError(
                 "<input>", f"images have {channels} channels, the model expects {self.in_channels}"
             )
-
-    def _check_scoring_shape(self, images: ImageSet) -> None:
-        if self.patch is None:
-            super()._check_scoring_shape(images)
-        else:
-            self._check_channels(images.images.shape[1])
 
     # -- network --------------------------------------------------------------------------
     def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
