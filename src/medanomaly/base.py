@@ -483,8 +483,8 @@ class DeepDetector(BaseDetector):
         cases = as_cases(x, self.spatial_dims)
         self._check_scoring_shape(cases)
         scores = np.zeros(len(cases), dtype=np.float64)
-        maps: list[np.ndarray | None] = [None] * len(cases)
-        recons: list[np.ndarray | None] = [None] * len(cases)
+        maps: list[tuple[np.ndarray, np.ndarray]] = []
+        recons: list[tuple[np.ndarray, np.ndarray]] = []
         scoring = None if raw else self.map_scoring
         for index, batch in self._batches(cases, network):
             if not with_maps and scoring is None:  # costly maps are skipped in _score_only
@@ -496,12 +496,12 @@ class DeepDetector(BaseDetector):
                 s = scoring.reduce_maps(m)
             scores[index] = s.float().cpu().numpy()
             if with_maps:
-                _place(maps, index, m)
+                maps.append((index, m.float().cpu().numpy()))
                 if r is not None:
-                    _place(recons, index, r)
+                    recons.append((index, r.float().cpu().numpy()))
         if not with_maps:
             return scores, None, None
-        return scores, _stack_cases(maps), _stack_cases(recons)
+        return scores, _assemble(maps, len(cases)), _assemble(recons, len(cases))
 
     def _batches(
         self, cases: Cases, network: nn.Module
@@ -636,23 +636,26 @@ def inference_network(network: nn.Module, spatial_dims: int) -> nn.Module:
     return network.to(memory_format=layout).eval()
 
 
-def _place(out: list[np.ndarray | None], index: np.ndarray, values: torch.Tensor) -> None:
-    """Put one batch's per-case arrays at their cases' places."""
-    array = values.float().cpu().numpy()
-    for j, i in enumerate(index):
-        out[int(i)] = array[j]
+def _assemble(batches: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray | None:
+    """Per-batch arrays ``(index, values)`` as one array ``(n, ...)`` in case order.
 
-
-def _stack_cases(arrays: list[np.ndarray | None]) -> np.ndarray | None:
-    """One array ``(N, ...)`` of per-case arrays; an object array when their shapes differ."""
-    if not arrays or any(a is None for a in arrays):
+    Batches that are runs of cases in order are concatenated as they are; cases of several
+    shapes give an object array holding one array per case.
+    """
+    if not batches or sum(len(index) for index, _ in batches) != n:
         return None
-    if len({a.shape for a in arrays}) == 1:  # type: ignore[union-attr]
-        return np.stack(arrays)  # type: ignore[arg-type]
-    stacked = np.empty(len(arrays), dtype=object)
-    for i, array in enumerate(arrays):
-        stacked[i] = array
-    return stacked
+    order = np.concatenate([index for index, _ in batches])
+    shapes = {values.shape[1:] for _, values in batches}
+    if len(shapes) == 1 and np.array_equal(order, np.arange(n)):
+        return np.concatenate([values for _, values in batches])
+    if len(shapes) == 1:
+        out = np.empty((n, *shapes.pop()), dtype=batches[0][1].dtype)
+    else:
+        out = np.empty(n, dtype=object)
+    for index, values in batches:
+        for j, i in enumerate(index):
+            out[int(i)] = values[j]
+    return out
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -90,6 +90,7 @@ def save_maps(
     model: str = "",
     dicom: bool = False,
     first_index: int = 0,
+    indices: Sequence[int] | None = None,
 ) -> MapsWritten:
     """Save each case's maps: on the model's grid and, where known, in the scan's geometry.
 
@@ -113,6 +114,8 @@ def save_maps(
         dicom: Also write DICOM Parametric Maps for DICOM input.
         first_index: Index of the first case in the whole batch (stems stay unique when a
             batch is written in chunks).
+        indices: Index of each case in the whole batch, instead of ``first_index + i``
+            (chunks that are not runs of cases: one rank's share, cases grouped by shape).
 
     Returns:
         The files written and one line per case whose source-geometry map failed.
@@ -122,7 +125,7 @@ def save_maps(
     diff_max = float(np.percentile(result.maps, 99.9)) if result.maps.size else None
     done = MapsWritten()
     for i, case_id in enumerate(ids):
-        stem = case_stem(case_id, first_index + i)
+        stem = case_stem(case_id, first_index + i if indices is None else int(indices[i]))
         with atomic_path(folder / f"{stem}.npy") as tmp, open(tmp, "wb") as handle:
             np.save(handle, result.maps[i].astype(np.float32))
         recon = None if result.reconstructions is None else result.reconstructions[i]
@@ -182,24 +185,26 @@ def save_maps_in_chunks(
     dicom: bool = False,
     threshold: float | None = None,
     chunk: int = 16,
+    indices: Sequence[int] | None = None,
 ) -> MapsWritten:
     """Detect and :func:`save_maps` a few cases at a time (memory holds one chunk of maps).
 
     Args:
         detector: A fitted detector.
-        images: An :class:`~medanomaly.data.ImageSet` (its ``grids`` place the maps).
+        images: Any form of :class:`~medanomaly.data.Cases` (its ``grids`` place the maps).
         folder: Output folder.
         dicom: Also write DICOM Parametric Maps for DICOM volumes.
         threshold: Threshold recorded with the maps (default: the detector's).
         chunk: Cases per call to ``detect``.
+        indices: Index of each case in the job's table (default: its index in ``images``);
+            the file stems are numbered by it.
 
     Returns:
         Everything written, and the cases whose source-geometry maps failed.
     """
     done = MapsWritten()
-    for start in range(0, len(images), chunk):
-        index = np.arange(start, min(start + chunk, len(images)))
-        part = images.subset(index)
+    for index in images.chunks(chunk):
+        part = images.subset(index).to_image_set()
         result = detector.detect(part)
         if threshold is not None:
             result.threshold = float(threshold)
@@ -212,7 +217,7 @@ def save_maps_in_chunks(
             part.grids,
             model=getattr(detector, "name", ""),
             dicom=dicom,
-            first_index=start,
+            indices=index if indices is None else np.asarray(indices)[index],
         )
         done.files += written.files
         done.problems += written.problems
