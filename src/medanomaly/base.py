@@ -226,6 +226,13 @@ class DeepDetector(BaseDetector):
         """Each spatial side must be divisible by this (the network's total down-sampling)."""
         return 16
 
+    def training_collate(self) -> Callable[[list[torch.Tensor]], torch.Tensor] | None:
+        """How training cases of different shapes join one batch; ``None``: by shape.
+
+        A model trained on random patches (``resnet_ae``) crops each case's patch here.
+        """
+        return None
+
     @abstractmethod
     def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
         """Make the network for images of ``input_shape`` ``(C, *spatial)``."""
@@ -269,7 +276,7 @@ class DeepDetector(BaseDetector):
         """
         cfg = self.engine_config
         data = self._training_data(train, val, cfg)
-        input_shape = self._training_shape(data.train)
+        input_shape = self._training_shape(data)
         torch.manual_seed(cfg.seed)
         network = self.build_network(input_shape)
         if run_dir is not None:
@@ -300,7 +307,13 @@ class DeepDetector(BaseDetector):
         with their own :class:`~medanomaly.engine.TrainingTask`.
         """
         score, refresh = self._validation_scoring(data.train)
-        task = TrainingTask(network=network, loss=self.loss, score=score, before_validation=refresh)
+        task = TrainingTask(
+            network=network,
+            loss=self.loss,
+            score=score,
+            before_validation=refresh,
+            collate=self.training_collate(),
+        )
         return engine.fit(task, data, run_dir=run_dir, resume=resume, extra_state=self.config())
 
     def _validation_scoring(
@@ -326,19 +339,20 @@ class DeepDetector(BaseDetector):
         self.map_scale_ = None
         return score, refresh
 
-    def _training_shape(self, train: Cases) -> tuple[int, ...]:
+    def _training_shape(self, data: TrainingData) -> tuple[int, ...]:
         """The most common shape of the training cases, after checking every shape.
 
-        Cases of several shapes train only a model that scores any size; for the others
-        the error names the odd cases.
+        Cases of several shapes (training and validation) train only a model that scores
+        any size; for the others the error names the odd cases.
         """
-        shapes = train.shapes
-        distinct = sorted(set(shapes), key=shapes.count, reverse=True)
+        sets = [s for s in (data.train, data.val_normal, data.val_abnormal) if s is not None]
+        shapes = [shape for s in sets for shape in s.shapes]
+        ids = [i for s in sets for i in s.ids]
+        distinct = sorted(set(data.train.shapes), key=shapes.count, reverse=True)
+        distinct += sorted(set(shapes) - set(distinct))
         if len(distinct) > 1 and not self.scores_any_size:
             odd = [
-                f"{Path(i).name} {s}"
-                for i, s in zip(train.ids, shapes, strict=True)
-                if s != distinct[0]
+                f"{Path(i).name} {s}" for i, s in zip(ids, shapes, strict=True) if s != distinct[0]
             ]
             raise ConfigError(
                 f"{self.name or type(self).__name__} trains on one grid, but the training "
@@ -346,7 +360,7 @@ class DeepDetector(BaseDetector):
                 f"{', '.join(odd[:4])}{' ...' if len(odd) > 4 else ''}); add a 'resize' (or "
                 "'pad') step to data.transforms"
             )
-        for shape in distinct:
+        for shape in set(data.train.shapes):
             self._check_input_shape(shape)
         return distinct[0] if distinct else ()
 

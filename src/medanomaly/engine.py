@@ -153,6 +153,9 @@ class TrainingTask:
         epoch_start: ``epoch_start(epoch, optimizers)`` runs before each epoch (0-based),
             e.g. to set the learning rate of a schedule; a function of the epoch alone, so
             that a resumed run continues the schedule.
+        collate: Joins training cases of different shapes into one batch (e.g. a random
+            patch of each); ``None``: such cases are batched by shape
+            (:class:`ShapeBatchSampler`). Unused when every case has one shape.
     """
 
     network: nn.Module
@@ -164,6 +167,7 @@ class TrainingTask:
     supervised: bool = False
     epoch_start: Callable[[int, Optimizers], None] | None = None
     before_validation: Callable[[nn.Module], None] | None = None
+    collate: Callable[[list[Any]], Any] | None = None
 
 
 @dataclass
@@ -316,7 +320,7 @@ class Engine:
             log.info("resuming %s at epoch %d", checkpoint_path, state.epoch)
         model, *wrapped = fabric.setup(network, *optimizers.values())
         optimizers = dict(zip(optimizers, wrapped, strict=True))
-        loaders = self._loaders(fabric, data)
+        loaders = self._loaders(fabric, data, task.collate)
         bar = tqdm(
             total=cfg.epochs,
             initial=state.epoch,
@@ -356,10 +360,12 @@ class Engine:
             find_unused_parameters=find_unused_parameters,
         )
 
-    def _loaders(self, fabric: Fabric, data: TrainingData) -> dict[str, DataLoader | None]:
+    def _loaders(
+        self, fabric: Fabric, data: TrainingData, collate: Callable[[list[Any]], Any] | None
+    ) -> dict[str, DataLoader | None]:
         loaders: dict[str, DataLoader | None] = {
             "train": fabric.setup_dataloaders(
-                self._train_loader(fabric, data.train), use_distributed_sampler=False
+                self._train_loader(fabric, data.train, collate), use_distributed_sampler=False
             )
         }
         for key in ("val_normal", "val_abnormal"):
@@ -373,10 +379,15 @@ class Engine:
             )
         return loaders
 
-    def _train_loader(self, fabric: Fabric, dataset: Dataset) -> DataLoader:
+    def _train_loader(
+        self, fabric: Fabric, dataset: Dataset, collate: Callable[[list[Any]], Any] | None
+    ) -> DataLoader:
         cfg = self.config
-        common = {"num_workers": cfg.num_workers, "worker_init_fn": _reseed_worker}
-        if has_several_shapes(dataset):
+        common: dict[str, Any] = {"num_workers": cfg.num_workers, "worker_init_fn": _reseed_worker}
+        several = has_several_shapes(dataset)
+        if several and collate is not None:
+            common["collate_fn"] = collate
+        elif several:
             batches = ShapeBatchSampler(
                 dataset.shapes,  # type: ignore[attr-defined]
                 cfg.batch_size,

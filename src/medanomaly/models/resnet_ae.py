@@ -142,6 +142,10 @@ class ResNetAE(DeepDetector):
             self.output_activation,
         )
 
+    def training_collate(self) -> PatchCollate | None:
+        """With patches, volumes of different shapes join a batch by their random patches."""
+        return None if self.patch is None else PatchCollate(self.patch)
+
     def loss(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Mean squared error: of one random patch per volume in training, else of the volume."""
         if network.training and self.patch is not None:
@@ -195,6 +199,20 @@ def random_patches(x: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
         index = tuple(slice(a, a + p) for a, p in zip(starts, patch, strict=True))
         crops.append(image[(slice(None), *index)])
     return torch.stack(crops)
+
+
+class PatchCollate:
+    """Join volumes of different shapes into a batch of one random patch each (torch's RNG).
+
+    The loss then finds the batch at patch size and trains on it as it is.
+    """
+
+    def __init__(self, patch: Sequence[int]) -> None:
+        self.patch = tuple(int(p) for p in patch)
+
+    def __call__(self, volumes: list[torch.Tensor]) -> torch.Tensor:
+        """The batch ``(B, C, *patch)``."""
+        return torch.cat([random_patches(v[None], self.patch) for v in volumes])
 
 
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:
