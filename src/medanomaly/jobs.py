@@ -18,7 +18,7 @@ import numpy as np
 from medanomaly.base import AnomalyResult, BaseDetector, scores_only
 from medanomaly.data import Cases, ImageSet
 from medanomaly.distributed import Ranks, Share, launch, load_share, merge_rows
-from medanomaly.outputs import MapsWritten, save_maps, write_scores_csv
+from medanomaly.outputs import MapsWritten, save_part_maps, write_scores_csv
 
 #: Cases read into memory and scored at a time.
 SCORE_CHUNK = 32
@@ -148,18 +148,11 @@ def _score_share(
         else:
             result = detector.detect(part)
             scores = np.asarray(result.scores, dtype=np.float64)
-            done = save_maps(
-                maps,
-                part.ids,
-                part.images,
-                result,
-                part.grids,
-                model=detector.name,
-                dicom=dicom,
-                indices=share.index[index],
+            written.add(
+                save_part_maps(
+                    maps, part, result, model=detector.name, dicom=dicom, indices=share.index[index]
+                )
             )
-            written.files += done.files
-            written.problems += done.problems
         for j, i in enumerate(index):
             row = (part.ids[j], int(part.labels[j]), float(scores[j]))
             rows.append((int(share.index[i]), row))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +78,12 @@ class MapsWritten:
 
     files: list[Path] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
+
+    def add(self, other: MapsWritten) -> MapsWritten:
+        """Take in what another call wrote."""
+        self.files += other.files
+        self.problems += other.problems
+        return self
 
 
 def save_maps(
@@ -177,6 +183,42 @@ def _picture(source: str) -> np.ndarray | None:
     return image.array[0] if image.spatial_dims == 2 else None
 
 
+def save_part_maps(
+    folder: str | Path,
+    part: Any,
+    result: AnomalyResult,
+    *,
+    model: str = "",
+    dicom: bool = False,
+    indices: Sequence[int] | None = None,
+    threshold: float | None = None,
+) -> MapsWritten:
+    """:func:`save_maps` of a chunk of cases in memory, flagged at ``threshold``.
+
+    Args:
+        folder: Output folder.
+        part: The chunk, an :class:`~medanomaly.data.ImageSet` (its ``grids`` place the maps).
+        result: Its detection.
+        model: The detector's name.
+        dicom: Also write DICOM Parametric Maps for DICOM volumes.
+        indices: Index of each case in the job's table (numbers the file stems).
+        threshold: Threshold recorded with the maps (default: ``result``'s).
+    """
+    if threshold is not None:
+        flagged = (result.scores > threshold).astype(np.int64)
+        result = replace(result, threshold=float(threshold), labels=flagged)
+    return save_maps(
+        folder,
+        part.ids,
+        part.images,
+        result,
+        part.grids,
+        model=model,
+        dicom=dicom,
+        indices=indices,
+    )
+
+
 def save_maps_in_chunks(
     detector: Any,
     images: Any,
@@ -205,20 +247,16 @@ def save_maps_in_chunks(
     done = MapsWritten()
     for index in images.chunks(chunk):
         part = images.subset(index).to_image_set()
-        result = detector.detect(part)
-        if threshold is not None:
-            result.threshold = float(threshold)
-            result.labels = (result.scores > threshold).astype(np.int64)
-        written = save_maps(
-            folder,
-            part.ids,
-            part.images,
-            result,
-            part.grids,
-            model=getattr(detector, "name", ""),
-            dicom=dicom,
-            indices=index if indices is None else np.asarray(indices)[index],
+        stems = index if indices is None else np.asarray(indices)[index]
+        done.add(
+            save_part_maps(
+                folder,
+                part,
+                detector.detect(part),
+                model=getattr(detector, "name", ""),
+                dicom=dicom,
+                indices=stems,
+                threshold=threshold,
+            )
         )
-        done.files += written.files
-        done.problems += written.problems
     return done

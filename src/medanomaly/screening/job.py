@@ -11,7 +11,7 @@ from medanomaly.base import AnomalyResult, BaseDetector
 from medanomaly.data import ImageSet
 from medanomaly.distributed import Share, load_share
 from medanomaly.jobs import JobOptions, start_job
-from medanomaly.outputs import save_maps
+from medanomaly.outputs import save_part_maps
 from medanomaly.screening.core import (
     DEFAULT_BATCH,
     DEFAULT_K,
@@ -119,22 +119,14 @@ def _map_writer(
     """Write each chunk's maps while the screen has them (flagged by the screen's threshold)."""
 
     def write(index: np.ndarray, part: ImageSet, result: AnomalyResult) -> None:
-        flagged = AnomalyResult(
-            scores=result.scores,
-            labels=(result.scores > threshold).astype(np.int64),
-            maps=result.maps,
-            reconstructions=result.reconstructions,
-            threshold=threshold,
-        )
-        written = save_maps(
+        written = save_part_maps(
             folder,
-            part.ids,
-            part.images,
-            flagged,
-            part.grids,
+            part,
+            result,
             model=getattr(detector, "name", ""),
             dicom=dicom,
             indices=share.index[index],
+            threshold=threshold,
         )
         problems.extend(written.problems)
 
