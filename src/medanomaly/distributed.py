@@ -15,6 +15,7 @@ A single process (the default) takes the same path with a world of one, without
 from __future__ import annotations
 
 import os
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,27 +88,58 @@ class Ranks:
         if self.world_size > 1:
             torch.distributed.barrier()
 
-    def together(self, step: Callable[[], T]) -> list[T]:
-        """Run ``step`` on every rank and return every rank's result, on every rank.
+    def checked(self, step: Callable[[], T]) -> T:
+        """Run ``step`` on every rank and return this rank's result once every rank has one.
 
         A rank whose step raises does not leave the others waiting forever in the next
-        exchange: the failure is shared, and every rank raises (the failing one its own
-        error, the others :class:`RankFailedError` naming it).
+        exchange: the ranks share whether their step worked, and if one did not every rank
+        raises (the failing one its own error, the others :class:`RankFailedError` naming
+        it). ``step`` itself must not exchange anything between ranks.
+        """
+        if self.world_size == 1:
+            return step()
+        failure: Exception | None = None
+        value: Any = None
+        try:
+            value = step()
+        except Exception as error:
+            failure = error
+        self._share_failure(failure)
+        return value
+
+    def together(self, step: Callable[[], T], to_main: bool = False) -> list[T] | None:
+        """Run ``step`` on every rank and return every rank's result, in rank order.
+
+        Failures are shared as in :meth:`checked`, a result that cannot be pickled included.
+
+        Args:
+            step: This rank's part (it must not exchange anything between ranks).
+            to_main: Send the results to rank 0 only (the others get ``None``); by default
+                every rank gets them all.
         """
         if self.world_size == 1:
             return [step()]
+        failure: Exception | None = None
+        payload = b""
         try:
-            outcome: tuple[bool, Any] = (True, step())
+            payload = pickle.dumps(step(), protocol=pickle.HIGHEST_PROTOCOL)
         except Exception as error:
-            outcome = (False, f"{type(error).__name__}: {error}")
-            self.all_gather(outcome)
-            raise
-        gathered = self.all_gather(outcome)
-        failed = [(rank, text) for rank, (ok, text) in enumerate(gathered) if not ok]
+            failure = error
+        self._share_failure(failure)
+        parts = self.gather(payload) if to_main else self.all_gather(payload)
+        return None if parts is None else [pickle.loads(part) for part in parts]
+
+    def _share_failure(self, failure: Exception | None) -> None:
+        """Tell every rank whether this one failed; raise on every rank if one did."""
+        text = None if failure is None else f"{type(failure).__name__}: {failure}"
+        every = self.all_gather(text)
+        if failure is not None:
+            raise failure
+        failed = [(rank, line) for rank, line in enumerate(every) if line is not None]
         if failed:
-            rank, text = failed[0]
-            raise RankFailedError(f"rank {rank} of {self.world_size} failed: {text}")
-        return [value for _, value in gathered]
+            rank, line = failed[0]
+            others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+            raise RankFailedError(f"rank {rank} of {self.world_size} failed{others}: {line}")
 
 
 def launch(accelerator: str = "auto", devices: int = 1, num_nodes: int = 1) -> Ranks:

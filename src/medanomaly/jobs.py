@@ -108,11 +108,12 @@ def score_run(
 
     ranks, detector = start_job(run, options or JobOptions())
     share = load_share(detector, data, ranks, strict, (options or JobOptions()).num_workers)
-    rows, written = _score_share(detector, share, maps, dicom, chunk)
-    gathered = ranks.gather((rows, written.problems))
+    gathered = ranks.together(  # one failing rank stops them all
+        lambda: _score_share(detector, share, maps, dicom, chunk), to_main=True
+    )
     if gathered is None:
         return None
-    table = merge_rows([part for part, _ in gathered], share.n_cases)
+    table = merge_rows([rows for rows, _ in gathered], share.n_cases)
     ids = [row[0] for row in table]
     labels = np.array([row[1] for row in table], dtype=np.int64)
     scores = np.array([row[2] for row in table], dtype=np.float64)
@@ -128,7 +129,7 @@ def score_run(
         threshold=threshold,
         skipped=share.skipped,
         warnings=share.warnings,
-        map_problems=[line for _, problems in gathered for line in problems],
+        map_problems=[line for _, written in gathered for line in written.problems],
     )
 
 

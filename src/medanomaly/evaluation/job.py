@@ -114,9 +114,9 @@ def _widest(
     return min(a[0], b[0]), max(a[1], b[1])
 
 
-def merged(ranks: Ranks, local: LocalPass, n_cases: int) -> Scored:
-    """Every rank's rows, in input order, on every rank."""
-    rows = merge_rows(ranks.all_gather(local.rows), n_cases)
+def merged(parts: list[LocalPass], n_cases: int) -> Scored:
+    """Every rank's rows as one table in input order."""
+    rows = merge_rows([part.rows for part in parts], n_cases)
     return Scored(
         ids=[r[0] for r in rows],
         labels=np.array([r[1] for r in rows], dtype=np.int64),
@@ -139,13 +139,17 @@ def pixel_result(
         span = _widest(span, found)
     rule = next((r for _, r in everyone if r), "")
     ordinal = np.cumsum(scored.include) - 1  # the case's place among the included ones
-    acc = PixelMetricAccumulator(range=span, per_image=True)
-    for position in local.spilled:
-        score_map, mask, fg = (
-            np.load(spill / f"{position:08d}_{name}.npy") for name in ("map", "mask", "fg")
-        )
-        acc.update(score_map, mask, fg, name=str(int(ordinal[position])))
-    parts = ranks.gather(acc)
+
+    def accumulate() -> PixelMetricAccumulator:
+        acc = PixelMetricAccumulator(range=span, per_image=True)
+        for position in local.spilled:
+            score_map, mask, fg = (
+                np.load(spill / f"{position:08d}_{name}.npy") for name in ("map", "mask", "fg")
+            )
+            acc.update(score_map, mask, fg, name=str(int(ordinal[position])))
+        return acc
+
+    parts = ranks.together(accumulate, to_main=True)  # one failing rank stops them all
     if parts is None:
         return None
     total = PixelMetricAccumulator(range=span, per_image=True)
@@ -171,14 +175,18 @@ def gallery(
     chosen = figs.gallery_indices(scored.labels, scores=scored.scores, per_group=per_group)
     here = {int(position): j for j, position in enumerate(share.index)}
     mine = [i for i in chosen if i in here]
-    found: list[tuple[int, np.ndarray, np.ndarray | None, np.ndarray]] = []
-    picked = share.cases.subset([here[i] for i in mine])
-    for index, part in in_chunks(picked, len(mine) or 1):
-        result = detector.detect(part)
-        for j, k in enumerate(index):
-            recon = None if result.reconstructions is None else result.reconstructions[j]
-            found.append((mine[k], part.images[j], recon, result.maps[j]))
-    parts = ranks.gather(found)
+
+    def detect_mine() -> list[tuple[int, np.ndarray, np.ndarray | None, np.ndarray]]:
+        found = []
+        picked = share.cases.subset([here[i] for i in mine])
+        for index, part in in_chunks(picked, len(mine) or 1):
+            result = detector.detect(part)
+            for j, k in enumerate(index):
+                recon = None if result.reconstructions is None else result.reconstructions[j]
+                found.append((mine[k], part.images[j], recon, result.maps[j]))
+        return found
+
+    parts = ranks.together(detect_mine, to_main=True)  # one failing rank stops them all
     if parts is None or not chosen:
         return []
     drawn = {case[0]: case for part in parts for case in part}

@@ -539,10 +539,12 @@ def evaluate_run(
     )
     pixel = any(ranks.all_gather(bool(share.cases.has_masks)))
     with tempfile.TemporaryDirectory(prefix="medanomaly-evaluate-") as spill:
-        local = job.score_share(
-            detector, share, data, label_names, pixel, foreground_threshold, Path(spill), chunk
+        parts = ranks.together(  # every rank's pass, on every rank; one failing stops all
+            lambda: job.score_share(
+                detector, share, data, label_names, pixel, foreground_threshold, Path(spill), chunk
+            )
         )
-        scored = job.merged(ranks, local, share.n_cases)
+        local, scored = parts[ranks.rank], job.merged(parts, share.n_cases)
         _check_labelled(data, scored.labels)
         found = job.pixel_result(ranks, local, scored, Path(spill)) if pixel else None
     labelled = scored.labels != -1
@@ -553,9 +555,11 @@ def evaluate_run(
     gallery = job.gallery(
         ranks, detector, share, scored, figures_dir / "gallery", gallery_per_group
     )
-    problems: list[str] = []
-    if maps_dir is not None:
-        problems = save_maps_in_chunks(
+
+    def write_maps() -> list[str]:
+        if maps_dir is None:
+            return []
+        return save_maps_in_chunks(
             detector,
             share.cases,
             maps_dir,
@@ -563,7 +567,8 @@ def evaluate_run(
             threshold=choice.value,
             indices=share.index,
         ).problems
-    every_problem = ranks.gather(problems)
+
+    every_problem = ranks.together(write_maps, to_main=True)  # one failing rank stops all
     if every_problem is None:
         return None
     sources = {"run": str(run_dir), "data": str(data)}

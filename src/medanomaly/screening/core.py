@@ -17,7 +17,7 @@ from medanomaly.errors import ConfigError
 from medanomaly.evaluation.thresholds import conformal_pvalues
 from medanomaly.jobs import in_chunks
 from medanomaly.screening.facts import DEFAULT_METAL_LEVEL, RawFacts, folder_oddities, raw_facts
-from medanomaly.screening.latent import DEFAULT_MIN_SAMPLES, latent_analysis
+from medanomaly.screening.latent import DEFAULT_MIN_SAMPLES, LatentClusters, latent_analysis
 from medanomaly.screening.residuals import foreground_masks, map_percentiles, reconstruction_errors
 from medanomaly.screening.result import ScreenResult
 from medanomaly.screening.size_bias import size_bias
@@ -94,9 +94,14 @@ def screen(
     """
     check_settings(batch, eps, min_samples)
     threshold, n_validation = screen_threshold(detector, k)
-    numbers = score_cases(detector, images, batch, metal_level, index, on_chunk)
+
+    def score() -> CaseNumbers:
+        return score_cases(detector, images, batch, metal_level, index, on_chunk)
+
     if ranks is not None and ranks.world_size > 1:
-        numbers = CaseNumbers.merge(ranks.all_gather(numbers))
+        numbers = CaseNumbers.merge(ranks.together(score))  # a failing rank stops them all
+    else:
+        numbers = score()
     if len(numbers.ids) == 0:
         raise ConfigError("screen: no cases to screen")
     notes = list(numbers.notes)
@@ -104,7 +109,12 @@ def screen(
         notes.append("the model gives no reconstructions: mse and masked_mse are empty")
     main = ranks is None or ranks.is_main
     vectors = numbers.vectors if main else None  # the other ranks draw, rank 0 clusters
-    latent = latent_analysis(vectors, eps, min_samples, with_umap and main, notes)
+
+    def cluster() -> LatentClusters | None:
+        return latent_analysis(vectors, eps, min_samples, with_umap and main, notes)
+
+    # rank 0 clusters while the others wait; a failure there stops them all
+    latent = cluster() if ranks is None else ranks.checked(cluster)
     raw = numbers.raw
     voxel_counts = np.array([np.nan if f.voxel_count is None else f.voxel_count for f in raw])
     validation = np.asarray(detector.val_scores_, dtype=np.float64)

@@ -100,7 +100,9 @@ def screen_folder(
         on_chunk=hook,
     )
     out = Path(out)
-    gallery = save_gallery(detector, share.cases, result, out / GALLERY_DIR, batch, share.index)
+    gallery = ranks.checked(  # one failing rank stops them all
+        lambda: save_gallery(detector, share.cases, result, out / GALLERY_DIR, batch, share.index)
+    )
     every_problem = ranks.gather(problems)
     if every_problem is None:
         return None
