@@ -58,6 +58,19 @@ def test_same_seed_gives_same_scores(fitted):
     np.testing.assert_allclose(again.score(data), detector.score(data), rtol=1e-5)
 
 
+def test_fit_on_a_streamed_set_gives_the_same_scores(fitted, to_streamed):
+    """A set read lazily from the cache trains and scores like the same set in memory."""
+    name, dims, detector, _, data = fitted
+    again = get_model(name, spatial_dims=dims, engine=ENGINE)
+    again.fit(to_streamed(_train(again, data)))
+    streamed = to_streamed(data)
+    np.testing.assert_allclose(again.score(streamed), detector.score(data), rtol=1e-5)
+    np.testing.assert_allclose(
+        again.detect(streamed).maps, detector.detect(data).maps, rtol=1e-4, atol=1e-6
+    )
+    assert again.threshold_ == pytest.approx(detector.threshold_, rel=1e-5)
+
+
 def test_save_and_load_round_trip(fitted, tmp_path):
     _, _, detector, _, data = fitted
     detector.save(tmp_path / "model.pt")
