@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -239,6 +240,45 @@ def test_two_process_score_writes_the_csv_of_one_process(cae_run):
     assert sorted(p.name for p in (root / "maps1").iterdir()) == sorted(
         p.name for p in (root / "maps2").iterdir()
     )
+
+
+def _write_labelled(folder: Path) -> Path:
+    """Phantom slices with lesion masks and a manifest ``path,label,mask``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = make_phantoms(6, 3, (32, 32), seed=3)
+    lines = ["path,label,mask"]
+    for i, (image, label, mask) in enumerate(
+        zip(data.images, data.labels, data.masks, strict=True)
+    ):
+        np.save(folder / f"c{i:02d}.npy", image[0])
+        np.save(folder / f"c{i:02d}_mask.npy", mask.astype(np.uint8))
+        lines.append(f"c{i:02d}.npy,{int(label)},c{i:02d}_mask.npy")
+    (folder / "manifest.csv").write_text("\n".join(lines) + "\n")
+    return folder / "manifest.csv"
+
+
+def test_two_process_evaluate_and_screen_write_the_tables_of_one_process(cae_run):
+    root = cae_run
+    manifest = _write_labelled(root / "labelled")
+    two = ("--devices", "2", "--accelerator", "cpu")
+    for name, data, table in (
+        ("evaluate", manifest, "scores.csv"),
+        ("screen", root / "test", "screen.csv"),
+    ):
+        common = [name, "--run", str(root / "run"), "--data", str(data)]
+        one = [*common, "--out", str(root / f"{name}1"), "--maps", str(root / f"{name}m1")]
+        assert main(one) == 0
+        both = _cli(
+            root, *common, "--out", str(root / f"{name}2"), "--maps", str(root / f"{name}m2"), *two
+        )
+        assert both.returncode == 0, both.stderr[-2000:]
+        assert (root / f"{name}1" / table).read_text() == (root / f"{name}2" / table).read_text()
+        assert sorted(p.name for p in (root / f"{name}m1").iterdir()) == sorted(
+            p.name for p in (root / f"{name}m2").iterdir()
+        )
+    metrics = [json.loads((root / f"evaluate{i}" / "metrics.json").read_text()) for i in (1, 2)]
+    assert metrics[0]["image"] == metrics[1]["image"]
+    assert "pixel" in metrics[0] and metrics[0]["pixel"] == metrics[1]["pixel"]
 
 
 def _history_rows(run: Path) -> int:
