@@ -6,7 +6,11 @@ from pathlib import Path
 
 import pytest
 
+from medanomaly.cache import PreprocessCache, Preprocessed
+from medanomaly.data import ImageSet
 from medanomaly.phantoms import make_phantoms
+from medanomaly.streaming import StreamedSet
+from medanomaly.transforms import FOREGROUND_KEY, LESION_KEY
 
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
@@ -35,3 +39,25 @@ def tiny2d():
 def tiny3d():
     """8 normal + 4 abnormal 1x16x16x16 phantoms."""
     return make_phantoms(8, 4, (16, 16, 16), seed=0)
+
+
+def streamed_copy(images: ImageSet, folder: Path) -> StreamedSet:
+    """The same cases as a :class:`StreamedSet`, stored in a cache under ``folder``."""
+    store = PreprocessCache(folder)
+    entries = []
+    for i in range(len(images)):
+        masks = {}
+        if images.masks is not None:
+            masks[LESION_KEY] = images.masks[i]
+        if images.foreground is not None:
+            masks[FOREGROUND_KEY] = images.foreground[i]
+        entry = store.save(f"case{i:05d}", Preprocessed(images.images[i], masks))
+        assert entry is not None
+        entries.append(entry)
+    return StreamedSet(store, entries, labels=images.labels, ids=images.ids, groups=images.groups)
+
+
+@pytest.fixture
+def to_streamed(tmp_path):
+    """``to_streamed(images)``: the cases of an ``ImageSet`` as a streamed set."""
+    return lambda images: streamed_copy(images, tmp_path / "streamed")

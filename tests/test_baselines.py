@@ -83,3 +83,42 @@ def test_bad_settings_are_named(phantoms):
         get_model("intensity", direction="hgh").fit(phantoms.normal)
     with pytest.raises(ConfigError, match="score_reduce"):
         get_model("intensity", score_reduce="medain").fit(phantoms.normal)
+
+
+@pytest.mark.parametrize(
+    ("name", "params"),
+    [("intensity", {"per_voxel": True, "foreground_threshold": 0.05}), ("volume", {})],
+)
+def test_baselines_read_a_streamed_set_in_chunks_never_whole(
+    phantoms, to_streamed, monkeypatch, name, params
+):
+    from medanomaly.models import baselines
+    from medanomaly.streaming import StreamedSet
+
+    in_memory = get_model(name, spatial_dims=2, **params).fit(phantoms.normal)
+    streamed = to_streamed(phantoms)
+
+    def whole(self):
+        raise AssertionError("the whole streamed set was read into memory")
+
+    monkeypatch.setattr(StreamedSet, "to_image_set", whole)
+    monkeypatch.setattr(baselines, "BATCH_VOXELS", 3 * 32 * 32)  # chunks of three images
+    fitted = get_model(name, spatial_dims=2, **params).fit(streamed.normal)
+    for key, value in in_memory.statistics().items():
+        np.testing.assert_allclose(fitted.statistics()[key], value, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(fitted.score(streamed), in_memory.score(phantoms), rtol=1e-5)
+    assert fitted.threshold_ == pytest.approx(in_memory.threshold_)
+
+
+def test_baselines_refuse_training_images_of_different_shapes(tmp_path):
+    from medanomaly.cache import PreprocessCache, Preprocessed
+    from medanomaly.errors import InvalidImageError
+    from medanomaly.streaming import StreamedSet
+
+    store = PreprocessCache(tmp_path)
+    shapes = [(32, 32), (32, 32), (32, 48), (32, 48)]
+    images = [make_phantoms(1, 0, shape, seed=i).images[0] for i, shape in enumerate(shapes)]
+    entries = [store.save(f"case{i}", Preprocessed(image)) for i, image in enumerate(images)]
+    mixed = StreamedSet(store, entries, labels=np.zeros(4, np.int64))
+    with pytest.raises(InvalidImageError, match="one grid"):
+        get_model("intensity", engine={"val_fraction": 0.0}).fit(mixed, val=mixed)

@@ -64,6 +64,8 @@ def test_transform_strips_a_volume_slice_by_slice():
 def test_errors_name_the_problem():
     image, _ = _head_ct(windowed=True)
     with pytest.raises(InvalidImageError, match="channel 2 does not exist"):
-        build_transforms([{"head_ct_brain_mask": {"channel": 2}}])(MedicalImage(image[None], (1.0, 1.0)))
+        build_transforms([{"head_ct_brain_mask": {"channel": 2}}])(
+            MedicalImage(image[None], (1.0, 1.0))
+        )
     with pytest.raises(Exception, match="strip"):
         build_transforms([{"head_ct_brain_mask": {"strip": "maybe"}}])

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import inspect
 import logging
+import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -22,10 +23,10 @@ from torch import nn
 
 from medanomaly import __version__
 from medanomaly.checkpoint import atomic_torch_save, atomic_write_text
-from medanomaly.data import ImageSet, as_image_set
+from medanomaly.data import Cases, ImageSet, as_cases
 from medanomaly.engine import Engine, EngineConfig, TrainingData, TrainingTask, split_indices
-from medanomaly.errors import InvalidImageError, NotFittedError
-from medanomaly.scoring import MapScoring
+from medanomaly.errors import ConfigError, InvalidImageError, NotFittedError
+from medanomaly.scoring import MapScoring, RunningMoments
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,10 @@ class AnomalyResult:
     Attributes:
         scores: One anomaly score per image ``(N,)``; higher is more abnormal.
         labels: Predicted labels ``(N,)`` (1 = abnormal) under ``threshold``.
-        maps: Anomaly maps ``(N, *spatial)``, on the input grid.
-        reconstructions: Reconstructed images ``(N, C, *spatial)`` where the model has them.
+        maps: Anomaly maps ``(N, *spatial)``, on the input grid (for cases of several
+            shapes an object array holding one map per case).
+        reconstructions: Reconstructed images ``(N, C, *spatial)`` where the model has them
+            (an object array for cases of several shapes).
         threshold: The image-level threshold used for ``labels``.
     """
 
@@ -107,6 +110,15 @@ class BaseDetector(ABC):
         """Constructor arguments as given (what a YAML ``model:`` block holds)."""
         names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
         return {name: getattr(self, name) for name in names}
+
+    def to(self, device: torch.device | str) -> BaseDetector:
+        """Move every network (and nested detector) of the fitted detector to ``device``."""
+        for value in vars(self).values():
+            members = value if isinstance(value, list) else [value]
+            for member in members:
+                if isinstance(member, nn.Module | BaseDetector):
+                    member.to(device)
+        return self
 
     def check_fitted(self) -> None:
         """Raise :class:`NotFittedError` unless ``fit`` (or ``load``) has run."""
@@ -195,19 +207,31 @@ class DeepDetector(BaseDetector):
         self.engine = engine
         self.map_score = map_score
 
+    #: True for fully convolutional networks (``dae``, ``fpi``): they score images of any
+    #: size, so that cases may keep their own shapes.
+    fully_convolutional: ClassVar[bool] = False
+
     # -- what a model defines -------------------------------------------------------------
     @property
     def scores_any_size(self) -> bool:
-        """True when the detector scores images of any spatial size (sliding window).
+        """True when the detector scores images of any spatial size.
 
-        A model that scores by patches (``resnet_ae`` with ``patch_size``) exposes ``patch``.
+        Fully convolutional models do; a model that scores by sliding window
+        (``resnet_ae`` with ``patch_size``) exposes ``patch``.
         """
-        return getattr(self, "patch", None) is not None
+        return self.fully_convolutional or getattr(self, "patch", None) is not None
 
     @property
     def size_multiple(self) -> int:
         """Each spatial side must be divisible by this (the network's total down-sampling)."""
         return 16
+
+    def training_collate(self) -> Callable[[list[torch.Tensor]], torch.Tensor] | None:
+        """How training cases of different shapes join one batch; ``None``: by shape.
+
+        A model trained on random patches (``resnet_ae``) crops each case's patch here.
+        """
+        return None
 
     @abstractmethod
     def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
@@ -252,8 +276,7 @@ class DeepDetector(BaseDetector):
         """
         cfg = self.engine_config
         data = self._training_data(train, val, cfg)
-        input_shape = tuple(data.train.images.shape[1:])
-        self._check_input_shape(input_shape)
+        input_shape = self._training_shape(data)
         torch.manual_seed(cfg.seed)
         network = self.build_network(input_shape)
         if run_dir is not None:
@@ -284,7 +307,13 @@ class DeepDetector(BaseDetector):
         with their own :class:`~medanomaly.engine.TrainingTask`.
         """
         score, refresh = self._validation_scoring(data.train)
-        task = TrainingTask(network=network, loss=self.loss, score=score, before_validation=refresh)
+        task = TrainingTask(
+            network=network,
+            loss=self.loss,
+            score=score,
+            before_validation=refresh,
+            collate=self.training_collate(),
+        )
         return engine.fit(task, data, run_dir=run_dir, resume=resume, extra_state=self.config())
 
     def _validation_scoring(
@@ -310,8 +339,33 @@ class DeepDetector(BaseDetector):
         self.map_scale_ = None
         return score, refresh
 
+    def _training_shape(self, data: TrainingData) -> tuple[int, ...]:
+        """The most common shape of the training cases, after checking every shape.
+
+        Cases of several shapes (training and validation) train only a model that scores
+        any size; for the others the error names the odd cases.
+        """
+        sets = [s for s in (data.train, data.val_normal, data.val_abnormal) if s is not None]
+        shapes = [shape for s in sets for shape in s.shapes]
+        ids = [i for s in sets for i in s.ids]
+        distinct = sorted(set(data.train.shapes), key=shapes.count, reverse=True)
+        distinct += sorted(set(shapes) - set(distinct))
+        if len(distinct) > 1 and not self.scores_any_size:
+            odd = [
+                f"{Path(i).name} {s}" for i, s in zip(ids, shapes, strict=True) if s != distinct[0]
+            ]
+            raise ConfigError(
+                f"{self.name or type(self).__name__} trains on one grid, but the training "
+                f"images have {len(distinct)} shapes (most are {distinct[0]}; "
+                f"{', '.join(odd[:4])}{' ...' if len(odd) > 4 else ''}); add a 'resize' (or "
+                "'pad') step to data.transforms"
+            )
+        for shape in set(data.train.shapes):
+            self._check_input_shape(shape)
+        return distinct[0] if distinct else ()
+
     def _training_data(self, train: Any, val: Any, cfg: EngineConfig) -> TrainingData:
-        train_set = as_image_set(train, self.spatial_dims)
+        train_set = as_cases(train, self.spatial_dims)
         if (train_set.labels == 1).any():
             log.info("fit: leaving out %d images labelled abnormal", int(train_set.labels.sum()))
             train_set = train_set.subset(train_set.labels != 1, keep_augment=True)
@@ -320,7 +374,7 @@ class DeepDetector(BaseDetector):
             return TrainingData(
                 train_set.subset(keep, keep_augment=True), train_set.subset(held), None
             )
-        val_set = as_image_set(val, self.spatial_dims)
+        val_set = as_cases(val, self.spatial_dims)
         abnormal = val_set.abnormal
         return TrainingData(
             train_set, val_set.subset(val_set.labels != 1), abnormal if len(abnormal) else None
@@ -345,18 +399,33 @@ class DeepDetector(BaseDetector):
         """The resolved ``map_score`` setting (``None``: the model's own score)."""
         return MapScoring.from_any(self.map_score)
 
-    def _fit_map_statistics(self, normal: ImageSet, network: nn.Module | None = None) -> None:
+    def _fit_map_statistics(self, normal: Cases, network: nn.Module | None = None) -> None:
         """Per-voxel residual statistics of the normal training images (no augmentation).
+
+        The maps are summed batch by batch (:class:`~medanomaly.scoring.RunningMoments`), so
+        that memory holds one batch of maps, never the set's.
 
         Args:
             normal: The normal training images.
             network: Their maps come from this network (default the fitted ``network_``).
+
+        Raises:
+            ConfigError: The images have several shapes (per-voxel statistics need one grid).
         """
         self.map_scale_ = None
         scoring = self.map_scoring
-        if scoring is not None and scoring.standardise:
-            maps = self._run(normal, with_maps=True, raw=True, network=network)[1]
-            self.map_scale_ = scoring.statistics(maps)
+        if scoring is None or not scoring.standardise:
+            return
+        if len(set(normal.shapes)) > 1:
+            raise ConfigError(
+                "map_score standardises each voxel by the normal training images, which needs "
+                "them on one grid: add a 'resize' step or leave map_score's standardise off"
+            )
+        moments = RunningMoments()
+        network = self.network_ if network is None else network
+        for _, batch in self._batches(normal, network):
+            moments.add(self.evaluate(network, batch)[1].float().cpu().numpy())
+        self.map_scale_ = scoring.scale(moments.mean, moments.sd)
 
     def calibrate(self, normal: ImageSet | np.ndarray | torch.Tensor) -> DeepDetector:
         """Recompute ``threshold_`` from held-out normal images (e.g. after changing the score).
@@ -368,10 +437,10 @@ class DeepDetector(BaseDetector):
             ``self``, with ``val_scores_`` and ``threshold_`` (mean + ``threshold_sd`` * SD) set.
         """
         self.check_fitted()
-        self._set_threshold(as_image_set(normal, self.spatial_dims))
+        self._set_threshold(as_cases(normal, self.spatial_dims))
         return self
 
-    def _set_threshold(self, normal: ImageSet) -> None:
+    def _set_threshold(self, normal: Cases) -> None:
         scores = self._run(normal, with_maps=False)[0]
         self.val_scores_ = scores
         self.threshold_ = mean_sd_threshold(scores, self.threshold_sd)
@@ -380,8 +449,12 @@ class DeepDetector(BaseDetector):
         return self.evaluate(network, x)[0]
 
     # -- inference ------------------------------------------------------------------------
-    def detect(self, x: ImageSet | np.ndarray | torch.Tensor) -> AnomalyResult:
-        """Score, map and label images ``(N, C, *spatial)`` in one pass."""
+    def detect(self, x: Cases | np.ndarray | torch.Tensor) -> AnomalyResult:
+        """Score, map and label images ``(N, C, *spatial)`` in one pass.
+
+        This keeps every map: give a large or streamed set in chunks (``x.chunks(n)``,
+        ``x.subset(index)``), as the batch jobs do.
+        """
         self.check_fitted()
         scores, maps, recons = self._run(x, with_maps=True)
         return AnomalyResult(
@@ -412,76 +485,93 @@ class DeepDetector(BaseDetector):
     def _run(
         self, x: Any, with_maps: bool, raw: bool = False, network: nn.Module | None = None
     ) -> tuple[np.ndarray, np.ndarray | None, np.ndarray | None]:
-        """Scores (and maps, reconstructions) of ``x`` in batches.
+        """Scores (and maps, reconstructions) of ``x`` in batches, in input order.
 
         Args:
-            x: Images.
+            x: Images (any form of :class:`~medanomaly.data.Cases`, or an array).
             with_maps: Keep maps and reconstructions.
             raw: The model's own scores and maps, without ``map_score``.
             network: Evaluate this network (default the fitted ``network_``).
         """
         network = self.network_ if network is None else network
-        images = as_image_set(x, self.spatial_dims)
-        self._check_scoring_shape(images)
-        device = next(network.parameters()).device
-        scores, maps, recons = [], [], []
+        cases = as_cases(x, self.spatial_dims)
+        self._check_scoring_shape(cases)
+        scores = np.zeros(len(cases), dtype=np.float64)
+        maps: list[tuple[np.ndarray, np.ndarray]] = []
+        recons: list[tuple[np.ndarray, np.ndarray]] = []
         scoring = None if raw else self.map_scoring
-        network.eval()
-        step = self.inference_batch_size(images.images[0].size if len(images) else 1)
-        with torch.inference_mode():
-            # slices of the array, not the dataset: a training set's augmentation stays off
-            for start in range(0, len(images), step):
-                batch = _to_device(images.images[start : start + step], device)
-                if not with_maps and scoring is None:  # costly maps are skipped in _score_only
-                    scores.append(self._score_only(network, batch).float().cpu().numpy())
-                    continue
-                s, m, r = self.evaluate(network, batch)
-                if scoring is not None:
-                    m = scoring.transform(m, self.map_scale_)
-                    s = scoring.reduce_maps(m)
-                scores.append(s.float().cpu().numpy())
-                if not with_maps:
-                    continue
-                maps.append(m.float().cpu().numpy())
+        for index, batch in self._batches(cases, network):
+            if not with_maps and scoring is None:  # costly maps are skipped in _score_only
+                scores[index] = self._score_only(network, batch).float().cpu().numpy()
+                continue
+            s, m, r = self.evaluate(network, batch)
+            if scoring is not None:
+                m = scoring.transform(m, self.map_scale_)
+                s = scoring.reduce_maps(m)
+            scores[index] = s.float().cpu().numpy()
+            if with_maps:
+                maps.append((index, m.float().cpu().numpy()))
                 if r is not None:
-                    recons.append(r.float().cpu().numpy())
-        return (
-            np.concatenate(scores).astype(np.float64),
-            np.concatenate(maps) if maps else None,
-            np.concatenate(recons) if recons else None,
-        )
+                    recons.append((index, r.float().cpu().numpy()))
+        if not with_maps:
+            return scores, None, None
+        return scores, _assemble(maps, len(cases)), _assemble(recons, len(cases))
 
-    def _check_scoring_shape(self, images: ImageSet) -> None:
-        """Raise unless ``images`` are on the grid the network was trained on."""
+    def _batches(
+        self, cases: Cases, network: nn.Module
+    ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        """``(index, batch on the network's device)`` over ``cases``, one shape per batch.
+
+        Images come through :meth:`~medanomaly.data.Cases.batch`, not the dataset's items,
+        so that a training set's augmentation stays off.
+        """
+        device = next(network.parameters()).device
+        network.eval()
+        with torch.inference_mode():
+            for index in cases.chunks(lambda shape: self.inference_batch_size(math.prod(shape))):
+                yield index, _to_device(cases.batch(index), device)
+
+    def _check_scoring_shape(self, images: Cases) -> None:
+        """Raise unless ``images`` fit the network: its training grid, or any size.
+
+        A model that scores any size (:attr:`scores_any_size`) checks the channels only.
+        """
         expected = getattr(self, "input_shape_", None)
-        if expected is not None and tuple(images.images.shape[1:]) != expected:
-            raise InvalidImageError(
-                images.ids[0] if images.ids else "<input>",
-                f"image shape {tuple(images.images.shape[1:])} differs from the training "
-                f"shape {expected}; apply the same preprocessing as for training",
-            )
+        if expected is None:
+            return
+        for case_id, shape in zip(images.ids, images.shapes, strict=True):
+            if self.scores_any_size and shape[0] == expected[0]:
+                continue
+            if self.scores_any_size:
+                raise InvalidImageError(
+                    case_id, f"images have {shape[0]} channels, the model expects {expected[0]}"
+                )
+            if tuple(shape) != expected:
+                raise InvalidImageError(
+                    case_id,
+                    f"image shape {tuple(shape)} differs from the training shape {expected}; "
+                    "apply the same preprocessing as for training",
+                )
 
     def latent(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """Latent vectors ``(B, D)`` of a batch; ``None`` for models without a latent."""
         return None
 
-    def embed(self, x: ImageSet | np.ndarray | torch.Tensor) -> np.ndarray | None:
+    def embed(self, x: Cases | np.ndarray | torch.Tensor) -> np.ndarray | None:
         """Latent vectors ``(N, D)`` of images (for UMAP/clustering); ``None`` if no latent."""
         self.check_fitted()
-        images = as_image_set(x, self.spatial_dims)
-        self._check_scoring_shape(images)
-        device = next(self.network_.parameters()).device
-        step = self.inference_batch_size(images.images[0].size if len(images) else 1)
-        vectors = []
-        self.network_.eval()
-        with torch.inference_mode():
-            for start in range(0, len(images), step):
-                batch = _to_device(images.images[start : start + step], device)
-                vector = self.latent(self.network_, batch)
-                if vector is None:
-                    return None
-                vectors.append(vector.float().flatten(1).cpu().numpy())
-        return np.concatenate(vectors).astype(np.float64) if vectors else None
+        cases = as_cases(x, self.spatial_dims)
+        self._check_scoring_shape(cases)
+        vectors = np.zeros((len(cases), 0))
+        for index, batch in self._batches(cases, self.network_):
+            vector = self.latent(self.network_, batch)
+            if vector is None:
+                return None
+            vector = vector.float().flatten(1).cpu().numpy().astype(np.float64)
+            if vectors.shape[1] != vector.shape[1]:
+                vectors = np.zeros((len(cases), vector.shape[1]))
+            vectors[index] = vector
+        return vectors if len(cases) else None
 
     # -- persistence ----------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -558,6 +648,28 @@ def inference_network(network: nn.Module, spatial_dims: int) -> nn.Module:
     """
     layout = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
     return network.to(memory_format=layout).eval()
+
+
+def _assemble(batches: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray | None:
+    """Per-batch arrays ``(index, values)`` as one array ``(n, ...)`` in case order.
+
+    Batches that are runs of cases in order are concatenated as they are; cases of several
+    shapes give an object array holding one array per case.
+    """
+    if not batches or sum(len(index) for index, _ in batches) != n:
+        return None
+    order = np.concatenate([index for index, _ in batches])
+    shapes = {values.shape[1:] for _, values in batches}
+    if len(shapes) == 1 and np.array_equal(order, np.arange(n)):
+        return np.concatenate([values for _, values in batches])
+    if len(shapes) == 1:
+        out = np.empty((n, *shapes.pop()), dtype=batches[0][1].dtype)
+    else:
+        out = np.empty(n, dtype=object)
+    for index, values in batches:
+        for j, i in enumerate(index):
+            out[int(i)] = values[j]
+    return out
 
 
 def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:

@@ -18,12 +18,19 @@ Layout under the cache folder (``<kk>`` = first two hex digits of the key)::
     <root>/<kk>/<key>.npy              image, float32, channel-first (C, *spatial)
     <root>/<kk>/<key>.<mask>.npy       each bool mask the transforms produced (lesion, foreground)
     <root>/<kk>/<key>.json             written last, so it marks a complete entry: masks,
-                                       shape, problems found while reading, the source grid
-                                       (for maps in the scan's geometry), source, transforms
+                                       shape, the byte size of every array file, problems
+                                       found while reading, the source grid (for maps in the
+                                       scan's geometry), source, transforms
+
+The arrays are plain ``.npy`` files, so that the streaming data layer
+(:mod:`medanomaly.streaming`) maps them into memory (``np.load(mmap_mode="r")``) instead of
+reading whole sets into RAM.
 
 Every file is written atomically (a temporary file renamed into place), so a crash or two
-processes filling the same cache never leave a half-written entry behind. An entry that
-cannot be read is recomputed; a cache that cannot be written only costs speed (a warning).
+processes filling the same cache never leave a half-written entry behind. An entry whose
+files are missing, shorter or longer than the index says (a copy cut short, a full disk, a
+file written by hand), or that cannot be parsed is never read as data: it is recomputed and
+written again. A cache that cannot be written only costs speed (a warning).
 """
 
 from __future__ import annotations
@@ -48,7 +55,7 @@ from medanomaly.transforms import Compose
 log = logging.getLogger(__name__)
 
 #: Bumped whenever the stored layout or the meaning of a key changes.
-CACHE_FORMAT = 2
+CACHE_FORMAT = 3
 #: Environment variable naming the default cache folder.
 CACHE_ENV = "MEDANOMALY_CACHE"
 _CHUNK = 1 << 20
@@ -71,6 +78,36 @@ class Preprocessed:
     problems: list[str] = field(default_factory=list)
     grid: SourceGrid | None = None
     facts: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """The image's shape ``(C, *spatial)``."""
+        return tuple(int(n) for n in self.array.shape)
+
+
+@dataclass
+class CacheEntry:
+    """What the index of a stored case says, without its arrays.
+
+    Attributes:
+        key: The entry's key (:meth:`PreprocessCache.key`).
+        shape: The image's shape ``(C, *spatial)``.
+        masks: Names of the stored bool masks (e.g. ``foreground``, ``lesion``).
+        problems: Non-fatal problems the reader found.
+        grid: The case's :class:`~medanomaly.image.SourceGrid` after the transforms.
+        facts: Small facts about the case as read (see :class:`Preprocessed`).
+    """
+
+    key: str
+    shape: tuple[int, ...]
+    masks: list[str] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    grid: SourceGrid | None = None
+    facts: dict[str, Any] = field(default_factory=dict)
+
+
+class TruncatedEntryError(OSError):
+    """A stored array file does not have the size its index records."""
 
 
 def default_cache_dir() -> Path:
@@ -176,38 +213,86 @@ class PreprocessCache:
         suffix = ".json" if part == "json" else (f".{part}.npy" if part else ".npy")
         return self.root / key[:2] / f"{key}{suffix}"
 
-    def load(self, key: str) -> Preprocessed | None:
-        """Return the entry stored under ``key``, or ``None`` when absent or unreadable."""
+    def array_path(self, key: str, part: str = "") -> Path:
+        """The ``.npy`` file of an entry's image (``part=''``) or of one of its masks."""
+        return self._path(key, part)
+
+    def entry(self, key: str) -> CacheEntry | None:
+        """The index of the entry under ``key`` after checking its files; ``None`` if unusable.
+
+        Each array file must exist with exactly the byte size the index records: a file cut
+        short (or grown) is never handed out as data, and the entry is then treated as
+        absent, so that :meth:`fetch` and :meth:`ensure` rebuild it.
+        """
         index = self._path(key, "json")
         if not index.exists():
             return None
         try:
             info = json.loads(index.read_text())
-            array = np.load(self._path(key), allow_pickle=False)
-            masks = {
-                name: np.load(self._path(key, name), allow_pickle=False) for name in info["masks"]
-            }
+            for part in ("", *info["masks"]):
+                self._check_size(key, part, info["bytes"][part or "image"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("cache entry %s is unreadable (%s); recomputing", index, exc)
             return None
         grid = info.get("grid")
-        return Preprocessed(
-            array=array,
-            masks=masks,
+        return CacheEntry(
+            key=key,
+            shape=tuple(int(n) for n in info["shape"]),
+            masks=list(info["masks"]),
             problems=list(info.get("problems", [])),
             grid=None if grid is None else SourceGrid.from_dict(grid),
             facts=dict(info.get("facts", {})),
         )
 
+    def _check_size(self, key: str, part: str, expected: int) -> None:
+        """Raise :class:`TruncatedEntryError` unless the array file has ``expected`` bytes."""
+        size = self._path(key, part).stat().st_size
+        if size != int(expected):
+            raise TruncatedEntryError(
+                f"{self._path(key, part).name} holds {size} bytes, its index says {expected}: "
+                "truncated or overwritten"
+            )
+
+    def open_array(self, key: str, part: str = "", mmap: bool = True) -> np.ndarray:
+        """An entry's image (or mask) array, memory-mapped read-only unless ``mmap`` is off.
+
+        Raises:
+            OSError: The file is missing or unreadable.
+            ValueError: The file is not a complete ``.npy`` array.
+        """
+        return np.load(self._path(key, part), mmap_mode="r" if mmap else None, allow_pickle=False)
+
+    def load(self, key: str) -> Preprocessed | None:
+        """Return the entry stored under ``key``, or ``None`` when absent or unreadable."""
+        entry = self.entry(key)
+        if entry is None:
+            return None
+        try:
+            array = self.open_array(key, mmap=False)
+            masks = {name: self.open_array(key, name, mmap=False) for name in entry.masks}
+        except (OSError, ValueError) as exc:
+            log.warning("cache entry %s is unreadable (%s); recomputing", key, exc)
+            return None
+        return Preprocessed(
+            array=array,
+            masks=masks,
+            problems=entry.problems,
+            grid=entry.grid,
+            facts=entry.facts,
+        )
+
     def save(
         self, key: str, result: Preprocessed, details: Mapping[str, Any] | None = None
-    ) -> None:
+    ) -> CacheEntry | None:
         """Store ``result`` under ``key``; a failed write is logged, not raised.
 
         Args:
             key: From :meth:`key`.
             result: The preprocessed case.
             details: Extra facts for the human reader of the ``.json`` (source, transforms).
+
+        Returns:
+            The stored entry's index, or ``None`` when it could not be written.
         """
         info = {
             "masks": sorted(result.masks),
@@ -218,20 +303,33 @@ class PreprocessCache:
             **dict(details or {}),
         }
         try:
-            self._write_array(self._path(key), np.asarray(result.array, dtype=np.float32))
+            image = np.asarray(result.array, dtype=np.float32)
+            sizes = {"image": self._write_array(self._path(key), image)}
             for name, mask in result.masks.items():
-                self._write_array(self._path(key, name), np.asarray(mask, dtype=bool))
+                sizes[name] = self._write_array(self._path(key, name), np.asarray(mask, bool))
+            info["bytes"] = sizes
             atomic_write_text(
                 self._path(key, "json"), json.dumps(info, indent=1, default=str) + "\n"
             )
         except OSError as exc:
             log.warning("cannot write the preprocessing cache in %s: %s", self.root, exc)
+            return None
+        return CacheEntry(
+            key=key,
+            shape=tuple(int(n) for n in result.array.shape),
+            masks=sorted(result.masks),
+            problems=list(result.problems),
+            grid=result.grid,
+            facts=dict(result.facts),
+        )
 
     @staticmethod
-    def _write_array(path: Path, array: np.ndarray) -> None:
-        """``np.save`` through a temporary file renamed into place."""
-        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
-            np.save(handle, array, allow_pickle=False)
+    def _write_array(path: Path, array: np.ndarray) -> int:
+        """``np.save`` through a temporary file renamed into place; returns the file's size."""
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as handle:
+                np.save(handle, array, allow_pickle=False)
+            return tmp.stat().st_size
 
     def fetch(
         self,
@@ -248,3 +346,28 @@ class PreprocessCache:
         self.misses += 1
         self.save(key, result, details)
         return result
+
+    def ensure(
+        self,
+        key: str,
+        compute: Callable[[], Preprocessed],
+        details: Mapping[str, Any] | None = None,
+    ) -> CacheEntry:
+        """Make sure ``key`` is stored (computing it on a miss) and return its index.
+
+        A hit reads only the small index, never the arrays: this is what the streaming first
+        pass and its worker processes call.
+
+        Raises:
+            OSError: The entry was computed but could not be stored (the arrays would be lost).
+        """
+        entry = self.entry(key)
+        if entry is not None:
+            self.hits += 1
+            return entry
+        result = compute()
+        self.misses += 1
+        entry = self.save(key, result, details)
+        if entry is None:
+            raise OSError(f"cannot write the preprocessing cache in {self.root}")
+        return entry

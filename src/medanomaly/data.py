@@ -1,10 +1,21 @@
-"""In-memory image sets and the conversions every detector accepts as input."""
+"""Image sets: the in-memory :class:`ImageSet`, the protocol it shares with the streamed form.
+
+Two forms of a set of cases follow one protocol (:class:`Cases`), so that detectors, the
+training engine and the batch jobs take either:
+
+* :class:`ImageSet` holds every image in one array: arrays made in Python, small sets.
+* :class:`~medanomaly.streaming.StreamedSet` reads each preprocessed case from the cache when
+  it is used (memory-mapped ``.npy`` files); its cases may differ in shape.
+
+Code that needs whole arrays asks for them in chunks (:meth:`Cases.chunks`, then
+``subset(index).to_image_set()``), so that memory holds one chunk, never the set.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -73,6 +84,36 @@ class ImageSet(Dataset):
             image = np.ascontiguousarray(self.augment(image), dtype=np.float32)
         return torch.from_numpy(image)
 
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Shape ``(C, *spatial)`` of each image (one grid for the whole set)."""
+        return [tuple(self.images.shape[1:])] * len(self)
+
+    @property
+    def has_masks(self) -> bool:
+        """True when the set carries lesion masks."""
+        return self.masks is not None
+
+    @property
+    def has_foreground(self) -> bool:
+        """True when the set carries foreground (body/brain) masks."""
+        return self.foreground is not None
+
+    def batch(self, index: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The images at ``index`` without augmentation, as one array ``(B, C, *spatial)``."""
+        index = np.asarray(index, dtype=np.int64)
+        if index.size and np.all(np.diff(index) == 1):  # a run of cases: a view, no copy
+            return self.images[index[0] : index[-1] + 1]
+        return self.images[index]
+
+    def chunks(self, size: int | Callable[[tuple[int, ...]], int]) -> list[np.ndarray]:
+        """Index arrays of at most ``size`` cases each, in order (see :func:`shape_chunks`)."""
+        return shape_chunks(self.shapes, size)
+
+    def to_image_set(self) -> ImageSet:
+        """The set as one array in memory: itself."""
+        return self
+
     def subset(self, index: np.ndarray | list[int], keep_augment: bool = False) -> ImageSet:
         """Return the images at ``index`` (integer indices or a boolean mask)."""
         index = np.asarray(index)
@@ -105,14 +146,117 @@ class ImageSet(Dataset):
         return bool(len(self)) and bool(np.all(self.labels != UNKNOWN))
 
 
+@runtime_checkable
+class Cases(Protocol):
+    """What every form of a set of cases offers (:class:`ImageSet`, ``StreamedSet``).
+
+    Attributes:
+        labels: ``(N,)`` 0 normal, 1 abnormal, -1 unknown.
+        ids: One name per case (its source path).
+        groups: Patient ids ``(N,)`` or ``None``.
+        grids: One :class:`~medanomaly.image.SourceGrid` (or ``None``) per case, or ``None``.
+    """
+
+    labels: np.ndarray
+    ids: list[str]
+    groups: np.ndarray | None
+    grids: Sequence[Any] | None
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        """Case ``index`` as a tensor ``(C, *spatial)``, augmented if the set augments."""
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Shape ``(C, *spatial)`` of each case."""
+
+    @property
+    def has_masks(self) -> bool:
+        """True when cases carry lesion masks."""
+
+    @property
+    def has_foreground(self) -> bool:
+        """True when cases carry foreground masks."""
+
+    def batch(self, index: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The unaugmented cases at ``index`` (one shape) as ``(B, C, *spatial)``."""
+
+    def chunks(self, size: int | Callable[[tuple[int, ...]], int]) -> list[np.ndarray]:
+        """Index arrays of at most ``size`` cases of one shape (:func:`shape_chunks`)."""
+
+    def subset(self, index: np.ndarray | list[int], keep_augment: bool = False) -> Cases:
+        """The cases at ``index`` (integers or a boolean mask), in the same form."""
+
+    def to_image_set(self) -> ImageSet:
+        """The cases in memory as one :class:`ImageSet` (one shape only)."""
+
+    def reseed(self, seed: int) -> None:
+        """Reset the augmentation's random state."""
+
+
+def shape_chunks(
+    shapes: Sequence[tuple[int, ...]], size: int | Callable[[tuple[int, ...]], int]
+) -> list[np.ndarray]:
+    """Split case indices into chunks whose cases share one shape, in input order.
+
+    A set on one grid gives the runs ``[0, size)``, ``[size, 2 size)``, ...; cases of another
+    shape go into chunks of their own (shapes in order of first appearance).
+
+    Args:
+        shapes: Shape of each case.
+        size: Cases per chunk, or a function of the shape giving it (e.g. by voxel count).
+
+    Returns:
+        Index arrays (int64) that together hold every index once.
+    """
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, shape in enumerate(shapes):
+        groups.setdefault(tuple(shape), []).append(index)
+    chunks = []
+    for shape, members in groups.items():
+        step = max(1, int(size(shape) if callable(size) else size))
+        chunks += [
+            np.asarray(members[start : start + step], dtype=np.int64)
+            for start in range(0, len(members), step)
+        ]
+    return chunks
+
+
+def as_cases(x: Any, spatial_dims: int) -> Cases:
+    """Accept any form of a set of cases without loading a streamed one into memory.
+
+    Args:
+        x: An :class:`ImageSet`, a streamed set, or an array / tensor (see
+            :func:`as_image_set`).
+        spatial_dims: The model's spatial dimensions.
+
+    Raises:
+        InvalidImageError: If the cases have the wrong number of axes.
+    """
+    if isinstance(x, ImageSet) or not isinstance(x, Cases):
+        return as_image_set(x, spatial_dims)
+    bad = [i for i, shape in enumerate(x.shapes) if len(shape) != spatial_dims + 1]
+    if bad:
+        raise InvalidImageError(
+            x.ids[bad[0]],
+            f"preprocessed to shape {x.shapes[bad[0]]}, not (C, {', '.join('XYZ'[:spatial_dims])}) "
+            f"for a {spatial_dims}D model",
+        )
+    return x
+
+
 def as_image_set(x: ImageSet | np.ndarray | torch.Tensor, spatial_dims: int) -> ImageSet:
     """Accept an ``ImageSet``, a NumPy array or a tensor ``(N, C, *spatial)``.
 
-    A single image without batch axis ``(C, *spatial)`` is accepted as a batch of one.
+    A single image without batch axis ``(C, *spatial)`` is accepted as a batch of one; a
+    streamed set is read into memory (models that need every image at once).
 
     Raises:
         InvalidImageError: If the array has the wrong number of axes or is not finite.
     """
+    if not isinstance(x, ImageSet) and isinstance(x, Cases):
+        x = x.to_image_set()
     if isinstance(x, ImageSet):
         images, result = x.images, x
     else:

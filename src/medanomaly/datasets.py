@@ -12,19 +12,32 @@ not label names are listed in the :class:`LoadReport` as skipped, with the reaso
 
 With ``cache`` on, each case is read and put through the deterministic transforms once;
 later loads read the stored arrays (see :mod:`medanomaly.cache`).
+
+The first pass runs in worker processes (``num_workers``, default: the cores available;
+:mod:`medanomaly.workers`), one case per task, with a progress bar in cases/s. A case that
+fails in a worker is skipped and named exactly as in the main process; a worker that dies
+is replaced and the case it was on is named. With ``stream=True`` the result is a
+:class:`~medanomaly.streaming.StreamedSet`, which reads each case from the cache when it is
+used and lets cases keep their own shapes; otherwise an in-memory :class:`ImageSet`.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
+import json
 import logging
-from dataclasses import dataclass, field
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm.auto import tqdm
 
-from medanomaly.cache import PreprocessCache, Preprocessed
+from medanomaly.cache import CacheEntry, PreprocessCache, Preprocessed
 from medanomaly.data import ABNORMAL, NORMAL, UNKNOWN, ImageSet
 from medanomaly.errors import (
     ConfigError,
@@ -36,9 +49,15 @@ from medanomaly.errors import (
 from medanomaly.image import SOURCE_GRID_KEY, MedicalImage
 from medanomaly.io import IMAGE_SUFFIXES, image_suffix, read_image
 from medanomaly.io.dicom import is_dicom_file
+from medanomaly.streaming import StreamedSet
 from medanomaly.transforms import FOREGROUND_KEY, LESION_KEY, Compose, build_transforms
+from medanomaly.workers import WorkerDied, available_cores, map_in_workers
 
 log = logging.getLogger(__name__)
+
+AUTO_SERIAL_SECONDS = 3.0
+"""With ``num_workers`` left to its default, cases are prepared in this process while the
+first pass has taken less than this: small sets never pay for starting worker processes."""
 
 DEFAULT_LABEL_NAMES = {"normal": NORMAL, "0": NORMAL, "abnormal": ABNORMAL, "1": ABNORMAL}
 MIN_SIZE = 2
@@ -99,6 +118,8 @@ class LoadReport:
 
     skipped: list[tuple[str, str]] = field(default_factory=list)
     warnings: list[tuple[str, str]] = field(default_factory=list)
+    kept: list[int] = field(default_factory=list)
+    """Position in the case list of each case that was kept, in the set's order."""
 
     def __bool__(self) -> bool:
         return bool(self.skipped)
@@ -310,26 +331,148 @@ def _load_case(
     cache: PreprocessCache | None,
     expect: InputSpec | None,
     min_size: int,
-) -> Preprocessed:
-    """Preprocess one case, through the cache when there is one; refuse cases that do not fit."""
+    arrays: bool = True,
+) -> Preprocessed | CacheEntry:
+    """Preprocess one case, through the cache when there is one; refuse cases that do not fit.
+
+    With ``arrays`` the result holds the arrays (:class:`Preprocessed`); without, the case is
+    only made sure to be in ``cache`` and its index (:class:`CacheEntry`) is returned.
+    """
     if case.problem is not None:
         raise ImageReadError(case.path, case.problem)
+
+    def compute() -> Preprocessed:
+        return _preprocess(case, pipeline, read_options, expect, min_size)
+
     if cache is None:
-        result = _preprocess(case, pipeline, read_options, expect, min_size)
+        result: Preprocessed | CacheEntry = compute()
     else:
         key = cache.key(case.path, pipeline, read_options, mask=case.mask)
         details = {"source": str(case.path), "transforms": pipeline.to_config()}
-        compute = lambda: _preprocess(case, pipeline, read_options, expect, min_size)  # noqa: E731
-        result = cache.fetch(key, compute, details)
+        result = (cache.fetch if arrays else cache.ensure)(key, compute, details)
         if result.facts:  # a hit was stored by another run: check it against this one
             check_fits(case.path, result.facts, expect, min_size)
-    if expect is not None and expect.shape is not None and result.array.shape != expect.shape:
+    if expect is not None and expect.shape is not None and result.shape != expect.shape:
         raise InvalidImageError(
             case.path,
-            f"preprocessed to shape {tuple(result.array.shape)}, not the model's input "
-            f"{expect.shape}",
+            f"preprocessed to shape {tuple(result.shape)}, not the model's input {expect.shape}",
         )
     return result
+
+
+@dataclass(frozen=True)
+class _Job:
+    """How to prepare each case: plain data, so that it can go to worker processes.
+
+    Attributes:
+        transforms: The deterministic transforms, in their config form.
+        read_options: Keyword arguments of ``read_image``.
+        store: Cache folder the cases go through (``None``: no cache).
+        expect: What the run's model takes.
+        min_size: Fewest voxels per axis.
+        keep_arrays: Return the arrays (this process keeps them in memory); otherwise the
+            case only goes into ``store`` and its index is returned.
+    """
+
+    transforms: str
+    read_options: dict[str, Any]
+    store: str | None
+    expect: InputSpec | None
+    min_size: int
+    keep_arrays: bool = True
+
+
+@dataclass
+class _Outcome:
+    """What preparing one case gave: arrays, a cache index, or the error that stopped it."""
+
+    value: Preprocessed | CacheEntry | None = None
+    error: BaseException | None = None
+    cached: bool = False
+
+
+@functools.lru_cache(maxsize=8)
+def _pipeline(transforms: str) -> Compose:
+    """The transforms of a job, built once per process."""
+    return build_transforms(json.loads(transforms))
+
+
+def _prepare(job: _Job, case: Case) -> _Outcome:
+    """Prepare one case (in this process or a worker); expected failures are returned."""
+    cache = None if job.store is None else PreprocessCache(job.store)
+    try:
+        value = _load_case(
+            case,
+            _pipeline(job.transforms),
+            job.read_options,
+            cache,
+            job.expect,
+            job.min_size,
+            arrays=job.keep_arrays or cache is None,
+        )
+    except (MedanomalyError, OSError, ValueError) as error:
+        log.info("skipping %s", case.path, exc_info=True)
+        return _Outcome(error=error)
+    return _Outcome(value=value, cached=bool(cache is not None and cache.hits))
+
+
+def _prepare_in_worker(task: tuple[_Job, Case]) -> _Outcome:
+    return _prepare(*task)
+
+
+class _FirstPass:
+    """Prepares every case of a load, in this process or in worker processes.
+
+    Args:
+        job: How to prepare a case.
+        num_workers: Worker processes; ``None``: the cores available, once the cases done
+            here have taken :data:`AUTO_SERIAL_SECONDS`; 0 or 1: all in this process.
+        stream: Every case goes into a store (a temporary one without a cache folder).
+    """
+
+    def __init__(self, job: _Job, num_workers: int | None, stream: bool) -> None:
+        self.job = job
+        self.num_workers = num_workers
+        self.owner: tempfile.TemporaryDirectory | None = None
+        if stream:
+            self._store_only()
+
+    def _store_only(self) -> None:
+        """From now on cases only go into the store: a temporary folder without a cache."""
+        if self.job.store is None:
+            self.owner = tempfile.TemporaryDirectory(prefix="medanomaly-stream-")
+            self.job = replace(self.job, store=self.owner.name)
+        self.job = replace(self.job, keep_arrays=False)
+
+    def run(self, cases: Sequence[Case]) -> Iterator[tuple[int, _Outcome]]:
+        """Yield ``(index, outcome)`` for every case (in any order), with a progress bar."""
+        bar = tqdm(total=len(cases), unit="case", desc="preparing cases", disable=None)
+        try:
+            for index, outcome in self._outcomes(cases):
+                bar.update(1)
+                yield index, outcome
+        finally:
+            bar.close()
+
+    def _outcomes(self, cases: Sequence[Case]) -> Iterator[tuple[int, _Outcome]]:
+        workers = available_cores() if self.num_workers is None else int(self.num_workers)
+        started = time.perf_counter()
+        done = 0
+        if self.num_workers is None or workers < 2:
+            for done, case in enumerate(cases, start=1):
+                yield done - 1, _prepare(self.job, case)
+                slow = time.perf_counter() - started > AUTO_SERIAL_SECONDS
+                if workers >= 2 and slow and len(cases) - done >= 2:
+                    break
+            else:
+                return
+        self._store_only()
+        rest = [(self.job, case) for case in cases[done:]]
+        log.info("preparing %d cases in %d worker processes", len(rest), workers)
+        for index, outcome in map_in_workers(_prepare_in_worker, rest, workers):
+            if isinstance(outcome, WorkerDied):
+                outcome = _Outcome(error=ImageReadError(cases[done + index].path, outcome.message))
+            yield done + index, outcome
 
 
 def load_dataset(
@@ -342,13 +485,16 @@ def load_dataset(
     cache: bool | str | Path | None = None,
     min_size: int = MIN_SIZE,
     expect: InputSpec | None = None,
-) -> tuple[ImageSet, LoadReport]:
+    stream: bool = False,
+    num_workers: int | None = None,
+) -> tuple[ImageSet | StreamedSet, LoadReport]:
     """Read and preprocess every case of a manifest or folder.
 
     Args:
         source: A CSV manifest or a folder.
-        transforms: Preprocessing in the YAML list form of :func:`build_transforms`; the
-            result must put every image on one grid (e.g. end with ``resize``).
+        transforms: Preprocessing in the YAML list form of :func:`build_transforms`; in
+            memory (``stream`` off) the result must put every image on one grid (e.g. end
+            with ``resize``).
         label_names: Extra label names, e.g. ``{"hemorrhage": 1}``.
         read_options: Keyword arguments of :func:`medanomaly.io.read_image`.
         strict: Raise on the first unreadable case instead of skipping it.
@@ -362,59 +508,173 @@ def load_dataset(
         min_size: Skip images with fewer voxels than this along any axis (as read).
         expect: What the run's model takes (:func:`input_spec`): cases of another
             dimensionality, channel count or preprocessed shape are skipped and named.
+        stream: Return a :class:`~medanomaly.streaming.StreamedSet` that reads each case
+            from the cache when used (a temporary folder without ``cache``), instead of
+            an :class:`ImageSet` in memory; cases may then differ in shape.
+        num_workers: Worker processes of the first pass (decoding and preprocessing);
+            ``None``: the cores available (sets prepared within a few seconds stay in this
+            process); 0 or 1: this process only.
 
     Returns:
         The image set and a report of skipped cases (each with its reason).
     """
-    pipeline, augmentation = build_transforms(transforms).split_deterministic()
-    store = PreprocessCache.from_option(cache)
-    report = LoadReport()
-    arrays, lesions, foregrounds, grids, kept = [], [], [], [], []
-    for case in list_cases(source, label_names):
-        try:
-            result = _load_case(case, pipeline, read_options or {}, store, expect, min_size)
-        except (MedanomalyError, OSError, ValueError) as error:
-            if strict:
-                raise
-            report.skipped.append((str(case.path), problem_text(error, case.path)))
-            log.info("skipping %s", case.path, exc_info=True)
-            continue
-        for problem in result.problems:
-            report.warnings.append((str(case.path), problem))
-            log.info("%s: %s", case.path, problem)
-        arrays.append(result.array)
-        lesions.append(result.masks.get(LESION_KEY))
-        foregrounds.append(result.masks.get(FOREGROUND_KEY))
-        grids.append(result.grid)
-        kept.append(case)
-    if store is not None:
-        log.info(
-            "preprocessing cache %s: %d read, %d written", store.root, store.hits, store.misses
-        )
-    if not arrays:
-        raise ImageReadError(source, "no readable images: " + "; ".join(report.lines()[:3]))
-    _check_one_grid(source, arrays, kept)
-    spatial = arrays[0].shape[1:]
-    return (
-        ImageSet(
-            images=np.stack(arrays),
-            labels=np.array([c.label for c in kept]),
-            ids=[str(c.path) for c in kept],
-            masks=_stack_masks(lesions, spatial, fill=False),
-            foreground=_stack_masks(foregrounds, spatial, fill=True),
-            groups=np.array([c.group or str(c.path) for c in kept]),
-            augment=ArrayAugment(augmentation) if augment and len(augmentation) else None,
-            grids=grids,
-        ),
-        report,
+    return load_cases(
+        list_cases(source, label_names),
+        source,
+        transforms=transforms,
+        read_options=read_options,
+        strict=strict,
+        augment=augment,
+        cache=cache,
+        min_size=min_size,
+        expect=expect,
+        stream=stream,
+        num_workers=num_workers,
     )
 
 
-def _check_one_grid(source: str | Path, arrays: list[np.ndarray], cases: list[Case]) -> None:
+def load_cases(
+    cases: Sequence[Case],
+    source: str | Path,
+    transforms: list[dict[str, Any]] | None = None,
+    read_options: dict[str, Any] | None = None,
+    strict: bool = False,
+    augment: bool = False,
+    cache: bool | str | Path | None = None,
+    min_size: int = MIN_SIZE,
+    expect: InputSpec | None = None,
+    stream: bool = False,
+    num_workers: int | None = None,
+    allow_empty: bool = False,
+) -> tuple[ImageSet | StreamedSet, LoadReport]:
+    """Prepare the given cases (a list from :func:`list_cases`, or one rank's share of it).
+
+    Args:
+        cases: The cases, in the order of the set.
+        source: Where they were listed from (for messages).
+        transforms: As in :func:`load_dataset`.
+        read_options: As in :func:`load_dataset`.
+        strict: As in :func:`load_dataset`.
+        augment: As in :func:`load_dataset`.
+        cache: As in :func:`load_dataset`.
+        min_size: As in :func:`load_dataset`.
+        expect: As in :func:`load_dataset`.
+        stream: As in :func:`load_dataset`.
+        num_workers: As in :func:`load_dataset`.
+        allow_empty: Return an empty set instead of raising when no case is readable (a
+            rank's share may hold only bad files).
+
+    Returns:
+        The set and the :class:`LoadReport` (whose ``kept`` gives each kept case's position
+        in ``cases``).
+    """
+    pipeline, augmentation = build_transforms(transforms).split_deterministic()
+    store = PreprocessCache.from_option(cache)
+    job = _Job(
+        transforms=json.dumps(pipeline.to_config()),
+        read_options=dict(read_options or {}),
+        store=None if store is None else str(store.root),
+        expect=expect,
+        min_size=min_size,
+    )
+    first_pass = _FirstPass(job, num_workers, stream)
+    outcomes: list[_Outcome | None] = [None] * len(cases)
+    for index, outcome in first_pass.run(cases):
+        if outcome.error is not None and strict:
+            raise outcome.error
+        outcomes[index] = outcome
+    report = _report(cases, outcomes)
+    if not report.kept and not allow_empty:
+        raise ImageReadError(source, "no readable images: " + "; ".join(report.lines()[:3]))
+    kept = [cases[i] for i in report.kept]
+    values = [outcomes[i].value for i in report.kept]  # type: ignore[union-attr]
+    augment_fn = ArrayAugment(augmentation) if augment and len(augmentation) else None
+    if stream:
+        folder = PreprocessCache(first_pass.job.store)  # type: ignore[arg-type]
+        return _streamed_set(folder, values, kept, augment_fn, first_pass.owner), report
+    results = [_in_memory(v, first_pass.job.store) for v in values]
+    return _image_set(source, results, kept, augment_fn), report
+
+
+def _report(cases: Sequence[Case], outcomes: Sequence[_Outcome | None]) -> LoadReport:
+    """Skipped cases with their reasons, problems of the kept ones, positions kept."""
+    report = LoadReport()
+    hits = 0
+    for index, (case, outcome) in enumerate(zip(cases, outcomes, strict=True)):
+        assert outcome is not None  # every case has been prepared
+        if outcome.error is not None:
+            report.skipped.append((str(case.path), problem_text(outcome.error, case.path)))
+            continue
+        for problem in outcome.value.problems:  # type: ignore[union-attr]
+            report.warnings.append((str(case.path), problem))
+            log.info("%s: %s", case.path, problem)
+        report.kept.append(index)
+        hits += outcome.cached
+    log.info("first pass: %d cases prepared, %d read from the cache", len(report.kept), hits)
+    return report
+
+
+def _in_memory(value: Preprocessed | CacheEntry, store: str | None) -> Preprocessed:
+    """The arrays of a prepared case, read from the store when a worker put them there."""
+    if isinstance(value, Preprocessed):
+        return value
+    folder = PreprocessCache(store)  # type: ignore[arg-type]
+    return Preprocessed(
+        array=folder.open_array(value.key, mmap=False),
+        masks={name: folder.open_array(value.key, name, mmap=False) for name in value.masks},
+        problems=value.problems,
+        grid=value.grid,
+        facts=value.facts,
+    )
+
+
+def _streamed_set(
+    store: PreprocessCache,
+    entries: list[CacheEntry],
+    cases: list[Case],
+    augment: ArrayAugment | None,
+    owner: Any,
+) -> StreamedSet:
+    return StreamedSet(
+        store,
+        entries,
+        labels=np.array([c.label for c in cases], dtype=np.int64),
+        ids=[str(c.path) for c in cases],
+        groups=np.array([c.group or str(c.path) for c in cases]),
+        augment=augment,
+        owner=owner,
+    )
+
+
+def _image_set(
+    source: str | Path,
+    results: list[Preprocessed],
+    cases: list[Case],
+    augment: ArrayAugment | None,
+) -> ImageSet:
+    arrays = [r.array for r in results]
+    check_one_grid(source, [a.shape for a in arrays], [c.path for c in cases])
+    spatial = arrays[0].shape[1:] if arrays else ()
+    return ImageSet(
+        images=np.stack(arrays) if arrays else np.zeros((0, 1), np.float32),
+        labels=np.array([c.label for c in cases], dtype=np.int64),
+        ids=[str(c.path) for c in cases],
+        masks=_stack_masks([r.masks.get(LESION_KEY) for r in results], spatial, fill=False),
+        foreground=_stack_masks([r.masks.get(FOREGROUND_KEY) for r in results], spatial, fill=True),
+        groups=np.array([c.group or str(c.path) for c in cases]),
+        augment=augment,
+        grids=[r.grid for r in results],
+    )
+
+
+def check_one_grid(
+    source: str | Path, shapes: Sequence[tuple[int, ...]], paths: Sequence[str | Path]
+) -> None:
     """Raise ConfigError naming the cases whose preprocessed shape differs from the most common."""
-    shapes = [a.shape for a in arrays]
-    common = max(set(shapes), key=shapes.count)
-    odd = [f"{c.path.name} {s}" for c, s in zip(cases, shapes, strict=True) if s != common]
+    if not shapes:
+        return
+    common = max(set(shapes), key=list(shapes).count)
+    odd = [f"{Path(p).name} {s}" for p, s in zip(paths, shapes, strict=True) if s != common]
     if odd:
         raise ConfigError(
             f"{source}: images end up with different shapes (most are {common}; "

@@ -6,6 +6,10 @@ environment up). It keeps a per-epoch history, writes an atomic checkpoint every
 early on the normal validation loss and resumes an interrupted run bit-for-bit: each epoch's
 shuffling and dropout draw from a generator seeded by ``(seed, epoch)``, not from state that a
 crash would lose.
+
+Datasets whose cases keep their own shapes (a streamed set scored by a sliding-window or
+fully convolutional model) are batched by :class:`ShapeBatchSampler`: every batch holds cases
+of one shape.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -24,7 +28,7 @@ from lightning_fabric import Fabric
 from lightning_fabric.strategies import DDPStrategy
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 from tqdm.auto import tqdm
 
 from medanomaly.checkpoint import atomic_torch_save, atomic_write_text
@@ -149,6 +153,9 @@ class TrainingTask:
         epoch_start: ``epoch_start(epoch, optimizers)`` runs before each epoch (0-based),
             e.g. to set the learning rate of a schedule; a function of the epoch alone, so
             that a resumed run continues the schedule.
+        collate: Joins training cases of different shapes into one batch (e.g. a random
+            patch of each); ``None``: such cases are batched by shape
+            (:class:`ShapeBatchSampler`). Unused when every case has one shape.
     """
 
     network: nn.Module
@@ -160,6 +167,7 @@ class TrainingTask:
     supervised: bool = False
     epoch_start: Callable[[int, Optimizers], None] | None = None
     before_validation: Callable[[nn.Module], None] | None = None
+    collate: Callable[[list[Any]], Any] | None = None
 
 
 @dataclass
@@ -172,6 +180,80 @@ class TrainingData:
     train: Dataset
     val_normal: Dataset | None = None
     val_abnormal: Dataset | None = None
+
+
+class ShapeBatchSampler(Sampler[list[int]]):
+    """Batches of cases of one shape, for datasets whose cases differ in shape.
+
+    With ``shuffle`` each epoch permutes the cases (seeded by ``(seed, epoch)``, see
+    :meth:`set_epoch`), cuts each shape's cases into batches and permutes the batches.
+    Under data parallelism every rank computes the same batches and takes every
+    ``num_replicas``-th, and all ranks take equally many (the few left over are dropped
+    for the epoch), so that no rank waits for a gradient the others never send.
+
+    Args:
+        shapes: Shape of each case.
+        batch_size: Cases per batch (a shape's last batch may be smaller).
+        shuffle: Draw a new order every epoch; otherwise the input order, grouped by shape.
+        seed: Seeds the order.
+        num_replicas: Processes sharing the batches.
+        rank: This process.
+    """
+
+    def __init__(
+        self,
+        shapes: list[tuple[int, ...]],
+        batch_size: int,
+        shuffle: bool,
+        seed: int = 0,
+        num_replicas: int = 1,
+        rank: int = 0,
+    ) -> None:
+        self.shapes = [tuple(s) for s in shapes]
+        self.batch_size = int(batch_size)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the order of ``epoch`` (a resumed run draws exactly the batches it missed)."""
+        self.epoch = epoch
+
+    def _all_batches(self) -> list[list[int]]:
+        rng = np.random.default_rng(epoch_seed(self.seed, self.epoch))
+        order = rng.permutation(len(self.shapes)) if self.shuffle else range(len(self.shapes))
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for index in order:
+            groups.setdefault(self.shapes[index], []).append(int(index))
+        batches = [
+            members[start : start + self.batch_size]
+            for members in groups.values()
+            for start in range(0, len(members), self.batch_size)
+        ]
+        if self.shuffle:
+            batches = [batches[i] for i in rng.permutation(len(batches))]
+        return batches
+
+    def _mine(self) -> list[list[int]]:
+        batches = self._all_batches()
+        if self.num_replicas == 1:
+            return batches
+        share = len(batches) // self.num_replicas
+        return batches[self.rank :: self.num_replicas][:share]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self._mine())
+
+    def __len__(self) -> int:
+        return len(self._mine())
+
+
+def has_several_shapes(dataset: Dataset) -> bool:
+    """True for a dataset whose cases differ in shape (it then lists them in ``shapes``)."""
+    shapes = getattr(dataset, "shapes", None)
+    return shapes is not None and len(set(shapes)) > 1
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -238,7 +320,7 @@ class Engine:
             log.info("resuming %s at epoch %d", checkpoint_path, state.epoch)
         model, *wrapped = fabric.setup(network, *optimizers.values())
         optimizers = dict(zip(optimizers, wrapped, strict=True))
-        loaders = self._loaders(fabric, data)
+        loaders = self._loaders(fabric, data, task.collate)
         bar = tqdm(
             total=cfg.epochs,
             initial=state.epoch,
@@ -270,51 +352,71 @@ class Engine:
 
     def _make_fabric(self, find_unused_parameters: bool = False) -> Fabric:
         cfg = self.config
-        distributed = cfg.devices > 1 or cfg.num_nodes > 1
-        fabric = Fabric(
-            accelerator=cfg.accelerator,
-            devices=cfg.devices,
-            num_nodes=cfg.num_nodes,
-            precision=resolve_precision(cfg),
-            # a custom step (GAN) uses part of the network per optimiser step
-            strategy=DDPStrategy(find_unused_parameters=find_unused_parameters)
-            if distributed
-            else "auto",
+        return make_fabric(
+            cfg.accelerator,
+            cfg.devices,
+            cfg.num_nodes,
+            resolve_precision(cfg),
+            find_unused_parameters=find_unused_parameters,
         )
-        if cfg.devices > 1 or cfg.num_nodes > 1:
-            fabric.launch()
-        return fabric
 
-    def _loaders(self, fabric: Fabric, data: TrainingData) -> dict[str, DataLoader | None]:
-        cfg = self.config
-        if fabric.world_size > 1:
-            sampler = DistributedSampler(
-                data.train, fabric.world_size, fabric.global_rank, shuffle=True, seed=cfg.seed
-            )
-        else:
-            sampler = RandomSampler(data.train, generator=torch.Generator())
-        train = DataLoader(
-            data.train,
-            batch_size=cfg.batch_size,
-            sampler=sampler,
-            num_workers=cfg.num_workers,
-            worker_init_fn=_reseed_worker,
-            drop_last=len(data.train) > cfg.batch_size,
-        )
+    def _loaders(
+        self, fabric: Fabric, data: TrainingData, collate: Callable[[list[Any]], Any] | None
+    ) -> dict[str, DataLoader | None]:
         loaders: dict[str, DataLoader | None] = {
-            "train": fabric.setup_dataloaders(train, use_distributed_sampler=False)
+            "train": fabric.setup_dataloaders(
+                self._train_loader(fabric, data.train, collate), use_distributed_sampler=False
+            )
         }
         for key in ("val_normal", "val_abnormal"):
             dataset = getattr(data, key)
             loaders[key] = (
                 fabric.setup_dataloaders(
-                    DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers),
-                    use_distributed_sampler=False,
+                    self._validation_loader(dataset), use_distributed_sampler=False
                 )
                 if dataset is not None and len(dataset) > 0
                 else None
             )
         return loaders
+
+    def _train_loader(
+        self, fabric: Fabric, dataset: Dataset, collate: Callable[[list[Any]], Any] | None
+    ) -> DataLoader:
+        cfg = self.config
+        common: dict[str, Any] = {"num_workers": cfg.num_workers, "worker_init_fn": _reseed_worker}
+        several = has_several_shapes(dataset)
+        if several and collate is not None:
+            common["collate_fn"] = collate
+        elif several:
+            batches = ShapeBatchSampler(
+                dataset.shapes,  # type: ignore[attr-defined]
+                cfg.batch_size,
+                shuffle=True,
+                seed=cfg.seed,
+                num_replicas=fabric.world_size,
+                rank=fabric.global_rank,
+            )
+            return DataLoader(dataset, batch_sampler=batches, **common)
+        if fabric.world_size > 1:
+            sampler: Sampler = DistributedSampler(
+                dataset, fabric.world_size, fabric.global_rank, shuffle=True, seed=cfg.seed
+            )
+        else:
+            sampler = RandomSampler(dataset, generator=torch.Generator())
+        return DataLoader(
+            dataset,
+            batch_size=cfg.batch_size,
+            sampler=sampler,
+            drop_last=len(dataset) > cfg.batch_size,
+            **common,
+        )
+
+    def _validation_loader(self, dataset: Dataset) -> DataLoader:
+        cfg = self.config
+        if has_several_shapes(dataset):
+            batches = ShapeBatchSampler(dataset.shapes, cfg.batch_size, shuffle=False)  # type: ignore[attr-defined]
+            return DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers)
+        return DataLoader(dataset, batch_size=cfg.batch_size, num_workers=cfg.num_workers)
 
     def _run_epoch(
         self,
@@ -327,7 +429,9 @@ class Engine:
     ) -> dict[str, float]:
         train_loader = loaders["train"]
         sampler = train_loader.sampler
-        if isinstance(sampler, DistributedSampler):
+        if isinstance(train_loader.batch_sampler, ShapeBatchSampler):
+            train_loader.batch_sampler.set_epoch(epoch)
+        elif isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
         elif isinstance(sampler, RandomSampler) and sampler.generator is not None:
             sampler.generator.manual_seed(epoch_seed(self.config.seed, epoch))
@@ -346,6 +450,42 @@ class Engine:
         row = {"epoch": float(epoch + 1), "train_loss": total / max(count, 1)}
         row.update(_evaluate(model, task, loaders))
         return row
+
+
+def make_fabric(
+    accelerator: str = "auto",
+    devices: int = 1,
+    num_nodes: int = 1,
+    precision: str = "32-true",
+    find_unused_parameters: bool = False,
+) -> Fabric:
+    """A Lightning Fabric over ``devices`` x ``num_nodes`` processes, launched when several.
+
+    One process runs as it is; several run data-parallel (DDP: NCCL on GPUs, gloo on CPUs).
+    Fabric starts the other local processes itself, or takes them from ``torchrun`` or a
+    cluster launcher.
+
+    Args:
+        accelerator: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"gpu"``.
+        devices: Processes (devices) per node.
+        num_nodes: Machines.
+        precision: A Fabric precision.
+        find_unused_parameters: DDP's option, for steps that use part of the network.
+    """
+    distributed = devices > 1 or num_nodes > 1
+    fabric = Fabric(
+        accelerator=accelerator,
+        devices=devices,
+        num_nodes=num_nodes,
+        precision=precision,
+        # a custom step (GAN) uses part of the network per optimiser step
+        strategy=DDPStrategy(find_unused_parameters=find_unused_parameters)
+        if distributed
+        else "auto",
+    )
+    if distributed:
+        fabric.launch()
+    return fabric
 
 
 def _reseed(dataset: Dataset, *key: int) -> None:

@@ -44,6 +44,10 @@ class ImageReadError(MedanomalyError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self) -> tuple[type, tuple[str, str]]:
+        """Pickle by path and problem, so that the error crosses from a worker process."""
+        return type(self), (self.path, self.problem)
+
 
 def problem_text(error: BaseException, named: str | Path) -> str:
     """The text of ``error`` for a line that already names ``named``, without repeating it.

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +79,12 @@ class MapsWritten:
     files: list[Path] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
 
+    def add(self, other: MapsWritten) -> MapsWritten:
+        """Take in what another call wrote."""
+        self.files += other.files
+        self.problems += other.problems
+        return self
+
 
 def save_maps(
     folder: str | Path,
@@ -90,6 +96,7 @@ def save_maps(
     model: str = "",
     dicom: bool = False,
     first_index: int = 0,
+    indices: Sequence[int] | None = None,
 ) -> MapsWritten:
     """Save each case's maps: on the model's grid and, where known, in the scan's geometry.
 
@@ -113,6 +120,8 @@ def save_maps(
         dicom: Also write DICOM Parametric Maps for DICOM input.
         first_index: Index of the first case in the whole batch (stems stay unique when a
             batch is written in chunks).
+        indices: Index of each case in the whole batch, instead of ``first_index + i``
+            (chunks that are not runs of cases: one rank's share, cases grouped by shape).
 
     Returns:
         The files written and one line per case whose source-geometry map failed.
@@ -122,7 +131,7 @@ def save_maps(
     diff_max = float(np.percentile(result.maps, 99.9)) if result.maps.size else None
     done = MapsWritten()
     for i, case_id in enumerate(ids):
-        stem = case_stem(case_id, first_index + i)
+        stem = case_stem(case_id, first_index + i if indices is None else int(indices[i]))
         with atomic_path(folder / f"{stem}.npy") as tmp, open(tmp, "wb") as handle:
             np.save(handle, result.maps[i].astype(np.float32))
         recon = None if result.reconstructions is None else result.reconstructions[i]
@@ -174,6 +183,42 @@ def _picture(source: str) -> np.ndarray | None:
     return image.array[0] if image.spatial_dims == 2 else None
 
 
+def save_part_maps(
+    folder: str | Path,
+    part: Any,
+    result: AnomalyResult,
+    *,
+    model: str = "",
+    dicom: bool = False,
+    indices: Sequence[int] | None = None,
+    threshold: float | None = None,
+) -> MapsWritten:
+    """:func:`save_maps` of a chunk of cases in memory, flagged at ``threshold``.
+
+    Args:
+        folder: Output folder.
+        part: The chunk, an :class:`~medanomaly.data.ImageSet` (its ``grids`` place the maps).
+        result: Its detection.
+        model: The detector's name.
+        dicom: Also write DICOM Parametric Maps for DICOM volumes.
+        indices: Index of each case in the job's table (numbers the file stems).
+        threshold: Threshold recorded with the maps (default: ``result``'s).
+    """
+    if threshold is not None:
+        flagged = (result.scores > threshold).astype(np.int64)
+        result = replace(result, threshold=float(threshold), labels=flagged)
+    return save_maps(
+        folder,
+        part.ids,
+        part.images,
+        result,
+        part.grids,
+        model=model,
+        dicom=dicom,
+        indices=indices,
+    )
+
+
 def save_maps_in_chunks(
     detector: Any,
     images: Any,
@@ -182,38 +227,36 @@ def save_maps_in_chunks(
     dicom: bool = False,
     threshold: float | None = None,
     chunk: int = 16,
+    indices: Sequence[int] | None = None,
 ) -> MapsWritten:
     """Detect and :func:`save_maps` a few cases at a time (memory holds one chunk of maps).
 
     Args:
         detector: A fitted detector.
-        images: An :class:`~medanomaly.data.ImageSet` (its ``grids`` place the maps).
+        images: Any form of :class:`~medanomaly.data.Cases` (its ``grids`` place the maps).
         folder: Output folder.
         dicom: Also write DICOM Parametric Maps for DICOM volumes.
         threshold: Threshold recorded with the maps (default: the detector's).
         chunk: Cases per call to ``detect``.
+        indices: Index of each case in the job's table (default: its index in ``images``);
+            the file stems are numbered by it.
 
     Returns:
         Everything written, and the cases whose source-geometry maps failed.
     """
     done = MapsWritten()
-    for start in range(0, len(images), chunk):
-        index = np.arange(start, min(start + chunk, len(images)))
-        part = images.subset(index)
-        result = detector.detect(part)
-        if threshold is not None:
-            result.threshold = float(threshold)
-            result.labels = (result.scores > threshold).astype(np.int64)
-        written = save_maps(
-            folder,
-            part.ids,
-            part.images,
-            result,
-            part.grids,
-            model=getattr(detector, "name", ""),
-            dicom=dicom,
-            first_index=start,
+    for index in images.chunks(chunk):
+        part = images.subset(index).to_image_set()
+        stems = index if indices is None else np.asarray(indices)[index]
+        done.add(
+            save_part_maps(
+                folder,
+                part,
+                detector.detect(part),
+                model=getattr(detector, "name", ""),
+                dicom=dicom,
+                indices=stems,
+                threshold=threshold,
+            )
         )
-        done.files += written.files
-        done.problems += written.problems
     return done

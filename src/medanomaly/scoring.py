@@ -286,9 +286,14 @@ class MapScoring:
     @staticmethod
     def statistics(maps: np.ndarray) -> np.ndarray:
         """Per-voxel scale ``(*spatial)`` of normal maps ``(N, *spatial)``: mean + SD + floor."""
-        maps = np.asarray(maps, dtype=np.float64)
-        sd = maps.std(axis=0, ddof=1) if len(maps) > 1 else np.zeros(maps.shape[1:])
-        typical = maps.mean(axis=0) + sd
+        moments = RunningMoments()
+        moments.add(maps)
+        return MapScoring.scale(moments.mean, moments.sd)
+
+    @staticmethod
+    def scale(mean: np.ndarray, sd: np.ndarray) -> np.ndarray:
+        """Per-voxel scale from the mean and SD of normal maps: mean + SD + a small floor."""
+        typical = np.asarray(mean, dtype=np.float64) + np.asarray(sd, dtype=np.float64)
         floor = 0.01 * float(typical.mean()) or 1e-12
         return (typical + floor).astype(np.float32)
 
@@ -312,6 +317,53 @@ class MapScoring:
             return flat.max(dim=1).values
         k = max(1, round(self.top_fraction * flat.shape[1]))
         return flat.topk(k, dim=1).values.mean(dim=1)
+
+
+class RunningMoments:
+    """Per-voxel mean and SD (``ddof=1``) of maps added batch by batch.
+
+    Batches are merged with Chan et al.'s pairwise update (float64), so that the result
+    equals NumPy's over the whole stack up to rounding while memory holds one batch.
+
+    Attributes:
+        count: Maps added so far.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._mean: np.ndarray | None = None
+        self._m2: np.ndarray | None = None
+
+    def add(self, maps: np.ndarray) -> None:
+        """Add a batch of maps ``(B, *spatial)``."""
+        maps = np.asarray(maps, dtype=np.float64)
+        n = len(maps)
+        if n == 0:
+            return
+        mean = maps.mean(axis=0)
+        m2 = np.square(maps - mean).sum(axis=0)
+        if self._mean is None:
+            self.count, self._mean, self._m2 = n, mean, m2
+            return
+        total = self.count + n
+        delta = mean - self._mean
+        self._mean = self._mean + delta * (n / total)
+        self._m2 = self._m2 + m2 + np.square(delta) * (self.count * n / total)
+        self.count = total
+
+    @property
+    def mean(self) -> np.ndarray:
+        """Per-voxel mean."""
+        if self._mean is None:
+            raise ValueError("RunningMoments: no maps added")
+        return self._mean
+
+    @property
+    def sd(self) -> np.ndarray:
+        """Per-voxel SD with ``ddof=1`` (zeros for a single map)."""
+        if self.count < 2:
+            return np.zeros_like(self.mean)
+        return np.sqrt(self._m2 / (self.count - 1))
 
 
 def patch_starts(size: int, patch: int, stride: int) -> list[int]:

@@ -6,6 +6,9 @@
                       [--eps E] [--min-samples 5] [--batch 16] [--maps DIR [--dicom]] [--strict]
     medanomaly evaluate --run RUN --data LABELLED --out DIR [--threshold RULE] [--alpha A]
                         [--maps DIR [--dicom]]
+
+    fit, score, screen and evaluate also take [--devices N] [--num-nodes M] [--accelerator A]
+    (data-parallel ranks); score, screen and evaluate take [--num-workers W] (first pass).
     medanomaly cv --config C --data LABELLED --out DIR [--folds 5] [--repeats 2] [--set K=V]
     medanomaly inspect PATH [PATH ...] [--series-uid UID]
     medanomaly demo --out DIR

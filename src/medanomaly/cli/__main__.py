@@ -4,4 +4,5 @@ import sys
 
 from medanomaly.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # worker processes import the main module again: do not rerun
+    sys.exit(main())

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the readers are heavy to import; --help must stay fast
     from medanomaly.datasets import LoadReport
+    from medanomaly.jobs import JobOptions
 
 
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,3 +65,55 @@ def check_dicom_needs_maps(args: argparse.Namespace) -> None:
         from medanomaly.errors import ConfigError
 
         raise ConfigError("--dicom writes the DICOM maps into the --maps folder: give --maps DIR")
+
+
+def add_device_arguments(parser: argparse.ArgumentParser, workers: bool = True) -> None:
+    """``--accelerator``, ``--devices``, ``--num-nodes`` (as ``fit``) and ``--num-workers``."""
+    parser.add_argument(
+        "--accelerator",
+        default=None,
+        help="auto (default: a GPU if there is one), cpu, cuda or gpu",
+    )
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="processes (GPUs) per node; N > 1 splits the cases over N data-parallel ranks "
+        "(DDP: NCCL on GPUs, gloo on CPUs)",
+    )
+    parser.add_argument(
+        "--num-nodes",
+        type=int,
+        default=None,
+        help="machines (launch each with torchrun or a cluster launcher)",
+    )
+    if workers:
+        parser.add_argument(
+            "--num-workers",
+            type=int,
+            default=None,
+            help="worker processes decoding and preprocessing the cases on their first pass "
+            "(default: the run's data.num_workers, else the cores available, shared by the "
+            "ranks of a machine)",
+        )
+
+
+def job_options(args: argparse.Namespace) -> JobOptions:
+    """The :class:`~medanomaly.jobs.JobOptions` of the device arguments."""
+    from medanomaly.jobs import JobOptions
+
+    return JobOptions(
+        accelerator=args.accelerator or "auto",
+        devices=args.devices or 1,
+        num_nodes=args.num_nodes or 1,
+        num_workers=args.num_workers,
+    )
+
+
+def report_lines(
+    skipped: list[tuple[str, str]], warnings: list[tuple[str, str]], out: Path | None
+) -> None:
+    """:func:`report_skipped` for lines gathered from every rank of a job."""
+    from medanomaly.datasets import LoadReport
+
+    report_skipped(LoadReport(skipped=list(skipped), warnings=list(warnings)), out)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medanomaly.cli._common import add_dicom_argument, check_dicom_needs_maps
+from medanomaly.cli._common import add_device_arguments, add_dicom_argument, check_dicom_needs_maps
 from medanomaly.evaluation.thresholds import THRESHOLD_RULES
 
 RULE_HELP = (
@@ -38,12 +38,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_dicom_argument(p)
     p.add_argument("--strict", action="store_true", help="stop on the first unreadable image")
+    add_device_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print a one-line summary."""
-    from medanomaly.cli._common import report_map_problems
+    from medanomaly.cli._common import job_options, report_map_problems
     from medanomaly.evaluation.runner import METRICS_FILE, REPORT_FILE, evaluate_run, summary_line
 
     check_dicom_needs_maps(args)
@@ -58,7 +59,10 @@ def run(args: argparse.Namespace) -> int:
         foreground_threshold=args.foreground_threshold,
         maps_dir=args.maps,
         dicom=args.dicom,
+        options=job_options(args),
     )
+    if metrics is None:  # another rank: rank 0 reports
+        return 0
     image = metrics["image"]
     print(f"evaluated {metrics['n_cases']} cases: {summary_line(image)}")
     value = image["threshold"]

@@ -19,6 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument("--devices", type=int, help="GPUs per node (data-parallel): engine.devices")
     p.add_argument("--num-nodes", type=int, help="machines (with torchrun): engine.num_nodes")
+    p.add_argument("--accelerator", help="auto, cpu, cuda or gpu: engine.accelerator")
     add_override_arguments(p)
     p.set_defaults(func=run)
 
@@ -38,18 +39,19 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"engine.devices={args.devices}")
     if args.num_nodes:
         overrides.append(f"engine.num_nodes={args.num_nodes}")
+    if args.accelerator:
+        overrides.append(f"engine.accelerator={args.accelerator}")
     config = apply_overrides(load_config(args.config), overrides)
     detector = build_detector(config)
     data_cfg = config.get("data") or {}
     out = Path(args.out)
-    expect = input_spec(detector)
-    train, report = load_dataset(
-        args.data, **data_cfg, strict=args.strict, augment=True, expect=expect
-    )
+    # streamed unless the config says otherwise: memory holds batches, never the set
+    options = {"stream": True, **data_cfg, "strict": args.strict, "expect": input_spec(detector)}
+    train, report = load_dataset(args.data, **options, augment=True)
     report_skipped(report, out / "skipped_train.txt")
     val = None
     if args.val:
-        val, val_report = load_dataset(args.val, **data_cfg, strict=args.strict, expect=expect)
+        val, val_report = load_dataset(args.val, **options)
         report_skipped(val_report, out / "skipped_val.txt")
     config_path = out / CONFIG_FILE
     if not (args.resume and config_path.exists()):

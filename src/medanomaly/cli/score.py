@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medanomaly.cli._common import add_dicom_argument, check_dicom_needs_maps
+from medanomaly.cli._common import add_device_arguments, add_dicom_argument, check_dicom_needs_maps
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,37 +22,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_dicom_argument(p)
     p.add_argument("--strict", action="store_true", help="exit non-zero if any image is unreadable")
+    add_device_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Score with the run's own preprocessing and write the score table (and maps)."""
-    from medanomaly.base import BaseDetector
-    from medanomaly.cli._common import report_map_problems, report_skipped
-    from medanomaly.datasets import input_spec, load_dataset
-    from medanomaly.evaluation import conformal_pvalues
-    from medanomaly.outputs import save_maps, write_scores_csv
+    from medanomaly.cli._common import job_options, report_lines, report_map_problems
+    from medanomaly.jobs import score_run
 
     check_dicom_needs_maps(args)
-    detector = BaseDetector.load(args.run)
-    data_cfg = (getattr(detector, "run_config_", None) or {}).get("data") or {}
     out = Path(args.out)
-    images, report = load_dataset(args.data, **data_cfg, expect=input_spec(detector))
-    report_skipped(report, out.with_suffix(".skipped.txt"))
-    result = detector.detect(images)
-    p_values = conformal_pvalues(detector.val_scores_, result.scores)
-    write_scores_csv(out, images.ids, images.labels, result, extra={"p_value": p_values})
-    if args.maps:
-        written = save_maps(
-            args.maps,
-            images.ids,
-            images.images,
-            result,
-            images.grids,
-            model=detector.name,
-            dicom=args.dicom,
-        )
-        report_map_problems(written.problems)
-    flagged = int(result.labels.sum())
-    print(f"scored {len(images)} cases ({flagged} above threshold {result.threshold:.6g}) -> {out}")
-    return 1 if (report and args.strict) else 0
+    summary = score_run(args.run, args.data, out, args.maps, args.dicom, options=job_options(args))
+    if summary is None:  # another rank: rank 0 reports
+        return 0
+    report_lines(summary.skipped, summary.warnings, out.with_suffix(".skipped.txt"))
+    report_map_problems(summary.map_problems)
+    print(
+        f"scored {summary.n_cases} cases ({summary.n_flagged} above threshold "
+        f"{summary.threshold:.6g}) -> {out}"
+    )
+    return 1 if (summary.skipped and args.strict) else 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medanomaly.cli._common import add_dicom_argument, check_dicom_needs_maps
+from medanomaly.cli._common import add_device_arguments, add_dicom_argument, check_dicom_needs_maps
 
 DESCRIPTION = """\
 Score every case of an unlabelled folder (or manifest) with a trained run, flag the cases whose
@@ -83,46 +83,33 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_dicom_argument(p)
     p.add_argument("--strict", action="store_true", help="exit 1 if any file was skipped")
+    add_device_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Screen the folder with the run's own preprocessing and write the outputs."""
-    from medanomaly.base import BaseDetector
-    from medanomaly.cli._common import report_map_problems, report_skipped
-    from medanomaly.datasets import input_spec, load_dataset
-    from medanomaly.outputs import save_maps_in_chunks
-    from medanomaly.screening import (
-        GALLERY_DIR,
-        SKIPPED_FILE,
-        save_gallery,
-        screen,
-        summary_line,
-        write_screen_outputs,
-    )
+    from medanomaly.cli._common import job_options, report_lines, report_map_problems
+    from medanomaly.screening import SKIPPED_FILE, screen_folder, summary_line
 
     check_dicom_needs_maps(args)
-    detector = BaseDetector.load(args.run)
-    data_cfg = (getattr(detector, "run_config_", None) or {}).get("data") or {}
     out = Path(args.out)
-    images, report = load_dataset(args.data, **data_cfg, expect=input_spec(detector))
-    report_skipped(report, out / SKIPPED_FILE)
-    result = screen(
-        detector,
-        images,
+    job = screen_folder(
+        args.run,
+        args.data,
+        out,
         k=args.k,
         metal_level=args.metal_level,
         eps=args.eps,
         min_samples=args.min_samples,
         batch=args.batch,
-        skipped=report.skipped,
+        maps=args.maps,
+        dicom=args.dicom,
+        options=job_options(args),
     )
-    gallery = save_gallery(detector, images, result, out / GALLERY_DIR, batch=args.batch)
-    write_screen_outputs(result, out, gallery, run=str(args.run), data=str(args.data))
-    if args.maps:
-        written = save_maps_in_chunks(
-            detector, images, args.maps, dicom=args.dicom, threshold=result.threshold
-        )
-        report_map_problems(written.problems)
-    print(summary_line(result, out))
-    return 1 if (report and args.strict) else 0
+    if job is None:  # another rank: rank 0 reports
+        return 0
+    report_lines(job.result.skipped, job.warnings, out / SKIPPED_FILE)
+    report_map_problems(job.map_problems)
+    print(summary_line(job.result, out))
+    return 1 if (job.result.skipped and args.strict) else 0

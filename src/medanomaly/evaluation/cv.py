@@ -533,10 +533,9 @@ def _load(
     """The labelled cases (augmentation attached) and which have a known lesion mask."""
     if isinstance(data, ImageSet):
         images, report = data, LoadReport()
-    else:
-        images, report = load_dataset(
-            data, **(config.get("data") or {}), strict=strict, augment=True
-        )
+    else:  # the folds of a labelled set are cut in memory
+        options = {**(config.get("data") or {}), "stream": False}
+        images, report = load_dataset(data, **options, strict=strict, augment=True)
     unlabelled = images.labels == -1
     for i in np.flatnonzero(unlabelled):
         report.skipped.append((images.ids[i], "no label (cv needs labelled cases)"))

@@ -328,7 +328,8 @@ def save_gallery(
     folder = Path(folder)
     if not len(maps):
         return []
-    diff_max = float(np.percentile(np.asarray(maps), 99.9)) or None
+    # one scale over every shown map (cases may differ in shape)
+    diff_max = float(np.percentile(np.concatenate([np.ravel(m) for m in maps]), 99.9)) or None
     written = []
     for i, (title, stem) in enumerate(zip(titles, stems, strict=True)):
         recon = None if reconstructions is None else reconstructions[i]

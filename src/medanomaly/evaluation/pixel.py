@@ -265,6 +265,25 @@ class PixelMetricAccumulator:
         result["name"] = name
         self.images.append(result)
 
+    def merge(self, other: PixelMetricAccumulator) -> PixelMetricAccumulator:
+        """Add the counts (and per-image results) of an accumulator over the same bins.
+
+        Ranks of a distributed evaluation each accumulate their cases; rank 0 merges them.
+
+        Raises:
+            ValueError: The two do not share their bins and range.
+        """
+        if other.n_bins != self.n_bins or other.range != self.range:
+            raise ValueError(
+                f"cannot merge pixel metrics over {other.n_bins} bins in {other.range} into "
+                f"{self.n_bins} bins in {self.range}"
+            )
+        self.pos_hist += other.pos_hist
+        self.neg_hist += other.neg_hist
+        self.n_clipped += other.n_clipped
+        self.images += other.images
+        return self
+
     def compute(self) -> dict[str, Any]:
         """Pooled metrics over every voxel seen (plus per-image results when kept).
 
@@ -287,7 +306,7 @@ class PixelMetricAccumulator:
         return result
 
 
-def _scan_range(
+def scan_range(
     maps: Sequence[np.ndarray], foreground: Sequence[np.ndarray | None]
 ) -> tuple[float, float] | None:
     """Min and max of all evaluated scores (one cheap pass over the maps)."""
@@ -332,7 +351,7 @@ def pixel_metrics(
             f"got {len(maps)} maps, {len(masks)} masks and {len(fgs)} foreground masks"
         )
     if range is None:
-        range = _scan_range(maps, fgs)
+        range = scan_range(maps, fgs)
     acc = PixelMetricAccumulator(n_bins=n_bins, range=range, per_image=per_image)
     for i, (score_map, mask, fg) in enumerate(zip(maps, masks, fgs, strict=True)):
         acc.update(score_map, mask, fg, name=str(i))

@@ -9,8 +9,10 @@ preprocessing (its ``data:`` block), scores every case, applies a threshold and 
     OUT/figures/          roc.png, score_histogram.png, confusion_matrix.png,
                           training_curves.png, gallery/*.png
 
-The helpers here (threshold parsing, chunked scoring, metric blocks, foreground masks) are
-shared with :mod:`medanomaly.evaluation.cv`.
+The cases are streamed and may be split over ranks (``--devices``); the per-rank pass and the
+merging live in :mod:`medanomaly.evaluation.job`. The helpers here (threshold parsing,
+chunked scoring, metric blocks, foreground masks) are shared with
+:mod:`medanomaly.evaluation.cv`.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,14 +31,17 @@ from scipy import ndimage
 from medanomaly.base import MIN_THRESHOLD_NORMALS, AnomalyResult, BaseDetector
 from medanomaly.checkpoint import atomic_write_text
 from medanomaly.data import ImageSet
-from medanomaly.datasets import LoadReport, input_spec, list_cases, load_dataset
+from medanomaly.datasets import LoadReport, list_cases
+from medanomaly.distributed import load_share
 from medanomaly.errors import ConfigError
 from medanomaly.evaluation import figures as figs
+from medanomaly.evaluation import job
 from medanomaly.evaluation.metrics import bootstrap_auroc_ci, image_metrics, predict_abnormal
 from medanomaly.evaluation.pixel import pixel_metrics
 from medanomaly.evaluation.report import Facts, Figure, Figures, Table, Text, write_report
 from medanomaly.evaluation.thresholds import THRESHOLD_RULES, choose_threshold, conformal_pvalues
-from medanomaly.outputs import case_stem, save_maps_in_chunks, write_scores_csv
+from medanomaly.jobs import SCORE_CHUNK, JobOptions, start_job
+from medanomaly.outputs import save_maps_in_chunks, write_scores_csv
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +51,6 @@ REPORT_FILE = "report.html"
 FIGURES_DIR = "figures"
 LABELLED_RULES = ("youden", "f1")
 FOREGROUND_FRACTION = 0.05
-SCORE_CHUNK = 32
 IMAGE_KEYS = ("auroc", "auprc", "sensitivity", "specificity", "accuracy", "precision", "f1")
 
 
@@ -308,19 +313,23 @@ def pixel_block(
     """
     idx = np.flatnonzero(include)
     result = pixel_metrics(maps[idx], masks[idx], foreground[idx], per_image=True)
-    block = {
+    return _pixel_summary(result, foreground_rule, int(idx.size)), result["per_image"]
+
+
+def _pixel_summary(result: dict[str, Any], foreground_rule: str, n_images: int) -> dict[str, Any]:
+    """The ``pixel`` block of ``metrics.json`` from pooled pixel metrics."""
+    return {
         "auroc": result["auroc"],
         "average_precision": result["average_precision"],
         "best_dice": result["best_dice"],
         "best_dice_threshold": result["best_dice_threshold"],
         "foreground_rule": foreground_rule,
-        "n_images": int(idx.size),
+        "n_images": n_images,
         "n_lesion_voxels": result["n_lesion"],
         "n_normal_voxels": result["n_normal"],
         "per_image_summary": result["per_image_summary"],
         "notes": result["notes"],
     }
-    return block, result["per_image"]
 
 
 def known_masks(
@@ -361,44 +370,6 @@ def skipped_list(report: LoadReport) -> list[dict[str, str]]:
 
 
 # -- evaluate -------------------------------------------------------------------------------
-def _load_labelled(
-    detector: BaseDetector, data: str | Path, strict: bool
-) -> tuple[ImageSet, LoadReport, dict[str, Any]]:
-    data_cfg = dict((getattr(detector, "run_config_", None) or {}).get("data") or {})
-    images, report = load_dataset(data, **data_cfg, strict=strict, expect=input_spec(detector))
-    if not np.any(images.labels != -1):
-        raise ConfigError(
-            f"{data}: no case has a label; evaluate needs labelled data (a manifest with a "
-            "label column, or normal/ and abnormal/ sub-folders)"
-        )
-    return images, report, data_cfg
-
-
-def _gallery(
-    detector: BaseDetector,
-    images: ImageSet,
-    scores: np.ndarray,
-    folder: Path,
-    per_group: int,
-) -> list[Path]:
-    """Input | reconstruction | difference map of the cases worth looking at."""
-    chosen = figs.gallery_indices(images.labels, scores, per_group)
-    if not chosen:
-        return []
-    subset = images.subset(chosen)
-    result = detector.detect(subset)
-    names = {0: "normal", 1: "abnormal"}
-    titles = [
-        f"{Path(images.ids[i]).name} ({names.get(int(images.labels[i]), '?')}) "
-        f"score {scores[i]:.4g}"
-        for i in chosen
-    ]
-    stems = [case_stem(images.ids[i], i) for i in chosen]
-    return figs.save_gallery(
-        folder, subset.images, result.reconstructions, result.maps, titles, stems
-    )
-
-
 def _outcome(label: int, prediction: int) -> str:
     if label not in (0, 1):
         return ""
@@ -526,8 +497,13 @@ def evaluate_run(
     foreground_threshold: float | None = None,
     maps_dir: str | Path | None = None,
     dicom: bool = False,
-) -> dict[str, Any]:
+    options: JobOptions | None = None,
+    chunk: int = SCORE_CHUNK,
+) -> dict[str, Any] | None:
     """Score labelled data with a trained run and write metrics, scores and a report.
+
+    The cases are streamed (``chunk`` in memory at a time) and, with ``options.devices``
+    above one, split over ranks (:mod:`medanomaly.evaluation.job`); rank 0 writes every file.
 
     Args:
         run_dir: Run directory (or ``model.pt``) written by ``fit`` or ``cv``.
@@ -547,23 +523,90 @@ def evaluate_run(
         maps_dir: Folder for every case's anomaly map in the scan's own geometry (see
             :func:`medanomaly.outputs.save_maps`); ``None`` writes none.
         dicom: With ``maps_dir``, also write a DICOM Parametric Map per DICOM volume.
+        options: Devices and workers (default: one process).
+        chunk: Cases read into memory at a time.
 
     Returns:
-        The metrics written to ``metrics.json``; ``map_problems`` lists the cases whose
-        maps could not be written.
+        The metrics written to ``metrics.json`` (on rank 0; ``None`` on the other ranks);
+        ``map_problems`` lists the cases whose maps could not be written.
     """
     out = Path(out)
-    detector = BaseDetector.load(run_dir)
-    images, report, data_cfg = _load_labelled(detector, data, strict)
-    with_masks = images.masks is not None
-    scores, maps = score_in_chunks(detector, images, keep_maps=with_masks)
-    labelled = images.labels != -1
-    choice = _evaluate_threshold(
-        detector, threshold, images.labels[labelled], scores[labelled], alpha
+    options = options or JobOptions()
+    ranks, detector = start_job(run_dir, options)
+    share = load_share(detector, data, ranks, strict, options.num_workers)
+    label_names = ((getattr(detector, "run_config_", None) or {}).get("data") or {}).get(
+        "label_names"
     )
+    pixel = any(ranks.all_gather(bool(share.cases.has_masks)))
+    with tempfile.TemporaryDirectory(prefix="medanomaly-evaluate-") as spill:
+        parts = ranks.together(  # every rank's pass, on every rank; one failing stops all
+            lambda: job.score_share(
+                detector, share, data, label_names, pixel, foreground_threshold, Path(spill), chunk
+            )
+        )
+        local, scored = parts[ranks.rank], job.merged(parts, share.n_cases)
+        _check_labelled(data, scored.labels)
+        found = job.pixel_result(ranks, local, scored, Path(spill)) if pixel else None
+    labelled = scored.labels != -1
+    choice = _evaluate_threshold(
+        detector, threshold, scored.labels[labelled], scored.scores[labelled], alpha
+    )
+    figures_dir = out / FIGURES_DIR
+    gallery = job.gallery(
+        ranks, detector, share, scored, figures_dir / "gallery", gallery_per_group
+    )
+
+    def write_maps() -> list[str]:
+        if maps_dir is None:
+            return []
+        return save_maps_in_chunks(
+            detector,
+            share.cases,
+            maps_dir,
+            dicom=dicom,
+            threshold=choice.value,
+            indices=share.index,
+        ).problems
+
+    every_problem = ranks.together(write_maps, to_main=True)  # one failing rank stops all
+    if every_problem is None:
+        return None
+    sources = {"run": str(run_dir), "data": str(data)}
+    metrics = _write_evaluation(
+        out, detector, scored, choice, found, gallery, share.skipped, alpha, n_boot, sources
+    )
+    if maps_dir is not None:
+        metrics["map_problems"] = [line for part in every_problem for line in part]
+    write_json(out / METRICS_FILE, metrics)
+    return json_ready(metrics)
+
+
+def _check_labelled(data: str | Path, labels: np.ndarray) -> None:
+    if not np.any(labels != -1):
+        raise ConfigError(
+            f"{data}: no case has a label; evaluate needs labelled data (a manifest with a "
+            "label column, or normal/ and abnormal/ sub-folders)"
+        )
+
+
+def _write_evaluation(
+    out: Path,
+    detector: BaseDetector,
+    scored: job.Scored,
+    choice: ThresholdChoice,
+    found: tuple[dict[str, Any], str] | None,
+    gallery: list[Path],
+    skipped: list[tuple[str, str]],
+    alpha: float,
+    n_boot: int,
+    sources: dict[str, str],
+) -> dict[str, Any]:
+    """Rank 0's part: metrics, ``scores.csv``, the figures and ``report.html``."""
+    labels, scores = scored.labels, scored.scores
+    labelled = labels != -1
     value = choice.value
     block = image_block(
-        images.labels[labelled],
+        labels[labelled],
         scores[labelled],
         value,
         choice.rule,
@@ -579,33 +622,25 @@ def evaluate_run(
     predictions = predict_abnormal(scores, value)
     extra, conformal = _conformal(detector, scores, alpha)
     metrics: dict[str, Any] = {"image": block}
-    if with_masks:
-        include = known_masks(data, data_cfg.get("label_names"), images) & labelled
-        fg, fg_rule = foreground_masks(images, foreground_threshold)
-        metrics["pixel"], per_image = pixel_block(maps, images.masks, fg, fg_rule, include)
-        extra.update(_per_image_columns(per_image, include))
+    if found is not None:
+        result, rule = found
+        metrics["pixel"] = _pixel_summary(result, rule, int(scored.include.sum()))
+        extra.update(_per_image_columns(result["per_image"], scored.include))
     metrics.update(
         conformal=conformal,
         n_cases=int(labelled.sum()),
         n_unlabelled=int((~labelled).sum()),
-        skipped=skipped_list(report),
-        run=str(run_dir),
-        data=str(data),
+        skipped=[{"case": path, "reason": problem} for path, problem in skipped],
+        **sources,
         model=getattr(detector, "name", type(detector).__name__),
     )
     result = AnomalyResult(scores, predictions, np.empty(0), None, value)
-    write_scores_csv(out / SCORES_FILE, images.ids, images.labels, result, extra=extra)
-    figures_dir = out / FIGURES_DIR
+    write_scores_csv(out / SCORES_FILE, scored.ids, labels, result, extra=extra)
     made = _evaluation_figures(
-        detector, images.labels[labelled], scores[labelled], block, figures_dir
+        detector, labels[labelled], scores[labelled], block, out / FIGURES_DIR
     )
-    gallery = _gallery(detector, images, scores, figures_dir / "gallery", gallery_per_group)
-    if maps_dir is not None:
-        written = save_maps_in_chunks(detector, images, maps_dir, dicom=dicom, threshold=value)
-        metrics["map_problems"] = written.problems
-    _write_evaluation_report(out, metrics, made, gallery, images, scores, predictions, extra)
-    write_json(out / METRICS_FILE, metrics)
-    return json_ready(metrics)
+    _write_evaluation_report(out, metrics, made, gallery, scored, predictions, extra)
+    return metrics
 
 
 def _conformal(
@@ -642,8 +677,7 @@ def _write_evaluation_report(
     metrics: dict[str, Any],
     made: list[Figure],
     gallery: list[Path],
-    images: ImageSet,
-    scores: np.ndarray,
+    scored: job.Scored,
     predictions: np.ndarray,
     extra: dict[str, np.ndarray],
 ) -> Path:
@@ -659,7 +693,7 @@ def _write_evaluation_report(
             "normal cases; red = large difference. 3D: three planes through the top voxel.",
         )
     )
-    blocks.append(case_table(images.ids, images.labels, scores, predictions, extra))
+    blocks.append(case_table(scored.ids, scored.labels, scored.scores, predictions, extra))
     if metrics["skipped"]:
         lines = "; ".join(f"{s['case']}: {s['reason']}" for s in metrics["skipped"])
         blocks.append(Text(f"Skipped cases ({len(metrics['skipped'])})", lines))

@@ -26,7 +26,7 @@ import torch
 
 from medanomaly import __version__
 from medanomaly.base import MODEL_FILE, AnomalyResult, BaseDetector, _plain, mean_sd_threshold
-from medanomaly.data import ImageSet, as_image_set
+from medanomaly.data import Cases, ImageSet, as_cases
 from medanomaly.engine import EngineConfig, split_indices
 from medanomaly.errors import InvalidImageError, check_choice
 from medanomaly.registry import register
@@ -43,7 +43,9 @@ class StatisticDetector(BaseDetector):
     A subclass gives ``fit_statistics(images)`` (learn from normal training images),
     ``evaluate(x)`` (scores and maps of a batch tensor) and ``statistics()`` (its learned
     arrays, for saving); ``fit``, the threshold, batching, input checks and persistence live
-    here.
+    here. The images are read a chunk at a time, so that a streamed set (see
+    :mod:`medanomaly.streaming`) is fitted and scored without being held in memory; its cases
+    must share one grid.
 
     Args:
         spatial_dims: 2 or 3.
@@ -78,8 +80,11 @@ class StatisticDetector(BaseDetector):
 
     # -- what a baseline defines ------------------------------------------------------------
     @abstractmethod
-    def fit_statistics(self, images: np.ndarray) -> None:
-        """Learn the statistics from normal training images ``(N, C, *spatial)``."""
+    def fit_statistics(self, images: np.ndarray | Cases) -> None:
+        """Learn the statistics from normal training images ``(N, C, *spatial)``.
+
+        ``images`` is an array or a set of cases on one grid; read it with :func:`_chunks`.
+        """
 
     @abstractmethod
     def evaluate(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,20 +114,21 @@ class StatisticDetector(BaseDetector):
         Returns:
             ``self``, fitted.
         """
-        train_set = as_image_set(train, self.spatial_dims)
+        train_set = as_cases(train, self.spatial_dims)
         train_set = train_set.subset(train_set.labels != 1)
         if val is None:
             cfg = self.engine_config
             keep, held = split_indices(len(train_set), cfg.val_fraction, cfg.seed, cfg.val_min)
             train_set, normal = train_set.subset(keep), train_set.subset(held)
         else:
-            val_set = as_image_set(val, self.spatial_dims)
+            val_set = as_cases(val, self.spatial_dims)
             normal = val_set.subset(val_set.labels != 1)
         if len(train_set) == 0:
             raise InvalidImageError("<input>", f"{self.name}: no normal training image")
-        self._check_channels(train_set.images.shape[1])
-        self.input_shape_ = tuple(train_set.images.shape[1:])
-        self.fit_statistics(train_set.images)
+        shape = _one_shape(train_set, self.name)
+        self._check_channels(shape[0])
+        self.input_shape_ = shape
+        self.fit_statistics(train_set)
         self.history_: list[dict[str, float]] = []
         if run_dir is not None:
             self.run_config_ = self._run_config(Path(run_dir))
@@ -146,17 +152,18 @@ class StatisticDetector(BaseDetector):
 
     # -- inference --------------------------------------------------------------------------
     def _batches(self, x: Any) -> Iterator[torch.Tensor]:
-        images = as_image_set(x, self.spatial_dims)
+        """Batches of ``x`` in input order (a streamed set is read a chunk at a time)."""
+        images = as_cases(x, self.spatial_dims)
         expected = getattr(self, "input_shape_", None)
-        if expected is not None and tuple(images.images.shape[1:]) != expected:
-            raise InvalidImageError(
-                images.ids[0] if images.ids else "<input>",
-                f"image shape {tuple(images.images.shape[1:])} differs from the training "
-                f"shape {expected}; apply the same preprocessing as for training",
-            )
-        step = max(1, BATCH_VOXELS // max(images.images[0].size, 1)) if len(images) else 1
-        for start in range(0, len(images), step):
-            yield torch.from_numpy(np.ascontiguousarray(images.images[start : start + step]))
+        if expected is not None:
+            for i, shape in enumerate(images.shapes):
+                if tuple(shape) != tuple(expected):
+                    raise InvalidImageError(
+                        images.ids[i] if images.ids else "<input>",
+                        f"image shape {tuple(shape)} differs from the training shape "
+                        f"{tuple(expected)}; apply the same preprocessing as for training",
+                    )
+        yield from _chunks(images)
 
     def detect(self, x: ImageSet | np.ndarray | torch.Tensor) -> AnomalyResult:
         """Scores, maps and labels of images ``(N, C, *spatial)``."""
@@ -266,7 +273,7 @@ class IntensityBaseline(StatisticDetector):
         self.score_reduce = score_reduce
         self.score_value = score_value
 
-    def fit_statistics(self, images: np.ndarray) -> None:
+    def fit_statistics(self, images: np.ndarray | Cases) -> None:
         """Mean and SD per channel (and per voxel) inside the normal foregrounds."""
         check_choice(self.name, "direction", self.direction, DIRECTIONS)
         check_choice(self.name, "score_reduce", self.score_reduce, SCORE_REDUCTIONS)
@@ -278,7 +285,7 @@ class IntensityBaseline(StatisticDetector):
         if self.per_voxel:
             voxel_mean, voxel_sd, voxel_count = totals.voxel_mean_sd()
             enough = voxel_count >= 2
-            shape = (-1, *([1] * (images.ndim - 2)))
+            shape = (-1, *([1] * self.spatial_dims))
             mean_ = torch.where(enough, voxel_mean, mean.view(shape))
             sd_ = torch.where(enough & (voxel_sd > SD_FLOOR), voxel_sd, sd_.view(shape))
         self.mean_ = mean_.float().numpy()
@@ -333,14 +340,15 @@ class VolumeBaseline(StatisticDetector):
         super().__init__(spatial_dims, in_channels, foreground_threshold, threshold_sd, engine)
         self.direction = direction
 
-    def fit_statistics(self, images: np.ndarray) -> None:
+    def fit_statistics(self, images: np.ndarray | Cases) -> None:
         """Mean and SD of the foreground counts; per-voxel occupancy."""
         check_choice(self.name, "direction", self.direction, DIRECTIONS)
-        counts, occupancy = [], torch.zeros(images.shape[2:], dtype=torch.float64)
+        counts: list[torch.Tensor] = []
+        occupancy: torch.Tensor | float = 0.0
         for x in _chunks(images):
             inside = self.foreground(x)
             counts.append(inside.flatten(1).sum(dim=1).double())
-            occupancy += inside.double().sum(dim=0)
+            occupancy = occupancy + inside.double().sum(dim=0)
         counts = torch.cat(counts)
         self.count_mean_ = np.asarray(float(counts.mean()))
         sd = float(counts.std()) if len(counts) > 1 else 0.0
@@ -371,11 +379,37 @@ def _channels(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     )
 
 
-def _chunks(images: np.ndarray) -> Iterator[torch.Tensor]:
-    """``images`` as tensors of about :data:`BATCH_VOXELS` voxels each (no copy of the set)."""
-    step = max(1, BATCH_VOXELS // max(int(np.prod(images.shape[1:])), 1))
-    for start in range(0, len(images), step):
-        yield torch.from_numpy(np.ascontiguousarray(images[start : start + step]))
+def _chunks(images: np.ndarray | Cases) -> Iterator[torch.Tensor]:
+    """``images`` in input order as tensors of about :data:`BATCH_VOXELS` voxels each.
+
+    An array is sliced (no copy of the set); a set of cases (one grid) is read a chunk at a
+    time, so that a streamed set is never held whole.
+    """
+    if isinstance(images, np.ndarray):
+        step = max(1, BATCH_VOXELS // max(int(np.prod(images.shape[1:])), 1))
+        for start in range(0, len(images), step):
+            yield torch.from_numpy(np.ascontiguousarray(images[start : start + step]))
+        return
+    for index in images.chunks(lambda shape: BATCH_VOXELS // max(int(np.prod(shape)), 1)):
+        part = np.asarray(images.batch(index), dtype=np.float32)
+        yield torch.from_numpy(np.ascontiguousarray(part))
+
+
+def _one_shape(images: Cases, owner: str) -> tuple[int, ...]:
+    """The one shape ``(C, *spatial)`` of ``images``.
+
+    Raises:
+        InvalidImageError: The cases have different shapes (a baseline compares voxels).
+    """
+    shapes = images.shapes
+    for i, shape in enumerate(shapes):
+        if tuple(shape) != tuple(shapes[0]):
+            raise InvalidImageError(
+                images.ids[i],
+                f"{owner}: shape {tuple(shape)} differs from {tuple(shapes[0])}; the baseline "
+                "needs every training image on one grid (resize or pad them to one shape)",
+            )
+    return tuple(int(n) for n in shapes[0])
 
 
 class _Moments:

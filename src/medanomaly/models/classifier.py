@@ -64,6 +64,16 @@ class LabelledImages(Dataset):
         """The underlying image array ``(N, C, *spatial)``."""
         return self.image_set.images
 
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Shape of each image (one grid)."""
+        return self.image_set.shapes
+
+    @property
+    def ids(self) -> list[str]:
+        """The images' names."""
+        return self.image_set.ids
+
     def reseed(self, seed: int) -> None:
         """Reseed the image set's augmentation (called by the engine every epoch)."""
         self.image_set.reseed(seed)

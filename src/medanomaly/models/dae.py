@@ -72,6 +72,8 @@ class DenoisingAE(DeepDetector):
             :class:`~medanomaly.scoring.MapScoring`); ``None`` keeps ``score_reduce``.
     """
 
+    fully_convolutional = True  # scores cases of any size, each at its own
+
     def __init__(
         self,
         spatial_dims: int = 2,

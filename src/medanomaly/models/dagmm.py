@@ -50,7 +50,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medanomaly.base import MODEL_FILE, DeepDetector
-from medanomaly.data import ImageSet, as_image_set
+from medanomaly.data import ImageSet, as_cases
 from medanomaly.engine import EngineConfig
 from medanomaly.errors import NotFittedError
 from medanomaly.nets import layers
@@ -345,7 +345,7 @@ class DAGMM(DeepDetector):
 
     def _fit_mixture(self, train: ImageSet) -> None:
         """Estimate ``phi_``, ``mu_``, ``cov_`` over ``train`` (without augmentation)."""
-        images = as_image_set(train, self.spatial_dims).subset(np.arange(len(train)))
+        images = as_cases(train, self.spatial_dims).subset(np.arange(len(train)))
         device = next(self.network_.parameters()).device
         features, gammas = [], []
         self.network_.eval()

@@ -35,7 +35,7 @@ from medanomaly.base import (
     scores_only,
     standardisation,
 )
-from medanomaly.data import ImageSet, as_image_set
+from medanomaly.data import ImageSet, as_cases
 from medanomaly.engine import EngineConfig, split_indices
 from medanomaly.errors import ConfigError
 from medanomaly.registry import build_nested, get_model_class, nested_block, register
@@ -118,12 +118,12 @@ class Ensemble(BaseDetector):
             ``self``, fitted.
         """
         members = self._build_members()
-        train_set = as_image_set(train, self.spatial_dims)
+        train_set = as_cases(train, self.spatial_dims)
         if val is None:
             cfg = self.engine_config
             keep, held = split_indices(len(train_set), cfg.val_fraction, cfg.seed, cfg.val_min)
             train_set, val = train_set.subset(keep, keep_augment=True), train_set.subset(held)
-        val_set = as_image_set(val, self.spatial_dims)
+        val_set = as_cases(val, self.spatial_dims)
         normal = val_set.subset(val_set.labels != 1)
         if len(normal) == 0:
             raise ConfigError("ensemble: the validation images hold no normal image")

@@ -96,6 +96,8 @@ class ForeignPatchInterpolation(DeepDetector):
             ``score_reduce``.
     """
 
+    fully_convolutional = True  # scores cases of any size, each at its own
+
     def __init__(
         self,
         spatial_dims: int = 2,

@@ -39,7 +39,7 @@ from medanomaly.base import (
     scores_only,
     standardisation,
 )
-from medanomaly.data import ImageSet, as_image_set
+from medanomaly.data import ImageSet, as_cases
 from medanomaly.engine import EngineConfig, split_indices
 from medanomaly.errors import ConfigError, check_choice
 from medanomaly.registry import build_nested, get_model_class, nested_block, register
@@ -133,13 +133,13 @@ class LatentDensity(BaseDetector):
             ``self``, fitted.
         """
         self._check_settings()
-        train_set = as_image_set(train, self.spatial_dims)
+        train_set = as_cases(train, self.spatial_dims)
         train_set = train_set.subset(train_set.labels != 1, keep_augment=True)
         if val is None:
             cfg = self.engine_config
             keep, held = split_indices(len(train_set), cfg.val_fraction, cfg.seed, cfg.val_min)
             train_set, val = train_set.subset(keep, keep_augment=True), train_set.subset(held)
-        val_set = as_image_set(val, self.spatial_dims)
+        val_set = as_cases(val, self.spatial_dims)
         normal = val_set.subset(val_set.labels != 1)
         if run_dir is not None:
             self.run_config_ = self._run_config(Path(run_dir))
@@ -195,7 +195,7 @@ class LatentDensity(BaseDetector):
         """
         self.check_fitted()
         self._check_settings()
-        self._standardise(as_image_set(normal, self.spatial_dims))
+        self._standardise(as_cases(normal, self.spatial_dims))
         return self
 
     # -- scoring ----------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from monai.inferers import sliding_window_inference
 from torch import nn
 
 from medanomaly.base import DeepDetector
-from medanomaly.data import ImageSet
 from medanomaly.engine import EngineConfig
 from medanomaly.errors import ConfigError, InvalidImageError
 from medanomaly.nets import ResNetAutoencoder
@@ -130,12 +129,6 @@ class ResNetAE(DeepDetector):
                 "<input>", f"images have {channels} channels, the model expects {self.in_channels}"
             )
 
-    def _check_scoring_shape(self, images: ImageSet) -> None:
-        if self.patch is None:
-            super()._check_scoring_shape(images)
-        else:
-            self._check_channels(images.images.shape[1])
-
     # -- network --------------------------------------------------------------------------
     def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
         """Build the autoencoder for whole volumes of ``input_shape`` or for patches."""
@@ -148,6 +141,10 @@ class ResNetAE(DeepDetector):
             self.latent_dim,
             self.output_activation,
         )
+
+    def training_collate(self) -> PatchCollate | None:
+        """With patches, volumes of different shapes join a batch by their random patches."""
+        return None if self.patch is None else PatchCollate(self.patch)
 
     def loss(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:
         """Mean squared error: of one random patch per volume in training, else of the volume."""
@@ -202,6 +199,20 @@ def random_patches(x: torch.Tensor, patch: Sequence[int]) -> torch.Tensor:
         index = tuple(slice(a, a + p) for a, p in zip(starts, patch, strict=True))
         crops.append(image[(slice(None), *index)])
     return torch.stack(crops)
+
+
+class PatchCollate:
+    """Join volumes of different shapes into a batch of one random patch each (torch's RNG).
+
+    The loss then finds the batch at patch size and trains on it as it is.
+    """
+
+    def __init__(self, patch: Sequence[int]) -> None:
+        self.patch = tuple(int(p) for p in patch)
+
+    def __call__(self, volumes: list[torch.Tensor]) -> torch.Tensor:
+        """The batch ``(B, C, *patch)``."""
+        return torch.cat([random_patches(v[None], self.patch) for v in volumes])
 
 
 def window_starts(size: int, patch: int, overlap: float) -> list[int]:

@@ -1,0 +1,160 @@
+"""Batch jobs over a trained run: what ``score`` does, and what ``evaluate`` and ``screen`` share.
+
+A job streams its cases: each rank (one process, or ``--devices N`` of them, see
+:mod:`medanomaly.distributed`) prepares its share into the cache, then scores it chunk by
+chunk (``chunk`` cases read into memory at a time), writes the maps it made, and sends the
+per-case rows to rank 0, which writes the table in input order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from medanomaly.base import AnomalyResult, BaseDetector, scores_only
+from medanomaly.data import Cases, ImageSet
+from medanomaly.distributed import Ranks, Share, launch, load_share, merge_rows
+from medanomaly.outputs import MapsWritten, save_part_maps, write_scores_csv
+
+#: Cases read into memory and scored at a time.
+SCORE_CHUNK = 32
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Where a job runs (``--accelerator``, ``--devices``, ``--num-nodes``, ``--num-workers``).
+
+    Attributes:
+        accelerator: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"gpu"``.
+        devices: Processes (devices) per node.
+        num_nodes: Machines.
+        num_workers: First-pass worker processes per rank (``None``: the run's
+            ``data.num_workers``, else the cores available).
+    """
+
+    accelerator: str = "auto"
+    devices: int = 1
+    num_nodes: int = 1
+    num_workers: int | None = None
+
+
+def start_job(run: str | Path, options: JobOptions) -> tuple[Ranks, BaseDetector]:
+    """Launch the job's processes and load the run onto this process's device."""
+    ranks = launch(options.accelerator, options.devices, options.num_nodes)
+    return ranks, BaseDetector.load(run).to(ranks.device)
+
+
+def in_chunks(cases: Cases, size: int) -> Iterator[tuple[np.ndarray, ImageSet]]:
+    """``(index, cases in memory)`` for chunks of at most ``size`` cases of one shape."""
+    for index in cases.chunks(size):
+        yield index, cases.subset(index).to_image_set()
+
+
+@dataclass
+class ScoreSummary:
+    """What a score job did (rank 0's view).
+
+    Attributes:
+        n_cases: Cases scored.
+        n_flagged: Cases above the threshold.
+        threshold: The run's threshold.
+        skipped: ``(path, reason)`` of the cases left out, in input order.
+        warnings: ``(path, problem)`` of kept cases with problems.
+        map_problems: Cases whose maps in the scan's geometry could not be written.
+    """
+
+    n_cases: int
+    n_flagged: int
+    threshold: float
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+    map_problems: list[str] = field(default_factory=list)
+
+
+def score_run(
+    run: str | Path,
+    data: str | Path,
+    out: str | Path,
+    maps: str | Path | None = None,
+    dicom: bool = False,
+    strict: bool = False,
+    options: JobOptions | None = None,
+    chunk: int = SCORE_CHUNK,
+) -> ScoreSummary | None:
+    """Score a folder or manifest with a trained run; write the score table (and maps).
+
+    The table has one row per case in input order: id, label, score, prediction,
+    threshold, p_value (conformal, against the run's held-out normal validation scores).
+
+    Args:
+        run: Run directory (or ``model.pt``).
+        data: Folder or manifest.
+        out: The CSV (written by rank 0, atomically).
+        maps: Folder for every case's maps (see :func:`medanomaly.outputs.save_maps`),
+            written by the rank that scored the case.
+        dicom: With ``maps``, also DICOM Parametric Maps of DICOM volumes.
+        strict: Raise on the first unreadable case.
+        options: Devices and workers (default: one process).
+        chunk: Cases read into memory at a time.
+
+    Returns:
+        The summary on rank 0; ``None`` on the other ranks.
+    """
+    from medanomaly.evaluation.thresholds import conformal_pvalues
+
+    ranks, detector = start_job(run, options or JobOptions())
+    share = load_share(detector, data, ranks, strict, (options or JobOptions()).num_workers)
+    gathered = ranks.together(  # one failing rank stops them all
+        lambda: _score_share(detector, share, maps, dicom, chunk), to_main=True
+    )
+    if gathered is None:
+        return None
+    table = merge_rows([rows for rows, _ in gathered], share.n_cases)
+    ids = [row[0] for row in table]
+    labels = np.array([row[1] for row in table], dtype=np.int64)
+    scores = np.array([row[2] for row in table], dtype=np.float64)
+    threshold = float(detector.threshold_)
+    result = AnomalyResult(
+        scores, (scores > threshold).astype(np.int64), np.empty(0), None, threshold
+    )
+    p_values = conformal_pvalues(detector.val_scores_, scores)
+    write_scores_csv(out, ids, labels, result, extra={"p_value": p_values})
+    return ScoreSummary(
+        n_cases=len(ids),
+        n_flagged=int(result.labels.sum()),
+        threshold=threshold,
+        skipped=share.skipped,
+        warnings=share.warnings,
+        map_problems=[line for _, written in gathered for line in written.problems],
+    )
+
+
+def _score_share(
+    detector: BaseDetector,
+    share: Share,
+    maps: str | Path | None,
+    dicom: bool,
+    chunk: int,
+) -> tuple[list[tuple[int, Any]], MapsWritten]:
+    """Rows ``(index, (id, label, score))`` of this rank's cases, and the maps it wrote."""
+    rows: list[tuple[int, Any]] = []
+    written = MapsWritten()
+    for index, part in in_chunks(share.cases, chunk):
+        if maps is None:
+            scores = np.asarray(scores_only(detector, part), dtype=np.float64)
+        else:
+            result = detector.detect(part)
+            scores = np.asarray(result.scores, dtype=np.float64)
+            written.add(
+                save_part_maps(
+                    maps, part, result, model=detector.name, dicom=dicom, indices=share.index[index]
+                )
+            )
+        for j, i in enumerate(index):
+            row = (part.ids[j], int(part.labels[j]), float(scores[j]))
+            rows.append((int(share.index[i]), row))
+    return rows, written

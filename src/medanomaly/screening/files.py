@@ -1,0 +1,10 @@
+"""The names of the files a screen writes in its output folder."""
+
+CSV_FILE = "screen.csv"
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.html"
+GALLERY_DIR = "gallery"
+UMAP_SCORE_FILE = "umap_score.png"
+UMAP_SIZE_FILE = "umap_size.png"
+SIZE_BIAS_FILE = "size_bias.png"
+SKIPPED_FILE = "skipped.txt"

@@ -1,0 +1,135 @@
+"""The whole ``medanomaly screen`` job: stream, screen, draw and write, on one or many ranks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from medanomaly.base import AnomalyResult, BaseDetector
+from medanomaly.data import ImageSet
+from medanomaly.distributed import Share, load_share
+from medanomaly.jobs import JobOptions, start_job
+from medanomaly.outputs import save_part_maps
+from medanomaly.screening.core import (
+    DEFAULT_BATCH,
+    DEFAULT_K,
+    ChunkHook,
+    check_settings,
+    screen,
+    screen_threshold,
+)
+from medanomaly.screening.facts import DEFAULT_METAL_LEVEL
+from medanomaly.screening.files import GALLERY_DIR
+from medanomaly.screening.gallery import save_gallery
+from medanomaly.screening.latent import DEFAULT_MIN_SAMPLES
+from medanomaly.screening.outputs import write_screen_outputs
+from medanomaly.screening.result import ScreenResult
+
+
+@dataclass
+class ScreenJob:
+    """What a screen job did (rank 0's view).
+
+    Attributes:
+        result: The screen.
+        warnings: ``(path, problem)`` of kept cases with problems.
+        map_problems: Cases whose maps in the scan's geometry could not be written.
+    """
+
+    result: ScreenResult
+    warnings: list[tuple[str, str]] = field(default_factory=list)
+    map_problems: list[str] = field(default_factory=list)
+
+
+def screen_folder(
+    run: str | Path,
+    data: str | Path,
+    out: str | Path,
+    k: float = DEFAULT_K,
+    metal_level: float = DEFAULT_METAL_LEVEL,
+    eps: float | None = None,
+    min_samples: int = DEFAULT_MIN_SAMPLES,
+    batch: int = DEFAULT_BATCH,
+    maps: str | Path | None = None,
+    dicom: bool = False,
+    options: JobOptions | None = None,
+) -> ScreenJob | None:
+    """Screen an unlabelled folder or manifest with a trained run and write every output.
+
+    Each rank prepares and screens its share of the cases (streamed from the cache), writes
+    their maps (with ``maps``) and draws its flagged cases; rank 0 clusters the latent
+    vectors and writes ``screen.csv``, ``summary.json``, the figures and ``report.html``
+    (see :func:`~medanomaly.screening.outputs.write_screen_outputs`).
+
+    Args:
+        run: Run directory (or ``model.pt``).
+        data: Unlabelled folder or manifest.
+        out: Output folder.
+        k: Flag score > mean + k·SD of the run's normal validation scores.
+        metal_level: Raw value above which a voxel counts as metal.
+        eps: DBSCAN radius (``None``: automatic).
+        min_samples: DBSCAN ``min_samples``.
+        batch: Cases scored at a time.
+        maps: Folder for every case's maps in the scan's geometry.
+        dicom: With ``maps``, DICOM Parametric Maps of DICOM volumes too.
+        options: Devices and workers (default: one process).
+
+    Returns:
+        The job's summary on rank 0; ``None`` on the other ranks.
+    """
+    options = options or JobOptions()
+    check_settings(batch, eps, min_samples)
+    ranks, detector = start_job(run, options)
+    threshold = screen_threshold(detector, k)[0]
+    share = load_share(detector, data, ranks, num_workers=options.num_workers)
+    problems: list[str] = []
+    hook = None if maps is None else _map_writer(detector, share, maps, dicom, threshold, problems)
+    result = screen(
+        detector,
+        share.cases,
+        k=k,
+        metal_level=metal_level,
+        eps=eps,
+        min_samples=min_samples,
+        batch=batch,
+        skipped=share.skipped,
+        ranks=ranks,
+        index=share.index,
+        on_chunk=hook,
+    )
+    out = Path(out)
+    gallery = ranks.checked(  # one failing rank stops them all
+        lambda: save_gallery(detector, share.cases, result, out / GALLERY_DIR, batch, share.index)
+    )
+    every_problem = ranks.gather(problems)
+    if every_problem is None:
+        return None
+    write_screen_outputs(result, out, gallery, run=str(run), data=str(data))
+    return ScreenJob(result, share.warnings, [line for part in every_problem for line in part])
+
+
+def _map_writer(
+    detector: BaseDetector,
+    share: Share,
+    folder: str | Path,
+    dicom: bool,
+    threshold: float,
+    problems: list[str],
+) -> ChunkHook:
+    """Write each chunk's maps while the screen has them (flagged by the screen's threshold)."""
+
+    def write(index: np.ndarray, part: ImageSet, result: AnomalyResult) -> None:
+        written = save_part_maps(
+            folder,
+            part,
+            result,
+            model=getattr(detector, "name", ""),
+            dicom=dicom,
+            indices=share.index[index],
+            threshold=threshold,
+        )
+        problems.extend(written.problems)
+
+    return write
