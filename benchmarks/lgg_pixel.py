@@ -61,10 +61,12 @@ AP (average precision) and two Dice figures: ``dice_at_val_threshold`` (the cut-
 the best Dice on the fold's validation patients, applied to its test patients) and
 ``best_dice`` (the oracle ⌈Dice⌉: the cut-off chosen on the test pixels themselves, as in
 the literature). ``cv`` reports them pooled over all test folds (every slice of every
-patient once; Dice at the validation cut-off sums each fold's overlaps at its own cut-off)
-and per fold as mean ± SD. Image AUROC: slice has tumour or not, scored by the mean of the
-top 1 % of the map inside the foreground (PD rows: the detector's score). Seconds: training
-of the row's networks + scoring of the validation and test slices, summed over the folds.
+patient once, each fold's maps and scores divided by its validation cut-off so that the
+folds' networks share one scale; Dice at the validation cut-off sums each fold's overlaps at
+its own cut-off) and per fold as mean ± SD. Image AUROC: slice has tumour or not, scored by
+the mean of the top 1 % of the map inside the foreground (PD rows: the detector's score).
+Seconds: training of the row's networks + scoring of the validation and test slices, summed
+over the folds.
 
 Speed (``dae``, first fold, ``--threads`` threads): training slices/s = training slices x
 epochs run / training seconds (validation passes included), scoring slices/s = the fastest
@@ -812,6 +814,27 @@ def first_fold_speed(
 
 
 # -- pooling over folds -----------------------------------------------------------------------
+def in_cutoff_units(
+    maps: np.ndarray, scores: np.ndarray, cutoff: float | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """A fold's test maps and image scores divided by that fold's validation Dice cut-off.
+
+    Each fold trains its own network, whose maps have their own scale; pooled over folds
+    as they are, one cut-off cannot suit them all and the pooled AUROC, AP and oracle Dice
+    mostly measure how the scales differ. In units of the fold's own cut-off (chosen on
+    that fold's validation patients only) the validation cut-off is 1 in every fold. A
+    cut-off that is not positive leaves the fold as it is.
+    """
+    if cutoff is None or cutoff <= 0:
+        return maps, scores
+    return maps / cutoff, scores / cutoff
+
+
+def tuned_in_cutoff_units(result: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`in_cutoff_units` of a fold row's chosen (tuned) test maps and scores."""
+    return in_cutoff_units(result["test_maps"], result["test_scores"], result["val_threshold"])
+
+
 def pool(folds: dict[str, dict[str, Any]], data: ImageSet) -> dict[str, Any]:
     """Each row's metrics pooled over the test folds, and per fold as mean ± SD."""
     rows: dict[str, Any] = {}
@@ -822,18 +845,21 @@ def pool(folds: dict[str, dict[str, Any]], data: ImageSet) -> dict[str, Any]:
         )
         test = data.subset(index)
         results = [f["rows"][row] for f in folds.values()]
+        tuned = [tuned_in_cutoff_units(r) for r in results]
         pooled = evaluate(
-            np.concatenate([r["test_maps"] for r in results]),
+            np.concatenate([maps for maps, _ in tuned]),
             test,
-            np.concatenate([r["test_scores"] for r in results]),
+            np.concatenate([scores for _, scores in tuned]),
         )
         counts = {
             k: sum(r["dice_counts"][k] for r in results) for k in ("overlap", "called", "lesion")
         }
+        raw = [
+            in_cutoff_units(r["untuned_maps"], r["untuned_scores"], r["untuned"]["val_threshold"])
+            for r in results
+        ]
         untuned = evaluate(
-            np.concatenate([r["untuned_maps"] for r in results]),
-            test,
-            np.concatenate([r["untuned_scores"] for r in results]),
+            np.concatenate([maps for maps, _ in raw]), test, np.concatenate([s for _, s in raw])
         )
         untuned_counts = {
             k: sum(r["untuned"]["dice_counts"][k] for r in results)
@@ -867,7 +893,7 @@ def pool(folds: dict[str, dict[str, Any]], data: ImageSet) -> dict[str, Any]:
 
 
 def pooled_maps(results: list[dict[str, Any]]) -> np.ndarray:
-    return np.concatenate([r["test_maps"] for r in results])
+    return np.concatenate([tuned_in_cutoff_units(r)[0] for r in results])
 
 
 def per_patient(maps: np.ndarray, test: ImageSet) -> dict[str, float | None]:
@@ -995,7 +1021,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     how = (
         f"patient-grouped {n_folds}-fold cross-validation over {results['n_patients']} patients"
         f" ({len(next(iter(results['folds'].values()))['val'])} validation patients per "
-        "fold); pooled over the test folds"
+        "fold); pooled over the test folds, each fold's maps in units of its validation cut-off"
         if protocol == "cv" else "one fixed patient split"
     )  # fmt: skip
     lines = [
