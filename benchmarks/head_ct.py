@@ -42,9 +42,11 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from sklearn.metrics import roc_auc_score
 
-from medanomaly.base import BaseDetector
+from medanomaly import __version__
+from medanomaly.base import CONFIG_FILE, BaseDetector
 from medanomaly.checkpoint import atomic_write_text
 from medanomaly.config import apply_overrides, build_detector, load_config
 from medanomaly.datasets import load_dataset
@@ -111,7 +113,9 @@ def run_split(name: str, manifest: Path, out: Path, epochs: int | None) -> dict[
     train = train_all.subset(splits == "train", keep_augment=True)
     test = test_all.subset(splits == "test")
     start = time.perf_counter()
-    detector = build_detector(config).fit(train, run_dir=out / name)
+    detector = build_detector(config)
+    write_run_config(detector, config, out / name)  # so that `medanomaly evaluate --run` works
+    detector.fit(train, run_dir=out / name)
     seconds = time.perf_counter() - start
     scores = detector.score(test)
     metrics = image_metrics(test.labels, scores, detector.threshold_)
@@ -122,6 +126,13 @@ def run_split(name: str, manifest: Path, out: Path, epochs: int | None) -> dict[
         "epochs": len(detector.history_),
         "seconds": seconds,
     }
+
+
+def write_run_config(detector: BaseDetector, config: dict[str, Any], run: Path) -> None:
+    """The run's ``config.yaml`` with its data block, as ``medanomaly fit`` writes it."""
+    run.mkdir(parents=True, exist_ok=True)
+    resolved = {**detector.config(), "data": config.get("data") or {}, "version": __version__}
+    atomic_write_text(run / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=False))
 
 
 def run_cv(name: str, manifest: Path, out: Path, epochs: int | None) -> dict[str, Any]:

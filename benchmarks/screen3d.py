@@ -398,7 +398,8 @@ def run_score(args: argparse.Namespace, score: str, manifest: Path, folder: Path
     )
     with open(screen_dir / "screen.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    history = torch.load(run / "model.pt", map_location="cpu", weights_only=False)["history"]
+    saved = torch.load(run / "model.pt", map_location="cpu", weights_only=False)
+    history = saved.get("history") or []  # no-model rows train no epochs
     return {
         "rows": rows,
         "threshold": float(json.loads((screen_dir / "summary.json").read_text())["threshold"]),
