@@ -9,6 +9,11 @@ This script passes all of them to one ``medanomaly inspect`` process and sorts e
   files that do not, as pydicom itself sees them with ``force=True``);
 * tracebacks on stderr (there must be none).
 
+The no-model row of this benchmark is the reader a user has without medanomaly: plain
+``pydicom.dcmread(path, force=True).pixel_array`` with the same installed packages, counted
+over the same files. ``--json`` writes ``rows`` (``medanomaly inspect`` and that baseline,
+each with ``"baseline"``) beside the counts and the per-file outcomes.
+
     .venv/bin/python benchmarks/dicom_corpus.py [--json OUT.json]
 
 ``tests/test_dicom_corpus.py`` runs the same function and checks the outcome.
@@ -24,8 +29,12 @@ import warnings
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import pydicom
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import results_row  # noqa: E402  (benchmarks/common.py)
 
 CORPUS = Path(pydicom.__file__).parent / "data" / "test_files"
 _PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -39,6 +48,7 @@ class Outcome:
     read: bool
     reason: str
     has_pixels: bool
+    pydicom_reads: bool = False
 
 
 def corpus_files(root: Path = CORPUS) -> list[Path]:
@@ -55,6 +65,16 @@ def holds_pixel_data(path: Path) -> bool:
     except Exception:
         return False
     return any(keyword in ds for keyword in _PIXEL_KEYWORDS)
+
+
+def pydicom_reads(path: Path) -> bool:
+    """Whether plain pydicom decodes the file's pixels (the no-model row: no medanomaly)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return pydicom.dcmread(path, force=True).pixel_array.size > 0
+    except Exception:  # every failure counts as not read, whatever raised it
+        return False
 
 
 def run_inspect(files: list[Path]) -> tuple[str, str]:
@@ -92,6 +112,7 @@ def survey(root: Path = CORPUS) -> tuple[list[Outcome], str]:
                 read=not refusals and name in reports,
                 reason=refusals[0].removeprefix("cannot read: ") if refusals else "",
                 has_pixels=holds_pixel_data(path),
+                pydicom_reads=pydicom_reads(path),
             )
         )
     return outcomes, stderr
@@ -116,6 +137,19 @@ def counts(outcomes: list[Outcome], stderr: str) -> dict[str, int]:
     }
 
 
+def rows(outcomes: list[Outcome]) -> dict[str, dict[str, Any]]:
+    """Files read (of all, of the ``.dcm`` ones) by medanomaly and by plain pydicom."""
+
+    def row(read: list[bool], baseline: bool) -> dict[str, Any]:
+        dcm = [r for r, o in zip(read, outcomes, strict=True) if o.name.endswith(".dcm")]
+        return results_row({"read": sum(read), "dcm_read": sum(dcm)}, baseline=baseline)
+
+    return {
+        "medanomaly inspect": row([o.read for o in outcomes], baseline=False),
+        "pydicom dcmread + pixel_array": row([o.pydicom_reads for o in outcomes], baseline=True),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="write outcomes and counts here")
@@ -126,8 +160,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"refused, holds pixel data: {outcome.name}: {outcome.reason}")
     summary = counts(outcomes, stderr)
     print(json.dumps(summary))
+    table = rows(outcomes)
+    print(json.dumps(table))
     if args.json:
-        data = {"counts": summary, "files": [asdict(o) for o in outcomes], "stderr": stderr}
+        files = [asdict(o) for o in outcomes]
+        data = {"rows": table, "counts": summary, "files": files, "stderr": stderr}
         args.json.write_text(json.dumps(data, indent=1) + "\n")
     return 0
 
