@@ -22,8 +22,14 @@ counted once), and ``max_process_rss_mb`` is the largest single process (``wait4
 Volumes are written once (gzip) for the largest N and reused for the smaller ones; each N's
 caches are removed after it, the volumes at the end (``--keep-volumes`` keeps them).
 
+Before the sizes, the machine's own ceiling is measured (``parallel_ceiling``): the items per
+second of 1 and of 2 warm worker processes on the first pass without its cache writes (40
+volumes read and preprocessed in memory) and on pure-Python arithmetic. The first pass's
+speed-up cannot beat it; ``--ceiling-only`` measures it alone.
+
     .venv/bin/python benchmarks/scale.py --out OUT [--sizes 250 500 1000 2000]
     -> OUT/results.json (rows: one per N), OUT/results.md
+    .venv/bin/python benchmarks/scale.py --out OUT --ceiling-only   # -> OUT/ceiling.json
 """
 
 from __future__ import annotations
@@ -71,6 +77,7 @@ RSS_INTERVAL = 0.1
 TARGET_RSS_MB = 3072
 TARGET_SPEEDUP = 1.7
 LINEAR_SLOPE = (0.85, 1.15)
+CEILING_CASES = 40
 
 
 # -- synthetic CT volumes ------------------------------------------------------------------
@@ -326,6 +333,54 @@ def seed004_flops() -> dict[str, float]:
     }
 
 
+# -- the machine's own ceiling for two processes ---------------------------------------------
+def _decode_in_memory(path: str) -> float:
+    """Read and preprocess one volume, nothing written: the first pass minus its cache."""
+    from medanomaly.io import read_image
+    from medanomaly.transforms import build_transforms
+
+    return float(build_transforms(TRANSFORMS)(read_image(path)).array.mean())
+
+
+def _count_primes(limit: int) -> int:
+    """Pure-Python arithmetic: no memory traffic, no I/O, no library threads."""
+    return sum(all(k % d for d in range(2, int(k**0.5) + 1)) for k in range(2, limit))
+
+
+def _rate(function: Any, items: list[Any], processes: int) -> float:
+    """Items per second of ``function`` over ``items`` in a warm pool of ``processes``."""
+    with ProcessPoolExecutor(processes, mp_context=_worker_context()) as pool:
+        list(pool.map(function, items[:processes]))  # start-up and imports off the clock
+        start = time.perf_counter()
+        list(pool.map(function, items))
+        return len(items) / (time.perf_counter() - start)
+
+
+def _worker_context() -> Any:
+    from medanomaly.workers import worker_context
+
+    return worker_context()
+
+
+def parallel_ceiling(volumes: Path, cases: int = CEILING_CASES) -> dict[str, float]:
+    """What 2 processes gain over 1 on this machine, with no cache writes and no start-up.
+
+    The first pass's own speed-up is bounded by this: ``decode`` reads and preprocesses
+    ``cases`` volumes (page-cache hot) and writes nothing; ``arithmetic`` is pure Python.
+    """
+    paths = [str(volume_path(volumes, i)) for i in range(cases)]
+    primes = [60_000] * 16
+    found = {}
+    for name, function, items in (
+        ("decode", _decode_in_memory, paths),
+        ("arithmetic", _count_primes, primes),
+    ):
+        one, two = (_rate(function, items, p) for p in (1, 2))
+        found[f"{name}_speedup"] = two / one
+        found[f"{name}_per_second_1_process"] = one
+    return found
+
+
 # -- the benchmark ---------------------------------------------------------------------------
 def fit_screening_run(out: Path, volumes: Path, cache: Path, logs: Path) -> Path:
     """A briefly trained run to screen with (its threshold rests on 20 held-out volumes)."""
@@ -510,7 +565,17 @@ def markdown(rows: list[dict[str, Any]], found: dict[str, Any], extra: dict[str,
         f"training volume (one patch), {flops['score_gflop_per_volume']:.1f} GFLOP to score "
         "one volume",
     ]
+    if "parallel_ceiling" in extra:
+        lines.append(ceiling_line(extra["parallel_ceiling"]))
     return "\n".join(lines) + "\n"
+
+
+def ceiling_line(ceiling: dict[str, float]) -> str:
+    return (
+        f"- this machine's ceiling for 2 processes over 1 (warm pools, nothing written): "
+        f"decode in memory {ceiling['decode_speedup']:.2f}x, pure-Python arithmetic "
+        f"{ceiling['arithmetic_speedup']:.2f}x"
+    )
 
 
 def run_benchmark(args: argparse.Namespace) -> None:
@@ -533,6 +598,8 @@ def run_benchmark(args: argparse.Namespace) -> None:
         ),
     }
     print(f"volumes ready in {volumes} ({extra['generation_seconds']:.0f} s)", flush=True)
+    extra["parallel_ceiling"] = parallel_ceiling(volumes)
+    print(ceiling_line(extra["parallel_ceiling"]), flush=True)
     run = fit_screening_run(out, volumes, out / "cache", logs)
     rows = []
     for n in sizes:
@@ -550,12 +617,26 @@ def run_benchmark(args: argparse.Namespace) -> None:
     print(f"wrote {out / 'results.json'} and {out / 'results.md'}")
 
 
+def measure_ceiling_only(out: Path, generate_workers: int) -> None:
+    """The machine's 2-process ceiling on its own (the volumes it needs are written first)."""
+    volumes = out / "volumes"
+    ensure_volumes(volumes, CEILING_CASES, generate_workers)
+    ceiling = {"machine": machine(), **parallel_ceiling(volumes)}
+    (out / "ceiling.json").write_text(json.dumps(ceiling, indent=2) + "\n")
+    print(ceiling_line(ceiling))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="output folder (volumes, caches, results)")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
     parser.add_argument("--keep-volumes", action="store_true", help="keep OUT/volumes")
     parser.add_argument("--generate-workers", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--ceiling-only",
+        action="store_true",
+        help="only measure what 2 processes gain over 1 here (writes OUT/ceiling.json)",
+    )
     parser.add_argument("--step", choices=("decode", "train"), help=argparse.SUPPRESS)
     parser.add_argument("step_args", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -564,6 +645,8 @@ def main() -> None:
         print(json.dumps(decode_step(manifest, cache, int(workers))))
     elif args.step == "train":
         print(json.dumps(train_step(*args.step_args)))
+    elif args.out and args.ceiling_only:
+        measure_ceiling_only(Path(args.out).resolve(), args.generate_workers)
     elif args.out:
         run_benchmark(args)
     else:
