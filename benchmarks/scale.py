@@ -349,17 +349,13 @@ def _count_primes(limit: int) -> int:
 
 def _rate(function: Any, items: list[Any], processes: int) -> float:
     """Items per second of ``function`` over ``items`` in a warm pool of ``processes``."""
-    with ProcessPoolExecutor(processes, mp_context=_worker_context()) as pool:
+    from medanomaly.workers import worker_context
+
+    with ProcessPoolExecutor(processes, mp_context=worker_context()) as pool:
         list(pool.map(function, items[:processes]))  # start-up and imports off the clock
         start = time.perf_counter()
         list(pool.map(function, items))
         return len(items) / (time.perf_counter() - start)
-
-
-def _worker_context() -> Any:
-    from medanomaly.workers import worker_context
-
-    return worker_context()
 
 
 def parallel_ceiling(volumes: Path, cases: int = CEILING_CASES) -> dict[str, float]:
