@@ -2,25 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import real_data  # noqa: I001
+from conftest import load_benchmark, real_data  # noqa: I001
 
 from medanomaly.data import ImageSet
-
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "lgg_pixel.py"
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("lgg_pixel_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("lgg_pixel")
 
 
 def _groups(n_patients: int = 30, rng_seed: int = 0) -> np.ndarray:
