@@ -55,10 +55,10 @@ import numpy as np
 import torch
 
 import medanomaly
-from medanomaly.checkpoint import atomic_write_text
-from medanomaly.data import ImageSet
+from medanomaly.data.sets import ImageSet
 from medanomaly.evaluation import bootstrap_auroc_ci, image_metrics, youden_threshold
 from medanomaly.evaluation.figures import plot_roc
+from medanomaly.io.atomic import atomic_write_text
 from medanomaly.transforms.mask import distance_map
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))

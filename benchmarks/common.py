@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from medanomaly.registry import get_model_class
+from medanomaly.detectors.registry import get_model_class
 
 
 def is_baseline(model_name: str) -> bool:

@@ -46,12 +46,12 @@ import yaml
 from sklearn.metrics import roc_auc_score
 
 from medanomaly import __version__
-from medanomaly.base import CONFIG_FILE, BaseDetector
-from medanomaly.checkpoint import atomic_write_text
 from medanomaly.config import apply_overrides, build_detector, load_config
-from medanomaly.datasets import load_dataset
+from medanomaly.data.loading import load_dataset
+from medanomaly.detectors.base import CONFIG_FILE, BaseDetector
 from medanomaly.evaluation import image_metrics
 from medanomaly.evaluation.cv import cross_validate
+from medanomaly.io.atomic import atomic_write_text
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402  (benchmarks/common.py)

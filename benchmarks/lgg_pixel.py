@@ -102,13 +102,13 @@ import torch
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
-from medanomaly.base import BaseDetector
-from medanomaly.checkpoint import atomic_write_text
 from medanomaly.config import build_detector, load_config
-from medanomaly.data import ImageSet
-from medanomaly.datasets import ArrayAugment, load_dataset
+from medanomaly.data.loading import ArrayAugment, load_dataset
+from medanomaly.data.sets import ImageSet
+from medanomaly.detectors.base import BaseDetector
+from medanomaly.detectors.scoring import top_fraction_mean
 from medanomaly.evaluation.pixel import pixel_metrics
-from medanomaly.scoring import top_fraction_mean
+from medanomaly.io.atomic import atomic_write_text
 from medanomaly.transforms import build_transforms
 from medanomaly.transforms.mask import brain_masks, head_masks
 
@@ -921,7 +921,7 @@ def figures(
     folds: dict[str, dict[str, Any]], data: ImageSet, folder: Path, n_cases: int, flair: int
 ) -> list[str]:
     """input | each row's (post-processed) map | mask, for the test slices with most lesion."""
-    from medanomaly.viz import plt  # matplotlib only when drawing
+    from medanomaly.viz.case_figure import plt  # matplotlib only when drawing
 
     folder.mkdir(parents=True, exist_ok=True)
     names = [r for r in ROWS if all(r in f["rows"] for f in folds.values())]
@@ -1151,7 +1151,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     # the rows use their own cut-offs (chosen on validation), not the detectors' default
     # threshold, so its small-sample warning would only be noise here
-    logging.getLogger("medanomaly.base").setLevel(logging.ERROR)
+    logging.getLogger("medanomaly.detectors.base").setLevel(logging.ERROR)
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()

@@ -244,7 +244,7 @@ def step_command(step: str, *args: str) -> list[str]:
 # -- the steps (each in its own process) ------------------------------------------------------
 def decode_step(manifest: str, cache: str, workers: int) -> dict[str, Any]:
     """The first pass: read, preprocess and store every volume."""
-    from medanomaly.datasets import load_dataset
+    from medanomaly.data.loading import load_dataset
 
     start = time.perf_counter()
     cases, report = load_dataset(
@@ -257,8 +257,8 @@ def decode_step(manifest: str, cache: str, workers: int) -> dict[str, Any]:
 def train_step(manifest: str, cache: str) -> dict[str, Any]:
     """One training epoch over the streamed volumes (their first pass reads the cache)."""
     from medanomaly import get_model
-    from medanomaly.datasets import load_dataset
-    from medanomaly.engine import Engine, EngineConfig, TrainingData, TrainingTask
+    from medanomaly.data.loading import load_dataset
+    from medanomaly.training.engine import Engine, EngineConfig, TrainingData, TrainingTask
 
     cases, _ = load_dataset(manifest, transforms=TRANSFORMS, cache=cache, stream=True)
     model = {k: v for k, v in MODEL.items() if k != "name"}
@@ -284,7 +284,7 @@ def model_flops() -> dict[str, float]:
     from common import inference_flops, training_flops
 
     from medanomaly import get_model
-    from medanomaly.base import inference_network
+    from medanomaly.detectors.base import inference_network
 
     model = {k: v for k, v in MODEL.items() if k != "name"}
     detector = get_model("resnet_ae", **model, engine=ENGINE)
@@ -349,7 +349,7 @@ def _count_primes(limit: int) -> int:
 
 def _rate(function: Any, items: list[Any], processes: int) -> float:
     """Items per second of ``function`` over ``items`` in a warm pool of ``processes``."""
-    from medanomaly.workers import worker_context
+    from medanomaly.data.workers import worker_context
 
     with ProcessPoolExecutor(processes, mp_context=worker_context()) as pool:
         list(pool.map(function, items[:processes]))  # start-up and imports off the clock
@@ -481,7 +481,7 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def machine() -> dict[str, Any]:
     import torch
 
-    from medanomaly.workers import available_cores
+    from medanomaly.data.workers import available_cores
 
     return {
         "cores": available_cores(),

@@ -55,8 +55,8 @@ from sklearn.metrics import roc_auc_score
 
 from medanomaly import load_model
 from medanomaly.cli import main as medanomaly
-from medanomaly.datasets import load_dataset
-from medanomaly.engine import split_indices
+from medanomaly.data.loading import load_dataset
+from medanomaly.training.engine import split_indices
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import results_row  # noqa: E402  (benchmarks/common.py)

@@ -64,12 +64,12 @@ import torch
 from sklearn.model_selection import StratifiedGroupKFold
 
 from medanomaly.config import build_detector, load_config
-from medanomaly.data import ImageSet
-from medanomaly.datasets import load_dataset
+from medanomaly.data.loading import load_dataset
+from medanomaly.data.sets import ImageSet
+from medanomaly.data.slabs import volume_slabs
+from medanomaly.detectors.explain import save_explanation_figure
 from medanomaly.evaluation import image_metrics
 from medanomaly.evaluation.report import Figure, Figures, Table, Text, write_report
-from medanomaly.explain import save_explanation_figure
-from medanomaly.slabs import volume_slabs
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"

@@ -8,10 +8,10 @@ from types import ModuleType
 
 import pytest
 
-from medanomaly.cache import PreprocessCache, Preprocessed
-from medanomaly.data import ImageSet
-from medanomaly.phantoms import make_phantoms
-from medanomaly.streaming import StreamedSet
+from medanomaly.data.cache import PreprocessCache, Preprocessed
+from medanomaly.data.phantoms import make_phantoms
+from medanomaly.data.sets import ImageSet
+from medanomaly.data.streaming import StreamedSet
 from medanomaly.transforms import FOREGROUND_KEY, LESION_KEY
 
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"

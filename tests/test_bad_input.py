@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from medanomaly.cli import main
-from medanomaly.datasets import InputSpec, check_fits
+from medanomaly.data.loading import InputSpec, check_fits
+from medanomaly.data.phantoms import make_phantoms
 from medanomaly.errors import InvalidImageError
-from medanomaly.phantoms import make_phantoms
 
 
 def _nifti(path: Path, data: np.ndarray) -> Path:
@@ -117,7 +117,7 @@ def test_fit_warns_when_the_threshold_rests_on_few_normals(
 
     train = make_phantoms(12, 0, (32, 32), seed=0)
     engine = {"epochs": 1, "batch_size": 8, "progress": False}
-    with caplog.at_level(logging.WARNING, logger="medanomaly.base"):
+    with caplog.at_level(logging.WARNING, logger="medanomaly.detectors.base"):
         detector = get_model("cae", channels=[4, 8], engine=engine).fit(train)
     assert len(detector.val_scores_) == 1
     assert "rests on only 1 held-out normal image(s), fewer than 20" in caplog.text
@@ -163,7 +163,7 @@ def test_dicom_output_needs_a_maps_folder(run_3d: Path, tmp_path: Path) -> None:
 
 def test_input_spec_leaves_the_size_free_for_sliding_window_models() -> None:
     from medanomaly import get_model
-    from medanomaly.datasets import input_spec
+    from medanomaly.data.loading import input_spec
 
     whole = get_model("resnet_ae", spatial_dims=3, depth=10)
     patches = get_model("resnet_ae", spatial_dims=3, depth=10, patch_size=[16, 16, 16])

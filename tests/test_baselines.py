@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 
 from medanomaly import BaseDetector, get_model
-from medanomaly.data import ImageSet
+from medanomaly.data.phantoms import _ellipsoid, _grid, make_phantoms
+from medanomaly.data.sets import ImageSet
 from medanomaly.errors import ConfigError
-from medanomaly.phantoms import _ellipsoid, _grid, make_phantoms
 
 
 @pytest.fixture(scope="module")
@@ -92,8 +92,8 @@ def test_bad_settings_are_named(phantoms):
 def test_baselines_read_a_streamed_set_in_chunks_never_whole(
     phantoms, to_streamed, monkeypatch, name, params
 ):
+    from medanomaly.data.streaming import StreamedSet
     from medanomaly.models import baselines
-    from medanomaly.streaming import StreamedSet
 
     in_memory = get_model(name, spatial_dims=2, **params).fit(phantoms.normal)
     streamed = to_streamed(phantoms)
@@ -111,9 +111,9 @@ def test_baselines_read_a_streamed_set_in_chunks_never_whole(
 
 
 def test_baselines_refuse_training_images_of_different_shapes(tmp_path):
-    from medanomaly.cache import PreprocessCache, Preprocessed
+    from medanomaly.data.cache import PreprocessCache, Preprocessed
+    from medanomaly.data.streaming import StreamedSet
     from medanomaly.errors import InvalidImageError
-    from medanomaly.streaming import StreamedSet
 
     store = PreprocessCache(tmp_path)
     shapes = [(32, 32), (32, 32), (32, 48), (32, 48)]

@@ -9,9 +9,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from medanomaly.base import BaseDetector
 from medanomaly.cli import main
-from medanomaly.phantoms import make_phantoms
+from medanomaly.data.phantoms import make_phantoms
+from medanomaly.detectors.base import BaseDetector
 
 
 def _write_pngs(folder, images):

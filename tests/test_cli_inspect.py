@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from medanomaly.cli import build_parser, main
-from medanomaly.phantoms import write_dicom_slice
+from medanomaly.data.phantoms import write_dicom_slice
 
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

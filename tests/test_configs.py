@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from medanomaly.config import build_detector, load_config
-from medanomaly.datasets import load_dataset
+from medanomaly.data.loading import load_dataset
 from medanomaly.transforms import build_transforms
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

@@ -11,13 +11,13 @@ import pytest
 import torch
 from test_evaluate_cli import write_config, write_phantom_manifest
 
-from medanomaly.base import BaseDetector, DeepDetector
 from medanomaly.cli import main
 from medanomaly.config import load_config
+from medanomaly.data.phantoms import make_phantoms
+from medanomaly.detectors.base import BaseDetector, DeepDetector
 from medanomaly.errors import ConfigError
 from medanomaly.evaluation import choose_threshold
 from medanomaly.evaluation.cv import cross_validate, make_splits, read_splits, summarise
-from medanomaly.phantoms import make_phantoms
 
 
 @pytest.fixture(autouse=True)
@@ -103,7 +103,7 @@ def test_threshold_comes_from_the_validation_part_only(cv_run):
     fold = json.loads((out / "folds" / "r1_f2" / "fold.json").read_text())
     val = _parts(out)[("1", "2")]["val"]
     detector = BaseDetector.load(fold["run_dir"])
-    from medanomaly.datasets import load_dataset
+    from medanomaly.data.loading import load_dataset
 
     images, _ = load_dataset(cv_run[1], **load_config(cv_run[2])["data"])
     index = [int(r["index"]) for r in val]

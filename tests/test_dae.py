@@ -6,9 +6,9 @@ import torch
 from torch.nn import functional
 
 from medanomaly import get_model
+from medanomaly.detectors.scoring import coarse_noise, erode_mask, median_filter
 from medanomaly.errors import ConfigError
 from medanomaly.models.dae import DenoisingAE
-from medanomaly.scoring import coarse_noise, erode_mask, median_filter
 
 SMALL = [8, 16, 32, 64, 128, 8]
 

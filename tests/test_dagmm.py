@@ -10,7 +10,8 @@ from scipy.stats import multivariate_normal
 from sklearn.metrics import roc_auc_score
 
 from medanomaly import BaseDetector, get_model
-from medanomaly.base import DeepDetector
+from medanomaly.data.phantoms import make_phantoms
+from medanomaly.detectors.base import DeepDetector
 from medanomaly.errors import NotFittedError
 from medanomaly.models.dagmm import (
     covariance_penalty,
@@ -18,7 +19,6 @@ from medanomaly.models.dagmm import (
     reconstruction_features,
     sample_energy,
 )
-from medanomaly.phantoms import make_phantoms
 
 FAST = {"epochs": 3, "batch_size": 8, "progress": False, "seed": 0}
 

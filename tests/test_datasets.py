@@ -10,12 +10,12 @@ import pytest
 import yaml
 from PIL import Image
 
-import medanomaly.datasets as datasets
+import medanomaly.data.loading as datasets
 from medanomaly import phantoms
-from medanomaly.cache import CACHE_ENV, PreprocessCache, content_digest
 from medanomaly.cli import main
-from medanomaly.data import ABNORMAL, NORMAL, UNKNOWN
-from medanomaly.datasets import load_dataset, read_manifest, scan_folder
+from medanomaly.data.cache import CACHE_ENV, PreprocessCache, content_digest
+from medanomaly.data.loading import load_dataset, read_manifest, scan_folder
+from medanomaly.data.sets import ABNORMAL, NORMAL, UNKNOWN
 from medanomaly.errors import ConfigError, ImageReadError
 from medanomaly.transforms import build_transforms
 
@@ -282,7 +282,7 @@ def test_score_lists_skipped_cases_and_fails_only_with_strict(
 
 
 class ReadSpy:
-    """Wraps ``read_image`` in ``medanomaly.datasets``: counts calls, can be made to fail."""
+    """Wraps ``read_image`` in ``medanomaly.data.loading``: counts calls, can be made to fail."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls: list[str] = []

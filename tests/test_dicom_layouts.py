@@ -15,10 +15,10 @@ import pytest
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian
 
-from medanomaly.datasets import load_dataset
+from medanomaly.data.loading import load_dataset
+from medanomaly.data.phantoms import write_dicom_slice
 from medanomaly.errors import ImageReadError
 from medanomaly.io import inspect_path, read_image
-from medanomaly.phantoms import write_dicom_slice
 
 TEST_FILES = Path(pydicom.__file__).parent / "data" / "test_files"
 OBLIQUE = (0.9063, 0.4226, 0.0, -0.4226, 0.9063, 0.0)  # 25° about the slice normal

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from medanomaly.distributed import RankFailedError, Ranks, merge_rows
+from medanomaly.training.distributed import RankFailedError, Ranks, merge_rows
 
 WORLD = 2
 JOIN_SECONDS = 120  # far above the few seconds the exchanges take; a hang fails the test

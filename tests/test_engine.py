@@ -10,9 +10,9 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from medanomaly import EngineConfig, get_model
-from medanomaly.datasets import ArrayAugment
-from medanomaly.engine import Engine, read_history, split_indices
+from medanomaly.data.loading import ArrayAugment
 from medanomaly.errors import ConfigError
+from medanomaly.training.engine import Engine, read_history, split_indices
 from medanomaly.transforms import build_transforms
 
 

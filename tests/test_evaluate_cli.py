@@ -11,11 +11,11 @@ import torch
 import yaml
 from test_report import check_renders
 
-from medanomaly.base import BaseDetector
 from medanomaly.cli import main
+from medanomaly.data.phantoms import make_phantoms
+from medanomaly.detectors.base import BaseDetector
 from medanomaly.evaluation import conformal_pvalues, conformal_threshold
-from medanomaly.outputs import read_scores_csv
-from medanomaly.phantoms import make_phantoms
+from medanomaly.outputs.writers import read_scores_csv
 
 IMAGE_KEYS = {
     "auroc",

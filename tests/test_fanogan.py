@@ -7,8 +7,8 @@ import torch
 from torch import nn
 
 from medanomaly import get_model
-from medanomaly.engine import Engine, read_history
 from medanomaly.models.fanogan import FAnoGANNetwork, gradient_penalty
+from medanomaly.training.engine import Engine, read_history
 
 
 class LinearCritic(nn.Module):

@@ -14,7 +14,7 @@ from medanomaly.evaluation.fidelity import (
     quality_score,
     softmax_entropy,
 )
-from medanomaly.segmentation import train_segmenter
+from medanomaly.evaluation.segmentation import train_segmenter
 
 BACKGROUND, DISC, RING = 0, 1, 2
 

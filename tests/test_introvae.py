@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from medanomaly import BaseDetector, get_model
-from medanomaly.latent_search import latent_search, reconstruction_error
+from medanomaly.data.phantoms import make_phantoms
+from medanomaly.detectors.latent_search import latent_search, reconstruction_error
 from medanomaly.models.introvae import IntroVAENetwork, decoder_loss, encoder_loss
-from medanomaly.phantoms import make_phantoms
 
 SMALL = {"channels": (4, 8, 8, 8), "hidden_dim": 16, "latent_dim": 4}
 

@@ -11,9 +11,9 @@ import pytest
 import tifffile
 from PIL import Image
 
+from medanomaly.data.phantoms import write_dicom_slice
 from medanomaly.errors import ImageReadError, InvalidImageError
 from medanomaly.io import IMAGE_SUFFIXES, inspect_path, list_dicom_series, read_image
-from medanomaly.phantoms import write_dicom_slice
 
 ROWS, COLS = 4, 3
 PIXEL_SPACING = (0.5, 0.8)  # DICOM order: (between rows, between columns)

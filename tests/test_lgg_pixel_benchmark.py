@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from conftest import load_benchmark, real_data  # noqa: I001
 
-from medanomaly.data import ImageSet
+from medanomaly.data.sets import ImageSet
 
 
 @pytest.fixture(scope="module")

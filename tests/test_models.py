@@ -8,8 +8,8 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from medanomaly import get_model
+from medanomaly.data.phantoms import make_phantoms
 from medanomaly.nets import ConvAutoencoder, VariationalAutoencoder
-from medanomaly.phantoms import make_phantoms
 
 
 def test_vae_follows_seed_000():

@@ -10,6 +10,8 @@ import torch
 from scipy import ndimage
 
 from medanomaly import BaseDetector, get_model
+from medanomaly.data.phantoms import make_phantoms
+from medanomaly.detectors.scoring import patch_starts
 from medanomaly.errors import ConfigError, InvalidImageError
 from medanomaly.evaluation.pixel import pixel_metrics
 from medanomaly.models.patch_discriminator import (
@@ -21,8 +23,6 @@ from medanomaly.models.patch_discriminator import (
     zscore_maps,
 )
 from medanomaly.nets.patch_embedding import SEED_002_WIDTHS, PatchEmbedding
-from medanomaly.phantoms import make_phantoms
-from medanomaly.scoring import patch_starts
 
 FOREGROUND = 0.05
 ENGINE = {"epochs": 6, "batch_size": 16, "progress": False, "seed": 0, "patience": None}

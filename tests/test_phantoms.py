@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from medanomaly.phantoms import make_phantoms
+from medanomaly.data.phantoms import make_phantoms
 
 
 @pytest.mark.parametrize("shape", [(32, 32), (16, 16, 16)])

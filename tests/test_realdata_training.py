@@ -8,7 +8,7 @@ from conftest import real_data  # noqa: I001
 from sklearn.metrics import roc_auc_score
 
 from medanomaly.config import apply_overrides, build_detector, load_config
-from medanomaly.datasets import load_dataset
+from medanomaly.data.loading import load_dataset
 
 pytestmark = [pytest.mark.slow, pytest.mark.realdata]
 CONFIG = "configs/cae_head_ct_2d.yaml"

@@ -8,10 +8,10 @@ import torch
 from monai.inferers import sliding_window_inference
 
 from medanomaly import get_model
+from medanomaly.data.phantoms import make_phantoms
 from medanomaly.errors import ConfigError
 from medanomaly.models.resnet_ae import window_scores, window_slices, window_starts
 from medanomaly.nets import ResNetAutoencoder
-from medanomaly.phantoms import make_phantoms
 
 ENGINE = {"epochs": 2, "batch_size": 4, "progress": False, "seed": 0}
 SMALL = {"depth": 10, "channels": [4, 8, 8, 16], "latent_dim": 32}

@@ -8,8 +8,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from medanomaly import BaseDetector, get_model
+from medanomaly.detectors.scoring import MapScoring, coarse_noise, residual_map
 from medanomaly.errors import ConfigError
-from medanomaly.scoring import MapScoring, coarse_noise, residual_map
 
 
 @pytest.mark.parametrize("shape", [(2, 1, 32, 32), (2, 1, 16, 16, 16)])

@@ -13,12 +13,12 @@ import torch
 import yaml
 
 from medanomaly import get_model
-from medanomaly.base import CONFIG_FILE, BaseDetector, DeepDetector
 from medanomaly.cli import main
-from medanomaly.data import ImageSet
-from medanomaly.datasets import load_dataset
+from medanomaly.data.loading import load_dataset
+from medanomaly.data.phantoms import make_phantoms
+from medanomaly.data.sets import ImageSet
+from medanomaly.detectors.base import CONFIG_FILE, BaseDetector, DeepDetector
 from medanomaly.errors import ConfigError
-from medanomaly.phantoms import make_phantoms
 from medanomaly.screening import (
     CSV_COLUMNS,
     RawFacts,

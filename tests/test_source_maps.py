@@ -14,12 +14,12 @@ import tifffile
 from PIL import Image
 from scipy.spatial.transform import Rotation
 
-from medanomaly.base import AnomalyResult
-from medanomaly.datasets import load_dataset
+from medanomaly.data.loading import load_dataset
+from medanomaly.data.phantoms import write_dicom_slice
+from medanomaly.detectors.base import AnomalyResult
 from medanomaly.errors import ImageReadError
-from medanomaly.maps import MapInfo, to_source_grid
-from medanomaly.outputs import save_maps
-from medanomaly.phantoms import write_dicom_slice
+from medanomaly.outputs.source_maps import MapInfo, to_source_grid
+from medanomaly.outputs.writers import save_maps
 
 SHAPE = (40, 36, 30)
 LESION = (22, 12, 9)
@@ -226,7 +226,7 @@ def test_map_and_grid_dimensionality_must_agree() -> None:
 
 
 def test_parametric_map_never_overwrites_its_source(tmp_path: Path) -> None:
-    from medanomaly.dicom_maps import write_parametric_map
+    from medanomaly.outputs.dicom_maps import write_parametric_map
 
     oblique_series(tmp_path / "series", n_slices=4)
     images, _ = load_dataset(tmp_path, [{"resize": {"shape": [8, 8, 8]}}])

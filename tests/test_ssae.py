@@ -9,6 +9,7 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from medanomaly import get_model
+from medanomaly.data.phantoms import make_phantoms
 from medanomaly.errors import InvalidImageError
 from medanomaly.models.ssae import (
     ScaleSpaceAutoencoder,
@@ -18,7 +19,6 @@ from medanomaly.models.ssae import (
     scale_depths,
     scale_latents,
 )
-from medanomaly.phantoms import make_phantoms
 
 
 @pytest.mark.parametrize("kernel", ["gaussian", "average"])

@@ -18,15 +18,15 @@ import yaml
 from worker_faults import die_on_three
 
 from medanomaly import get_model
-from medanomaly.base import BaseDetector
 from medanomaly.cli import main
-from medanomaly.data import ImageSet
-from medanomaly.datasets import load_dataset
-from medanomaly.engine import ShapeBatchSampler
-from medanomaly.phantoms import make_phantoms
-from medanomaly.scoring import RunningMoments
-from medanomaly.streaming import StreamedSet
-from medanomaly.workers import WorkerDied, map_in_workers
+from medanomaly.data.loading import load_dataset
+from medanomaly.data.phantoms import make_phantoms
+from medanomaly.data.sets import ImageSet
+from medanomaly.data.streaming import StreamedSet
+from medanomaly.data.workers import WorkerDied, map_in_workers
+from medanomaly.detectors.base import BaseDetector
+from medanomaly.detectors.scoring import RunningMoments
+from medanomaly.training.engine import ShapeBatchSampler
 
 ENGINE = {"epochs": 2, "batch_size": 4, "progress": False, "seed": 0, "val_min": 0}
 
@@ -134,7 +134,7 @@ def test_running_moments_equal_numpy_over_the_whole_stack():
 
 
 def _read_counter(monkeypatch):
-    import medanomaly.datasets as datasets
+    import medanomaly.data.loading as datasets
 
     reads: list[str] = []
     original = datasets.read_image

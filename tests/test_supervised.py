@@ -11,10 +11,10 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medanomaly import BaseDetector, get_model
-from medanomaly.data import ImageSet
-from medanomaly.engine import TrainingTask, _evaluate, batch_size
+from medanomaly.data.sets import ImageSet
+from medanomaly.data.slabs import stack_slices, to_slabs, volume_slabs
+from medanomaly.detectors.explain import grad_cam, occlusion_sensitivity, patch_starts
 from medanomaly.errors import ConfigError, InvalidImageError, LabelError
-from medanomaly.explain import grad_cam, occlusion_sensitivity, patch_starts
 from medanomaly.models.classifier import (
     centre_crop,
     random_crop,
@@ -22,7 +22,7 @@ from medanomaly.models.classifier import (
     uncrop,
 )
 from medanomaly.nets.classifiers import ResNetClassifier, VGGClassifier
-from medanomaly.slabs import stack_slices, to_slabs, volume_slabs
+from medanomaly.training.engine import TrainingTask, _evaluate, batch_size
 
 NAMES = ("vgg_classifier", "resnet_classifier")
 SMALL = {
@@ -282,7 +282,7 @@ def test_trained_classifier_occlusion_map_finds_the_discriminative_blob():
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_vgg_classifier_learns_head_ct_hemorrhage(tmp_path):
-    from medanomaly.datasets import load_dataset
+    from medanomaly.data.loading import load_dataset
 
     folder = real_data("head_ct_hemorrhage")
     rows = (folder / "labels.csv").read_text().splitlines()[1:]

@@ -79,7 +79,7 @@ def test_adjacent_floats_still_reproduce_the_operating_point() -> None:
 @pytest.mark.parametrize("rule", ["youden", "f1"])
 def test_no_abnormal_validation_falls_back_to_mean_3sd(rule, caplog) -> None:
     scores = np.random.default_rng(2).normal(10.0, 2.0, size=100)
-    with caplog.at_level(logging.WARNING, logger="medanomaly.evaluation.thresholds"):
+    with caplog.at_level(logging.WARNING, logger="medanomaly.detectors.thresholds"):
         t = choose_threshold(rule, scores, labels=np.zeros(100, dtype=int))
     assert t == pytest.approx(scores.mean() + 3.0 * scores.std(ddof=1))
     assert t > scores.min()
@@ -125,7 +125,7 @@ def test_conformal_threshold_order_statistic() -> None:
 
 
 def test_conformal_threshold_too_few_scores_is_inf(caplog) -> None:
-    with caplog.at_level(logging.WARNING, logger="medanomaly.evaluation.thresholds"):
+    with caplog.at_level(logging.WARNING, logger="medanomaly.detectors.thresholds"):
         t = conformal_threshold(np.arange(10.0), alpha=0.05)
     assert t == math.inf
     assert "too few" in caplog.text

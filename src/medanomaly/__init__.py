@@ -9,18 +9,18 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from medanomaly._version import __version__
 
 _EXPORTS = {
-    "AnomalyResult": "medanomaly.base",
-    "BaseDetector": "medanomaly.base",
-    "DeepDetector": "medanomaly.base",
-    "EngineConfig": "medanomaly.engine",
-    "ImageSet": "medanomaly.data",
+    "AnomalyResult": "medanomaly.detectors.base",
+    "BaseDetector": "medanomaly.detectors.base",
+    "DeepDetector": "medanomaly.detectors.base",
+    "EngineConfig": "medanomaly.training.engine",
+    "ImageSet": "medanomaly.data.sets",
     "MedicalImage": "medanomaly.image",
-    "get_model": "medanomaly.registry",
-    "list_models": "medanomaly.registry",
-    "register": "medanomaly.registry",
+    "get_model": "medanomaly.detectors.registry",
+    "list_models": "medanomaly.detectors.registry",
+    "register": "medanomaly.detectors.registry",
     "read_image": "medanomaly.io",
 }
 
@@ -40,17 +40,17 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from medanomaly.base import AnomalyResult, BaseDetector, DeepDetector
-    from medanomaly.data import ImageSet
-    from medanomaly.engine import EngineConfig
+    from medanomaly.data.sets import ImageSet
+    from medanomaly.detectors.base import AnomalyResult, BaseDetector, DeepDetector
+    from medanomaly.detectors.registry import get_model, list_models, register
     from medanomaly.image import MedicalImage
     from medanomaly.io import read_image
-    from medanomaly.registry import get_model, list_models, register
+    from medanomaly.training.engine import EngineConfig
 
 
 def load_model(path: Any) -> Any:
     """Load a saved detector (a ``model.pt`` file or a run directory)."""
-    from medanomaly.base import BaseDetector
+    from medanomaly.detectors.base import BaseDetector
 
     return BaseDetector.load(path)
 

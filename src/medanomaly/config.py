@@ -1,8 +1,8 @@
 """YAML configs whose blocks map one-to-one onto Python arguments.
 
 ``model:`` maps onto a detector's constructor, ``engine:`` onto
-:class:`~medanomaly.engine.EngineConfig`, ``data:`` onto
-:func:`medanomaly.datasets.load_dataset` and the optional ``evaluation:`` onto
+:class:`~medanomaly.training.engine.EngineConfig`, ``data:`` onto
+:func:`medanomaly.data.loading.load_dataset` and the optional ``evaluation:`` onto
 :class:`~medanomaly.evaluation.cv.CVSettings` (``threshold``, ``alpha``, ``val_fraction``, ...).
 """
 
@@ -14,9 +14,9 @@ from typing import Any
 
 import yaml
 
-from medanomaly.base import BaseDetector
+from medanomaly.detectors.base import BaseDetector
+from medanomaly.detectors.registry import get_model
 from medanomaly.errors import ConfigError
-from medanomaly.registry import get_model
 
 SECTIONS = ("model", "engine", "data", "evaluation")
 

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
+from medanomaly.data.phantoms import make_phantoms
 from medanomaly.models.cae import CAE
-from medanomaly.outputs import save_maps, write_scores_csv
-from medanomaly.phantoms import make_phantoms
+from medanomaly.outputs.writers import save_maps, write_scores_csv
 
 
 def run_demo(

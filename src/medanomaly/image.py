@@ -17,7 +17,7 @@ class SourceGrid:
 
     Readers record it; every geometric transform composes its own index mapping onto
     ``index_to_source``, so that a map made on the model's grid can be put back onto the
-    scan's own grid (:func:`medanomaly.maps.to_source_grid`).
+    scan's own grid (:func:`medanomaly.outputs.source_maps.to_source_grid`).
 
     Attributes:
         shape: Spatial shape of the file's own voxel grid, in the file's axis order (for a

@@ -17,6 +17,8 @@
 Each module in this package defines ``add_parser(subparsers)``, which registers its
 sub-command and sets ``func``; :data:`COMMANDS` lists them in help order. The modules import
 torch and the readers inside ``run`` only, so that ``--help`` answers at once.
+
+May import every layer below it; nothing imports the command line.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from medanomaly import __version__
+from medanomaly._version import __version__
 from medanomaly.cli import cv, demo, evaluate, fit, inspect, models, score, screen
 from medanomaly.errors import MedanomalyError
 

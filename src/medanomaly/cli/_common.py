@@ -8,8 +8,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # the readers are heavy to import; --help must stay fast
-    from medanomaly.datasets import LoadReport
-    from medanomaly.jobs import JobOptions
+    from medanomaly.data.loading import LoadReport
+    from medanomaly.jobs.score import JobOptions
 
 
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,7 +36,7 @@ def report_skipped(report: LoadReport, out: Path | None) -> None:
     for line in report.lines():
         print(f"  {line}", file=sys.stderr)
     if out is not None:
-        from medanomaly.checkpoint import atomic_write_text
+        from medanomaly.io.atomic import atomic_write_text
 
         atomic_write_text(out, "\n".join(report.lines()) + "\n")
 
@@ -99,8 +99,8 @@ def add_device_arguments(parser: argparse.ArgumentParser, workers: bool = True) 
 
 
 def job_options(args: argparse.Namespace) -> JobOptions:
-    """The :class:`~medanomaly.jobs.JobOptions` of the device arguments."""
-    from medanomaly.jobs import JobOptions
+    """The :class:`~medanomaly.jobs.score.JobOptions` of the device arguments."""
+    from medanomaly.jobs.score import JobOptions
 
     return JobOptions(
         accelerator=args.accelerator or "auto",
@@ -114,6 +114,6 @@ def report_lines(
     skipped: list[tuple[str, str]], warnings: list[tuple[str, str]], out: Path | None
 ) -> None:
     """:func:`report_skipped` for lines gathered from every rank of a job."""
-    from medanomaly.datasets import LoadReport
+    from medanomaly.data.loading import LoadReport
 
     report_skipped(LoadReport(skipped=list(skipped), warnings=list(warnings)), out)

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from medanomaly.cli._common import add_device_arguments, add_dicom_argument, check_dicom_needs_maps
-from medanomaly.evaluation.thresholds import THRESHOLD_RULES
+from medanomaly.detectors.thresholds import THRESHOLD_RULES
 
 RULE_HELP = (
     "threshold: 'run' (default: the run's own mean + k*SD of its held-out normal validation "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medanomaly import __version__
+from medanomaly._version import __version__
 from medanomaly.cli._common import add_override_arguments
 
 
@@ -28,11 +28,11 @@ def run(args: argparse.Namespace) -> int:
     """Train a detector and write the run directory."""
     import yaml
 
-    from medanomaly.base import CONFIG_FILE
-    from medanomaly.checkpoint import atomic_write_text
     from medanomaly.cli._common import report_skipped
     from medanomaly.config import apply_overrides, build_detector, load_config
-    from medanomaly.datasets import input_spec, load_dataset
+    from medanomaly.data.loading import input_spec, load_dataset
+    from medanomaly.detectors.base import CONFIG_FILE
+    from medanomaly.io.atomic import atomic_write_text
 
     overrides = list(args.set)
     if args.devices:

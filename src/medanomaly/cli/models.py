@@ -13,7 +13,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Print each registered name with the first line of its docstring."""
-    from medanomaly.registry import get_model_class, list_models
+    from medanomaly.detectors.registry import get_model_class, list_models
 
     for name in list_models():
         doc = (get_model_class(name).__doc__ or "").strip().splitlines()[0]

@@ -29,7 +29,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Score with the run's own preprocessing and write the score table (and maps)."""
     from medanomaly.cli._common import job_options, report_lines, report_map_problems
-    from medanomaly.jobs import score_run
+    from medanomaly.jobs.score import score_run
 
     check_dicom_needs_maps(args)
     out = Path(args.out)

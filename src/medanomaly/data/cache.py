@@ -23,7 +23,7 @@ Layout under the cache folder (``<kk>`` = first two hex digits of the key)::
                                        scan's geometry), source, transforms
 
 The arrays are plain ``.npy`` files, so that the streaming data layer
-(:mod:`medanomaly.streaming`) maps them into memory (``np.load(mmap_mode="r")``) instead of
+(:mod:`medanomaly.data.streaming`) maps them into memory (``np.load(mmap_mode="r")``) instead of
 reading whole sets into RAM.
 
 Every file is written atomically (a temporary file renamed into place), so a crash or two
@@ -46,10 +46,10 @@ from typing import Any
 
 import numpy as np
 
-from medanomaly import __version__
-from medanomaly.checkpoint import atomic_path, atomic_write_text
+from medanomaly._version import __version__
 from medanomaly.errors import ImageReadError
 from medanomaly.image import SourceGrid
+from medanomaly.io.atomic import atomic_path, atomic_write_text
 from medanomaly.transforms import Compose
 
 log = logging.getLogger(__name__)

@@ -11,13 +11,13 @@ Nothing in a folder is dropped silently: files that are not images and sub-folde
 not label names are listed in the :class:`LoadReport` as skipped, with the reason.
 
 With ``cache`` on, each case is read and put through the deterministic transforms once;
-later loads read the stored arrays (see :mod:`medanomaly.cache`).
+later loads read the stored arrays (see :mod:`medanomaly.data.cache`).
 
 The first pass runs in worker processes (``num_workers``, default: the cores available;
-:mod:`medanomaly.workers`), one case per task, with a progress bar in cases/s. A case that
+:mod:`medanomaly.data.workers`), one case per task, with a progress bar in cases/s. A case that
 fails in a worker is skipped and named exactly as in the main process; a worker that dies
 is replaced and the case it was on is named. With ``stream=True`` the result is a
-:class:`~medanomaly.streaming.StreamedSet`, which reads each case from the cache when it is
+:class:`~medanomaly.data.streaming.StreamedSet`, which reads each case from the cache when it is
 used and lets cases keep their own shapes; otherwise an in-memory :class:`ImageSet`.
 """
 
@@ -37,8 +37,10 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from medanomaly.cache import CacheEntry, PreprocessCache, Preprocessed
-from medanomaly.data import ABNORMAL, NORMAL, UNKNOWN, ImageSet
+from medanomaly.data.cache import CacheEntry, PreprocessCache, Preprocessed
+from medanomaly.data.sets import ABNORMAL, NORMAL, UNKNOWN, ImageSet
+from medanomaly.data.streaming import StreamedSet
+from medanomaly.data.workers import WorkerDied, available_cores, map_in_workers
 from medanomaly.errors import (
     ConfigError,
     ImageReadError,
@@ -49,9 +51,7 @@ from medanomaly.errors import (
 from medanomaly.image import SOURCE_GRID_KEY, MedicalImage
 from medanomaly.io import IMAGE_SUFFIXES, image_suffix, read_image
 from medanomaly.io.dicom import is_dicom_file
-from medanomaly.streaming import StreamedSet
 from medanomaly.transforms import FOREGROUND_KEY, LESION_KEY, Compose, build_transforms
-from medanomaly.workers import WorkerDied, available_cores, map_in_workers
 
 log = logging.getLogger(__name__)
 
@@ -508,7 +508,7 @@ def load_dataset(
         min_size: Skip images with fewer voxels than this along any axis (as read).
         expect: What the run's model takes (:func:`input_spec`): cases of another
             dimensionality, channel count or preprocessed shape are skipped and named.
-        stream: Return a :class:`~medanomaly.streaming.StreamedSet` that reads each case
+        stream: Return a :class:`~medanomaly.data.streaming.StreamedSet` that reads each case
             from the cache when used (a temporary folder without ``cache``), instead of
             an :class:`ImageSet` in memory; cases may then differ in shape.
         num_workers: Worker processes of the first pass (decoding and preprocessing);

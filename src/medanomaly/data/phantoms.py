@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from medanomaly.data import ImageSet
+from medanomaly.data.sets import ImageSet
 
 ABNORMALITIES = ("bright", "dark", "enlarged")
 

@@ -4,7 +4,7 @@ Two forms of a set of cases follow one protocol (:class:`Cases`), so that detect
 training engine and the batch jobs take either:
 
 * :class:`ImageSet` holds every image in one array: arrays made in Python, small sets.
-* :class:`~medanomaly.streaming.StreamedSet` reads each preprocessed case from the cache when
+* :class:`~medanomaly.data.streaming.StreamedSet` reads each preprocessed case from the cache when
   it is used (memory-mapped ``.npy`` files); its cases may differ in shape.
 
 Code that needs whole arrays asks for them in chunks (:meth:`Cases.chunks`, then

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from medanomaly.data import ImageSet
+from medanomaly.data.sets import ImageSet
 
 
 def _check(k: int, volume: np.ndarray) -> None:

@@ -1,8 +1,8 @@
 """The streaming form of a set of cases: preprocessed arrays read from the cache when used.
 
-:func:`medanomaly.datasets.load_dataset` with ``stream=True`` prepares every case once (in
-worker processes, see :mod:`medanomaly.workers`) into the content-keyed cache
-(:mod:`medanomaly.cache`) and returns a :class:`StreamedSet`: a torch ``Dataset`` that holds
+:func:`medanomaly.data.loading.load_dataset` with ``stream=True`` prepares every case once (in
+worker processes, see :mod:`medanomaly.data.workers`) into the content-keyed cache
+(:mod:`medanomaly.data.cache`) and returns a :class:`StreamedSet`: a torch ``Dataset`` that holds
 only each case's key, shape and labels. An image is read when it is used, from a
 memory-mapped ``.npy`` file, so that training, validation, scoring and screening hold one
 batch at a time, never the set. Cases keep their own shapes; the detectors and the engine
@@ -21,8 +21,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from medanomaly.cache import CacheEntry, PreprocessCache
-from medanomaly.data import ABNORMAL, NORMAL, UNKNOWN, ImageSet, shape_chunks
+from medanomaly.data.cache import CacheEntry, PreprocessCache
+from medanomaly.data.sets import ABNORMAL, NORMAL, UNKNOWN, ImageSet, shape_chunks
 from medanomaly.errors import ConfigError, ImageReadError
 from medanomaly.image import SourceGrid
 from medanomaly.transforms import FOREGROUND_KEY, LESION_KEY
@@ -33,7 +33,7 @@ class StreamedSet(Dataset):
 
     Args:
         store: The cache the cases were prepared into.
-        entries: One :class:`~medanomaly.cache.CacheEntry` per case.
+        entries: One :class:`~medanomaly.data.cache.CacheEntry` per case.
         labels: ``(N,)`` 0 normal, 1 abnormal, -1 unknown (default: unknown).
         ids: One name per case (default ``image_00000``, ...).
         groups: Patient ids ``(N,)`` or ``None``.

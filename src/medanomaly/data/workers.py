@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 #: Modules the fork server imports once, so that each worker starts without importing them.
-PRELOAD = ("medanomaly.datasets",)
+PRELOAD = ("medanomaly.data.loading",)
 #: Tasks queued per worker: enough to keep every worker busy, few enough that a broken pool
 #: leaves only a handful of suspects to run again.
 TASKS_PER_WORKER = 2

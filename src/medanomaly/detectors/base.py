@@ -21,12 +21,18 @@ import torch
 import yaml
 from torch import nn
 
-from medanomaly import __version__
-from medanomaly.checkpoint import atomic_torch_save, atomic_write_text
-from medanomaly.data import Cases, ImageSet, as_cases
-from medanomaly.engine import Engine, EngineConfig, TrainingData, TrainingTask, split_indices
+from medanomaly._version import __version__
+from medanomaly.data.sets import Cases, ImageSet, as_cases
+from medanomaly.detectors.scoring import MapScoring, RunningMoments
 from medanomaly.errors import ConfigError, InvalidImageError, NotFittedError
-from medanomaly.scoring import MapScoring, RunningMoments
+from medanomaly.io.atomic import atomic_torch_save, atomic_write_text
+from medanomaly.training.engine import (
+    Engine,
+    EngineConfig,
+    TrainingData,
+    TrainingTask,
+    split_indices,
+)
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +79,7 @@ class BaseDetector(ABC):
     """Interface of every detector: fit on normal data, then score, map and predict.
 
     Attributes:
-        name: Registry name, set by :func:`medanomaly.registry.register`.
+        name: Registry name, set by :func:`medanomaly.detectors.registry.register`.
         baseline: True for the no-model baselines (``intensity``, ``volume``): benchmarks
             mark their rows as such.
         threshold_: Image-level decision threshold learned by ``fit`` (score > threshold_
@@ -135,7 +141,7 @@ class BaseDetector(ABC):
     @classmethod
     def load(cls, path: str | Path) -> BaseDetector:
         """Load any saved detector (a ``model.pt`` file or a run directory holding one)."""
-        from medanomaly.registry import get_model_class
+        from medanomaly.detectors.registry import get_model_class
 
         path = Path(path)
         if path.is_dir():
@@ -181,15 +187,17 @@ class DeepDetector(BaseDetector):
     A subclass provides three things: ``build_network(input_shape)``, ``loss(network, x)``
     (scalar, for training) and ``evaluate(network, x)`` returning per-image scores, maps and
     optionally reconstructions. Everything else (the loop, early stopping, checkpoints,
-    resume, thresholds, input checks, save/load) lives here and in :mod:`medanomaly.engine`.
+    resume, thresholds, input checks, save/load) lives here and in
+    :mod:`medanomaly.training.engine`.
 
     Args:
         spatial_dims: 2 for slices, 3 for volumes.
         in_channels: Image channels.
         threshold_sd: ``k`` in the default threshold mean + k * SD of normal validation scores.
-        engine: Training settings (:class:`~medanomaly.engine.EngineConfig` or a dict).
+        engine: Training settings (:class:`~medanomaly.training.engine.EngineConfig` or a dict).
         map_score: Score images from their standardised, smoothed anomaly maps instead of
-            the model's own score (:class:`~medanomaly.scoring.MapScoring` or its dict form,
+            the model's own score (:class:`~medanomaly.detectors.scoring.MapScoring` or its dict
+            form,
             e.g. ``{smooth: 5, reduce: top}``); ``None`` keeps the model's score.
     """
 
@@ -304,7 +312,7 @@ class DeepDetector(BaseDetector):
 
         The default minimises :meth:`loss` in one stage. Models trained in several stages
         or with several optimisers (GANs) override this and call ``engine.fit`` per stage
-        with their own :class:`~medanomaly.engine.TrainingTask`.
+        with their own :class:`~medanomaly.training.engine.TrainingTask`.
         """
         score, refresh = self._validation_scoring(data.train)
         task = TrainingTask(
@@ -402,7 +410,8 @@ class DeepDetector(BaseDetector):
     def _fit_map_statistics(self, normal: Cases, network: nn.Module | None = None) -> None:
         """Per-voxel residual statistics of the normal training images (no augmentation).
 
-        The maps are summed batch by batch (:class:`~medanomaly.scoring.RunningMoments`), so
+        The maps are summed batch by batch (:class:`~medanomaly.detectors.scoring.RunningMoments`),
+        so
         that memory holds one batch of maps, never the set's.
 
         Args:
@@ -488,7 +497,7 @@ class DeepDetector(BaseDetector):
         """Scores (and maps, reconstructions) of ``x`` in batches, in input order.
 
         Args:
-            x: Images (any form of :class:`~medanomaly.data.Cases`, or an array).
+            x: Images (any form of :class:`~medanomaly.data.sets.Cases`, or an array).
             with_maps: Keep maps and reconstructions.
             raw: The model's own scores and maps, without ``map_score``.
             network: Evaluate this network (default the fitted ``network_``).
@@ -522,7 +531,7 @@ class DeepDetector(BaseDetector):
     ) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         """``(index, batch on the network's device)`` over ``cases``, one shape per batch.
 
-        Images come through :meth:`~medanomaly.data.Cases.batch`, not the dataset's items,
+        Images come through :meth:`~medanomaly.data.sets.Cases.batch`, not the dataset's items,
         so that a training set's augmentation stays off.
         """
         device = next(network.parameters()).device

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from medanomaly.scoring import patch_starts
+from medanomaly.detectors.scoring import patch_starts
 
 Predict = Callable[[torch.Tensor], torch.Tensor]
 _INTERPOLATION = {2: "bilinear", 3: "trilinear"}
@@ -168,8 +168,8 @@ def save_explanation_figure(
     Returns:
         The path written.
     """
-    from medanomaly.checkpoint import atomic_path
-    from medanomaly.viz import DIFF_CMAP, plt  # matplotlib only when drawing
+    from medanomaly.io.atomic import atomic_path
+    from medanomaly.viz.case_figure import DIFF_CMAP, plt  # matplotlib only when drawing
 
     first = next(iter(maps.values()))
     if image.ndim == first.ndim + 1:
@@ -203,7 +203,7 @@ def _planes(
     image: np.ndarray, maps: dict[str, np.ndarray], first: np.ndarray
 ) -> list[tuple[str, np.ndarray, dict[str, np.ndarray]]]:
     """Rows of (label, image plane, {name: map plane})."""
-    from medanomaly.viz import orthogonal_slices
+    from medanomaly.viz.case_figure import orthogonal_slices
 
     if image.ndim == 2:
         return [("", image, maps)]

@@ -10,7 +10,7 @@ that Adam trained every network), and this module uses Adam by default (``sgd`` 
 The search is batched: the per-image errors are summed, so each image's ``z`` receives the
 gradient of its own error only. It runs with gradients enabled even when called from inside
 ``torch.inference_mode()`` or ``torch.no_grad()`` (the scoring loop of
-:class:`~medanomaly.base.DeepDetector` runs in inference mode).
+:class:`~medanomaly.detectors.base.DeepDetector` runs in inference mode).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from medanomaly.scoring import per_image_sum, residual_map, structural_dissimilarity
+from medanomaly.detectors.scoring import per_image_sum, residual_map, structural_dissimilarity
 
 LOSSES = ("l2", "l2+ssim")
 OPTIMIZERS = ("adam", "sgd")
@@ -37,7 +37,7 @@ def reconstruction_error(
 
     ``l2`` is the sum over voxels (and channels) of the squared residual; ``l2+ssim`` adds
     ``ssim_weight`` times the sum over voxels of ``1 - SSIM`` (the project's MONAI-based
-    local SSIM, :func:`~medanomaly.scoring.structural_dissimilarity`), so that one voxel's
+    local SSIM, :func:`~medanomaly.detectors.scoring.structural_dissimilarity`), so that one voxel's
     structural dissimilarity weighs like one voxel's squared error when ``ssim_weight`` is 1.
 
     Args:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from medanomaly.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
-    from medanomaly.base import BaseDetector
+    from medanomaly.detectors.base import BaseDetector
 
 _REGISTRY: dict[str, type[BaseDetector]] = {}
 _MODELS_IMPORTED = False
@@ -46,8 +46,9 @@ def _import_models() -> None:
     global _MODELS_IMPORTED
     if _MODELS_IMPORTED:
         return
-    import medanomaly.models as package
-
+    # The models sit a layer above this registry: they are found by name at run time, so
+    # that a saved run can be loaded without its caller naming the model's module.
+    package = importlib.import_module("medanomaly.models")
     for info in pkgutil.iter_modules(package.__path__):
         importlib.import_module(f"{package.__name__}.{info.name}")
     _MODELS_IMPORTED = True

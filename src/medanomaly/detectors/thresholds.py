@@ -22,18 +22,69 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from medanomaly.errors import did_you_mean
-from medanomaly.evaluation.metrics import ArrayLike, check_labels_scores, check_scores
 
 logger = logging.getLogger(__name__)
 
 FALLBACK_K = 3.0
 _CONFORMAL_EPS = 1e-9  # absorbs float error in (n + 1) * (1 - alpha) before the ceiling
+
+
+ArrayLike = Sequence[float] | np.ndarray
+
+
+def check_scores(scores: ArrayLike, name: str = "scores") -> np.ndarray:
+    """Return ``scores`` as a 1D float64 array, rejecting empty input and NaN/inf.
+
+    Args:
+        scores: One score per case.
+        name: Name used in error messages.
+
+    Returns:
+        The scores as a 1D float64 array.
+
+    Raises:
+        ValueError: If the input is empty, not 1D, or holds non-finite values.
+    """
+    arr = np.asarray(scores, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    if arr.size == 0:
+        raise ValueError(f"{name} is empty")
+    if not np.all(np.isfinite(arr)):
+        n_bad = int(np.sum(~np.isfinite(arr)))
+        raise ValueError(f"{name} holds {n_bad} non-finite value(s) (NaN or inf)")
+    return arr
+
+
+def check_labels_scores(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """Validate a label vector and a score vector of the same length.
+
+    Args:
+        labels: Binary labels, 1 = abnormal, 0 = normal (bool or integer-valued).
+        scores: One score per case, higher = more abnormal.
+
+    Returns:
+        ``(labels, scores)`` as an int64 array of 0/1 and a float64 array.
+
+    Raises:
+        ValueError: If the lengths differ, labels are not binary, or scores are not finite.
+    """
+    score_arr = check_scores(scores)
+    label_arr = np.asarray(labels)
+    if label_arr.shape != score_arr.shape:
+        raise ValueError(
+            f"labels and scores differ in shape: {label_arr.shape} vs {score_arr.shape}"
+        )
+    unique = set(np.unique(label_arr).tolist())
+    if not unique <= {0, 1}:
+        raise ValueError(f"labels must be 0 (normal) or 1 (abnormal), got values {sorted(unique)}")
+    return label_arr.astype(np.int64), score_arr
 
 
 def _midpoint(low: float, high: float) -> float:

@@ -2,8 +2,23 @@
 
 Scores are "higher = more abnormal", labels are 1 = abnormal / 0 = normal, and a case (or
 voxel) is called abnormal iff ``score > threshold`` everywhere in this package.
+
+Owns image- and pixel-level metrics, the ``evaluate`` and ``cv`` pipelines, their
+figures and reports, and the anatomical-fidelity scores.
+
+May import: ``jobs``, ``models``, ``outputs``, ``config``, ``detectors`` and the layers below.
 """
 
+from medanomaly.detectors.thresholds import (
+    THRESHOLD_RULES,
+    choose_threshold,
+    conformal_pvalues,
+    conformal_threshold,
+    f1_threshold,
+    mean_sd_threshold,
+    percentile_threshold,
+    youden_threshold,
+)
 from medanomaly.evaluation.fidelity import (
     FidelityScores,
     anatomical_fidelity,
@@ -17,16 +32,6 @@ from medanomaly.evaluation.metrics import (
     predict_abnormal,
 )
 from medanomaly.evaluation.pixel import PixelMetricAccumulator, pixel_metrics
-from medanomaly.evaluation.thresholds import (
-    THRESHOLD_RULES,
-    choose_threshold,
-    conformal_pvalues,
-    conformal_threshold,
-    f1_threshold,
-    mean_sd_threshold,
-    percentile_threshold,
-    youden_threshold,
-)
 
 __all__ = [
     "DECISION_RULE",

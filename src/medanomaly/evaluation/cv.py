@@ -37,12 +37,11 @@ import numpy as np
 import yaml
 from sklearn.model_selection import StratifiedGroupKFold
 
-from medanomaly import __version__
-from medanomaly.base import CONFIG_FILE, AnomalyResult, BaseDetector
-from medanomaly.checkpoint import atomic_write_text
+from medanomaly._version import __version__
 from medanomaly.config import build_detector
-from medanomaly.data import ImageSet
-from medanomaly.datasets import LoadReport, load_dataset
+from medanomaly.data.loading import LoadReport, load_dataset
+from medanomaly.data.sets import ImageSet
+from medanomaly.detectors.base import CONFIG_FILE, AnomalyResult, BaseDetector
 from medanomaly.errors import ConfigError
 from medanomaly.evaluation import figures as figs
 from medanomaly.evaluation.metrics import image_metrics, predict_abnormal
@@ -67,7 +66,8 @@ from medanomaly.evaluation.runner import (
     summary_line,
     write_json,
 )
-from medanomaly.outputs import write_scores_csv
+from medanomaly.io.atomic import atomic_write_text
+from medanomaly.outputs.writers import write_scores_csv
 
 CV_FILE = "cv.json"
 SPLITS_FILE = "splits.csv"

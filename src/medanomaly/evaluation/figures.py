@@ -7,7 +7,7 @@
 * :func:`plot_confusion_matrix`: the 2x2 table at the chosen threshold.
 * :func:`plot_fold_boxplot`: per-fold metrics of a cross-validation as box plots.
 * :func:`save_gallery`: input | reconstruction | difference map of selected cases
-  (:func:`medanomaly.viz.save_case_figure`).
+  (:func:`medanomaly.viz.case_figure.save_case_figure`).
 
 Every function returns the path it wrote, or ``None`` when there is nothing to draw.
 """
@@ -24,9 +24,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from medanomaly.checkpoint import atomic_path  # noqa: E402
 from medanomaly.evaluation.metrics import predict_abnormal  # noqa: E402
-from medanomaly.viz import save_case_figure  # noqa: E402
+from medanomaly.io.atomic import atomic_path  # noqa: E402
+from medanomaly.viz.case_figure import save_case_figure  # noqa: E402
 
 DPI = 90
 NORMAL_COLOUR = "tab:blue"

@@ -18,13 +18,13 @@ from typing import Any
 
 import numpy as np
 
-from medanomaly.base import BaseDetector, scores_only
-from medanomaly.datasets import list_cases
-from medanomaly.distributed import Ranks, Share, merge_rows
+from medanomaly.data.loading import list_cases
+from medanomaly.detectors.base import BaseDetector, scores_only
 from medanomaly.evaluation import figures as figs
 from medanomaly.evaluation.pixel import PixelMetricAccumulator, scan_range
-from medanomaly.jobs import in_chunks
-from medanomaly.outputs import case_stem
+from medanomaly.jobs.score import in_chunks
+from medanomaly.outputs.writers import case_stem
+from medanomaly.training.distributed import Ranks, Share, merge_rows
 
 
 @dataclass

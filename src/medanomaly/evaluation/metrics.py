@@ -5,7 +5,7 @@ Conventions used throughout :mod:`medanomaly.evaluation`:
 * Scores are "higher = more abnormal".
 * Labels are ``1`` = abnormal and ``0`` = normal.
 * The decision rule is **abnormal iff score > threshold** (strictly greater). Every threshold
-  rule in :mod:`medanomaly.evaluation.thresholds` places its cut-off so that this rule
+  rule in :mod:`medanomaly.detectors.thresholds` places its cut-off so that this rule
   reproduces the operating point it chose.
 
 Every function returns plain Python ``float``/``int``/``None`` values so that results can be
@@ -16,67 +16,17 @@ written with :func:`json.dump` directly. A metric that is undefined for the data
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 from scipy.stats import rankdata
 from sklearn.metrics import average_precision_score, confusion_matrix, roc_auc_score
 
-ArrayLike = Sequence[float] | np.ndarray
+from medanomaly.detectors.thresholds import ArrayLike, check_labels_scores
 
 DECISION_RULE = "score > threshold"
 
 _BOOT_CHUNK_ELEMENTS = 4_000_000  # bootstrap resamples are ranked in chunks of this many values
-
-
-def check_scores(scores: ArrayLike, name: str = "scores") -> np.ndarray:
-    """Return ``scores`` as a 1D float64 array, rejecting empty input and NaN/inf.
-
-    Args:
-        scores: One score per case.
-        name: Name used in error messages.
-
-    Returns:
-        The scores as a 1D float64 array.
-
-    Raises:
-        ValueError: If the input is empty, not 1D, or holds non-finite values.
-    """
-    arr = np.asarray(scores, dtype=np.float64)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
-    if arr.size == 0:
-        raise ValueError(f"{name} is empty")
-    if not np.all(np.isfinite(arr)):
-        n_bad = int(np.sum(~np.isfinite(arr)))
-        raise ValueError(f"{name} holds {n_bad} non-finite value(s) (NaN or inf)")
-    return arr
-
-
-def check_labels_scores(labels: ArrayLike, scores: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
-    """Validate a label vector and a score vector of the same length.
-
-    Args:
-        labels: Binary labels, 1 = abnormal, 0 = normal (bool or integer-valued).
-        scores: One score per case, higher = more abnormal.
-
-    Returns:
-        ``(labels, scores)`` as an int64 array of 0/1 and a float64 array.
-
-    Raises:
-        ValueError: If the lengths differ, labels are not binary, or scores are not finite.
-    """
-    score_arr = check_scores(scores)
-    label_arr = np.asarray(labels)
-    if label_arr.shape != score_arr.shape:
-        raise ValueError(
-            f"labels and scores differ in shape: {label_arr.shape} vs {score_arr.shape}"
-        )
-    unique = set(np.unique(label_arr).tolist())
-    if not unique <= {0, 1}:
-        raise ValueError(f"labels must be 0 (normal) or 1 (abnormal), got values {sorted(unique)}")
-    return label_arr.astype(np.int64), score_arr
 
 
 def predict_abnormal(scores: ArrayLike, threshold: float) -> np.ndarray:

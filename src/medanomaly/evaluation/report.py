@@ -21,8 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from medanomaly import __version__
-from medanomaly.checkpoint import atomic_write_text
+from medanomaly._version import __version__
+from medanomaly.io.atomic import atomic_write_text
 
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 

@@ -28,20 +28,20 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from medanomaly.base import MIN_THRESHOLD_NORMALS, AnomalyResult, BaseDetector
-from medanomaly.checkpoint import atomic_write_text
-from medanomaly.data import ImageSet
-from medanomaly.datasets import LoadReport, list_cases
-from medanomaly.distributed import load_share
+from medanomaly.data.loading import LoadReport, list_cases
+from medanomaly.data.sets import ImageSet
+from medanomaly.detectors.base import MIN_THRESHOLD_NORMALS, AnomalyResult, BaseDetector
+from medanomaly.detectors.thresholds import THRESHOLD_RULES, choose_threshold, conformal_pvalues
 from medanomaly.errors import ConfigError
 from medanomaly.evaluation import figures as figs
 from medanomaly.evaluation import job
 from medanomaly.evaluation.metrics import bootstrap_auroc_ci, image_metrics, predict_abnormal
 from medanomaly.evaluation.pixel import pixel_metrics
 from medanomaly.evaluation.report import Facts, Figure, Figures, Table, Text, write_report
-from medanomaly.evaluation.thresholds import THRESHOLD_RULES, choose_threshold, conformal_pvalues
-from medanomaly.jobs import SCORE_CHUNK, JobOptions, start_job
-from medanomaly.outputs import save_maps_in_chunks, write_scores_csv
+from medanomaly.io.atomic import atomic_write_text
+from medanomaly.jobs.score import SCORE_CHUNK, JobOptions, start_job
+from medanomaly.outputs.writers import save_maps_in_chunks, write_scores_csv
+from medanomaly.training.distributed import load_share
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +60,7 @@ def parse_rule(spec: str | None) -> tuple[str | None, dict[str, float]]:
 
     Args:
         spec: ``None`` or ``"run"`` (keep the run's own threshold), or a rule of
-            :data:`~medanomaly.evaluation.thresholds.THRESHOLD_RULES`, optionally followed by
+            :data:`~medanomaly.detectors.thresholds.THRESHOLD_RULES`, optionally followed by
             ``:name=value[,name=value]`` (``k`` for mean_sd, ``q`` for percentile, ``alpha``
             for conformal).
 
@@ -521,7 +521,7 @@ def evaluate_run(
         foreground_threshold: Intensity cut-off of the pixel-metric foreground (see
             :func:`foreground_masks`).
         maps_dir: Folder for every case's anomaly map in the scan's own geometry (see
-            :func:`medanomaly.outputs.save_maps`); ``None`` writes none.
+            :func:`medanomaly.outputs.writers.save_maps`); ``None`` writes none.
         dicom: With ``maps_dir``, also write a DICOM Parametric Map per DICOM volume.
         options: Devices and workers (default: one process).
         chunk: Cases read into memory at a time.

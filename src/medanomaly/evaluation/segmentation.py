@@ -4,7 +4,8 @@ Seed 002 measures how faithful reconstructions are with a segmentation network t
 normal anatomy of the same domain (:mod:`medanomaly.evaluation.fidelity`). Users with
 anatomical label maps make one here: MONAI's :class:`~monai.networks.nets.UNet` trained with
 Dice + cross-entropy (:class:`~monai.losses.DiceCELoss`) by the project's
-:class:`~medanomaly.engine.Engine` (seeds, devices, mixed precision, progress, checkpoints).
+:class:`~medanomaly.training.engine.Engine` (seeds, devices, mixed precision, progress,
+checkpoints).
 """
 
 from __future__ import annotations
@@ -23,8 +24,14 @@ from torch import nn
 from torch.nn import functional
 from torch.utils.data import TensorDataset
 
-from medanomaly.data import ImageSet
-from medanomaly.engine import Engine, EngineConfig, TrainingData, TrainingTask, split_indices
+from medanomaly.data.sets import ImageSet
+from medanomaly.training.engine import (
+    Engine,
+    EngineConfig,
+    TrainingData,
+    TrainingTask,
+    split_indices,
+)
 
 
 def build_segmenter(
@@ -86,7 +93,7 @@ def train_segmenter(
         val_fraction: Share of the images held out; the weights of the epoch with the lowest
             validation loss are kept. 0 trains on everything and keeps the last epoch.
         engine: Other training settings (batch size, learning rate, seed, devices, ...) as
-            an :class:`~medanomaly.engine.EngineConfig` or a dict; by default batch 16,
+            an :class:`~medanomaly.training.engine.EngineConfig` or a dict; by default batch 16,
             Adam lr 1e-3, seed 0, and no early stopping unless the dict sets ``patience``.
         run_dir: Where the engine keeps ``checkpoint_segmenter.pt`` and its history.
 

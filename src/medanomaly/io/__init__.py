@@ -3,6 +3,8 @@
 :func:`read_image` picks the reader from the path (a folder is a DICOM series), converts
 colour pictures to gray unless asked otherwise, and refuses images that are empty, have the
 wrong number of dimensions, or hold NaN/inf values.
+
+May import: ``image``, ``errors``.
 """
 
 from __future__ import annotations

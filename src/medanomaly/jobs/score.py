@@ -1,7 +1,7 @@
 """Batch jobs over a trained run: what ``score`` does, and what ``evaluate`` and ``screen`` share.
 
 A job streams its cases: each rank (one process, or ``--devices N`` of them, see
-:mod:`medanomaly.distributed`) prepares its share into the cache, then scores it chunk by
+:mod:`medanomaly.training.distributed`) prepares its share into the cache, then scores it chunk by
 chunk (``chunk`` cases read into memory at a time), writes the maps it made, and sends the
 per-case rows to rank 0, which writes the table in input order.
 """
@@ -15,10 +15,10 @@ from typing import Any
 
 import numpy as np
 
-from medanomaly.base import AnomalyResult, BaseDetector, scores_only
-from medanomaly.data import Cases, ImageSet
-from medanomaly.distributed import Ranks, Share, launch, load_share, merge_rows
-from medanomaly.outputs import MapsWritten, save_part_maps, write_scores_csv
+from medanomaly.data.sets import Cases, ImageSet
+from medanomaly.detectors.base import AnomalyResult, BaseDetector, scores_only
+from medanomaly.outputs.writers import MapsWritten, save_part_maps, write_scores_csv
+from medanomaly.training.distributed import Ranks, Share, launch, load_share, merge_rows
 
 #: Cases read into memory and scored at a time.
 SCORE_CHUNK = 32
@@ -94,7 +94,7 @@ def score_run(
         run: Run directory (or ``model.pt``).
         data: Folder or manifest.
         out: The CSV (written by rank 0, atomically).
-        maps: Folder for every case's maps (see :func:`medanomaly.outputs.save_maps`),
+        maps: Folder for every case's maps (see :func:`medanomaly.outputs.writers.save_maps`),
             written by the rank that scored the case.
         dicom: With ``maps``, also DICOM Parametric Maps of DICOM volumes.
         strict: Raise on the first unreadable case.
@@ -104,7 +104,7 @@ def score_run(
     Returns:
         The summary on rank 0; ``None`` on the other ranks.
     """
-    from medanomaly.evaluation.thresholds import conformal_pvalues
+    from medanomaly.detectors.thresholds import conformal_pvalues
 
     ranks, detector = start_job(run, options or JobOptions())
     share = load_share(detector, data, ranks, strict, (options or JobOptions()).num_workers)

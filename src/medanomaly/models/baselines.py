@@ -24,13 +24,19 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from medanomaly import __version__
-from medanomaly.base import MODEL_FILE, AnomalyResult, BaseDetector, _plain, mean_sd_threshold
-from medanomaly.data import Cases, ImageSet, as_cases
-from medanomaly.engine import EngineConfig, split_indices
+from medanomaly._version import __version__
+from medanomaly.data.sets import Cases, ImageSet, as_cases
+from medanomaly.detectors.base import (
+    MODEL_FILE,
+    AnomalyResult,
+    BaseDetector,
+    _plain,
+    mean_sd_threshold,
+)
+from medanomaly.detectors.registry import register
+from medanomaly.detectors.scoring import SCORE_REDUCTIONS, foreground_mask, reduce_inside
 from medanomaly.errors import InvalidImageError, check_choice
-from medanomaly.registry import register
-from medanomaly.scoring import SCORE_REDUCTIONS, foreground_mask, reduce_inside
+from medanomaly.training.engine import EngineConfig, split_indices
 
 DIRECTIONS = ("high", "low", "both")
 BATCH_VOXELS = 2**22
@@ -44,7 +50,7 @@ class StatisticDetector(BaseDetector):
     ``evaluate(x)`` (scores and maps of a batch tensor) and ``statistics()`` (its learned
     arrays, for saving); ``fit``, the threshold, batching, input checks and persistence live
     here. The images are read a chunk at a time, so that a streamed set (see
-    :mod:`medanomaly.streaming`) is fitted and scored without being held in memory; its cases
+    :mod:`medanomaly.data.streaming`) is fitted and scored without being held in memory; its cases
     must share one grid.
 
     Args:

@@ -8,11 +8,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from medanomaly.base import DeepDetector
-from medanomaly.engine import EngineConfig
+from medanomaly.detectors.base import DeepDetector
+from medanomaly.detectors.registry import register
+from medanomaly.detectors.scoring import coarse_noise, per_image_mean, residual_map
 from medanomaly.nets import ConvAutoencoder
-from medanomaly.registry import register
-from medanomaly.scoring import coarse_noise, per_image_mean, residual_map
+from medanomaly.training.engine import EngineConfig
 
 
 @register("cae")
@@ -36,7 +36,8 @@ class CAE(DeepDetector):
         threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
         engine: Training settings.
         map_score: Score from the standardised, smoothed map (see
-            :class:`~medanomaly.scoring.MapScoring`); ``None`` keeps the model's own score.
+            :class:`~medanomaly.detectors.scoring.MapScoring`); ``None`` keeps the model's own
+            score.
     """
 
     def __init__(

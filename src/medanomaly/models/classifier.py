@@ -6,7 +6,7 @@ abnormal images (``supervised = True``), so ``train`` must be labelled.
 
 * Score: the softmax probability of "abnormal"; ``predict``: score > ``threshold`` (0.5).
 * Map: Grad-CAM (default; one backward pass) or occlusion sensitivity (seed 001's heat map;
-  one forward pass per patch position), see :mod:`medanomaly.explain`.
+  one forward pass per patch position), see :mod:`medanomaly.detectors.explain`.
 * Training (seed 001): class-weighted cross-entropy, Adam, L2 weight decay 0.01 on
   convolution kernels and 0.001 on fully connected weights (none on batch norm and biases),
   a step learning-rate decay, random flips and a random crop per image (the centred crop at
@@ -35,13 +35,13 @@ from torch import nn
 from torch.nn import functional
 from torch.utils.data import Dataset
 
-from medanomaly.base import DeepDetector
-from medanomaly.data import ABNORMAL, NORMAL, ImageSet, as_image_set
-from medanomaly.engine import Engine, EngineConfig, Optimizers, TrainingData, TrainingTask
+from medanomaly.data.sets import ABNORMAL, NORMAL, ImageSet, as_image_set
+from medanomaly.detectors.base import DeepDetector
+from medanomaly.detectors.explain import grad_cam, occlusion_sensitivity
+from medanomaly.detectors.registry import register
 from medanomaly.errors import ConfigError, InvalidImageError, LabelError
-from medanomaly.explain import grad_cam, occlusion_sensitivity
 from medanomaly.nets.classifiers import ResNetClassifier, VGGClassifier
-from medanomaly.registry import register
+from medanomaly.training.engine import Engine, EngineConfig, Optimizers, TrainingData, TrainingTask
 
 MAP_METHODS = ("grad_cam", "occlusion")
 

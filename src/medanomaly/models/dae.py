@@ -24,12 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from medanomaly.base import DeepDetector
-from medanomaly.engine import EngineConfig
-from medanomaly.errors import check_choice
-from medanomaly.nets.unet import CPU_FEATURES, skip_unet
-from medanomaly.registry import register
-from medanomaly.scoring import (
+from medanomaly.detectors.base import DeepDetector
+from medanomaly.detectors.registry import register
+from medanomaly.detectors.scoring import (
     SCORE_REDUCTIONS,
     coarse_noise,
     erode_mask,
@@ -37,6 +34,9 @@ from medanomaly.scoring import (
     median_filter,
     reduce_inside,
 )
+from medanomaly.errors import check_choice
+from medanomaly.nets.unet import CPU_FEATURES, skip_unet
+from medanomaly.training.engine import EngineConfig
 
 RESIDUALS = ("abs", "positive", "negative")
 
@@ -69,7 +69,7 @@ class DenoisingAE(DeepDetector):
         threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
         engine: Training settings.
         map_score: Score from the standardised, smoothed map instead (see
-            :class:`~medanomaly.scoring.MapScoring`); ``None`` keeps ``score_reduce``.
+            :class:`~medanomaly.detectors.scoring.MapScoring`); ``None`` keeps ``score_reduce``.
     """
 
     fully_convolutional = True  # scores cases of any size, each at its own

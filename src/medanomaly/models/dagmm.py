@@ -49,13 +49,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from medanomaly.base import MODEL_FILE, DeepDetector
-from medanomaly.data import ImageSet, as_cases
-from medanomaly.engine import EngineConfig
+from medanomaly.data.sets import ImageSet, as_cases
+from medanomaly.detectors.base import MODEL_FILE, DeepDetector
+from medanomaly.detectors.registry import register
+from medanomaly.detectors.scoring import residual_map
 from medanomaly.errors import NotFittedError
 from medanomaly.nets import layers
-from medanomaly.registry import register
-from medanomaly.scoring import residual_map
+from medanomaly.training.engine import EngineConfig
 
 GMM_KEY = "gmm"
 _TINY = 1e-8

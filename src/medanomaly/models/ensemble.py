@@ -25,8 +25,9 @@ from typing import Any
 
 import numpy as np
 
-from medanomaly import __version__
-from medanomaly.base import (
+from medanomaly._version import __version__
+from medanomaly.data.sets import ImageSet, as_cases
+from medanomaly.detectors.base import (
     MODEL_FILE,
     AnomalyResult,
     BaseDetector,
@@ -35,10 +36,9 @@ from medanomaly.base import (
     scores_only,
     standardisation,
 )
-from medanomaly.data import ImageSet, as_cases
-from medanomaly.engine import EngineConfig, split_indices
+from medanomaly.detectors.registry import build_nested, get_model_class, nested_block, register
 from medanomaly.errors import ConfigError
-from medanomaly.registry import build_nested, get_model_class, nested_block, register
+from medanomaly.training.engine import EngineConfig, split_indices
 
 DEFAULT_MEMBERS = ({"name": "cae"}, {"name": "cae", "residual": "ssim"})
 

@@ -17,11 +17,18 @@ from typing import Any
 import torch
 from torch import nn
 
-from medanomaly.base import DeepDetector
-from medanomaly.engine import Backward, Engine, EngineConfig, Optimizers, TrainingData, TrainingTask
+from medanomaly.detectors.base import DeepDetector
+from medanomaly.detectors.registry import register
+from medanomaly.detectors.scoring import per_image_mean, residual_map
 from medanomaly.nets import layers
-from medanomaly.registry import register
-from medanomaly.scoring import per_image_mean, residual_map
+from medanomaly.training.engine import (
+    Backward,
+    Engine,
+    EngineConfig,
+    Optimizers,
+    TrainingData,
+    TrainingTask,
+)
 
 GAN_STAGE = "gan"
 
@@ -158,7 +165,8 @@ class FAnoGAN(DeepDetector):
         threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
         engine: Training settings (the encoder stage; the GAN stage takes ``gan_*``).
         map_score: Score from the standardised, smoothed map (see
-            :class:`~medanomaly.scoring.MapScoring`); ``None`` keeps the model's own score.
+            :class:`~medanomaly.detectors.scoring.MapScoring`); ``None`` keeps the model's own
+            score.
     """
 
     def __init__(

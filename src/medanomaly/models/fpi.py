@@ -19,12 +19,12 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from medanomaly.base import DeepDetector
-from medanomaly.engine import EngineConfig
+from medanomaly.detectors.base import DeepDetector
+from medanomaly.detectors.registry import register
+from medanomaly.detectors.scoring import SCORE_REDUCTIONS, foreground_mask, reduce_inside
 from medanomaly.errors import ConfigError, check_choice
 from medanomaly.nets.unet import CPU_FEATURES, skip_unet
-from medanomaly.registry import register
-from medanomaly.scoring import SCORE_REDUCTIONS, foreground_mask, reduce_inside
+from medanomaly.training.engine import EngineConfig
 
 
 def foreign_patch_blend(
@@ -45,7 +45,8 @@ def foreign_patch_blend(
         x: Images ``(B, C, *spatial)``.
         partner: The images whose patches are blended in, same shape.
         size_range: Smallest and largest box side, as fractions of the image side.
-        foreground_threshold: Foreground rule of :func:`~medanomaly.scoring.foreground_mask`.
+        foreground_threshold: Foreground rule of
+            :func:`~medanomaly.detectors.scoring.foreground_mask`.
 
     Returns:
         ``(blended (B, C, *spatial), target (B, *spatial))``.

@@ -15,13 +15,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from medanomaly.base import DeepDetector
-from medanomaly.engine import Backward, Engine, EngineConfig, Optimizers, TrainingData, TrainingTask
+from medanomaly.detectors.base import DeepDetector
+from medanomaly.detectors.latent_search import latent_search, reconstruction_error, unwrap
+from medanomaly.detectors.registry import register
+from medanomaly.detectors.scoring import gaussian_kl, per_image_sum, residual_map
 from medanomaly.errors import ConfigError
-from medanomaly.latent_search import latent_search, reconstruction_error, unwrap
 from medanomaly.nets import VariationalAutoencoder
-from medanomaly.registry import register
-from medanomaly.scoring import gaussian_kl, per_image_sum, residual_map
+from medanomaly.training.engine import (
+    Backward,
+    Engine,
+    EngineConfig,
+    Optimizers,
+    TrainingData,
+    TrainingTask,
+)
 
 MODES = ("encode", "decode", "reconstruct")
 
@@ -166,7 +173,8 @@ class IntroVAE(DeepDetector):
         threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
         engine: Training settings (``lr`` only when ``encoder_lr``/``decoder_lr`` are None).
         map_score: Score from the standardised, smoothed map (see
-            :class:`~medanomaly.scoring.MapScoring`); ``None`` keeps the model's own score.
+            :class:`~medanomaly.detectors.scoring.MapScoring`); ``None`` keeps the model's own
+            score.
     """
 
     def __init__(

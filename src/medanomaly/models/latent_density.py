@@ -30,8 +30,9 @@ import numpy as np
 from sklearn.covariance import LedoitWolf
 from sklearn.mixture import GaussianMixture
 
-from medanomaly import __version__
-from medanomaly.base import (
+from medanomaly._version import __version__
+from medanomaly.data.sets import ImageSet, as_cases
+from medanomaly.detectors.base import (
     AnomalyResult,
     BaseDetector,
     fit_or_load,
@@ -39,10 +40,9 @@ from medanomaly.base import (
     scores_only,
     standardisation,
 )
-from medanomaly.data import ImageSet, as_cases
-from medanomaly.engine import EngineConfig, split_indices
+from medanomaly.detectors.registry import build_nested, get_model_class, nested_block, register
 from medanomaly.errors import ConfigError, check_choice
-from medanomaly.registry import build_nested, get_model_class, nested_block, register
+from medanomaly.training.engine import EngineConfig, split_indices
 
 DENSITIES = ("gaussian", "gmm")
 COMBINATIONS = ("latent", "sum")

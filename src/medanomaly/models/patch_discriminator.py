@@ -20,7 +20,8 @@ a random position; positive = the same patch shifted by up to ``max_shift`` voxe
 with its intensities scaled and offset a little; negative = a patch at another position of
 the same image, at least ``negative_min_distance`` voxels away along some axis (seed 002), or
 with probability ``negative_other_image`` a patch of another image. The embedding network is
-trained by the project's :class:`~medanomaly.engine.Engine` (stage ``embedding``), so it has
+trained by the project's :class:`~medanomaly.training.engine.Engine` (stage ``embedding``), so it
+has
 checkpoints, resume, seeding and progress like every other network. Triplets are cut from
 the stored images: the random augmentation of a training ``ImageSet`` (flips, affine) serves
 the reconstructor; the positive's shift and intensity change are the embedding's augmentation.
@@ -56,8 +57,9 @@ from torch import nn
 from torch.nn import functional
 from torch.utils.data import Dataset
 
-from medanomaly import __version__
-from medanomaly.base import (
+from medanomaly._version import __version__
+from medanomaly.data.sets import ImageSet, as_image_set
+from medanomaly.detectors.base import (
     INFERENCE_VOXELS,
     MODEL_FILE,
     AnomalyResult,
@@ -66,12 +68,17 @@ from medanomaly.base import (
     inference_network,
     mean_sd_threshold,
 )
-from medanomaly.data import ImageSet, as_image_set
-from medanomaly.engine import Engine, EngineConfig, TrainingData, TrainingTask, split_indices
+from medanomaly.detectors.registry import build_nested, get_model_class, nested_block, register
+from medanomaly.detectors.scoring import every_voxel_if_empty, patch_starts, top_fraction_mean
 from medanomaly.errors import ConfigError, InvalidImageError
 from medanomaly.nets.patch_embedding import PatchEmbedding
-from medanomaly.registry import build_nested, get_model_class, nested_block, register
-from medanomaly.scoring import every_voxel_if_empty, patch_starts, top_fraction_mean
+from medanomaly.training.engine import (
+    Engine,
+    EngineConfig,
+    TrainingData,
+    TrainingTask,
+    split_indices,
+)
 
 log = logging.getLogger(__name__)
 

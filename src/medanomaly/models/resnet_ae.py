@@ -10,12 +10,12 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from medanomaly.base import DeepDetector
-from medanomaly.engine import EngineConfig
+from medanomaly.detectors.base import DeepDetector
+from medanomaly.detectors.registry import register
+from medanomaly.detectors.scoring import foreground_mask, patch_starts, residual_map
 from medanomaly.errors import ConfigError, InvalidImageError
 from medanomaly.nets import ResNetAutoencoder
-from medanomaly.registry import register
-from medanomaly.scoring import foreground_mask, patch_starts, residual_map
+from medanomaly.training.engine import EngineConfig
 
 PATCH_REDUCTIONS = ("mean", "max")
 
@@ -54,7 +54,7 @@ class ResNetAE(DeepDetector):
         threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
         engine: Training settings.
         map_score: Score from the standardised, smoothed map (see
-            :class:`~medanomaly.scoring.MapScoring`); ``None`` keeps the masked MSE.
+            :class:`~medanomaly.detectors.scoring.MapScoring`); ``None`` keeps the masked MSE.
     """
 
     def __init__(

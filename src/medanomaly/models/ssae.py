@@ -16,12 +16,12 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from medanomaly.base import DeepDetector
-from medanomaly.engine import EngineConfig
+from medanomaly.detectors.base import DeepDetector
+from medanomaly.detectors.registry import register
+from medanomaly.detectors.scoring import per_image_mean, residual_map
 from medanomaly.nets import ConvAutoencoder
 from medanomaly.nets.layers import check_spatial_dims
-from medanomaly.registry import register
-from medanomaly.scoring import per_image_mean, residual_map
+from medanomaly.training.engine import EngineConfig
 
 KERNELS = ("gaussian", "average")
 _BINOMIAL_5 = (1.0, 4.0, 6.0, 4.0, 1.0)  # sampled Gaussian of the classic Burt-Adelson pyramid
@@ -228,7 +228,8 @@ class SSAE(DeepDetector):
         threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
         engine: Training settings.
         map_score: Score from the standardised, smoothed map (see
-            :class:`~medanomaly.scoring.MapScoring`); ``None`` keeps the model's own score.
+            :class:`~medanomaly.detectors.scoring.MapScoring`); ``None`` keeps the model's own
+            score.
     """
 
     def __init__(

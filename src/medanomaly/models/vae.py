@@ -8,12 +8,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from medanomaly.base import DeepDetector
-from medanomaly.engine import EngineConfig
-from medanomaly.latent_search import latent_search, unwrap
+from medanomaly.detectors.base import DeepDetector
+from medanomaly.detectors.latent_search import latent_search, unwrap
+from medanomaly.detectors.registry import register
+from medanomaly.detectors.scoring import gaussian_kl, per_image_sum, residual_map
 from medanomaly.nets import VariationalAutoencoder
-from medanomaly.registry import register
-from medanomaly.scoring import gaussian_kl, per_image_sum, residual_map
+from medanomaly.training.engine import EngineConfig
 
 
 @register("vae")
@@ -23,7 +23,7 @@ class VAE(DeepDetector):
     At scoring time the latent mean is decoded (no sampling), so scores are deterministic.
     The map is the squared difference between input and reconstruction. With
     ``latent_steps > 0`` the latent mean is first refined by a latent representation search
-    (seed 002; :func:`~medanomaly.latent_search.latent_search`, Adam on the sum of squared
+    (seed 002; :func:`~medanomaly.detectors.latent_search.latent_search`, Adam on the sum of squared
     errors, network frozen) and the searched ``z`` is decoded; the KL term of the score is
     then that of N(z, sigma^2) with the encoder's sigma.
 
@@ -40,7 +40,8 @@ class VAE(DeepDetector):
         threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
         engine: Training settings.
         map_score: Score from the standardised, smoothed map (see
-            :class:`~medanomaly.scoring.MapScoring`); ``None`` keeps the model's own score.
+            :class:`~medanomaly.detectors.scoring.MapScoring`); ``None`` keeps the model's own
+            score.
         latent_steps: Steps of latent representation search before decoding at scoring
             (and validation) time; 0 turns it off (seed 002 uses 100).
         latent_lr: Learning rate of that search (seed 002: 1e-3).

@@ -1,7 +1,7 @@
 """Seed 001's supervised CNNs, 2D or 3D: network A (VGG-like) and network B (ResNet-like).
 
 Both end in a fully connected head that gives two logits (normal, abnormal). 2.5D input is
-2D input whose channels are ``k`` adjacent slices (see :mod:`medanomaly.slabs`).
+2D input whose channels are ``k`` adjacent slices (see :mod:`medanomaly.data.slabs`).
 
 Each network names the layer Grad-CAM reads (``cam_layer``: the last convolutional stage)
 and sorts its weights into ``conv_weights()`` and ``fc_weights()`` so that the two kinds can

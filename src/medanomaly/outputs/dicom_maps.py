@@ -1,6 +1,7 @@
 """The anomaly map as a DICOM Parametric Map that references its source series (highdicom).
 
-The map, already sampled onto the series' own grid (:func:`medanomaly.maps.to_source_grid`),
+The map, already sampled onto the series' own grid
+(:func:`medanomaly.outputs.source_maps.to_source_grid`),
 is written one frame per source slice. highdicom takes each frame's position and orientation
 from its source image, so the object shares the series' FrameOfReferenceUID and lists the
 source SOP Instance UIDs (per frame and in the Referenced Series Sequence): a viewer that
@@ -19,12 +20,12 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.sr.codedict import codes
 
-from medanomaly import __version__
-from medanomaly.checkpoint import atomic_path
+from medanomaly._version import __version__
 from medanomaly.errors import ImageReadError
 from medanomaly.image import SourceGrid
+from medanomaly.io.atomic import atomic_path
 from medanomaly.io.dicom_frames import tag_name
-from medanomaly.maps import MapInfo
+from medanomaly.outputs.source_maps import MapInfo
 
 #: Type 2 patient/study attributes highdicom copies from the source; absent ones are left
 #: empty in the copy it reads (the source file is not touched).

@@ -30,9 +30,9 @@ from matplotlib import colormaps
 from PIL import Image
 from scipy import ndimage
 
-from medanomaly import __version__
-from medanomaly.checkpoint import atomic_path, atomic_write, atomic_write_text
+from medanomaly._version import __version__
 from medanomaly.image import SourceGrid
+from medanomaly.io.atomic import atomic_path, atomic_write, atomic_write_text
 
 #: Share of the overlay taken by the map colour where the map is at its largest.
 _OVERLAY_ALPHA = 0.6

@@ -1,7 +1,8 @@
 """Files that scoring commands write: the per-case score table and the anomaly maps.
 
 Maps are written on the model's grid (``.npy`` and a picture) and, for cases read from a
-file, in the scan's own geometry (:mod:`medanomaly.maps`, :mod:`medanomaly.dicom_maps`).
+file, in the scan's own geometry (:mod:`medanomaly.outputs.source_maps`,
+:mod:`medanomaly.outputs.dicom_maps`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from medanomaly.base import AnomalyResult
-from medanomaly.checkpoint import atomic_path, atomic_write
+from medanomaly.detectors.base import AnomalyResult
 from medanomaly.errors import MedanomalyError, problem_text
 from medanomaly.image import SourceGrid
-from medanomaly.maps import MapInfo, to_source_grid, write_source_map
-from medanomaly.viz import save_case_figure
+from medanomaly.io.atomic import atomic_path, atomic_write
+from medanomaly.outputs.source_maps import MapInfo, to_source_grid, write_source_map
+from medanomaly.viz.case_figure import save_case_figure
 
 SCORE_COLUMNS = ("id", "label", "score", "prediction", "threshold")
 
@@ -166,7 +167,7 @@ def _source_maps(
     values = to_source_grid(model_map, grid)
     written = write_source_map(folder, stem, model_map, grid, info, picture, values)
     if dicom and grid.dicom_files and len(grid.shape) == 3:
-        from medanomaly.dicom_maps import write_parametric_map  # highdicom loads slowly
+        from medanomaly.outputs.dicom_maps import write_parametric_map  # highdicom loads slowly
 
         written.append(write_parametric_map(folder / f"{stem}_map.dcm", values, grid, info))
     return written
@@ -197,7 +198,7 @@ def save_part_maps(
 
     Args:
         folder: Output folder.
-        part: The chunk, an :class:`~medanomaly.data.ImageSet` (its ``grids`` place the maps).
+        part: The chunk, an :class:`~medanomaly.data.sets.ImageSet` (its ``grids`` place the maps).
         result: Its detection.
         model: The detector's name.
         dicom: Also write DICOM Parametric Maps for DICOM volumes.
@@ -233,7 +234,7 @@ def save_maps_in_chunks(
 
     Args:
         detector: A fitted detector.
-        images: Any form of :class:`~medanomaly.data.Cases` (its ``grids`` place the maps).
+        images: Any form of :class:`~medanomaly.data.sets.Cases` (its ``grids`` place the maps).
         folder: Output folder.
         dicom: Also write DICOM Parametric Maps for DICOM volumes.
         threshold: Threshold recorded with the maps (default: the detector's).

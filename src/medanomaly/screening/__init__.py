@@ -26,6 +26,9 @@ chunk by chunk, and works on a streamed set or one rank's share of a distributed
 ``summary.json``, the figures (:mod:`~medanomaly.screening.plots`) and ``report.html``
 (:mod:`~medanomaly.screening.report`, :mod:`~medanomaly.screening.outputs`).
 :func:`screen_folder` is the whole ``medanomaly screen`` job (:mod:`~medanomaly.screening.job`).
+
+May import: ``evaluation``, ``jobs``, ``outputs``, ``models``, ``detectors`` and the
+layers below.
 """
 
 from medanomaly.screening.core import DEFAULT_BATCH, DEFAULT_K, screen

@@ -10,17 +10,17 @@ from typing import Any
 
 import numpy as np
 
-from medanomaly.base import AnomalyResult, BaseDetector, mean_sd_threshold
-from medanomaly.data import Cases, ImageSet
-from medanomaly.distributed import Ranks
+from medanomaly.data.sets import Cases, ImageSet
+from medanomaly.detectors.base import AnomalyResult, BaseDetector, mean_sd_threshold
+from medanomaly.detectors.thresholds import conformal_pvalues
 from medanomaly.errors import ConfigError
-from medanomaly.evaluation.thresholds import conformal_pvalues
-from medanomaly.jobs import in_chunks
+from medanomaly.jobs.score import in_chunks
 from medanomaly.screening.facts import DEFAULT_METAL_LEVEL, RawFacts, folder_oddities, raw_facts
 from medanomaly.screening.latent import DEFAULT_MIN_SAMPLES, LatentClusters, latent_analysis
 from medanomaly.screening.residuals import foreground_masks, map_percentiles, reconstruction_errors
 from medanomaly.screening.result import ScreenResult
 from medanomaly.screening.size_bias import size_bias
+from medanomaly.training.distributed import Ranks
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,7 @@ def screen(
     Args:
         detector: A fitted detector with ``val_scores_`` (held-out normal scores).
         images: The preprocessed cases (an ``ImageSet`` or a streamed set); their ids must be
-            the file paths (as :func:`medanomaly.datasets.load_dataset` sets them) for the raw
+            the file paths (as :func:`medanomaly.data.loading.load_dataset` sets them) for the raw
             facts.
         k: Flag cases whose score exceeds mean + k·SD of the validation scores.
         metal_level: Raw value above which a voxel counts as metal (3000 HU).

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from medanomaly.base import BaseDetector
-from medanomaly.data import Cases
-from medanomaly.outputs import case_stem
+from medanomaly.data.sets import Cases
+from medanomaly.detectors.base import BaseDetector
+from medanomaly.outputs.writers import case_stem
 from medanomaly.screening.core import DEFAULT_BATCH
 from medanomaly.screening.result import ScreenResult
-from medanomaly.viz import save_case_figure
+from medanomaly.viz.case_figure import save_case_figure
 
 
 def gallery_scale(result: ScreenResult) -> float | None:

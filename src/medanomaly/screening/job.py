@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from medanomaly.base import AnomalyResult, BaseDetector
-from medanomaly.data import ImageSet
-from medanomaly.distributed import Share, load_share
-from medanomaly.jobs import JobOptions, start_job
-from medanomaly.outputs import save_part_maps
+from medanomaly.data.sets import ImageSet
+from medanomaly.detectors.base import AnomalyResult, BaseDetector
+from medanomaly.jobs.score import JobOptions, start_job
+from medanomaly.outputs.writers import save_part_maps
 from medanomaly.screening.core import (
     DEFAULT_BATCH,
     DEFAULT_K,
@@ -26,6 +25,7 @@ from medanomaly.screening.gallery import save_gallery
 from medanomaly.screening.latent import DEFAULT_MIN_SAMPLES
 from medanomaly.screening.outputs import write_screen_outputs
 from medanomaly.screening.result import ScreenResult
+from medanomaly.training.distributed import Share, load_share
 
 
 @dataclass

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from medanomaly.base import AnomalyResult
-from medanomaly.data import ImageSet
+from medanomaly.data.sets import ImageSet
+from medanomaly.detectors.base import AnomalyResult
 
 
 def foreground_masks(images: ImageSet, threshold: float | None = None) -> tuple[np.ndarray, str]:

@@ -24,8 +24,8 @@ from typing import Any, TypeVar
 import numpy as np
 import torch
 
+from medanomaly.data.workers import available_cores
 from medanomaly.errors import ImageReadError, MedanomalyError
-from medanomaly.workers import available_cores
 
 T = TypeVar("T")
 
@@ -155,7 +155,7 @@ def launch(accelerator: str = "auto", devices: int = 1, num_nodes: int = 1) -> R
     if devices <= 1 and num_nodes <= 1:
         wants_gpu = accelerator in ("auto", "cuda", "gpu") and torch.cuda.is_available()
         return Ranks(device=torch.device("cuda" if wants_gpu else "cpu"))
-    from medanomaly.engine import make_fabric  # Lightning imports slowly
+    from medanomaly.training.engine import make_fabric  # Lightning imports slowly
 
     fabric = make_fabric(accelerator, devices, num_nodes)
     ranks = Ranks(fabric=fabric, device=fabric.device, local_world_size=max(1, devices))
@@ -209,7 +209,7 @@ def load_share(
     Raises:
         ImageReadError: No rank has a readable case.
     """
-    from medanomaly.datasets import input_spec, list_cases, load_cases
+    from medanomaly.data.loading import input_spec, list_cases, load_cases
 
     options = dict((getattr(detector, "run_config_", None) or {}).get("data") or {})
     label_names = options.pop("label_names", None)

@@ -31,8 +31,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
 from tqdm.auto import tqdm
 
-from medanomaly.checkpoint import atomic_torch_save, atomic_write_text
 from medanomaly.errors import ConfigError, did_you_mean
+from medanomaly.io.atomic import atomic_torch_save, atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -11,6 +11,8 @@ the boolean foreground mask in ``meta["foreground"]`` (made by ``foreground_mask
 
 ``Compose.to_config()`` gives the list back with all arguments (a cache key), and
 ``Compose.split_deterministic()`` separates the cacheable prefix from random augmentation.
+
+May import: ``io``, ``image``, ``errors``.
 """
 
 from medanomaly.transforms._base import FOREGROUND_KEY, LESION_KEY, RandomTransform, Transform

@@ -10,7 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from medanomaly.checkpoint import atomic_path  # noqa: E402
+from medanomaly.io.atomic import atomic_path  # noqa: E402
 
 DIFF_CMAP = "jet"
 PLANES = ("axis 0", "axis 1", "axis 2")
