@@ -284,7 +284,7 @@ def model_flops() -> dict[str, float]:
     from common import inference_flops, training_flops
 
     from medanomaly import get_model
-    from medanomaly.detectors.base import inference_network
+    from medanomaly.detectors.deep import inference_network
 
     model = {k: v for k, v in MODEL.items() if k != "name"}
     detector = get_model("resnet_ae", **model, engine=ENGINE)

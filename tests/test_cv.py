@@ -14,7 +14,8 @@ from test_evaluate_cli import write_config, write_phantom_manifest
 from medanomaly.cli import main
 from medanomaly.config import load_config
 from medanomaly.data.phantoms import make_phantoms
-from medanomaly.detectors.base import BaseDetector, DeepDetector
+from medanomaly.detectors.base import BaseDetector
+from medanomaly.detectors.deep import DeepDetector
 from medanomaly.errors import ConfigError
 from medanomaly.evaluation import choose_threshold
 from medanomaly.evaluation.cv import cross_validate, make_splits, read_splits, summarise

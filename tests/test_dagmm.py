@@ -11,7 +11,7 @@ from sklearn.metrics import roc_auc_score
 
 from medanomaly import BaseDetector, get_model
 from medanomaly.data.phantoms import make_phantoms
-from medanomaly.detectors.base import DeepDetector
+from medanomaly.detectors.deep import DeepDetector
 from medanomaly.errors import NotFittedError
 from medanomaly.models.dagmm import (
     covariance_penalty,

@@ -10,9 +10,7 @@ import pytest
 import medanomaly
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBPACKAGES = sorted(
-    info.name for info in pkgutil.iter_modules(medanomaly.__path__) if info.ispkg
-)
+SUBPACKAGES = sorted(info.name for info in pkgutil.iter_modules(medanomaly.__path__) if info.ispkg)
 TOP_LEVEL_MODULES = sorted(
     info.name
     for info in pkgutil.iter_modules(medanomaly.__path__)

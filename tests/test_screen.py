@@ -17,7 +17,8 @@ from medanomaly.cli import main
 from medanomaly.data.loading import load_dataset
 from medanomaly.data.phantoms import make_phantoms
 from medanomaly.data.sets import ImageSet
-from medanomaly.detectors.base import CONFIG_FILE, BaseDetector, DeepDetector
+from medanomaly.detectors.base import CONFIG_FILE, BaseDetector
+from medanomaly.detectors.deep import DeepDetector
 from medanomaly.errors import ConfigError
 from medanomaly.screening import (
     CSV_COLUMNS,

@@ -14,7 +14,7 @@ from medanomaly._version import __version__
 _EXPORTS = {
     "AnomalyResult": "medanomaly.detectors.base",
     "BaseDetector": "medanomaly.detectors.base",
-    "DeepDetector": "medanomaly.detectors.base",
+    "DeepDetector": "medanomaly.detectors.deep",
     "EngineConfig": "medanomaly.training.engine",
     "ImageSet": "medanomaly.data.sets",
     "MedicalImage": "medanomaly.image",
@@ -41,7 +41,8 @@ __all__ = [
 
 if TYPE_CHECKING:
     from medanomaly.data.sets import ImageSet
-    from medanomaly.detectors.base import AnomalyResult, BaseDetector, DeepDetector
+    from medanomaly.detectors.base import AnomalyResult, BaseDetector
+    from medanomaly.detectors.deep import DeepDetector
     from medanomaly.detectors.registry import get_model, list_models, register
     from medanomaly.image import MedicalImage
     from medanomaly.io import read_image

@@ -10,7 +10,7 @@ that Adam trained every network), and this module uses Adam by default (``sgd`` 
 The search is batched: the per-image errors are summed, so each image's ``z`` receives the
 gradient of its own error only. It runs with gradients enabled even when called from inside
 ``torch.inference_mode()`` or ``torch.no_grad()`` (the scoring loop of
-:class:`~medanomaly.detectors.base.DeepDetector` runs in inference mode).
+:class:`~medanomaly.detectors.deep.DeepDetector` runs in inference mode).
 """
 
 from __future__ import annotations

@@ -30,8 +30,8 @@ from medanomaly.detectors.base import (
     MODEL_FILE,
     AnomalyResult,
     BaseDetector,
-    _plain,
     mean_sd_threshold,
+    yaml_plain,
 )
 from medanomaly.detectors.registry import register
 from medanomaly.detectors.scoring import SCORE_REDUCTIONS, foreground_mask, reduce_inside
@@ -202,12 +202,12 @@ class StatisticDetector(BaseDetector):
     # -- persistence ------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """The resolved config: ``{model: {name, ...params}, engine: {...}}``."""
-        params = {k: _plain(v) for k, v in self.get_params().items() if k != "engine"}
+        params = {k: yaml_plain(v) for k, v in self.get_params().items() if k != "engine"}
         return {"model": {"name": self.name, **params}, "engine": self.engine_config.to_dict()}
 
     def saved_state(self) -> dict[str, Any]:
         """Constructor arguments, the learned statistics and the threshold."""
-        params = {k: _plain(v) for k, v in self.get_params().items()}
+        params = {k: yaml_plain(v) for k, v in self.get_params().items()}
         params["engine"] = self.engine_config.to_dict()
         return {
             "model": self.name,

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medanomaly.detectors.base import DeepDetector
+from medanomaly.detectors.deep import DeepDetector
 from medanomaly.detectors.registry import register
 from medanomaly.detectors.scoring import coarse_noise, per_image_mean, residual_map
 from medanomaly.nets import ConvAutoencoder

@@ -36,7 +36,7 @@ from torch.nn import functional
 from torch.utils.data import Dataset
 
 from medanomaly.data.sets import ABNORMAL, NORMAL, ImageSet, as_image_set
-from medanomaly.detectors.base import DeepDetector
+from medanomaly.detectors.deep import DeepDetector
 from medanomaly.detectors.explain import grad_cam, occlusion_sensitivity
 from medanomaly.detectors.registry import register
 from medanomaly.errors import ConfigError, InvalidImageError, LabelError

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medanomaly.detectors.base import DeepDetector
+from medanomaly.detectors.deep import DeepDetector
 from medanomaly.detectors.registry import register
 from medanomaly.detectors.scoring import (
     SCORE_REDUCTIONS,

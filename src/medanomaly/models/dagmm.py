@@ -50,7 +50,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from medanomaly.data.sets import ImageSet, as_cases
-from medanomaly.detectors.base import MODEL_FILE, DeepDetector
+from medanomaly.detectors.base import MODEL_FILE
+from medanomaly.detectors.deep import DeepDetector
 from medanomaly.detectors.registry import register
 from medanomaly.detectors.scoring import residual_map
 from medanomaly.errors import NotFittedError

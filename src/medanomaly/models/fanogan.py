@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medanomaly.detectors.base import DeepDetector
+from medanomaly.detectors.deep import DeepDetector
 from medanomaly.detectors.registry import register
 from medanomaly.detectors.scoring import per_image_mean, residual_map
 from medanomaly.nets import layers

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from medanomaly.detectors.base import DeepDetector
+from medanomaly.detectors.deep import DeepDetector
 from medanomaly.detectors.registry import register
 from medanomaly.detectors.scoring import SCORE_REDUCTIONS, foreground_mask, reduce_inside
 from medanomaly.errors import ConfigError, check_choice

@@ -65,9 +65,9 @@ from medanomaly.detectors.base import (
     AnomalyResult,
     BaseDetector,
     fit_or_load,
-    inference_network,
     mean_sd_threshold,
 )
+from medanomaly.detectors.deep import inference_network
 from medanomaly.detectors.registry import build_nested, get_model_class, nested_block, register
 from medanomaly.detectors.scoring import every_voxel_if_empty, patch_starts, top_fraction_mean
 from medanomaly.errors import ConfigError, InvalidImageError
@@ -794,8 +794,8 @@ class PatchDiscriminator(BaseDetector):
     # -- persistence ------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """The resolved config: ``{model: {name, reconstructor, ...}, engine: {...}}``."""
-        params = {k: _plain(v) for k, v in self.get_params().items() if k != "engine"}
-        params["reconstructor"] = _plain(dict(self.reconstructor or DEFAULT_RECONSTRUCTOR))
+        params = {k: yaml_plain(v) for k, v in self.get_params().items() if k != "engine"}
+        params["reconstructor"] = yaml_plain(dict(self.reconstructor or DEFAULT_RECONSTRUCTOR))
         return {"model": {"name": self.name, **params}, "engine": self.engine_config.to_dict()}
 
     def saved_state(self) -> dict[str, Any]:
@@ -835,12 +835,12 @@ class PatchDiscriminator(BaseDetector):
         self.run_config_ = saved.get("config", {})
 
 
-def _plain(value: Any) -> Any:
+def yaml_plain(value: Any) -> Any:
     """Tuples -> lists and NumPy scalars -> Python values (YAML-friendly), recursively."""
     if isinstance(value, tuple | list):
-        return [_plain(v) for v in value]
+        return [yaml_plain(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
+        return {k: yaml_plain(v) for k, v in value.items()}
     if isinstance(value, np.generic):
         return value.item()
     return value

@@ -10,7 +10,7 @@ import torch
 from monai.inferers import sliding_window_inference
 from torch import nn
 
-from medanomaly.detectors.base import DeepDetector
+from medanomaly.detectors.deep import DeepDetector
 from medanomaly.detectors.registry import register
 from medanomaly.detectors.scoring import foreground_mask, patch_starts, residual_map
 from medanomaly.errors import ConfigError, InvalidImageError

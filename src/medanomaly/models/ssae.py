@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
-from medanomaly.detectors.base import DeepDetector
+from medanomaly.detectors.deep import DeepDetector
 from medanomaly.detectors.registry import register
 from medanomaly.detectors.scoring import per_image_mean, residual_map
 from medanomaly.nets import ConvAutoencoder

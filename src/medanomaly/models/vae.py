@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from medanomaly.detectors.base import DeepDetector
+from medanomaly.detectors.deep import DeepDetector
 from medanomaly.detectors.latent_search import latent_search, unwrap
 from medanomaly.detectors.registry import register
 from medanomaly.detectors.scoring import gaussian_kl, per_image_sum, residual_map
