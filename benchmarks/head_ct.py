@@ -42,13 +42,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from sklearn.metrics import roc_auc_score
 
-from medanomaly import __version__
 from medanomaly.config import apply_overrides, build_detector, load_config
 from medanomaly.data.loading import load_dataset
-from medanomaly.detectors.base import CONFIG_FILE, BaseDetector
+from medanomaly.detectors.base import BaseDetector
 from medanomaly.evaluation import image_metrics
 from medanomaly.evaluation.cv import cross_validate
 from medanomaly.io.atomic import atomic_write_text
@@ -130,9 +128,7 @@ def run_split(name: str, manifest: Path, out: Path, epochs: int | None) -> dict[
 
 def write_run_config(detector: BaseDetector, config: dict[str, Any], run: Path) -> None:
     """The run's ``config.yaml`` with its data block, as ``medanomaly fit`` writes it."""
-    run.mkdir(parents=True, exist_ok=True)
-    resolved = {**detector.config(), "data": config.get("data") or {}, "version": __version__}
-    atomic_write_text(run / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=False))
+    detector.write_run_config(run, config.get("data"))
 
 
 def run_cv(name: str, manifest: Path, out: Path, epochs: int | None) -> dict[str, Any]:

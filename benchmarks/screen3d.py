@@ -371,12 +371,8 @@ def rescore(source: Path, run: Path, manifest: Path, score: str) -> float:
     original = detector.threshold_
     if not np.isclose(detector.calibrate(held).threshold_, original, rtol=1e-4):
         sys.exit(f"screen3d: cannot reproduce the validation split of {source}")
-    detector.foreground_threshold = SCORES[score]
-    detector.calibrate(held)
-    config = {**config, "model": {**config["model"], "foreground_threshold": SCORES[score]}}
-    detector.run_config_ = config
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    detector.set_params(foreground_threshold=SCORES[score]).calibrate(held)
+    detector.run_config_ = detector.write_run_config(run, config["data"])
     detector.save(run / "model.pt")
     return time.perf_counter() - start
 

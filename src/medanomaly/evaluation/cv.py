@@ -34,10 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from sklearn.model_selection import StratifiedGroupKFold
 
-from medanomaly._version import __version__
 from medanomaly.config import build_detector
 from medanomaly.data.loading import LoadReport, load_dataset
 from medanomaly.data.sets import ImageSet
@@ -260,12 +258,8 @@ def _start_or_resume(out: Path, state: dict[str, Any], split_text: str) -> None:
 
 def _write_run_config(fold_dir: Path, detector: BaseDetector, config: dict[str, Any]) -> None:
     """``config.yaml`` of a fold's run (with the data block), so it can be evaluated later."""
-    path = fold_dir / CONFIG_FILE
-    if path.exists():
-        return
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {**detector.config(), "data": config.get("data") or {}, "version": __version__}
-    atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
+    if not (fold_dir / CONFIG_FILE).exists():
+        detector.write_run_config(fold_dir, config.get("data"))
 
 
 # -- one fold -------------------------------------------------------------------------------
@@ -311,8 +305,7 @@ def run_fold(
     """
     labels = images.labels
     detector = build_detector(config)
-    supervised = getattr(detector, "supervised", False)
-    keep = split.train if supervised else split.train[labels[split.train] == 0]
+    keep = split.train if detector.supervised else split.train[labels[split.train] == 0]
     train = images.subset(keep, keep_augment=True)
     val, test = images.subset(split.val), images.subset(split.test)
     _write_run_config(fold_dir, detector, config)
@@ -335,9 +328,9 @@ def run_fold(
         "n_train": len(train),
         "n_val": len(val),
         "n_test": len(test),
-        "epochs": len(getattr(detector, "history_", [])),
+        "epochs": len(detector.history_),
         "seconds": time.perf_counter() - start,
-        "history": getattr(detector, "history_", []),
+        "history": detector.history_,
         "cases": {
             "id": list(test.ids),
             "label": test.labels.tolist(),
@@ -654,7 +647,7 @@ def _fold(
 def _train_on(config: dict[str, Any]) -> str:
     """Which training images each fold's detector saw, in words."""
     detector = build_detector(config)
-    if getattr(detector, "supervised", False):
+    if detector.supervised:
         return "normal and abnormal images of the training part (a supervised classifier)"
     return "normal images of the training part only"
 

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from medanomaly.data.sets import Cases, ImageSet
-from medanomaly.detectors.base import AnomalyResult, BaseDetector, scores_only
+from medanomaly.detectors.base import AnomalyResult, BaseDetector
 from medanomaly.outputs.writers import MapsWritten, save_part_maps, write_scores_csv
 from medanomaly.training.distributed import Ranks, Share, launch, load_share, merge_rows
 
@@ -145,7 +145,7 @@ def _score_share(
     written = MapsWritten()
     for index, part in in_chunks(share.cases, chunk):
         if maps is None:
-            scores = np.asarray(scores_only(detector, part), dtype=np.float64)
+            scores = np.asarray(detector.score(part), dtype=np.float64)
         else:
             result = detector.detect(part)
             scores = np.asarray(result.scores, dtype=np.float64)

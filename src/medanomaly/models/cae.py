@@ -40,6 +40,8 @@ class CAE(DeepDetector):
             score.
     """
 
+    has_latent = True
+
     def __init__(
         self,
         spatial_dims: int = 2,

@@ -187,6 +187,7 @@ class SupervisedClassifier(DeepDetector):
     """
 
     supervised: ClassVar[bool] = True
+    streams: ClassVar[bool] = False  # reads its labelled training set into memory
 
     def __init__(
         self,

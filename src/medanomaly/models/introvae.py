@@ -177,6 +177,8 @@ class IntroVAE(DeepDetector):
             score.
     """
 
+    has_latent = True
+
     def __init__(
         self,
         spatial_dims: int = 2,

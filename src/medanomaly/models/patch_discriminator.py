@@ -65,7 +65,6 @@ from medanomaly.detectors.base import (
     AnomalyResult,
     BaseDetector,
     fit_or_load,
-    mean_sd_threshold,
 )
 from medanomaly.detectors.deep import inference_network
 from medanomaly.detectors.registry import build_nested, get_model_class, nested_block, register
@@ -359,6 +358,8 @@ class PatchDiscriminator(BaseDetector):
             reconstructor's (an ``engine`` entry in its block is merged onto them).
     """
 
+    streams = False  # reads its training set into memory to cut triplet patches
+
     def __init__(
         self,
         reconstructor: Mapping[str, Any] | None = None,
@@ -515,8 +516,7 @@ class PatchDiscriminator(BaseDetector):
         train_set, val_set = self._split(train, val, cfg)
         self._check_channels(train_set)
         self._resolve_geometry(tuple(train_set.images.shape[2:]))
-        if run_dir is not None:
-            self.run_config_ = self._run_config(Path(run_dir))
+        self.run_config_ = self._run_config(run_dir)
         reconstructor = self._fit_reconstructor(train_set, val_set, run_dir, resume)
         self.reconstructor_ = reconstructor
         val_normal = val_set.subset(val_set.labels != 1)
@@ -533,9 +533,7 @@ class PatchDiscriminator(BaseDetector):
         )
         self.network_ = inference_network(network, self.spatial_dims)
         self.input_shape_ = tuple(train_set.images.shape[1:])
-        self.is_main_process_ = engine.is_global_zero and getattr(
-            reconstructor, "is_main_process_", True
-        )
+        self.is_main_process_ = engine.is_global_zero and reconstructor.is_main_process_
         self._set_threshold(val_normal if len(val_normal) else train_set)
         if run_dir is not None and self.is_main_process_:
             self.save(Path(run_dir) / MODEL_FILE)
@@ -593,8 +591,7 @@ class PatchDiscriminator(BaseDetector):
         )
 
     def _set_threshold(self, normal: ImageSet) -> None:
-        self.val_scores_ = self._run(normal, keep_maps=False)[0]
-        self.threshold_ = mean_sd_threshold(self.val_scores_, self.threshold_sd)
+        self._learn_threshold(self._run(normal, keep_maps=False)[0])
 
     # -- inference --------------------------------------------------------------------------
     def detect(self, x: ImageSet | np.ndarray | torch.Tensor) -> AnomalyResult:
@@ -611,10 +608,6 @@ class PatchDiscriminator(BaseDetector):
 
     def score(self, x: ImageSet | np.ndarray | torch.Tensor) -> np.ndarray:
         """One anomaly score per image (no maps kept in memory)."""
-        return self.detect_scores(x)
-
-    def detect_scores(self, x: ImageSet | np.ndarray | torch.Tensor) -> np.ndarray:
-        """Scores only: use this for large sets."""
         self.check_fitted()
         return self._run(x, keep_maps=False)[0]
 

@@ -83,7 +83,14 @@ class ResNetAE(DeepDetector):
         self.patch_overlap = patch_overlap
         self.patch_reduce = patch_reduce
 
+    has_latent = True
+
     # -- shapes ---------------------------------------------------------------------------
+    @property
+    def scores_any_size(self) -> bool:  # type: ignore[override]
+        """With ``patch_size``, volumes of any size are scored by sliding window."""
+        return self.patch is not None
+
     @property
     def patch(self) -> tuple[int, ...] | None:
         """``patch_size`` as a tuple (``None`` without patches)."""

@@ -47,6 +47,8 @@ class VAE(DeepDetector):
         latent_lr: Learning rate of that search (seed 002: 1e-3).
     """
 
+    has_latent = True
+
     def __init__(
         self,
         spatial_dims: int = 3,

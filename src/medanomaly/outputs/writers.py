@@ -254,7 +254,7 @@ def save_maps_in_chunks(
                 folder,
                 part,
                 detector.detect(part),
-                model=getattr(detector, "name", ""),
+                model=detector.name,
                 dicom=dicom,
                 indices=stems,
                 threshold=threshold,

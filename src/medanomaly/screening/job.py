@@ -125,7 +125,7 @@ def _map_writer(
             folder,
             part,
             result,
-            model=getattr(detector, "name", ""),
+            model=detector.name,
             dicom=dicom,
             indices=share.index[index],
             threshold=threshold,
