@@ -33,6 +33,7 @@ from medanomaly.training.engine import (
     EngineConfig,
     TrainingData,
     TrainingTask,
+    seeded,
     split_indices,
 )
 
@@ -130,8 +131,8 @@ class DeepDetector(BaseDetector):
         cfg = self.engine_config
         data = self._training_data(train, val, cfg)
         input_shape = self._training_shape(data)
-        torch.manual_seed(cfg.seed)
-        network = self.build_network(input_shape)
+        with seeded(cfg.seed):
+            network = self.build_network(input_shape)
         self.run_config_ = self._run_config(run_dir)
         engine = Engine(cfg)
         self.history_ = self.train_network(engine, network, data, run_dir, resume)

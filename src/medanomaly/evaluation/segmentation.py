@@ -30,6 +30,7 @@ from medanomaly.training.engine import (
     EngineConfig,
     TrainingData,
     TrainingTask,
+    seeded,
     split_indices,
 )
 
@@ -108,8 +109,10 @@ def train_segmenter(
     strides = tuple(strides) if strides is not None else (2,) * (len(channels) - 1)
     _check_sides(x.shape[2:], strides)
     config = _engine_config(engine, epochs, val_fraction)
-    torch.manual_seed(config.seed)
-    network = build_segmenter(spatial_dims, x.shape[1], n_classes, channels, strides, num_res_units)
+    with seeded(config.seed):
+        network = build_segmenter(
+            spatial_dims, x.shape[1], n_classes, channels, strides, num_res_units
+        )
     data = _training_data(x, y, config)
     criterion = DiceCELoss(to_onehot_y=True, softmax=True)
 

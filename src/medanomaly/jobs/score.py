@@ -18,7 +18,14 @@ import numpy as np
 from medanomaly.data.sets import Cases, ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector
 from medanomaly.outputs.writers import MapsWritten, save_part_maps, write_scores_csv
-from medanomaly.training.distributed import Ranks, Share, launch, load_share, merge_rows
+from medanomaly.training.distributed import (
+    Ranks,
+    Share,
+    cpu_threads_per_rank,
+    launch,
+    load_share,
+    merge_rows,
+)
 
 #: Cases read into memory and scored at a time.
 SCORE_CHUNK = 32
@@ -34,17 +41,22 @@ class JobOptions:
         num_nodes: Machines.
         num_workers: First-pass worker processes per rank (``None``: the run's
             ``data.num_workers``, else the cores available).
+        share_cores: Divide torch's CPU threads between the ranks of a CPU job. Only the
+            command line sets it: a library call never changes the process's thread count.
     """
 
     accelerator: str = "auto"
     devices: int = 1
     num_nodes: int = 1
     num_workers: int | None = None
+    share_cores: bool = False
 
 
 def start_job(run: str | Path, options: JobOptions) -> tuple[Ranks, BaseDetector]:
     """Launch the job's processes and load the run onto this process's device."""
     ranks = launch(options.accelerator, options.devices, options.num_nodes)
+    if options.share_cores:
+        cpu_threads_per_rank(ranks)
     return ranks, BaseDetector.load(run).to(ranks.device)
 
 

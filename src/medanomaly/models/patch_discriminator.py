@@ -76,6 +76,7 @@ from medanomaly.training.engine import (
     EngineConfig,
     TrainingData,
     TrainingTask,
+    seeded,
     split_indices,
 )
 
@@ -520,8 +521,8 @@ class PatchDiscriminator(BaseDetector):
         reconstructor = self._fit_reconstructor(train_set, val_set, run_dir, resume)
         self.reconstructor_ = reconstructor
         val_normal = val_set.subset(val_set.labels != 1)
-        torch.manual_seed(cfg.seed)
-        network = self.build_network()
+        with seeded(cfg.seed):
+            network = self.build_network()
         engine = Engine(cfg)
         self.history_ = engine.fit(
             self._task(network),

@@ -158,9 +158,7 @@ def launch(accelerator: str = "auto", devices: int = 1, num_nodes: int = 1) -> R
     from medanomaly.training.engine import make_fabric  # Lightning imports slowly
 
     fabric = make_fabric(accelerator, devices, num_nodes)
-    ranks = Ranks(fabric=fabric, device=fabric.device, local_world_size=max(1, devices))
-    cpu_threads_per_rank(ranks)
-    return ranks
+    return Ranks(fabric=fabric, device=fabric.device, local_world_size=max(1, devices))
 
 
 def default_workers(ranks: Ranks) -> int | None:
