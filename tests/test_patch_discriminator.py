@@ -1,4 +1,5 @@
-"""Patch discriminator (seed 002): triplets, patch geometry, maps, lesions, save/load."""
+"""Patch discriminator (Kobayashi et al. 2020): triplets, patch geometry, maps, lesions,
+save/load."""
 
 from __future__ import annotations
 
@@ -112,7 +113,7 @@ def test_negatives_come_from_elsewhere():
     triplets = TripletPatches(images, (8, 8), negative_min_distance=8, max_shift=0)
     for index in range(len(triplets)):
         anchor, _, negative = (_decode(patch[0, 0, 0]) for patch in triplets[index].numpy())
-        assert negative[0] == anchor[0] == index % 3  # seed 002: from the same image
+        assert negative[0] == anchor[0] == index % 3  # Kobayashi et al. 2020: from the same image
         assert max(abs(negative[1] - anchor[1]), abs(negative[2] - anchor[2])) >= 8
     whole = TripletPatches(images, (32, 32), negative_min_distance=16)  # one position only
     assert not whole.same_image_negatives

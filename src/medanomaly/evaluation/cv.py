@@ -10,8 +10,8 @@ sides. For each fold:
    (a supervised classifier, ``supervised = True``, on all of them).
    The validation part is passed as ``val`` to ``fit``; it selects the epoch whose weights
    are kept: the lowest normal validation loss (``engine.monitor: val_loss``) or the highest
-   validation AUROC, normal against abnormal validation images (``val_auroc``, seed 003).
-3. The threshold is chosen on the validation part (default ``f1``, as in seed 003).
+   validation AUROC, normal against abnormal validation images (``val_auroc``, the UAD slide deck).
+3. The threshold is chosen on the validation part (default ``f1``, as in the UAD slide deck).
 4. Only then is the test fold scored; its metrics are saved atomically to
    ``OUT/folds/rR_fF/fold.json``. A fold with that file is never recomputed, and a fold
    interrupted during training resumes from its checkpoint.
@@ -84,8 +84,9 @@ class CVSettings:
     Attributes:
         folds: Test folds per repeat (k).
         repeats: Repeats with a different shuffling of the groups.
-        threshold: Threshold rule on the validation part: ``f1`` (default, seed 003),
-            ``youden`` (seed 000), ``mean_sd[:k=..]`` (seed 004), ``percentile[:q=..]``,
+        threshold: Threshold rule on the validation part: ``f1`` (default, the UAD slide deck),
+            ``youden`` (Chung & Choi 2023), ``mean_sd[:k=..]`` (Hjohlman 2022),
+            ``percentile[:q=..]``,
             ``conformal[:alpha=..]`` or ``run`` (the detector's own mean + k·SD).
         alpha: Default level of the conformal rule.
         val_fraction: Share of the training folds (by groups) held out for validation.

@@ -477,7 +477,7 @@ def _evaluation_figures(
             figs.plot_training_curves([detector.history_], folder / "training_curves.png"),
             "Training curves",
             "Normal train and validation loss; mean score of normal and abnormal validation "
-            "images per epoch (seed 000, Fig. 2).",
+            "images per epoch (Chung & Choi 2023, Fig. 2).",
         ),
     ]
     return [f for f in made if f.path is not None]

@@ -1,6 +1,7 @@
-"""Train a small anatomical segmentation U-Net (for the anatomical fidelity scores, seed 002).
+"""A small anatomical segmentation U-Net for the fidelity scores of Kobayashi et al. 2020.
 
-Seed 002 measures how faithful reconstructions are with a segmentation network trained on
+Kobayashi et al. 2020 measures how faithful reconstructions are with a segmentation network trained
+on
 normal anatomy of the same domain (:mod:`medanomaly.evaluation.fidelity`). Users with
 anatomical label maps make one here: MONAI's :class:`~monai.networks.nets.UNet` trained with
 Dice + cross-entropy (:class:`~monai.losses.DiceCELoss`) by the project's

@@ -1,4 +1,4 @@
-"""Convolutional autoencoder detector (seed 003)."""
+"""Convolutional autoencoder detector (the UAD slide deck)."""
 
 from __future__ import annotations
 

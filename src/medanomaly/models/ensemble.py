@@ -2,7 +2,7 @@
 
 Each member's scores are turned into z-scores with the mean and SD of its scores on the
 held-out normal validation images, and the ensemble score is the mean of those z-scores
-(seed 003's suggestion of "ensembles of scores"). Members that err on different images
+(the UAD slide deck's suggestion of "ensembles of scores"). Members that err on different images
 (different architectures, residuals or seeds) average out each other's misses. Maps are
 standardised the same way, with the mean and SD of the member's validation maps.
 

@@ -52,7 +52,7 @@ class LatentDensity(BaseDetector):
     """An autoencoder's latent vectors, scored by their density under the normal ones.
 
     Args:
-        encoder: ``model:`` block of the autoencoder (default the seed-000 ``vae``).
+        encoder: ``model:`` block of the autoencoder (default the Chung & Choi 2023 ``vae``).
         encoder_run: Use the autoencoder already trained in this run (a run directory or
             ``model.pt``, e.g. from ``medanomaly fit``) instead of training ``encoder``; it
             must have been trained on the same normal images, without the validation ones.

@@ -59,7 +59,7 @@ class EngineConfig:
         monitor: What ranks the epochs for early stopping and for the weights kept at the
             end: ``val_loss`` (loss on the normal validation images, lower is better) or
             ``val_auroc`` (image AUROC of the scores on a labelled validation set, higher is
-            better, ties broken by the lower validation loss; seed 003's model selection).
+            better, ties broken by the lower validation loss; the UAD slide deck's model selection).
             Without abnormal validation images ``val_auroc`` falls back to ``val_loss``.
         val_fraction: Share of the normal training images held out for validation when no
             validation set is given.
@@ -138,7 +138,7 @@ class TrainingTask:
         network: The module to optimise (frozen parts: ``requires_grad=False``).
         loss: ``loss(network, batch) -> scalar tensor`` used for training and validation.
         score: ``score(network, batch) -> (B,) tensor`` of anomaly scores, for the history
-            of labelled validation data (seed 000, Fig. 2).
+            of labelled validation data (Chung & Choi 2023, Fig. 2).
         optimizers: ``optimizers(network) -> {name: optimizer}``; default one Adam with the
             engine's ``lr`` and ``weight_decay``.
         step: ``step(network, batch, optimizers, backward, index) -> loss`` runs one training
