@@ -12,11 +12,26 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--3d", dest="three_d", action="store_true", help="use 32^3 volumes")
+    p.add_argument(
+        "--scans",
+        metavar="DIR",
+        help="only write phantom scans as NIfTI files (DIR/train, DIR/test, DIR/test.csv) "
+        "to try fit, score and evaluate on files; nothing is trained",
+    )
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    """Run the phantom demo and print the image AUROC."""
+    """Run the phantom demo and print the image AUROC (or only write phantom scans)."""
+    if args.scans:
+        from medanomaly.data.phantoms import write_phantom_scans
+
+        written = write_phantom_scans(args.scans, seed=args.seed)
+        print(
+            f"demo: phantom scans in {written['train']} (normal, for fit) and "
+            f"{written['test']} (normal and abnormal); labels and masks in {written['manifest']}"
+        )
+        return 0
     from medanomaly.demo import run_demo
 
     shape = (32, 32, 32) if args.three_d else (64, 64)

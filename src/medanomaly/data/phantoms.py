@@ -107,6 +107,56 @@ def make_phantoms(
     )
 
 
+def write_phantom_scans(
+    folder: str | Path,
+    n_train: int = 60,
+    n_test: int = 12,
+    shape: tuple[int, int, int] = (32, 32, 32),
+    spacing_mm: float = 4.0,
+    seed: int = 0,
+) -> dict[str, Path]:
+    """Write phantom volumes as NIfTI scans laid out as a user's folder would be.
+
+    ``train/`` holds normal scans, ``test/`` normal and abnormal ones (with their lesion
+    masks in ``test_masks/``), and ``test.csv`` is a manifest ``path,label,mask`` of the test
+    scans, so that ``fit``, ``score`` and ``evaluate`` run on files, not arrays.
+
+    Args:
+        folder: Where to write (created).
+        n_train: Normal training scans.
+        n_test: Test scans, half of them abnormal.
+        shape: Voxels per axis.
+        spacing_mm: Isotropic voxel size written into each file's affine.
+        seed: Seed of the phantoms.
+
+    Returns:
+        ``{"train": ..., "test": ..., "manifest": ...}``.
+    """
+    import nibabel as nib
+
+    folder = Path(folder)
+    affine = np.diag([spacing_mm, spacing_mm, spacing_mm, 1.0])
+    parts = {
+        "train": make_phantoms(n_train, 0, shape, seed=seed),
+        "test": make_phantoms(n_test - n_test // 2, n_test // 2, shape, seed=seed + 1),
+    }
+    rows = ["path,label,mask"]
+    for part, images in parts.items():
+        (folder / part).mkdir(parents=True, exist_ok=True)
+        for image, mask, label, case in zip(
+            images.images, images.masks, images.labels, images.ids, strict=True
+        ):
+            nib.save(nib.Nifti1Image(image[0], affine), folder / part / f"{case}.nii.gz")
+            if part == "test":
+                (folder / "test_masks").mkdir(exist_ok=True)
+                mask_file = folder / "test_masks" / f"{case}.nii.gz"
+                nib.save(nib.Nifti1Image(mask.astype(np.uint8), affine), mask_file)
+                rows.append(f"test/{case}.nii.gz,{int(label)},test_masks/{case}.nii.gz")
+    manifest = folder / "test.csv"
+    manifest.write_text("\n".join(rows) + "\n")
+    return {"train": folder / "train", "test": folder / "test", "manifest": manifest}
+
+
 AXIAL = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
 
 
