@@ -151,7 +151,7 @@ MODELS: dict[str, dict[str, Any]] = {
     },
 }
 # Chung & Choi's (2023) 64^3 networks: 20-45 CPU minutes each and beaten by the 32^3 rows
-# (README), so
+# (docs/benchmarks/adrenal3d.md), so
 # they run only when asked for (--models vae vae_map cae cae_map resnet_ae)
 LEGACY_64 = ("vae", "vae_map", "cae", "cae_map", "resnet_ae")
 DEFAULT_MODELS = [name for name in MODELS if name not in LEGACY_64]
