@@ -59,12 +59,14 @@ def _auroc(name, shape, n_train, epochs, lr=2e-3, **params):
     return roc_auc_score(test.labels, detector.score(test))
 
 
+# Margins measured over engine seeds 0, 1, 2 (the tests run seed 0): cae 2D AUROC 0.999, 0.978,
+# 0.980; cae 3D 0.928, 0.916, 0.907; vae 2D 0.979, 0.987, 0.966. Each bar sits below all three.
 def test_cae_2d_detects_phantom_lesions():
     assert _auroc("cae", (32, 32), 200, 30, channels=(16, 32, 64, 128), latent_channels=8) > 0.9
 
 
 def test_cae_3d_detects_phantom_lesions():
-    assert _auroc("cae", (16, 16, 16), 300, 40, channels=(16, 32, 64), latent_channels=4) > 0.9
+    assert _auroc("cae", (16, 16, 16), 300, 40, channels=(16, 32, 64), latent_channels=4) > 0.85
 
 
 def test_vae_2d_detects_phantom_lesions():
