@@ -34,14 +34,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from sklearn.model_selection import StratifiedGroupKFold
 
-from medanomaly._version import __version__
 from medanomaly.config import build_detector
 from medanomaly.data.loading import LoadReport, load_dataset
 from medanomaly.data.sets import ImageSet
-from medanomaly.detectors.base import CONFIG_FILE, AnomalyResult, BaseDetector
+from medanomaly.detectors.base import AnomalyResult, BaseDetector
 from medanomaly.errors import ConfigError
 from medanomaly.evaluation import figures as figs
 from medanomaly.evaluation.metrics import image_metrics, predict_abnormal
@@ -67,6 +65,7 @@ from medanomaly.evaluation.runner import (
     write_json,
 )
 from medanomaly.io.atomic import atomic_write_text
+from medanomaly.jobs.fit import fit_run
 from medanomaly.outputs.writers import write_scores_csv
 
 CV_FILE = "cv.json"
@@ -258,16 +257,6 @@ def _start_or_resume(out: Path, state: dict[str, Any], split_text: str) -> None:
     atomic_write_text(splits_path, split_text)
 
 
-def _write_run_config(fold_dir: Path, detector: BaseDetector, config: dict[str, Any]) -> None:
-    """``config.yaml`` of a fold's run (with the data block), so it can be evaluated later."""
-    path = fold_dir / CONFIG_FILE
-    if path.exists():
-        return
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {**detector.config(), "data": config.get("data") or {}, "version": __version__}
-    atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
-
-
 # -- one fold -------------------------------------------------------------------------------
 def _fold_threshold(
     detector: BaseDetector, settings: CVSettings, labels: np.ndarray, scores: np.ndarray
@@ -310,14 +299,12 @@ def run_fold(
         The fold record (also in ``fold_dir/fold.json``).
     """
     labels = images.labels
-    detector = build_detector(config)
-    supervised = getattr(detector, "supervised", False)
+    supervised = getattr(build_detector(config), "supervised", False)
     keep = split.train if supervised else split.train[labels[split.train] == 0]
     train = images.subset(keep, keep_augment=True)
     val, test = images.subset(split.val), images.subset(split.test)
-    _write_run_config(fold_dir, detector, config)
     start = time.perf_counter()
-    detector.fit(train, val, run_dir=fold_dir, resume=True)
+    detector = fit_run(config, train, fold_dir, val=val, resume=True).detector
     val_scores = detector.score(val)
     threshold, rule = _fold_threshold(detector, settings, val.labels, val_scores)
     scores, maps = score_in_chunks(detector, test, keep_maps=test.masks is not None)
