@@ -51,7 +51,7 @@ def _grouped_splits(
         yield from splitter.split(np.zeros(len(labels)), labels, groups)
 
 
-def _carve_validation(
+def carve_validation(
     idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Split ``idx`` into (training, validation) by groups, stratified where possible.
@@ -107,7 +107,7 @@ def make_splits(
         outer = _grouped_splits(labels, groups, folds, seed + repeat)
         for fold, (train, test) in enumerate(outer):
             val_seed = (seed + repeat) * 1000 + fold
-            train, val = _carve_validation(train, labels, groups, val_fraction, val_seed)
+            train, val = carve_validation(train, labels, groups, val_fraction, val_seed)
             if not np.any(labels[train] == 0) or not np.any(labels[val] == 0):
                 raise ConfigError(
                     f"cv: repeat {repeat + 1} fold {fold + 1} has no normal case to train or "

@@ -2,5 +2,6 @@
 
 A job sits above both training (its ranks) and outputs (the tables and maps it writes).
 
-May import: ``outputs``, ``models``, ``config``, ``postprocess``, ``detectors`` and everything below them.
+May import: ``outputs``, ``models``, ``config``, ``postprocess``, ``detectors`` and everything
+below them.
 """
