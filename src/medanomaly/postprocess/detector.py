@@ -28,14 +28,20 @@ from medanomaly.postprocess.chain import PostProcess
 
 log = logging.getLogger(__name__)
 
+DEFAULT_STEPS = ({"smooth": {"sigma": 1.0}}, {"score": {"reduce": "percentile", "value": 99.0}})
+"""Steps of a ``postprocessed`` detector built without any (smoothing, then a new score)."""
+
 
 @register("postprocessed")
 class PostProcessed(BaseDetector):
     """Any detector followed by post-processing steps of its maps.
 
     Args:
-        model: The inner detector's ``model:`` block (with ``name``).
-        postprocess: The steps in YAML form (see :mod:`medanomaly.postprocess.steps`).
+        model: The inner detector's ``model:`` block (with ``name``); default the
+            ``intensity`` baseline.
+        postprocess: The steps in YAML form (see :mod:`medanomaly.postprocess.steps`);
+            default :data:`DEFAULT_STEPS`.
+        spatial_dims: Passed to the inner detector unless its block sets it.
         threshold_sd: ``k`` of the threshold mean + k * SD of the normal validation scores,
             used when a ``score`` step recomputes the scores (else the inner detector's
             threshold is kept).
@@ -44,17 +50,21 @@ class PostProcessed(BaseDetector):
 
     def __init__(
         self,
-        model: Mapping[str, Any],
+        model: Mapping[str, Any] | None = None,
         postprocess: Sequence[Any] | None = None,
+        spatial_dims: int | None = None,
         threshold_sd: float = 3.0,
         engine: Mapping[str, Any] | None = None,
     ) -> None:
         self.model = model
         self.postprocess = postprocess
+        self.spatial_dims = spatial_dims
         self.threshold_sd = threshold_sd
         self.engine = engine
-        self._chain = PostProcess(postprocess)
-        params = dict(model)
+        self._chain = PostProcess(DEFAULT_STEPS if postprocess is None else postprocess)
+        params = dict(model or {"name": "intensity"})
+        if spatial_dims is not None:
+            params.setdefault("spatial_dims", spatial_dims)
         name = params.pop("name", None)
         if not name:
             raise ConfigError("postprocessed: the inner model block has no 'name'")
@@ -134,15 +144,15 @@ class PostProcessed(BaseDetector):
     # -- persistence ------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """The inner detector's config with the ``postprocess`` list beside it."""
-        return {**self._inner.config(), "postprocess": list(self.postprocess or [])}
+        return {**self._inner.config(), "postprocess": [*self._chain.config]}
 
     def saved_state(self) -> dict[str, Any]:
         """The inner detector's saved state, the steps and the threshold."""
         return {
             "model": self.name,
             "params": {
-                "model": dict(self.model),
-                "postprocess": list(self.postprocess or []),
+                "model": self._inner.config()["model"],
+                "postprocess": [*self._chain.config],
                 "threshold_sd": self.threshold_sd,
                 "engine": None if self.engine is None else dict(self.engine),
             },
