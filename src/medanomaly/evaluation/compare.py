@@ -420,12 +420,49 @@ def compare(
     if spec.pixel:
         for name, row in rows.items():
             row.update(pooled_pixel(records[name]))
+    if winner is not None:
+        winner_gallery(spec, labelled, splits[0], out, winner, records[winner][0])
     if refit and winner is not None:
         results["best"] = refit_best(spec, labelled, rows[winner], winner, out / BEST_DIR)
     write_json(out / RESULTS_FILE, results)
     (out / "results.md").write_text(results_table(results))
     write_compare_report(out, results, records)
     return json_ready(results)
+
+
+def winner_gallery(
+    spec: Spec, data: Labelled, split: FoldSplit, out: Path, name: str, record: dict[str, Any]
+) -> list[Path]:
+    """Input | reconstruction | map of the winner's telling test cases of the first fold."""
+    from medanomaly.evaluation.figures import gallery_indices, save_gallery
+    from medanomaly.evaluation.runner import FIGURES_DIR
+
+    runner = _FoldRunner(spec, data, split, out)
+    candidate = spec.candidate(name)
+    if candidate.is_fusion:
+        members = [runner.member(m) for m in candidate.fusion]
+        normal = data.images.labels[split.val] == 0
+        stats = [_stats(m.val, normal) for m in members]
+        weights = tuple(record["weights"][m] for m in candidate.fusion)
+        test = fused([m.test for m in members], stats, weights)
+    else:
+        test = runner.member(name).test
+    test = _processed(PostProcess(record["postprocess"]), test, data, split.test)
+    labels = data.images.labels[split.test]
+    chosen = gallery_indices(labels, test.scores, per_group=2)
+    ids = [data.images.ids[split.test[i]] for i in chosen]
+    recon = test.reconstructions
+    return save_gallery(
+        out / FIGURES_DIR / "gallery",
+        data.images.images[split.test][chosen],
+        None if recon is None else np.asarray(recon)[chosen],
+        np.asarray(test.maps)[chosen],
+        [
+            f"{Path(c).name} label {labels[i]} score {test.scores[i]:.3g}"
+            for c, i in zip(ids, chosen, strict=True)
+        ],
+        [f"{k:02d}_{_safe(Path(c).stem)}" for k, c in enumerate(ids)],
+    )
 
 
 def _line(record: dict[str, Any]) -> str:

@@ -178,7 +178,10 @@ def write_compare_report(
             "Same pooled scores as the ROC curves.",
         ),
     ]
-    made += [Figure(p, "winner", "") for p in sorted((folder / "gallery").glob("*.png"))]
+    gallery = [
+        Figure(p, p.stem.split("_", 1)[1], f"{results['chosen']}, test fold {results['folds'][0]}")
+        for p in sorted((folder / "gallery").glob("*.png"))
+    ]
     best = results.get("best") or {}
     facts = [
         ("chosen on validation", results["chosen"]),
@@ -192,6 +195,11 @@ def write_compare_report(
         Facts("Comparison", facts),
         Table("Leaderboard (test folds, mean ± SD)", columns, table_rows),
         Figures("Figures", [f for f in made if f.path is not None]),
+        Figures(
+            f"Gallery of the winner ({results['chosen']})",
+            gallery,
+            "Top-scoring and lowest-scoring abnormal and normal test cases of the first fold.",
+        ),
         Text(
             "Protocol",
             "Every choice (epoch, post-processing, fusion weights, threshold, pixel cut-off, "
