@@ -57,6 +57,7 @@ from medanomaly.postprocess import PostProcess
 
 RESULTS_FILE = "results.json"
 RECORD_FILE = "record.json"
+MAPS_FILE = "test_maps.npy"
 BEST_DIR = "best"
 IMAGE_KEYS = ("auroc", "auprc", "f1", "sensitivity", "specificity")
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "dice_at_val_threshold")
@@ -355,7 +356,11 @@ class _FoldRunner:
             self.outputs[candidate.name] = outputs
             choice, value = choose_postprocess(spec, data, split.val, outputs.val)
             extra = {"epochs": len(getattr(outputs.detector, "history_", []) or [])}
-        record, _ = evaluate_choice(spec, data, split, outputs, choice)
+        record, test = evaluate_choice(spec, data, split, outputs, choice)
+        if spec.pixel:  # kept for the pooled pixel metrics, in units of the fold's cut-off
+            folder.mkdir(parents=True, exist_ok=True)
+            cutoff = record["pixel_cutoff"] if record["pixel_cutoff"] is not None else 0.0
+            np.save(folder / MAPS_FILE, (np.asarray(test.maps) - cutoff).astype(np.float32))
         return {**record, **extra, "choice": choice, "val_metric": value}
 
 
@@ -419,7 +424,7 @@ def compare(
     }
     if spec.pixel:
         for name, row in rows.items():
-            row.update(pooled_pixel(records[name]))
+            row.update(pooled_pixel(records[name], splits, labelled, out, name))
     if winner is not None:
         winner_gallery(spec, labelled, splits[0], out, winner, records[winner][0])
     if refit and winner is not None:
@@ -523,13 +528,42 @@ def choose_winner(rows: dict[str, dict[str, Any]]) -> str | None:
     return max(complete, key=lambda n: complete[n]["val_metric"]["mean"])
 
 
-def pooled_pixel(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """Pooled Dice at each fold's validation cut-off (voxel counts summed over the folds)."""
-    counts = [r["dice_counts"] for r in records if "error" not in r and r.get("dice_counts")]
-    if not counts:
+def pooled_pixel(
+    records: list[dict[str, Any]],
+    splits: list[FoldSplit],
+    data: Labelled,
+    out: Path,
+    name: str,
+) -> dict[str, Any]:
+    """Pixel metrics pooled over the test folds of the first repeat (each case once).
+
+    Each fold's maps are shifted by its validation cut-off (the folds' models have their own
+    scales), so that 0 is every fold's cut-off; Dice at the validation cut-off sums each
+    fold's voxel counts at its own cut-off.
+    """
+    done = [
+        (split, r)
+        for split, r in zip(splits, records, strict=True)
+        if "error" not in r and split.repeat == 0
+    ]
+    if not done:
         return {}
-    total = {k: sum(c[k] for c in counts) for k in ("tp", "fp", "fn")}
-    return {"pooled_dice_at_val_threshold": dice_of(total), "pooled_dice_counts": total}
+    total = {k: sum(r["dice_counts"][k] for _, r in done) for k in ("tp", "fp", "fn")}
+    maps, masks, foreground = [], [], []
+    for split, _ in done:
+        keep = _pixel_index(data, split.test)
+        maps.append(np.load(_record_path(out, split, name).parent / MAPS_FILE)[keep])
+        masks.append(data.images.masks[split.test][keep])
+        foreground.append(data.foreground[split.test][keep])
+    block = pixel_metrics(
+        np.concatenate(maps), np.concatenate(masks), np.concatenate(foreground), per_image=False
+    )
+    return {
+        "pooled_pixel_auroc": block["auroc"],
+        "pooled_pixel_ap": block["average_precision"],
+        "pooled_dice_at_val_threshold": dice_of(total),
+        "pooled_dice_counts": total,
+    }
 
 
 def refit_best(

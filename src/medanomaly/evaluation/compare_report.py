@@ -75,18 +75,27 @@ def results_table(results: dict[str, Any]) -> str:
         f"{len(results['folds'])} fold(s); `val_metric` chose the winner: "
         f"**{results['chosen']}** ({results['selection']}).",
         "",
-        "| row | baseline | " + " | ".join(keys) + " | pooled Dice | weights | seconds | errors |",
+        "| row | baseline | "
+        + " | ".join(keys)
+        + " | pooled pixel AUROC / AP / Dice | weights | seconds | errors |",
         "|---|---|" + "---|" * (len(keys) + 4),
     ]
     for name in _order(results):
         row = results["rows"][name]
-        pooled = row.get("pooled_dice_at_val_threshold")
+        pooled = (
+            "/".join(
+                f"{row[k]:.3f}" if row.get(k) is not None else "n/a"
+                for k in ("pooled_pixel_auroc", "pooled_pixel_ap", "pooled_dice_at_val_threshold")
+            )
+            if "pooled_pixel_ap" in row
+            else ""
+        )
         cells = [_ms(row.get(k)) for k in keys]
         lines.append(
             f"| {name}{' (chosen)' if name == results['chosen'] else ''} | "
             f"{'yes' if row['baseline'] else 'no'} | "
             + " | ".join(cells)
-            + f" | {'' if pooled is None else f'{pooled:.3f}'} | {_weights(row)} | "
+            + f" | {pooled} | {_weights(row)} | "
             f"{row['seconds']:.0f} | {len(row['errors'])} |"
         )
     errors = [(n, e) for n, r in results["rows"].items() for e in r["errors"]]
