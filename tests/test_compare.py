@@ -101,6 +101,10 @@ def test_rerunning_resumes_without_refitting(compared):
     assert {n: r["auroc"] for n, r in results["rows"].items()} == {
         n: r["auroc"] for n, r in old.items()
     }
+    changed = yaml.safe_load(spec.read_text())
+    changed["postprocess"] = [[]]
+    with pytest.raises(ConfigError, match="different postprocess"):
+        compare(parse_spec(changed, spec.parent), out, refit=False, progress=False)
 
 
 def _poisoned_manifest(root, manifest, test_ids):

@@ -58,6 +58,7 @@ from medanomaly.postprocess import PostProcess
 RESULTS_FILE = "results.json"
 RECORD_FILE = "record.json"
 MAPS_FILE = "test_maps.npy"
+SPEC_FILE = "spec.json"
 BEST_DIR = "best"
 IMAGE_KEYS = ("auroc", "auprc", "f1", "sensitivity", "specificity")
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "dice_at_val_threshold")
@@ -393,7 +394,7 @@ def compare(
     parse_rule(spec.threshold)
     labelled = load_labelled(spec)
     splits = protocol_splits(spec, labelled)
-    out.mkdir(parents=True, exist_ok=True)
+    start_or_resume(out, spec, splits)
     records: dict[str, list[dict[str, Any]]] = {c.name: [] for c in spec.candidates}
     order = sorted(spec.candidates, key=lambda c: c.is_fusion)  # members first
     with tqdm(total=len(splits) * len(order), desc="compare", disable=not progress) as bar:
@@ -468,6 +469,43 @@ def winner_gallery(
         ],
         [f"{k:02d}_{_safe(Path(c).stem)}" for k, c in enumerate(ids)],
     )
+
+
+def spec_state(spec: Spec, splits: list[FoldSplit]) -> dict[str, Any]:
+    """What must not change between a run and its resumption."""
+    return json_ready(
+        {
+            "data": str(spec.data),
+            "data_options": spec.data_options,
+            "protocol": spec.protocol.__dict__,
+            "level": spec.level,
+            "threshold": spec.threshold,
+            "candidates": {c.name: c.config or {"fusion": list(c.fusion)} for c in spec.candidates},
+            "postprocess": [list(c) for c in spec.postprocess],
+            "splits": {s.name: [s.train.tolist(), s.val.tolist(), s.test.tolist()] for s in splits},
+        }
+    )
+
+
+def start_or_resume(out: Path, spec: Spec, splits: list[FoldSplit]) -> None:
+    """Write ``OUT/spec.json``, or check that an earlier run in ``out`` used the same one.
+
+    Raises:
+        ConfigError: ``out`` holds a comparison of another spec, data or split.
+    """
+    path = out / SPEC_FILE
+    state = json.loads(json.dumps(spec_state(spec, splits)))
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in state if saved.get(k) != state[k])
+        if changed:
+            raise ConfigError(
+                f"{out} holds a comparison with different {', '.join(changed)}; use a new --out "
+                "folder (or the same spec and data to resume)"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, state)
 
 
 def _line(record: dict[str, Any]) -> str:
