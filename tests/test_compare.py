@@ -224,7 +224,7 @@ def test_fusion_with_a_zero_weight_equals_the_other_member_alone():
     assert sum(chosen.weights_) == pytest.approx(1.0) and len(chosen.weights_) == 2
 
 
-@pytest.mark.parametrize("name", ["head_ct", "lgg_pixel"])
+@pytest.mark.parametrize("name", ["head_ct", "head_ct_quick", "lgg_pixel"])
 def test_the_benchmark_specs_parse(name):
     from pathlib import Path
 
