@@ -113,7 +113,7 @@ def run_split(name: str, manifest: Path, out: Path, epochs: int | None) -> dict[
     test = test_all.subset(splits == "test")
     start = time.perf_counter()
     detector = build_detector(config)
-    write_run_config(detector, config, out / name)  # so that `medanomaly evaluate --run` works
+    detector.write_run_config(out / name, config.get("data"))  # `evaluate --run` works on it
     detector.fit(train, run_dir=out / name)
     seconds = time.perf_counter() - start
     scores = detector.score(test)
@@ -125,11 +125,6 @@ def run_split(name: str, manifest: Path, out: Path, epochs: int | None) -> dict[
         "epochs": len(detector.history_),
         "seconds": seconds,
     }
-
-
-def write_run_config(detector: BaseDetector, config: dict[str, Any], run: Path) -> None:
-    """The run's ``config.yaml`` with its data block, as ``medanomaly fit`` writes it."""
-    detector.write_run_config(run, config.get("data"))
 
 
 def run_cv(name: str, manifest: Path, out: Path, epochs: int | None) -> dict[str, Any]:

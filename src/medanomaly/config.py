@@ -1,6 +1,7 @@
 """YAML configs whose blocks map one-to-one onto Python arguments.
 
-``model:`` maps onto a detector's constructor, ``engine:`` onto
+``model:`` maps onto a detector's constructor, ``postprocess:`` onto
+:class:`~medanomaly.postprocess.chain.PostProcess` (map steps saved with the run), ``engine:`` onto
 :class:`~medanomaly.training.engine.EngineConfig`, ``data:`` onto
 :func:`medanomaly.data.loading.load_dataset` and the optional ``evaluation:`` onto
 :class:`~medanomaly.evaluation.cv.CVSettings` (``threshold``, ``alpha``, ``val_fraction``, ...).
@@ -17,8 +18,9 @@ import yaml
 from medanomaly.detectors.base import BaseDetector
 from medanomaly.detectors.registry import get_model
 from medanomaly.errors import ConfigError
+from medanomaly.postprocess import PostProcessed
 
-SECTIONS = ("model", "engine", "data", "evaluation")
+SECTIONS = ("model", "engine", "data", "evaluation", "postprocess")
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
@@ -59,6 +61,9 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
 def build_detector(config: dict[str, Any]) -> BaseDetector:
     """Make the detector a config describes (``model`` + ``engine`` blocks).
 
+    A non-empty ``postprocess`` list wraps the detector in
+    :class:`~medanomaly.postprocess.PostProcessed`.
+
     Raises:
         ConfigError: If the model name is unknown (with suggestions) or an argument is not
             one of the model's constructor arguments.
@@ -67,6 +72,10 @@ def build_detector(config: dict[str, Any]) -> BaseDetector:
     name = params.pop("name", None)
     if not name:
         raise ConfigError("model: 'name' is missing (see `medanomaly models`)")
+    if config.get("postprocess"):
+        return PostProcessed(
+            {"name": name, **params}, config["postprocess"], engine=config.get("engine")
+        )
     try:
         return get_model(name, **params, engine=config.get("engine"))
     except TypeError as error:

@@ -10,6 +10,7 @@
     fit, score, screen and evaluate also take [--devices N] [--num-nodes M] [--accelerator A]
     (data-parallel ranks); score, screen and evaluate take [--num-workers W] (first pass).
     medanomaly cv --config C --data LABELLED --out DIR [--folds 5] [--repeats 2] [--set K=V]
+    medanomaly compare --spec SPEC.yaml --out DIR [--data D] [--no-refit]
     medanomaly inspect PATH [PATH ...] [--series-uid UID]
     medanomaly demo --out DIR
     medanomaly models
@@ -29,10 +30,10 @@ import sys
 from collections.abc import Sequence
 
 from medanomaly._version import __version__
-from medanomaly.cli import cv, demo, evaluate, fit, inspect, models, score, screen
+from medanomaly.cli import compare, cv, demo, evaluate, fit, inspect, models, score, screen
 from medanomaly.errors import MedanomalyError
 
-COMMANDS = (fit, score, screen, evaluate, cv, inspect, demo, models)
+COMMANDS = (fit, score, screen, evaluate, cv, compare, inspect, demo, models)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -26,9 +26,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Train a detector and write the run directory."""
     from medanomaly.cli._common import report_skipped
-    from medanomaly.config import apply_overrides, build_detector, load_config
-    from medanomaly.data.loading import load_dataset
-    from medanomaly.detectors.base import CONFIG_FILE
+    from medanomaly.config import apply_overrides, load_config
+    from medanomaly.jobs.fit import fit_run
 
     overrides = list(args.set)
     if args.devices:
@@ -38,27 +37,20 @@ def run(args: argparse.Namespace) -> int:
     if args.accelerator:
         overrides.append(f"engine.accelerator={args.accelerator}")
     config = apply_overrides(load_config(args.config), overrides)
-    detector = build_detector(config)
-    data_cfg = config.get("data") or {}
     out = Path(args.out)
-    # streamed unless the config says otherwise: memory holds batches, never the set
-    options = {"stream": True, **data_cfg, "strict": args.strict, "expect": detector.input_spec()}
-    train, report = load_dataset(args.data, **options, augment=True)
-    report_skipped(report, out / "skipped_train.txt")
-    val = None
+    fitted = fit_run(config, args.data, out, val=args.val, resume=args.resume, strict=args.strict)
+    report_skipped(fitted.train_report, out / "skipped_train.txt")
     if args.val:
-        val, val_report = load_dataset(args.val, **options)
-        report_skipped(val_report, out / "skipped_val.txt")
-    if not (args.resume and (out / CONFIG_FILE).exists()):
-        detector.write_run_config(out, data_cfg)
-    detector.fit(train, val, run_dir=out, resume=args.resume)
+        report_skipped(fitted.val_report, out / "skipped_val.txt")
+    detector = fitted.detector
+    train_labels = fitted.train.labels
     if not detector.is_main_process_:
         return 0
     if detector.supervised:
-        n_normal, n_abnormal = int((train.labels == 0).sum()), int((train.labels == 1).sum())
+        n_normal, n_abnormal = int((train_labels == 0).sum()), int((train_labels == 1).sum())
         seen = f"{n_normal} normal and {n_abnormal} abnormal images"
     else:
-        seen = f"{int((train.labels != 1).sum())} normal images"
+        seen = f"{int((train_labels != 1).sum())} normal images"
     rests_on = ""
     if not detector.supervised:  # a classifier's threshold is P > 0.5
         n_val = len(detector.val_scores_)

@@ -27,19 +27,17 @@ import csv
 import io
 import json
 import time
-import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sklearn.model_selection import StratifiedGroupKFold
 
 from medanomaly.config import build_detector
 from medanomaly.data.loading import LoadReport, load_dataset
 from medanomaly.data.sets import ImageSet
-from medanomaly.detectors.base import CONFIG_FILE, AnomalyResult, BaseDetector
+from medanomaly.detectors.base import AnomalyResult, BaseDetector
 from medanomaly.errors import ConfigError
 from medanomaly.evaluation import figures as figs
 from medanomaly.evaluation.metrics import image_metrics, predict_abnormal
@@ -64,7 +62,9 @@ from medanomaly.evaluation.runner import (
     summary_line,
     write_json,
 )
+from medanomaly.evaluation.splits import FoldSplit, make_splits
 from medanomaly.io.atomic import atomic_write_text
+from medanomaly.jobs.fit import fit_run
 from medanomaly.outputs.writers import write_scores_csv
 
 CV_FILE = "cv.json"
@@ -120,99 +120,6 @@ class CVSettings:
         return cls(**block)
 
 
-@dataclass(frozen=True)
-class FoldSplit:
-    """Indices (into the labelled set) of one fold's training, validation and test parts."""
-
-    repeat: int
-    fold: int
-    train: np.ndarray
-    val: np.ndarray
-    test: np.ndarray
-
-    @property
-    def name(self) -> str:
-        """Folder name, e.g. ``r1_f3`` (1-based)."""
-        return f"r{self.repeat + 1}_f{self.fold + 1}"
-
-
-# -- splitting ------------------------------------------------------------------------------
-def _grouped_splits(
-    labels: np.ndarray, groups: np.ndarray, n_splits: int, seed: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """``StratifiedGroupKFold`` splits (its "too few members" warning silenced)."""
-    splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        yield from splitter.split(np.zeros(len(labels)), labels, groups)
-
-
-def _carve_validation(
-    idx: np.ndarray, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Split ``idx`` into (training, validation) by groups, stratified where possible.
-
-    The validation part is one of ``round(1 / fraction)`` grouped, stratified folds of
-    ``idx``: the first that holds both classes, else the first that holds normal cases (which
-    early stopping and every threshold rule need), else the first.
-    """
-    n_groups = np.unique(groups[idx]).size
-    n_splits = min(max(2, round(1.0 / fraction)), n_groups)
-    if n_splits < 2:
-        raise ConfigError("cv: a training part has a single patient group; no validation left")
-    candidates = list(_grouped_splits(labels[idx], groups[idx], n_splits, seed))
-
-    def rank(candidate: tuple[np.ndarray, np.ndarray]) -> int:
-        held = set(labels[idx[candidate[1]]].tolist())
-        return 0 if held >= {0, 1} else (1 if 0 in held else 2)
-
-    keep, held = min(candidates, key=rank)  # min keeps the first of equal rank
-    return np.sort(idx[keep]), np.sort(idx[held])
-
-
-def make_splits(
-    labels: np.ndarray,
-    groups: np.ndarray,
-    folds: int,
-    repeats: int,
-    val_fraction: float,
-    seed: int = 0,
-) -> list[FoldSplit]:
-    """Repeated, grouped, stratified k-fold splits with a validation part per fold.
-
-    Args:
-        labels: 0/1 per case.
-        groups: Patient id per case; a group is always on one side of every split.
-        folds: Test folds per repeat.
-        repeats: Number of repeats (repeat ``r`` shuffles with ``seed + r``).
-        val_fraction: Share of each training part (by groups) used for validation.
-        seed: Base seed.
-
-    Returns:
-        ``folds * repeats`` splits, repeat-major.
-
-    Raises:
-        ConfigError: If there are fewer groups than folds or no normal case to train on.
-    """
-    labels, groups = np.asarray(labels), np.asarray(groups)
-    n_groups = np.unique(groups).size
-    if n_groups < folds:
-        raise ConfigError(f"cv: {n_groups} patient groups are too few for {folds} folds")
-    splits = []
-    for repeat in range(repeats):
-        outer = _grouped_splits(labels, groups, folds, seed + repeat)
-        for fold, (train, test) in enumerate(outer):
-            val_seed = (seed + repeat) * 1000 + fold
-            train, val = _carve_validation(train, labels, groups, val_fraction, val_seed)
-            if not np.any(labels[train] == 0) or not np.any(labels[val] == 0):
-                raise ConfigError(
-                    f"cv: repeat {repeat + 1} fold {fold + 1} has no normal case to train or "
-                    "validate on; use fewer folds or a larger val_fraction"
-                )
-            splits.append(FoldSplit(repeat, fold, train, val, np.sort(test)))
-    return splits
-
-
 def splits_csv(splits: list[FoldSplit], images: ImageSet, groups: np.ndarray) -> str:
     """The fold assignment as CSV text: ``repeat,fold,part,index,id,group,label``."""
     buffer = io.StringIO()
@@ -257,12 +164,6 @@ def _start_or_resume(out: Path, state: dict[str, Any], split_text: str) -> None:
     atomic_write_text(splits_path, split_text)
 
 
-def _write_run_config(fold_dir: Path, detector: BaseDetector, config: dict[str, Any]) -> None:
-    """``config.yaml`` of a fold's run (with the data block), so it can be evaluated later."""
-    if not (fold_dir / CONFIG_FILE).exists():
-        detector.write_run_config(fold_dir, config.get("data"))
-
-
 # -- one fold -------------------------------------------------------------------------------
 def _fold_threshold(
     detector: BaseDetector, settings: CVSettings, labels: np.ndarray, scores: np.ndarray
@@ -305,13 +206,12 @@ def run_fold(
         The fold record (also in ``fold_dir/fold.json``).
     """
     labels = images.labels
-    detector = build_detector(config)
-    keep = split.train if detector.supervised else split.train[labels[split.train] == 0]
+    supervised = build_detector(config).supervised
+    keep = split.train if supervised else split.train[labels[split.train] == 0]
     train = images.subset(keep, keep_augment=True)
     val, test = images.subset(split.val), images.subset(split.test)
-    _write_run_config(fold_dir, detector, config)
     start = time.perf_counter()
-    detector.fit(train, val, run_dir=fold_dir, resume=True)
+    detector = fit_run(config, train, fold_dir, val=val, resume=True).detector
     val_scores = detector.score(val)
     threshold, rule = _fold_threshold(detector, settings, val.labels, val_scores)
     scores, maps = score_in_chunks(detector, test, keep_maps=test.masks is not None)

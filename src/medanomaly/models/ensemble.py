@@ -1,10 +1,15 @@
-"""Score ensemble: several detectors trained on the same normals, standardised and averaged.
+"""Score ensemble and fusion: detectors trained on the same normals, standardised, weighted.
 
 Each member's scores are turned into z-scores with the mean and SD of its scores on the
 held-out normal validation images, and the ensemble score is the mean of those z-scores
 (the UAD slide deck's suggestion of "ensembles of scores"). Members that err on different images
 (different architectures, residuals or seeds) average out each other's misses. Maps are
 standardised the same way, with the mean and SD of the member's validation maps.
+
+Fusion: ``weights`` gives each member a weight (the ensemble score is the weighted mean of
+the z-scores, maps likewise); ``weights: validation`` chooses them on the validation images
+(normal against abnormal, highest AUROC over a grid of weights summing to 1, ties to the most
+even weights), e.g. to fuse a model with a no-model statistic (``intensity``).
 
 A YAML config lists the members as ``model:`` blocks; each inherits ``spatial_dims``,
 ``in_channels`` and the ``engine`` block of the ensemble, and may override any of them
@@ -15,10 +20,12 @@ A YAML config lists the members as ``model:`` blocks; each inherits ``spatial_di
       members:
         - {name: cae, residual: squared}
         - {name: cae, residual: ssim, engine: {seed: 1}}
+      weights: validation   # or [0.7, 0.3]; default equal weights
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -39,6 +46,51 @@ from medanomaly.errors import ConfigError
 from medanomaly.training.engine import EngineConfig, split_indices
 
 DEFAULT_MEMBERS = ({"name": "cae"}, {"name": "cae", "residual": "ssim"})
+WEIGHT_STEP = 0.1
+"""Grid step of the weights chosen on validation (two members; 0.25 for more)."""
+
+
+def weight_grid(n_members: int) -> list[tuple[float, ...]]:
+    """Every weight vector of ``n_members`` non-negative weights summing to 1 on a grid."""
+    step = WEIGHT_STEP if n_members <= 2 else 0.25
+    ticks = round(1.0 / step)
+    return [
+        tuple(c / ticks for c in combo)
+        for combo in itertools.product(range(ticks + 1), repeat=n_members)
+        if sum(combo) == ticks
+    ]
+
+
+def auroc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """Area under the ROC curve (Mann-Whitney, ties count half)."""
+    from sklearn.metrics import roc_auc_score
+
+    return float(roc_auc_score(labels, scores))
+
+
+def choose_weights(z_scores: Sequence[np.ndarray], labels: np.ndarray) -> tuple[float, ...]:
+    """The weights whose weighted z-score has the highest AUROC on labelled validation cases.
+
+    Ties go to the most even weights (then to the first in grid order).
+
+    Raises:
+        ConfigError: If the validation cases are not both normal and abnormal.
+    """
+    labels = np.asarray(labels)
+    known = labels != -1
+    if set(labels[known].tolist()) != {0, 1}:
+        raise ConfigError(
+            "fusion: choosing weights on validation needs normal and abnormal validation "
+            f"cases, got {int(np.sum(labels == 0))} normal and {int(np.sum(labels == 1))} "
+            "abnormal"
+        )
+    stacked = np.stack([np.asarray(z, dtype=np.float64)[known] for z in z_scores])
+
+    def key(weights: tuple[float, ...]) -> tuple[float, float]:
+        fused = np.asarray(weights) @ stacked
+        return auroc(labels[known], fused), -float(np.ptp(weights))
+
+    return max(weight_grid(len(z_scores)), key=key)
 
 
 @register("ensemble")
@@ -52,6 +104,8 @@ class Ensemble(BaseDetector):
         in_channels: Image channels, passed on likewise.
         threshold_sd: ``k`` of the threshold mean + k * SD of the ensemble's normal
             validation scores.
+        weights: One weight per member (``None``: equal), or ``"validation"`` to choose
+            them on the validation images (see :func:`choose_weights`).
         engine: Training settings shared by the members (a member's ``engine`` entry is
             merged onto them).
     """
@@ -62,9 +116,13 @@ class Ensemble(BaseDetector):
         spatial_dims: int = 2,
         in_channels: int = 1,
         threshold_sd: float = 3.0,
+        weights: Sequence[float] | str | None = None,
         engine: EngineConfig | dict[str, Any] | None = None,
     ) -> None:
+        if isinstance(weights, str) and weights != "validation":
+            raise ConfigError(f"ensemble: weights must be a list or 'validation', got {weights!r}")
         self.members = members
+        self.weights = weights
         self.spatial_dims = spatial_dims
         self.in_channels = in_channels
         self.threshold_sd = threshold_sd
@@ -132,7 +190,7 @@ class Ensemble(BaseDetector):
         ]
         self.history_ = self.members_[0].history_
         self.is_main_process_ = all(m.is_main_process_ for m in self.members_)
-        self._standardise(normal)
+        self._standardise(normal, val_set)
         if run_dir is not None and self.is_main_process_:
             self.save(Path(run_dir) / MODEL_FILE)
         return self
@@ -149,27 +207,74 @@ class Ensemble(BaseDetector):
         folder = None if run_dir is None else Path(run_dir) / f"member_{index + 1}_{member.name}"
         return fit_or_load(member, train, val, folder, resume)
 
-    def _standardise(self, normal: ImageSet) -> None:
+    @classmethod
+    def from_fitted(
+        cls,
+        members: Sequence[BaseDetector],
+        val: ImageSet,
+        weights: Sequence[float] | str | None = None,
+        threshold_sd: float = 3.0,
+    ) -> Ensemble:
+        """Fuse detectors fitted elsewhere, standardised (and weighted) on ``val``.
+
+        Args:
+            members: Fitted detectors of the same images.
+            val: Validation images (normal ones standardise; with ``"validation"`` weights,
+                normal and abnormal ones choose the weights).
+            weights: As the constructor's.
+            threshold_sd: As the constructor's.
+        """
+        blocks = [member.config()["model"] for member in members]
+        fused = cls(
+            members=blocks,
+            spatial_dims=members[0].spatial_dims,
+            threshold_sd=threshold_sd,
+            weights=weights,
+        )
+        fused.members_ = list(members)
+        fused.history_ = []
+        val_set = as_cases(val, fused.spatial_dims)
+        fused._standardise(val_set.subset(val_set.labels != 1), val_set)
+        return fused
+
+    def _standardise(self, normal: ImageSet, val: ImageSet) -> None:
         """Score and map statistics of each member on the normal validation images."""
         results = [member.detect(normal) for member in self.members_]
         self.score_stats_ = [standardisation(r.scores) for r in results]
         self.map_stats_ = [standardisation(r.maps) for r in results]
+        self.weights_ = self._resolve_weights(val)
         self._learn_threshold(self._combine_scores([r.scores for r in results]))
+
+    def _resolve_weights(self, val: ImageSet) -> tuple[float, ...]:
+        n = len(self.members_)
+        if self.weights is None:
+            return (1.0 / n,) * n
+        if self.weights == "validation":
+            z = self._z_scores([m.score(val) for m in self.members_])
+            return choose_weights(z, val.labels)
+        weights = tuple(float(w) for w in self.weights)
+        if len(weights) != n or min(weights) < 0 or sum(weights) <= 0:
+            raise ConfigError(
+                f"ensemble: weights {list(weights)} must be {n} non-negative numbers, not all 0"
+            )
+        return tuple(w / sum(weights) for w in weights)
+
+    def _z_scores(self, scores: list[np.ndarray]) -> list[np.ndarray]:
+        return [(s - mean) / sd for s, (mean, sd) in zip(scores, self.score_stats_, strict=True)]
 
     # -- inference --------------------------------------------------------------------------
     def _combine_scores(self, scores: list[np.ndarray]) -> np.ndarray:
-        z = [(s - mean) / sd for s, (mean, sd) in zip(scores, self.score_stats_, strict=True)]
-        return np.mean(z, axis=0)
+        return np.asarray(self.weights_) @ np.stack(self._z_scores(scores))
 
     def detect(self, x: ImageSet | np.ndarray) -> AnomalyResult:
         """Combined scores and maps; ``reconstructions`` are the first member's, if any."""
         self.check_fitted()
         results = [member.detect(x) for member in self.members_]
         scores = self._combine_scores([r.scores for r in results])
-        maps = np.mean(
-            [(r.maps - mean) / sd for r, (mean, sd) in zip(results, self.map_stats_, strict=True)],
-            axis=0,
-        ).astype(np.float32)
+        z_maps = [
+            (r.maps - mean) / sd for r, (mean, sd) in zip(results, self.map_stats_, strict=True)
+        ]
+        maps = sum(w * m for w, m in zip(self.weights_, z_maps, strict=True)).astype(np.float32)
         return AnomalyResult(
             scores=scores,
             labels=(scores > self.threshold_).astype(np.int64),
@@ -202,6 +307,7 @@ class Ensemble(BaseDetector):
             "members": [member.saved_state() for member in self.members_],
             "score_stats": self.score_stats_,
             "map_stats": self.map_stats_,
+            "weights": list(self.weights_),
             "threshold": self.threshold_,
             "val_scores": np.asarray(self.val_scores_).tolist(),
         }
@@ -214,6 +320,8 @@ class Ensemble(BaseDetector):
             self.members_.append(member)
         self.score_stats_ = [tuple(s) for s in saved["score_stats"]]
         self.map_stats_ = [tuple(s) for s in saved["map_stats"]]
+        n = len(self.members_)
+        self.weights_ = tuple(saved.get("weights") or (1.0 / n,) * n)
         self.threshold_ = float(saved["threshold"])
         self.val_scores_ = np.asarray(saved["val_scores"], dtype=np.float64)
         self.history_ = self.members_[0].history_

@@ -1,0 +1,649 @@
+"""``medanomaly compare``: which detector works on my data, under an honest protocol.
+
+For each fold of the spec's protocol (patient-grouped; see
+:mod:`medanomaly.evaluation.splits`) every candidate is fitted on the normal cases of the
+training part (:func:`medanomaly.jobs.fit.fit_run`). On the **validation part only** it then
+chooses the post-processing (pixel AP at pixel level, else image AUROC), a fusion's weights,
+the image threshold (the spec's rule) and the pixel cut-off (best validation Dice). Only
+then is the test part scored. The candidate with the best mean validation metric is refitted
+on all the data's training part into ``OUT/best`` (a run directory for ``score``,
+``evaluate`` and ``screen``).
+
+Outputs: ``OUT/results.json`` (``rows``: name -> metrics with ``baseline``), ``results.md``,
+``report.html``, ``folds/<fold>/<candidate>/`` (runs and ``record.json``; a finished record
+is never recomputed, so rerunning the command resumes) and ``best/``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import traceback
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from medanomaly.data.loading import LoadReport, list_cases, load_dataset
+from medanomaly.data.sets import ImageSet
+from medanomaly.detectors.base import AnomalyResult, BaseDetector, standardisation
+from medanomaly.detectors.registry import get_model_class
+from medanomaly.errors import ConfigError
+from medanomaly.evaluation.compare_spec import Candidate, Spec, load_spec
+from medanomaly.evaluation.metrics import image_metrics
+from medanomaly.evaluation.pixel import pixel_metrics
+from medanomaly.evaluation.runner import (
+    foreground_masks,
+    json_ready,
+    known_masks,
+    parse_rule,
+    rule_threshold,
+    write_json,
+)
+from medanomaly.evaluation.splits import (
+    FoldSplit,
+    carve_validation,
+    column_splits,
+    make_splits,
+    val_group_splits,
+)
+from medanomaly.jobs.fit import fit_run
+from medanomaly.models.ensemble import Ensemble, weight_grid
+from medanomaly.postprocess import PostProcess
+
+RESULTS_FILE = "results.json"
+RECORD_FILE = "record.json"
+MAPS_FILE = "test_maps.npy"
+SPEC_FILE = "spec.json"
+BEST_DIR = "best"
+IMAGE_KEYS = ("auroc", "auprc", "f1", "sensitivity", "specificity")
+PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "dice_at_val_threshold")
+
+Echo = Callable[[str], None]
+
+
+@dataclass
+class Labelled:
+    """The labelled cases of the spec's data, with what the pixel metrics need."""
+
+    images: ImageSet
+    groups: np.ndarray
+    known: np.ndarray
+    foreground: np.ndarray | None
+    report: LoadReport
+
+
+@dataclass
+class Outputs:
+    """A candidate's raw result on a fold's validation and test parts (before choices)."""
+
+    val: AnomalyResult
+    test: AnomalyResult
+    detector: BaseDetector | None = None
+
+
+# -- data and splits ------------------------------------------------------------------------
+def load_labelled(spec: Spec) -> Labelled:
+    """Read the spec's data in memory (augmentation attached), labelled cases only."""
+    images, report = load_dataset(spec.data, **{**spec.data_options, "stream": False}, augment=True)
+    unlabelled = images.labels == -1
+    for i in np.flatnonzero(unlabelled):
+        report.skipped.append((images.ids[i], "no label (compare needs labelled cases)"))
+    if unlabelled.any():
+        images = images.subset(~unlabelled, keep_augment=True)
+    groups = np.asarray(images.groups if images.groups is not None else images.ids).astype(str)
+    known = known_masks(spec.data, spec.data_options.get("label_names"), images)
+    foreground = None
+    if spec.pixel:
+        _check_pixel(images, known)
+        foreground = foreground_masks(images)[0]
+    return Labelled(images, groups, known, foreground, report)
+
+
+def _check_pixel(images: ImageSet, known: np.ndarray) -> None:
+    n_abnormal = int(np.sum(images.labels == 1))
+    n_masked = int(np.sum(known & (images.labels == 1)))
+    if images.masks is None or n_masked == 0:
+        raise ConfigError(
+            f"pixel-level protocol: {n_abnormal} abnormal case(s), {n_masked} with a lesion "
+            "mask; give a mask column (or choose level: image)"
+        )
+
+
+def protocol_splits(spec: Spec, data: Labelled) -> list[FoldSplit]:
+    """The spec's folds (errors naming the counts come before any training)."""
+    p, labels = spec.protocol, data.images.labels
+    if p.kind == "split_column":
+        by_id = {str(c.path): c.split for c in list_cases(spec.data)}
+        return column_splits(labels, [by_id.get(i) for i in data.images.ids])
+    if p.kind == "val_groups":
+        return val_group_splits(labels, data.groups, p.folds, p.n_val, p.repeats, p.seed)
+    return make_splits(labels, data.groups, p.folds, p.repeats, p.val_fraction, p.seed)
+
+
+# -- choices on validation ------------------------------------------------------------------
+def _pixel_index(data: Labelled, index: np.ndarray) -> np.ndarray:
+    """Positions in ``index`` of the cases whose lesion mask is known."""
+    return np.flatnonzero(data.known[index])
+
+
+def validation_metric(
+    spec: Spec, data: Labelled, index: np.ndarray, result: AnomalyResult
+) -> float:
+    """The metric choices are made on: pixel AP (pixel levels), else image AUROC."""
+    if spec.pixel:
+        keep = _pixel_index(data, index)
+        block = pixel_metrics(
+            result.maps[keep],
+            data.images.masks[index][keep],
+            data.foreground[index][keep],
+            per_image=False,
+        )
+        return block["average_precision"] or 0.0
+    labels = data.images.labels[index]
+    if len(set(labels.tolist())) < 2:
+        raise ConfigError("compare: a validation part holds a single class; cannot choose")
+    return float(image_metrics(labels, result.scores, 0.0)["auroc"])
+
+
+def _processed(
+    chain: PostProcess, result: AnomalyResult, data: Labelled, index: np.ndarray
+) -> AnomalyResult:
+    return chain.apply(result, data.images.images[index])
+
+
+def choose_postprocess(
+    spec: Spec, data: Labelled, val: np.ndarray, result: AnomalyResult
+) -> tuple[int, float]:
+    """Index of the post-processing choice with the best validation metric, and the metric."""
+    values = [
+        validation_metric(spec, data, val, _processed(PostProcess(c), result, data, val))
+        for c in spec.postprocess
+    ]
+    best = int(np.argmax(values))  # ties: the first (simplest) choice
+    return best, float(values[best])
+
+
+def dice_counts(
+    maps: np.ndarray, masks: np.ndarray, foreground: np.ndarray, cutoff: float
+) -> dict[str, int]:
+    """Voxel counts of ``map > cutoff`` against the lesion masks, inside the foreground."""
+    flagged = (maps > cutoff) & foreground
+    lesion = masks.astype(bool) & foreground
+    return {
+        "tp": int(np.sum(flagged & lesion)),
+        "fp": int(np.sum(flagged & ~lesion)),
+        "fn": int(np.sum(~flagged & lesion)),
+    }
+
+
+def dice_of(counts: dict[str, int]) -> float | None:
+    """Dice from voxel counts (``None`` without lesion or flagged voxels)."""
+    denominator = 2 * counts["tp"] + counts["fp"] + counts["fn"]
+    return 2 * counts["tp"] / denominator if denominator else None
+
+
+# -- one candidate in one fold --------------------------------------------------------------
+def _threshold(spec: Spec, labels: np.ndarray, scores: np.ndarray) -> float:
+    rule, params = parse_rule(spec.threshold)
+    if rule is None:
+        raise ConfigError("compare: threshold 'run' is not a validation rule; use e.g. f1")
+    return rule_threshold(rule, params, labels, scores, 0.05)
+
+
+def evaluate_choice(
+    spec: Spec,
+    data: Labelled,
+    split: FoldSplit,
+    outputs: Outputs,
+    choice: int,
+) -> tuple[dict[str, Any], AnomalyResult]:
+    """Apply a post-processing choice; threshold and cut-off on validation; test metrics."""
+    chain = PostProcess(spec.postprocess[choice])
+    val = _processed(chain, outputs.val, data, split.val)
+    test = _processed(chain, outputs.test, data, split.test)
+    labels = data.images.labels
+    threshold = _threshold(spec, labels[split.val], val.scores)
+    image = image_metrics(labels[split.test], test.scores, threshold)
+    record: dict[str, Any] = {
+        "postprocess": list(spec.postprocess[choice]),
+        "threshold": threshold,
+        **{k: image[k] for k in IMAGE_KEYS},
+        "val_auroc": image_metrics(labels[split.val], val.scores, threshold)["auroc"],
+        "cases": {
+            "label": labels[split.test].tolist(),
+            "score": np.asarray(test.scores).tolist(),
+        },
+    }
+    if spec.pixel:
+        record.update(_pixel_record(data, split, val, test))
+    return record, test
+
+
+def _pixel_record(
+    data: Labelled, split: FoldSplit, val: AnomalyResult, test: AnomalyResult
+) -> dict[str, Any]:
+    masks, fg = data.images.masks, data.foreground
+    v = _pixel_index(data, split.val)
+    val_block = pixel_metrics(val.maps[v], masks[split.val][v], fg[split.val][v], per_image=False)
+    cutoff = val_block["best_dice_threshold"]
+    t = _pixel_index(data, split.test)
+    test_block = pixel_metrics(
+        test.maps[t], masks[split.test][t], fg[split.test][t], per_image=False
+    )
+    counts = dice_counts(
+        test.maps[t], masks[split.test][t], fg[split.test][t], np.inf if cutoff is None else cutoff
+    )
+    return {
+        "pixel_cutoff": cutoff,
+        "val_pixel_ap": val_block["average_precision"],
+        "pixel_auroc": test_block["auroc"],
+        "pixel_ap": test_block["average_precision"],
+        "dice_at_val_threshold": dice_of(counts),
+        "dice_counts": counts,
+    }
+
+
+def fit_candidate(
+    candidate: Candidate, data: Labelled, split: FoldSplit, folder: Path, spec: Spec
+) -> Outputs:
+    """Fit a candidate on the fold's training normals; its raw validation and test results."""
+    images = data.images
+    train = images.subset(split.train[images.labels[split.train] == 0], keep_augment=True)
+    val = images.subset(split.val)
+    detector = fit_run(candidate.config, train, folder, val=val, resume=True).detector
+    return Outputs(
+        val=detector.detect(val),
+        test=detector.detect(images.subset(split.test)),
+        detector=detector,
+    )
+
+
+def _stats(result: AnomalyResult, normal: np.ndarray) -> tuple[tuple, tuple]:
+    score = standardisation(result.scores[normal])
+    maps = standardisation(result.maps[normal]) if result.maps.size else (0.0, 1.0)
+    return score, maps
+
+
+def fused(results: list[AnomalyResult], stats: list, weights: tuple[float, ...]) -> AnomalyResult:
+    """Weighted sum of the members' z-scored scores and maps (as :class:`Ensemble` does)."""
+    parts = list(zip(weights, results, stats, strict=True))
+    scores = sum(w * (r.scores - s[0][0]) / s[0][1] for w, r, s in parts)
+    maps = sum(w * (r.maps - s[1][0]) / s[1][1] for w, r, s in parts)
+    recon = results[0].reconstructions
+    scores = np.asarray(scores, dtype=np.float64)
+    return AnomalyResult(scores, np.zeros(len(scores), np.int64), maps, recon, 0.0)
+
+
+def fuse_in_fold(
+    spec: Spec, data: Labelled, split: FoldSplit, members: list[Outputs]
+) -> tuple[Outputs, tuple[float, ...], int, float]:
+    """Choose weights and post-processing jointly on validation; the fused outputs."""
+    normal = data.images.labels[split.val] == 0
+    stats = [_stats(m.val, normal) for m in members]
+    best: tuple[float, float, tuple[float, ...], int] | None = None
+    for weights in weight_grid(len(members)):
+        val = fused([m.val for m in members], stats, weights)
+        choice, value = choose_postprocess(spec, data, split.val, val)
+        key = (value, -float(np.ptp(weights)))
+        if best is None or key > best[:2]:
+            best = (*key, weights, choice)
+    assert best is not None
+    weights, choice = best[2], best[3]
+    outputs = Outputs(
+        val=fused([m.val for m in members], stats, weights),
+        test=fused([m.test for m in members], stats, weights),
+    )
+    return outputs, weights, choice, best[0]
+
+
+# -- the driver -----------------------------------------------------------------------------
+def _record_path(out: Path, split: FoldSplit, name: str) -> Path:
+    return out / "folds" / split.name / _safe(name) / RECORD_FILE
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+class _FoldRunner:
+    """Runs every candidate of one fold; keeps members' outputs for the fusions."""
+
+    def __init__(self, spec: Spec, data: Labelled, split: FoldSplit, out: Path) -> None:
+        self.spec, self.data, self.split, self.out = spec, data, split, out
+        self.outputs: dict[str, Outputs] = {}
+
+    def member(self, name: str) -> Outputs:
+        if name not in self.outputs:
+            folder = _record_path(self.out, self.split, name).parent
+            detector = BaseDetector.load(folder)
+            images = self.data.images
+            self.outputs[name] = Outputs(
+                detector.detect(images.subset(self.split.val)),
+                detector.detect(images.subset(self.split.test)),
+                detector,
+            )
+        return self.outputs[name]
+
+    def run(self, candidate: Candidate) -> dict[str, Any]:
+        path = _record_path(self.out, self.split, candidate.name)
+        if path.exists():
+            return json.loads(path.read_text())
+        start = time.perf_counter()
+        try:
+            record = self._run(candidate, path.parent)
+        except Exception as error:  # one candidate's failure must not stop the others
+            record = {"error": f"{type(error).__name__}: {error}"}
+            (path.parent).mkdir(parents=True, exist_ok=True)
+            (path.parent / "error.txt").write_text(traceback.format_exc())
+            return {"fold": self.split.name, "candidate": candidate.name, **record}
+        record.update(fold=self.split.name, candidate=candidate.name)
+        record["seconds"] = time.perf_counter() - start
+        write_json(path, record)
+        return json_ready(record)
+
+    def _run(self, candidate: Candidate, folder: Path) -> dict[str, Any]:
+        spec, data, split = self.spec, self.data, self.split
+        if candidate.is_fusion:
+            members = [self.member(name) for name in candidate.fusion]
+            outputs, weights, choice, value = fuse_in_fold(spec, data, split, members)
+            extra = {"weights": dict(zip(candidate.fusion, weights, strict=True))}
+        else:
+            outputs = fit_candidate(candidate, data, split, folder, spec)
+            self.outputs[candidate.name] = outputs
+            choice, value = choose_postprocess(spec, data, split.val, outputs.val)
+            extra = {"epochs": len(outputs.detector.history_)}
+        record, test = evaluate_choice(spec, data, split, outputs, choice)
+        if spec.pixel:  # kept for the pooled pixel metrics, in units of the fold's cut-off
+            folder.mkdir(parents=True, exist_ok=True)
+            cutoff = record["pixel_cutoff"] if record["pixel_cutoff"] is not None else 0.0
+            np.save(folder / MAPS_FILE, (np.asarray(test.maps) - cutoff).astype(np.float32))
+        return {**record, **extra, "choice": choice, "val_metric": value}
+
+
+def compare(
+    spec: Spec | str | Path,
+    out: str | Path,
+    data: str | Path | None = None,
+    refit: bool = True,
+    echo: Echo | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Run a comparison; write ``results.json``, ``results.md``, ``report.html`` and ``best/``.
+
+    Args:
+        spec: A :class:`Spec` or the path of a spec file.
+        out: Output folder; rerunning with the same arguments resumes.
+        data: Overrides the spec's data (a folder or manifest laid out alike).
+        refit: Refit the candidate chosen on validation into ``OUT/best``.
+        echo: Called with one line per finished candidate-fold.
+        progress: Show a progress bar over folds x candidates.
+
+    Returns:
+        The results written to ``OUT/results.json``.
+    """
+    from medanomaly.evaluation.compare_report import results_table, write_compare_report
+
+    out = Path(out)
+    if not isinstance(spec, Spec):
+        spec = load_spec(spec, data)
+    parse_rule(spec.threshold)
+    labelled = load_labelled(spec)
+    splits = protocol_splits(spec, labelled)
+    start_or_resume(out, spec, splits)
+    records: dict[str, list[dict[str, Any]]] = {c.name: [] for c in spec.candidates}
+    order = sorted(spec.candidates, key=lambda c: c.is_fusion)  # members first
+    with tqdm(total=len(splits) * len(order), desc="compare", disable=not progress) as bar:
+        for split in splits:
+            runner = _FoldRunner(spec, labelled, split, out)
+            for candidate in order:
+                bar.set_postfix_str(f"{split.name} {candidate.name}")
+                record = runner.run(candidate)
+                records[candidate.name].append(record)
+                bar.update()
+                if echo is not None:
+                    echo(_line(record))
+    rows = {c.name: summarise_candidate(spec, c, records[c.name]) for c in spec.candidates}
+    winner = choose_winner(rows)
+    results = {
+        "rows": rows,
+        "chosen": winner,
+        "selection": "highest mean validation metric over the folds "
+        + ("(pixel AP)" if spec.pixel else "(image AUROC)"),
+        "protocol": {**spec.protocol.__dict__, "level": spec.level, "threshold": spec.threshold},
+        "n_cases": len(labelled.images),
+        "n_normal": int(np.sum(labelled.images.labels == 0)),
+        "n_abnormal": int(np.sum(labelled.images.labels == 1)),
+        "n_groups": int(np.unique(labelled.groups).size),
+        "folds": [s.name for s in splits],
+        "skipped": [{"case": c, "reason": r} for c, r in labelled.report.skipped],
+        "data": str(spec.data),
+    }
+    if spec.pixel:
+        for name, row in rows.items():
+            row.update(pooled_pixel(records[name], splits, labelled, out, name))
+    if winner is not None:
+        winner_gallery(spec, labelled, splits[0], out, winner, records[winner][0])
+    if refit and winner is not None:
+        results["best"] = refit_best(spec, labelled, rows[winner], winner, out / BEST_DIR)
+    write_json(out / RESULTS_FILE, results)
+    (out / "results.md").write_text(results_table(results))
+    write_compare_report(out, results, records)
+    return json_ready(results)
+
+
+def winner_gallery(
+    spec: Spec, data: Labelled, split: FoldSplit, out: Path, name: str, record: dict[str, Any]
+) -> list[Path]:
+    """Input | reconstruction | map of the winner's telling test cases of the first fold."""
+    from medanomaly.evaluation.figures import gallery_indices, save_gallery
+    from medanomaly.evaluation.runner import FIGURES_DIR
+
+    runner = _FoldRunner(spec, data, split, out)
+    candidate = spec.candidate(name)
+    if candidate.is_fusion:
+        members = [runner.member(m) for m in candidate.fusion]
+        normal = data.images.labels[split.val] == 0
+        stats = [_stats(m.val, normal) for m in members]
+        weights = tuple(record["weights"][m] for m in candidate.fusion)
+        test = fused([m.test for m in members], stats, weights)
+    else:
+        test = runner.member(name).test
+    test = _processed(PostProcess(record["postprocess"]), test, data, split.test)
+    labels = data.images.labels[split.test]
+    chosen = gallery_indices(labels, test.scores, per_group=2)
+    ids = [data.images.ids[split.test[i]] for i in chosen]
+    recon = test.reconstructions
+    return save_gallery(
+        out / FIGURES_DIR / "gallery",
+        data.images.images[split.test][chosen],
+        None if recon is None else np.asarray(recon)[chosen],
+        np.asarray(test.maps)[chosen],
+        [
+            f"{Path(c).name} label {labels[i]} score {test.scores[i]:.3g}"
+            for c, i in zip(ids, chosen, strict=True)
+        ],
+        [f"{k:02d}_{_safe(Path(c).stem)}" for k, c in enumerate(ids)],
+    )
+
+
+def spec_state(spec: Spec, splits: list[FoldSplit]) -> dict[str, Any]:
+    """What must not change between a run and its resumption."""
+    return json_ready(
+        {
+            "data": str(spec.data),
+            "data_options": spec.data_options,
+            "protocol": spec.protocol.__dict__,
+            "level": spec.level,
+            "threshold": spec.threshold,
+            "candidates": {c.name: c.config or {"fusion": list(c.fusion)} for c in spec.candidates},
+            "postprocess": [list(c) for c in spec.postprocess],
+            "splits": {s.name: [s.train.tolist(), s.val.tolist(), s.test.tolist()] for s in splits},
+        }
+    )
+
+
+def start_or_resume(out: Path, spec: Spec, splits: list[FoldSplit]) -> None:
+    """Write ``OUT/spec.json``, or check that an earlier run in ``out`` used the same one.
+
+    Raises:
+        ConfigError: ``out`` holds a comparison of another spec, data or split.
+    """
+    path = out / SPEC_FILE
+    state = json.loads(json.dumps(spec_state(spec, splits)))
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = sorted(k for k in state if saved.get(k) != state[k])
+        if changed:
+            raise ConfigError(
+                f"{out} holds a comparison with different {', '.join(changed)}; use a new --out "
+                "folder (or the same spec and data to resume)"
+            )
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(path, state)
+
+
+def _line(record: dict[str, Any]) -> str:
+    if "error" in record:
+        return f"{record['fold']} {record['candidate']}: FAILED {record['error']}"
+    auroc = record.get("auroc")
+    text = f"AUROC {auroc:.3f}" if auroc is not None else "AUROC n/a"
+    if "dice_at_val_threshold" in record and record["dice_at_val_threshold"] is not None:
+        text += f", Dice {record['dice_at_val_threshold']:.3f}"
+    return f"{record['fold']} {record['candidate']}: {text} ({record.get('seconds', 0):.0f} s)"
+
+
+# -- aggregation ----------------------------------------------------------------------------
+def summarise(values: list[float | None]) -> dict[str, Any]:
+    """``{"mean", "sd", "n", "folds"}`` over the defined values (sample SD, ddof=1)."""
+    defined = np.array([v for v in values if v is not None], dtype=np.float64)
+    n = int(defined.size)
+    return {
+        "mean": float(defined.mean()) if n else None,
+        "sd": float(defined.std(ddof=1)) if n > 1 else (0.0 if n else None),
+        "n": n,
+        "folds": list(values),
+    }
+
+
+def _is_baseline(spec: Spec, candidate: Candidate, records: list[dict[str, Any]]) -> bool:
+    if not candidate.is_fusion:
+        return bool(get_model_class(candidate.config["model"]["name"]).baseline)
+    models = [m for m in candidate.fusion if not _is_baseline(spec, spec.candidate(m), [])]
+    weights = [r.get("weights", {}) for r in records if "error" not in r]
+    return not any(w.get(m, 0.0) > 0 for w in weights for m in models)
+
+
+def summarise_candidate(
+    spec: Spec, candidate: Candidate, records: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """One ``rows`` entry: ``baseline`` first, then metrics as mean ± SD over the folds."""
+    ok = [r for r in records if "error" not in r]
+    keys = [*IMAGE_KEYS, "val_auroc", "val_metric"] + (list(PIXEL_KEYS) if spec.pixel else [])
+    row: dict[str, Any] = {"baseline": _is_baseline(spec, candidate, records)}
+    row.update({k: summarise([r.get(k) for r in ok]) for k in keys})
+    row["model"] = "fusion" if candidate.is_fusion else candidate.config["model"]["name"]
+    row["seconds"] = float(sum(r.get("seconds", 0.0) for r in ok))
+    row["postprocess"] = [r["postprocess"] for r in ok]
+    row["thresholds"] = [r["threshold"] for r in ok]
+    if candidate.is_fusion:
+        row["weights"] = [r["weights"] for r in ok]
+        row["members"] = list(candidate.fusion)
+    row["errors"] = [{"fold": r["fold"], "error": r["error"]} for r in records if "error" in r]
+    return row
+
+
+def choose_winner(rows: dict[str, dict[str, Any]]) -> str | None:
+    """The candidate without failed folds whose mean validation metric is highest."""
+    complete = {n: r for n, r in rows.items() if not r["errors"] and r["val_metric"]["n"]}
+    if not complete:
+        return None
+    return max(complete, key=lambda n: complete[n]["val_metric"]["mean"])
+
+
+def pooled_pixel(
+    records: list[dict[str, Any]],
+    splits: list[FoldSplit],
+    data: Labelled,
+    out: Path,
+    name: str,
+) -> dict[str, Any]:
+    """Pixel metrics pooled over the test folds of the first repeat (each case once).
+
+    Each fold's maps are shifted by its validation cut-off (the folds' models have their own
+    scales), so that 0 is every fold's cut-off; Dice at the validation cut-off sums each
+    fold's voxel counts at its own cut-off.
+    """
+    done = [
+        (split, r)
+        for split, r in zip(splits, records, strict=True)
+        if "error" not in r and split.repeat == 0
+    ]
+    if not done:
+        return {}
+    total = {k: sum(r["dice_counts"][k] for _, r in done) for k in ("tp", "fp", "fn")}
+    maps, masks, foreground = [], [], []
+    for split, _ in done:
+        keep = _pixel_index(data, split.test)
+        maps.append(np.load(_record_path(out, split, name).parent / MAPS_FILE)[keep])
+        masks.append(data.images.masks[split.test][keep])
+        foreground.append(data.foreground[split.test][keep])
+    block = pixel_metrics(
+        np.concatenate(maps), np.concatenate(masks), np.concatenate(foreground), per_image=False
+    )
+    return {
+        "pooled_pixel_auroc": block["auroc"],
+        "pooled_pixel_ap": block["average_precision"],
+        "pooled_dice_at_val_threshold": dice_of(total),
+        "pooled_dice_counts": total,
+    }
+
+
+def refit_best(
+    spec: Spec, data: Labelled, row: dict[str, Any], name: str, folder: Path
+) -> dict[str, Any]:
+    """Refit the chosen candidate on all the data's training part into ``folder``.
+
+    The validation part is a grouped share (``protocol.val_fraction``) of all cases; the
+    post-processing is the one chosen in most folds, a fusion's weights their mean over the
+    folds.
+    """
+    candidate = spec.candidate(name)
+    choice = Counter(json.dumps(p) for p in row["postprocess"]).most_common(1)[0][0]
+    postprocess = json.loads(choice)
+    config = _best_config(spec, candidate, row, postprocess)
+    labels = data.images.labels
+    index = np.arange(len(labels))
+    train, val = carve_validation(
+        index, labels, data.groups, spec.protocol.val_fraction, spec.protocol.seed
+    )
+    images = data.images
+    normal_train = images.subset(train[labels[train] == 0], keep_augment=True)
+    fit_run(config, normal_train, folder, val=images.subset(val), resume=True)
+    return {"candidate": name, "run_dir": str(folder), "postprocess": postprocess}
+
+
+def _best_config(
+    spec: Spec, candidate: Candidate, row: dict[str, Any], postprocess: list[Any]
+) -> dict[str, Any]:
+    if not candidate.is_fusion:
+        return {**candidate.config, "postprocess": postprocess}
+    members = []
+    for member in candidate.fusion:
+        config = spec.candidate(member).config
+        members.append({**config["model"], "engine": config.get("engine") or {}})
+    weights = [float(np.mean([w[m] for w in row["weights"]])) for m in candidate.fusion]
+    first = spec.candidate(candidate.fusion[0]).config["model"]
+    model = {
+        "name": Ensemble.name,
+        "members": members,
+        "weights": weights,
+        "spatial_dims": first.get("spatial_dims", 2),
+        "in_channels": first.get("in_channels", 1),
+    }
+    return {"model": model, "data": dict(spec.data_options), "postprocess": postprocess}

@@ -1,0 +1,218 @@
+"""The tables and the HTML report of ``medanomaly compare``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from sklearn.metrics import average_precision_score, precision_recall_curve  # noqa: E402
+
+from medanomaly.evaluation import figures as figs  # noqa: E402
+from medanomaly.evaluation.report import (  # noqa: E402
+    Facts,
+    Figure,
+    Figures,
+    Table,
+    Text,
+    write_report,
+)
+from medanomaly.evaluation.runner import FIGURES_DIR, REPORT_FILE  # noqa: E402
+
+LEADER_KEYS = (
+    "auroc",
+    "auprc",
+    "f1",
+    "pixel_auroc",
+    "pixel_ap",
+    "dice_at_val_threshold",
+    "val_metric",
+)
+
+
+def _ms(value: Any) -> str:
+    if not isinstance(value, dict) or value.get("mean") is None:
+        return "n/a"
+    return f"{value['mean']:.3f} ± {value['sd']:.3f}"
+
+
+def _weights(row: dict[str, Any]) -> str:
+    if "weights" not in row or not row["weights"]:
+        return ""
+    members = row["members"]
+    means = [np.mean([w[m] for w in row["weights"]]) for m in members]
+    return ", ".join(f"{m} {v:.2f}" for m, v in zip(members, means, strict=True))
+
+
+def _keys(results: dict[str, Any]) -> list[str]:
+    rows = list(results["rows"].values())
+    return [k for k in LEADER_KEYS if any(isinstance(r.get(k), dict) for r in rows)]
+
+
+def _order(results: dict[str, Any]) -> list[str]:
+    rows = results["rows"]
+
+    def key(name: str) -> float:
+        value = rows[name]["val_metric"]["mean"]
+        return -(value if value is not None else -np.inf)
+
+    return sorted(rows, key=key)
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """``results.md``: the leaderboard (test folds; ordered by the validation metric)."""
+    keys = _keys(results)
+    lines = [
+        f"# medanomaly compare: {results['data']}",
+        "",
+        f"Protocol: {results['protocol']}; {results['n_cases']} cases "
+        f"({results['n_normal']} normal / {results['n_abnormal']} abnormal, "
+        f"{results['n_groups']} groups). Test metrics as mean ± SD over "
+        f"{len(results['folds'])} fold(s); `val_metric` chose the winner: "
+        f"**{results['chosen']}** ({results['selection']}).",
+        "",
+        "| row | baseline | "
+        + " | ".join(keys)
+        + " | pooled pixel AUROC / AP / Dice | weights | seconds | errors |",
+        "|---|---|" + "---|" * (len(keys) + 4),
+    ]
+    for name in _order(results):
+        row = results["rows"][name]
+        pooled = (
+            "/".join(
+                f"{row[k]:.3f}" if row.get(k) is not None else "n/a"
+                for k in ("pooled_pixel_auroc", "pooled_pixel_ap", "pooled_dice_at_val_threshold")
+            )
+            if "pooled_pixel_ap" in row
+            else ""
+        )
+        cells = [_ms(row.get(k)) for k in keys]
+        lines.append(
+            f"| {name}{' (chosen)' if name == results['chosen'] else ''} | "
+            f"{'yes' if row['baseline'] else 'no'} | "
+            + " | ".join(cells)
+            + f" | {pooled} | {_weights(row)} | "
+            f"{row['seconds']:.0f} | {len(row['errors'])} |"
+        )
+    errors = [(n, e) for n, r in results["rows"].items() for e in r["errors"]]
+    if errors:
+        lines += ["", "Failed folds:", ""]
+        lines += [f"- {n}, fold {e['fold']}: {e['error']}" for n, e in errors]
+    return "\n".join(lines) + "\n"
+
+
+def plot_pr(
+    curves: list[tuple[np.ndarray, np.ndarray]], names: list[str], path: Path, title: str
+) -> Path | None:
+    """Precision-recall curves, one per candidate (AP in the legend)."""
+    fig, ax = plt.subplots(figsize=(5.2, 5.0))
+    drawn = 0
+    for (labels, scores), name in zip(curves, names, strict=True):
+        if len(set(np.asarray(labels).tolist())) < 2:
+            continue
+        precision, recall, _ = precision_recall_curve(labels, scores)
+        ap = average_precision_score(labels, scores)
+        ax.plot(recall, precision, lw=1.2, label=f"{name} (AP {ap:.3f})")
+        drawn += 1
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set(xlabel="recall", ylabel="precision", xlim=(-0.01, 1.01), ylim=(-0.01, 1.01))
+    ax.set(title=title)
+    ax.legend(loc="lower left", fontsize=7)
+    return figs.save_figure(fig, path)
+
+
+def pooled_cases(records: list[dict[str, Any]]) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold labels and scores of the first repeat, each in its fold's threshold units.
+
+    Scores of different folds come from different models; subtracting each fold's validation
+    threshold puts every fold's cut-off at 0 before the folds are pooled.
+    """
+    labels, scores = [], []
+    for r in records:
+        if "error" in r or not r["fold"].startswith("r1_"):
+            continue
+        labels += r["cases"]["label"]
+        scores += (np.asarray(r["cases"]["score"]) - r["threshold"]).tolist()
+    return np.asarray(labels), np.asarray(scores)
+
+
+def write_compare_report(
+    out: Path, results: dict[str, Any], records: dict[str, list[dict[str, Any]]]
+) -> Path:
+    """``report.html``: leaderboard, per-fold points, ROC and PR curves, winner's gallery."""
+    folder = out / FIGURES_DIR
+    order = _order(results)
+    keys = _keys(results)
+    columns = ["row", "baseline", *keys, "weights", "seconds", "failed folds"]
+    table_rows = [
+        [
+            name,
+            "yes" if results["rows"][name]["baseline"] else "no",
+            *[_ms(results["rows"][name].get(k)) for k in keys],
+            _weights(results["rows"][name]),
+            round(results["rows"][name]["seconds"], 1),
+            len(results["rows"][name]["errors"]),
+        ]
+        for name in order
+    ]
+    pooled = {n: pooled_cases(records[n]) for n in order}
+    metric = "pixel_ap" if "pixel_ap" in keys else "auroc"
+    points = {n: results["rows"][n][metric]["folds"] for n in order}
+    made = [
+        Figure(
+            figs.plot_fold_boxplot(points, folder / "folds.png", f"Per-fold test {metric}"),
+            "Per-fold test values",
+            f"One dot per fold: test {metric} of each candidate.",
+        ),
+        Figure(
+            figs.plot_roc(
+                [(y, s, 0.0) for y, s in pooled.values()],
+                folder / "roc.png",
+                order,
+                "ROC, out-of-fold (repeat 1)",
+            ),
+            "ROC curves",
+            "Out-of-fold test scores of repeat 1, in each fold's threshold units; "
+            "the dot is the validation threshold.",
+        ),
+        Figure(
+            plot_pr(list(pooled.values()), order, folder / "pr.png", "Precision-recall"),
+            "Precision-recall curves",
+            "Same pooled scores as the ROC curves.",
+        ),
+    ]
+    gallery = [
+        Figure(p, p.stem.split("_", 1)[1], f"{results['chosen']}, test fold {results['folds'][0]}")
+        for p in sorted((folder / "gallery").glob("*.png"))
+    ]
+    best = results.get("best") or {}
+    facts = [
+        ("chosen on validation", results["chosen"]),
+        ("selection", results["selection"]),
+        ("protocol", str(results["protocol"])),
+        ("cases", f"{results['n_normal']} normal / {results['n_abnormal']} abnormal"),
+        ("groups", results["n_groups"]),
+        ("best run", best.get("run_dir", "not refitted")),
+    ]
+    blocks = [
+        Facts("Comparison", facts),
+        Table("Leaderboard (test folds, mean ± SD)", columns, table_rows),
+        Figures("Figures", [f for f in made if f.path is not None]),
+        Figures(
+            f"Gallery of the winner ({results['chosen']})",
+            gallery,
+            "Top-scoring and lowest-scoring abnormal and normal test cases of the first fold.",
+        ),
+        Text(
+            "Protocol",
+            "Every choice (epoch, post-processing, fusion weights, threshold, pixel cut-off, "
+            "the winner) was made on validation parts; test folds only gave the numbers.",
+        ),
+    ]
+    return write_report(out / REPORT_FILE, "medanomaly compare", blocks, str(results["data"]))

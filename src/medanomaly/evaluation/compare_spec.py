@@ -1,0 +1,214 @@
+"""The spec of ``medanomaly compare``: data, protocol, level, candidates, post-processing.
+
+A spec is YAML::
+
+    data:
+      path: ../shared/data/head_ct_hemorrhage/manifest.csv   # folder or manifest
+      label_names: {hemorrhage: 1}                          # load_dataset arguments
+      transforms: [...]
+    protocol:
+      kind: kfold        # kfold (val_fraction) | val_groups (n_val) | split_column
+      folds: 5
+      repeats: 2
+      val_fraction: 0.2
+      seed: 0
+    level: image         # image | pixel | both
+    threshold: f1        # image-level threshold rule on each validation part
+    candidates:
+      intensity: {config: configs/intensity_head_ct_2d.yaml}
+      dae: {config: configs/dae_head_ct_2d.yaml, set: [engine.epochs=20]}
+      cae_small: {model: {name: cae, ...}, engine: {...}}
+      dae+intensity: {fusion: [dae, intensity]}
+    postprocess:         # choices searched on the validation part, each a list of steps
+      - []
+      - [{smooth: {sigma: 1}}]
+
+Every name (model, transform, post-processing step, fusion member) is checked when the spec
+is read, before anything trains. Paths are taken as given, else relative to the spec's folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from medanomaly.config import SECTIONS, apply_overrides, build_detector, load_config
+from medanomaly.errors import ConfigError, check_choice, did_you_mean
+from medanomaly.postprocess import PostProcess
+from medanomaly.transforms.compose import build_transforms
+
+PROTOCOLS = ("kfold", "val_groups", "split_column")
+LEVELS = ("image", "pixel", "both")
+SPEC_KEYS = ("data", "protocol", "level", "threshold", "candidates", "postprocess")
+CANDIDATE_KEYS = ("config", "set", "fusion", *SECTIONS)
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How the labelled cases are split (see :mod:`medanomaly.evaluation.splits`).
+
+    Attributes:
+        kind: ``kfold``, ``val_groups`` or ``split_column``.
+        folds: Test folds per repeat.
+        repeats: Repeats with a different shuffling of the groups.
+        val_fraction: Share of a training part held out for validation (``kfold``).
+        n_val: Validation groups drawn from a training part (``val_groups``).
+        seed: Seed of the splits.
+    """
+
+    kind: str = "kfold"
+    folds: int = 5
+    repeats: int = 1
+    val_fraction: float = 0.2
+    n_val: int = 4
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_choice("protocol", "kind", self.kind, PROTOCOLS)
+        if self.kind != "split_column" and (self.folds < 2 or self.repeats < 1):
+            raise ConfigError(f"protocol: need folds >= 2 and repeats >= 1, got {self.folds}")
+        if not 0.0 < self.val_fraction < 1.0:
+            raise ConfigError(f"protocol: val_fraction must lie in (0, 1), got {self.val_fraction}")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """One row of the comparison: a detector config, or a fusion of other candidates."""
+
+    name: str
+    config: dict[str, Any] | None = None
+    fusion: tuple[str, ...] = ()
+
+    @property
+    def is_fusion(self) -> bool:
+        """True for a fusion of other candidates."""
+        return bool(self.fusion)
+
+
+@dataclass(frozen=True)
+class Spec:
+    """A parsed, checked spec."""
+
+    data: Path
+    data_options: dict[str, Any]
+    protocol: Protocol
+    level: str
+    threshold: str
+    candidates: tuple[Candidate, ...]
+    postprocess: tuple[tuple[Any, ...], ...] = ((),)
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pixel(self) -> bool:
+        """True when pixel metrics are computed (and choose post-processing)."""
+        return self.level in ("pixel", "both")
+
+    def candidate(self, name: str) -> Candidate:
+        """The candidate called ``name``."""
+        return next(c for c in self.candidates if c.name == name)
+
+
+def _path(value: str | Path, base: Path) -> Path:
+    path = Path(value).expanduser()
+    if path.is_absolute() or path.exists() or not (base / path).exists():
+        return path
+    return base / path
+
+
+def _candidate(name: str, block: Any, base: Path, data_options: dict[str, Any]) -> Candidate:
+    if not isinstance(block, dict):
+        raise ConfigError(f"candidate {name!r}: give a mapping (config:, model:, fusion:)")
+    unknown = sorted(set(block) - set(CANDIDATE_KEYS))
+    if unknown:
+        hint = did_you_mean(unknown[0], CANDIDATE_KEYS)
+        raise ConfigError(f"candidate {name!r}: unknown keys {unknown}.{hint}")
+    if "fusion" in block:
+        members = block["fusion"]
+        if not isinstance(members, list) or len(members) < 2:
+            raise ConfigError(f"candidate {name!r}: fusion needs a list of 2+ candidate names")
+        return Candidate(name, None, tuple(str(m) for m in members))
+    config = load_config(_path(block["config"], base)) if "config" in block else {}
+    for section in SECTIONS:
+        if section in block:
+            config[section] = block[section]
+    if "model" not in config:
+        raise ConfigError(f"candidate {name!r}: give config: FILE or a model: block")
+    config = apply_overrides(config, [str(s) for s in block.get("set") or []])
+    config["data"] = dict(data_options)  # every candidate sees the same input
+    config.pop("evaluation", None)
+    build_detector(config)  # unknown model / argument / post-processing step: fail now
+    return Candidate(name, config)
+
+
+def _check_fusions(candidates: list[Candidate]) -> None:
+    plain = {c.name for c in candidates if not c.is_fusion}
+    for candidate in candidates:
+        for member in candidate.fusion:
+            if member not in plain:
+                raise ConfigError(
+                    f"candidate {candidate.name!r}: fusion member {member!r} is not a model or "
+                    f"baseline candidate.{did_you_mean(member, plain)}"
+                )
+
+
+def parse_spec(raw: dict[str, Any], base: Path, data: str | Path | None = None) -> Spec:
+    """Check a spec (as read from YAML) and resolve its paths and candidates.
+
+    Args:
+        raw: The spec.
+        base: Folder of the spec file (relative paths are tried against it).
+        data: Overrides ``data.path`` (any folder or manifest laid out alike).
+
+    Raises:
+        ConfigError: On anything unknown or inconsistent (with a did-you-mean hint).
+    """
+    if not isinstance(raw, dict):
+        raise ConfigError("a compare spec must be a mapping")
+    unknown = sorted(set(raw) - set(SPEC_KEYS))
+    if unknown:
+        raise ConfigError(f"spec: unknown keys {unknown}.{did_you_mean(unknown[0], SPEC_KEYS)}")
+    data_block = dict(raw.get("data") or {})
+    path = data if data is not None else data_block.pop("path", None)
+    data_block.pop("path", None)
+    if path is None:
+        raise ConfigError("spec: data.path is missing (or pass --data)")
+    build_transforms(data_block.get("transforms"))
+    level = str(raw.get("level", "image"))
+    check_choice("spec", "level", level, LEVELS)
+    protocol_block = dict(raw.get("protocol") or {})
+    bad = sorted(set(protocol_block) - set(Protocol.__dataclass_fields__))
+    if bad:
+        raise ConfigError(f"protocol: unknown keys {bad}")
+    blocks = raw.get("candidates") or {}
+    if not isinstance(blocks, dict) or not blocks:
+        raise ConfigError("spec: candidates must map names to candidate blocks")
+    candidates = [_candidate(str(n), b, base, data_block) for n, b in blocks.items()]
+    _check_fusions(candidates)
+    choices = raw.get("postprocess") or [[]]
+    if not isinstance(choices, list):
+        raise ConfigError("spec: postprocess must be a list of choices (each a list of steps)")
+    for choice in choices:
+        PostProcess(choice)
+    return Spec(
+        data=_path(path, base),
+        data_options=data_block,
+        protocol=Protocol(**protocol_block),
+        level=level,
+        threshold=str(raw.get("threshold", "f1")),
+        candidates=tuple(candidates),
+        postprocess=tuple(tuple(c or []) for c in choices),
+        source=raw,
+    )
+
+
+def load_spec(path: str | Path, data: str | Path | None = None) -> Spec:
+    """Read and check a spec file (see the module docstring)."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"{path}: cannot read spec: {error}") from error
+    return parse_spec(raw, path.resolve().parent, data)

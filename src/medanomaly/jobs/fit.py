@@ -1,0 +1,82 @@
+"""Fitting a detector into a run directory, as ``medanomaly fit`` does.
+
+``medanomaly fit``, ``cv`` and ``compare`` all call :func:`fit_run`, which writes the run's
+``config.yaml`` through the detector's one writer, so that every run directory holds the same
+resolved config (model, engine, data, postprocess, version) and is
+usable as it is by ``score``, ``evaluate`` and ``screen``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from medanomaly.config import build_detector
+from medanomaly.data.loading import LoadReport, load_dataset
+from medanomaly.data.sets import Cases
+from medanomaly.detectors.base import CONFIG_FILE, BaseDetector
+
+
+@dataclass
+class FittedRun:
+    """What :func:`fit_run` made.
+
+    Attributes:
+        detector: The fitted detector.
+        out: The run directory.
+        train: The training cases it saw.
+        train_report: Cases of the training data that were skipped, and why.
+        val_report: The same for the validation data (empty without one).
+    """
+
+    detector: BaseDetector
+    out: Path
+    train: Cases
+    train_report: LoadReport
+    val_report: LoadReport
+
+
+def _load(
+    data: str | Path | Cases, config: dict[str, Any], detector: BaseDetector, strict: bool
+) -> tuple[Cases, LoadReport]:
+    if not isinstance(data, str | Path):
+        return data, LoadReport()
+    # streamed unless the config says otherwise: memory holds batches, never the set
+    options = {"stream": True, **(config.get("data") or {})}
+    return load_dataset(data, **options, strict=strict, expect=detector.input_spec(), augment=True)
+
+
+def fit_run(
+    config: dict[str, Any],
+    data: str | Path | Cases,
+    out: str | Path,
+    val: str | Path | Cases | None = None,
+    resume: bool = False,
+    strict: bool = False,
+) -> FittedRun:
+    """Build the detector a config describes, fit it and write its run directory.
+
+    Args:
+        config: ``model``/``engine``/``data`` (and optional ``postprocess``) blocks.
+        data: Training folder or manifest (read with the config's ``data`` block, with its
+            random transforms as augmentation), or cases already loaded.
+        out: The run directory (``config.yaml``, ``model.pt``, checkpoints).
+        val: Validation folder, manifest or cases (``None``: held out from ``data``).
+        resume: Continue an interrupted run in ``out`` (its ``config.yaml`` is kept).
+        strict: Raise on the first unreadable case.
+
+    Returns:
+        The fitted detector, the run directory and what was skipped.
+    """
+    out = Path(out)
+    detector = build_detector(config)
+    train, train_report = _load(data, config, detector, strict)
+    val_report = LoadReport()
+    if isinstance(val, str | Path):
+        options = {"stream": True, **(config.get("data") or {})}
+        val, val_report = load_dataset(val, **options, strict=strict, expect=detector.input_spec())
+    if not (resume and (out / CONFIG_FILE).exists()):
+        detector.write_run_config(out, config.get("data"))
+    detector.fit(train, val, run_dir=out, resume=resume)
+    return FittedRun(detector, out, train, train_report, val_report)

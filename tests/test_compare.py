@@ -1,0 +1,237 @@
+"""``medanomaly compare``: spec, validation-only choices, outputs, best run, resume, bad input."""
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from test_evaluate_cli import write_phantom_manifest
+
+from medanomaly.cli import main
+from medanomaly.data.phantoms import make_phantoms
+from medanomaly.errors import ConfigError
+from medanomaly.evaluation import compare as compare_module
+from medanomaly.evaluation.compare import compare, load_labelled, protocol_splits
+from medanomaly.evaluation.compare_spec import parse_spec
+from medanomaly.models.baselines import IntensityBaseline
+from medanomaly.models.ensemble import Ensemble
+
+CAE = {
+    "model": {"name": "cae", "spatial_dims": 2, "channels": [8, 16], "latent_channels": 4},
+    "engine": {"epochs": 2, "batch_size": 8, "progress": False},
+}
+CHOICES = [[], [{"smooth": {"sigma": 1.0}}], [{"rim": {"width": 2, "threshold": 0.05}}]]
+
+
+def _spec(manifest, candidates, level="both", folds=3, **protocol):
+    return {
+        "data": {"path": str(manifest), "transforms": [{"min_max": {}}]},
+        "protocol": {
+            "kind": "kfold",
+            "folds": folds,
+            "repeats": 1,
+            "val_fraction": 0.34,
+            **protocol,
+        },
+        "level": level,
+        "candidates": candidates,
+        "postprocess": CHOICES,
+    }
+
+
+def _baselines():
+    return {
+        "intensity": {"model": {"name": "intensity", "spatial_dims": 2}},
+        "intensity_voxel": {"model": {"name": "intensity", "spatial_dims": 2, "per_voxel": True}},
+        "fused": {"fusion": ["intensity", "intensity_voxel"]},
+    }
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("compare")
+    manifest = write_phantom_manifest(root / "data", n_normal=24, n_abnormal=12, per_group=2)
+    candidates = {
+        "cae": CAE,
+        "cae_ssim": {**CAE, "model": {**CAE["model"], "residual": "ssim"}},
+        "intensity": {"model": {"name": "intensity", "spatial_dims": 2}},
+        "cae+intensity": {"fusion": ["cae", "intensity"]},
+    }
+    spec = root / "spec.yaml"
+    spec.write_text(yaml.safe_dump(_spec(manifest, candidates)))
+    out = root / "out"
+    assert main(["compare", "--spec", str(spec), "--out", str(out), "--quiet"]) == 0
+    return root, manifest, spec, out
+
+
+def test_compare_writes_table_report_and_a_best_run_that_score_reads(compared):
+    root, manifest, _, out = compared
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert set(rows) == {"cae", "cae_ssim", "intensity", "cae+intensity"}
+    assert rows["intensity"]["baseline"] is True and rows["cae"]["baseline"] is False
+    for row in rows.values():
+        assert len(row["auroc"]["folds"]) == 3 and row["auroc"]["mean"] is not None
+        assert row["pixel_ap"]["n"] == 3 and "pooled_dice_at_val_threshold" in row
+        assert row["seconds"] >= 0 and row["errors"] == []
+    weights = rows["cae+intensity"]["weights"]
+    assert all(sum(w.values()) == pytest.approx(1.0) for w in weights)
+    assert results["chosen"] in rows
+    assert "| row | baseline |" in (out / "results.md").read_text()
+    html = (out / "report.html").read_text()
+    assert "Leaderboard" in html and "ROC" in html and "Precision-recall" in html
+    best = out / "best"
+    assert (best / "model.pt").exists() and (best / "config.yaml").exists()
+    scores = root / "scores.csv"
+    assert main(["score", "--run", str(best), "--data", str(manifest), "--out", str(scores)]) == 0
+    with open(scores, newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == 36
+
+
+def test_rerunning_resumes_without_refitting(compared):
+    _, _, spec, out = compared
+    record = out / "folds" / "r1_f1" / "cae" / "record.json"
+    before = record.stat().st_mtime_ns, (out / "results.json").read_text()
+    results = compare(spec, out, refit=False, progress=False)
+    assert record.stat().st_mtime_ns == before[0]
+    old = json.loads(before[1])["rows"]
+    assert {n: r["auroc"] for n, r in results["rows"].items()} == {
+        n: r["auroc"] for n, r in old.items()
+    }
+    changed = yaml.safe_load(spec.read_text())
+    changed["postprocess"] = [[]]
+    with pytest.raises(ConfigError, match="different postprocess"):
+        compare(parse_spec(changed, spec.parent), out, refit=False, progress=False)
+
+
+def _poisoned_manifest(root, manifest, test_ids):
+    """The same manifest with the images of ``test_ids`` replaced by noise."""
+    rng = np.random.default_rng(9)
+    for case in test_ids:
+        path = root / "data" / case
+        np.save(path, rng.random(np.load(path).shape).astype(np.float32) * 5)
+    return manifest
+
+
+def test_a_poisoned_test_fold_changes_no_choice(tmp_path):
+    clean = write_phantom_manifest(tmp_path / "clean" / "data", 24, 12, per_group=2)
+    spec = _spec(clean, _baselines())
+    first = compare(parse_spec(spec, tmp_path), tmp_path / "clean_out", refit=False, progress=False)
+    # fold 1's test cases, from the splits the protocol makes
+    parsed = parse_spec(spec, tmp_path)
+    data = load_labelled(parsed)
+    test_cases = [data.images.ids[i] for i in protocol_splits(parsed, data)[0].test]
+    poisoned = write_phantom_manifest(tmp_path / "bad" / "data", 24, 12, per_group=2)
+    names = {c.rsplit("/", 1)[-1] for c in test_cases}
+    _poisoned_manifest(tmp_path / "bad", poisoned, sorted(names))
+    second = compare(
+        parse_spec(_spec(poisoned, _baselines()), tmp_path),
+        tmp_path / "bad_out",
+        refit=False,
+        progress=False,
+    )
+    choice_keys = ("postprocess", "threshold", "pixel_cutoff", "val_metric", "weights", "choice")
+    for name in ("intensity", "intensity_voxel", "fused"):
+        a = json.loads((tmp_path / "clean_out/folds/r1_f1" / name / "record.json").read_text())
+        b = json.loads((tmp_path / "bad_out/folds/r1_f1" / name / "record.json").read_text())
+        assert {k: a.get(k) for k in choice_keys} == {k: b.get(k) for k in choice_keys}, name
+        assert a["cases"]["score"] != b["cases"]["score"]  # the poison did reach the test fold
+    assert (
+        first["rows"]["fused"]["auroc"]["folds"][0] != second["rows"]["fused"]["auroc"]["folds"][0]
+    )
+
+
+def test_a_candidate_failing_in_one_fold_is_reported_and_the_others_finish(tmp_path, monkeypatch):
+    manifest = write_phantom_manifest(tmp_path / "data", 24, 12, per_group=2)
+    real = compare_module.fit_candidate
+
+    def failing(candidate, data, split, folder, spec):
+        if candidate.name == "intensity_voxel" and split.name == "r1_f2":
+            raise FloatingPointError("loss is NaN")
+        return real(candidate, data, split, folder, spec)
+
+    monkeypatch.setattr(compare_module, "fit_candidate", failing)
+    results = compare(
+        parse_spec(_spec(manifest, _baselines()), tmp_path), tmp_path / "out", progress=False
+    )
+    errors = results["rows"]["intensity_voxel"]["errors"]
+    assert errors == [{"fold": "r1_f2", "error": "FloatingPointError: loss is NaN"}]
+    assert results["rows"]["fused"]["errors"][0]["fold"] == "r1_f2"  # its member failed
+    assert results["rows"]["intensity"]["errors"] == []
+    assert results["rows"]["intensity"]["auroc"]["n"] == 3
+    assert results["chosen"] == "intensity"
+
+
+def test_bad_specs_fail_before_anything_trains(tmp_path):
+    manifest = write_phantom_manifest(tmp_path / "data", 8, 4, per_group=2)
+    with pytest.raises(ConfigError, match="Did you mean 'cae'"):
+        parse_spec(_spec(manifest, {"x": {"model": {"name": "caee"}}}), tmp_path)
+    with pytest.raises(ConfigError, match="Did you mean 'min_max'"):
+        spec = _spec(manifest, _baselines())
+        spec["data"]["transforms"] = ["min_maxx"]
+        parse_spec(spec, tmp_path)
+    with pytest.raises(ConfigError, match="Did you mean 'smooth'"):
+        spec = _spec(manifest, _baselines())
+        spec["postprocess"] = [[{"smoth": {}}]]
+        parse_spec(spec, tmp_path)
+    with pytest.raises(ConfigError, match="Did you mean 'intensity'"):
+        parse_spec(
+            _spec(manifest, {**_baselines(), "f": {"fusion": ["intensty", "fused"]}}), tmp_path
+        )
+    with pytest.raises(ConfigError, match="6 patient groups are too few for 8 folds"):
+        compare(parse_spec(_spec(manifest, _baselines(), folds=8), tmp_path), tmp_path / "o1")
+    no_masks = tmp_path / "nomask.csv"
+    with open(manifest, newline="") as handle:
+        rows = list(csv.reader(handle))
+    with open(no_masks, "w", newline="") as handle:
+        csv.writer(handle).writerows([[r[0], r[1], r[3]] for r in rows])
+    (tmp_path / "data" / "nomask.csv").write_text(no_masks.read_text())
+    with pytest.raises(ConfigError, match="4 abnormal case\\(s\\), 0 with a lesion mask"):
+        compare(
+            parse_spec(_spec(tmp_path / "data" / "nomask.csv", _baselines()), tmp_path),
+            tmp_path / "o2",
+        )
+    assert not (tmp_path / "o1" / "folds").exists() and not (tmp_path / "o2" / "folds").exists()
+
+
+def test_bad_spec_on_the_command_line_is_one_line_and_exit_code_2(tmp_path, capsys):
+    manifest = write_phantom_manifest(tmp_path / "data", 8, 4, per_group=2)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump(_spec(manifest, {"x": {"model": {"name": "vea"}}})))
+    assert main(["compare", "--spec", str(spec), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "Did you mean 'vae'" in err[0]
+
+
+def test_fusion_with_a_zero_weight_equals_the_other_member_alone():
+    data = make_phantoms(30, 9, (32, 32), seed=2)
+    normal = data.subset(np.flatnonzero(data.labels == 0)[:20])
+    val = data.subset(
+        np.concatenate(
+            [np.flatnonzero(data.labels == 0)[20:], np.flatnonzero(data.labels == 1)[:4]]
+        )
+    )
+    a = IntensityBaseline(spatial_dims=2).fit(normal, val)
+    b = IntensityBaseline(spatial_dims=2, per_voxel=True).fit(normal, val)
+    fused = Ensemble.from_fitted([a, b], val, weights=[1.0, 0.0])
+    normal_val = val.subset(val.labels == 0)
+    mean, sd = a.score(normal_val).mean(), a.score(normal_val).std(ddof=1)
+    np.testing.assert_allclose(fused.score(data), (a.score(data) - mean) / sd, rtol=1e-6)
+    chosen = Ensemble.from_fitted([a, b], val, weights="validation")
+    assert sum(chosen.weights_) == pytest.approx(1.0) and len(chosen.weights_) == 2
+
+
+@pytest.mark.parametrize("name", ["head_ct", "head_ct_quick", "lgg_pixel", "lgg_intensity"])
+def test_the_benchmark_specs_parse(name):
+    from pathlib import Path
+
+    from medanomaly.evaluation.compare_spec import load_spec
+
+    root = Path(__file__).resolve().parents[1]
+    spec = load_spec(root / "benchmarks" / "specs" / f"{name}.yaml")
+    assert name == "lgg_intensity" or any(c.is_fusion for c in spec.candidates)
+    plain = [c for c in spec.candidates if not c.is_fusion]
+    assert any(c.config["model"]["name"] == "intensity" for c in plain)
