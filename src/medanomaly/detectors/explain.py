@@ -168,8 +168,7 @@ def save_explanation_figure(
     Returns:
         The path written.
     """
-    from medanomaly.io.atomic import atomic_path
-    from medanomaly.viz.case_figure import DIFF_CMAP, plt  # matplotlib only when drawing
+    from medanomaly.viz.case_figure import DIFF_CMAP, plt, save_figure  # matplotlib when drawing
 
     first = next(iter(maps.values()))
     if image.ndim == first.ndim + 1:
@@ -189,14 +188,7 @@ def save_explanation_figure(
             ax.set_title(name)
         for ax in ax_row:
             ax.axis("off")
-    if title:
-        fig.suptitle(title)
-    fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=80)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, title)
 
 
 def _planes(

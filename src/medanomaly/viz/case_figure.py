@@ -86,6 +86,11 @@ def save_case_figure(
         fig.colorbar(shown, ax=ax_row[2], fraction=0.046, pad=0.04)
         for ax in ax_row:
             ax.axis("off")
+    return save_figure(fig, path, title)
+
+
+def save_figure(fig: plt.Figure, path: str | Path, title: str = "") -> Path:
+    """Title, lay out and write a figure as PNG atomically, then free it."""
     if title:
         fig.suptitle(title)
     fig.tight_layout()
