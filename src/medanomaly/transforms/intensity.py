@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -213,6 +214,8 @@ class PercentileRescale(Transform):
                 return _constant(image, self.output[0])
             return with_values(image, self._scale(image.array))
         flat = [float(c.min()) == float(c.max()) for c in image.array]
-        scaled = to_numpy(self._scale(image.array))
+        with warnings.catch_warnings():  # MONAI warns of a flat channel; it is set below
+            warnings.simplefilter("ignore")
+            scaled = to_numpy(self._scale(image.array))
         scaled[np.asarray(flat)] = self.output[0]
         return with_values(image, scaled)
