@@ -43,12 +43,16 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from scipy import ndimage  # noqa: E402
 from sklearn.metrics import roc_auc_score  # noqa: E402
+from sklearn.model_selection import train_test_split  # noqa: E402
 
+from medanomaly.cli import main as cli_main  # noqa: E402
 from medanomaly.config import apply_overrides, build_detector, load_config  # noqa: E402
 from medanomaly.data.loading import load_dataset  # noqa: E402
 from medanomaly.detectors.base import mean_sd_threshold, standardisation  # noqa: E402
+from medanomaly.detectors.registry import get_model_class  # noqa: E402
 from medanomaly.io import read_image  # noqa: E402
 from medanomaly.io.atomic import atomic_write_text  # noqa: E402
+from medanomaly.models.classifier import SupervisedClassifier  # noqa: E402
 from medanomaly.training.engine import EngineConfig, split_indices  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -241,6 +245,94 @@ def run_fusion(a: dict[str, Any], b: dict[str, Any], kinds: np.ndarray) -> dict[
     return summarise(folds_out, False, a["input_shape"])
 
 
+def is_supervised(name: str) -> bool:
+    """True for rows whose config names a supervised classifier (``densenet121``)."""
+    model = load_config(CONFIGS[name])["model"]["name"]
+    return issubclass(get_model_class(model), SupervisedClassifier)
+
+
+def supervised_split(kinds: np.ndarray, seed: int = 0) -> np.ndarray:
+    """``train``/``val``/``test`` per image: 60/20/20, stratified by kind (the slide deck)."""
+    index = np.arange(len(kinds))
+    train, rest = train_test_split(index, test_size=0.4, stratify=kinds, random_state=seed)
+    val, test = train_test_split(rest, test_size=0.5, stratify=kinds[rest], random_state=seed)
+    split = np.empty(len(kinds), dtype=object)
+    split[train], split[val], split[test] = "train", "val", "test"
+    return split
+
+
+def run_supervised(
+    name: str, manifest: Path, kinds: np.ndarray, out: Path, epochs: int | None
+) -> dict[str, Any]:
+    """Train on the 60 % part, keep the epoch of minimum loss on the 20 % validation part."""
+    config = config_of(name, epochs)
+    cache = out / "cache"
+    train_all, _ = load_dataset(manifest, **config["data"], augment=True, strict=True, cache=cache)
+    eval_all, _ = load_dataset(manifest, **config["data"], strict=True, cache=cache)
+    split = supervised_split(kinds)
+    start = time.perf_counter()
+    detector = build_detector(config)
+    detector.fit(
+        train_all.subset(split == "train", keep_augment=True), eval_all.subset(split == "val")
+    )
+    result = detector.detect(eval_all.subset(split == "test"))
+    seconds = time.perf_counter() - start
+    test_kinds = kinds[split == "test"]
+    metrics = fold_metrics(result.scores, test_kinds, detector.threshold_)
+    print(f"  {name} (60/20/20): AUROC {metrics['auroc']:.3f} ({seconds:.0f} s)", flush=True)
+    np.save(out / f"maps_{name}.npy", np.asarray(result.maps, np.float32))
+    fold = {
+        "fold": "split", **metrics, "seconds": seconds, "epochs": len(detector.history_),
+        "threshold": detector.threshold_, "val_scores": np.asarray(detector.val_scores_).tolist(),
+        "test_index": np.flatnonzero(split == "test").tolist(), "scores": result.scores.tolist(),
+    }  # fmt: skip
+    row = summarise([fold], False, list(eval_all.images.shape[1:]))
+    flagged, abnormal = result.scores > detector.threshold_, test_kinds != "good"
+    hits = int((flagged & abnormal).sum())
+    row["accuracy"] = float((flagged == abnormal).mean())
+    row["precision"] = hits / max(int(flagged.sum()), 1)
+    row["f1"] = 2 * hits / max(int(flagged.sum() + abnormal.sum()), 1)
+    row["protocol"] = "60/20/20 split stratified by kind (seed 0); epoch of minimum val loss"
+    return row
+
+
+def screen_block(images: list[tuple[Path, str]], out: Path) -> dict[str, Any]:
+    """``medanomaly fit`` a quality run on every good image, then ``medanomaly screen`` all.
+
+    The good images are screened in-sample (the run was trained on them); the bad and
+    outlier images were never seen.
+    """
+    good = out / "screen_good.csv"
+    every = out / "screen_all.csv"
+    for path, rows in (
+        (good, [p for p, k in images if k == "good"]),
+        (every, [p for p, _ in images]),
+    ):
+        atomic_write_text(path, "path\n" + "".join(f"{p}\n" for p in rows))
+    run, screened = out / "screen_run_quality", out / "screen_quality"
+    config = str(CONFIGS["quality"])
+    if cli_main(["fit", "--config", config, "--data", str(good), "--out", str(run)]) != 0:
+        raise RuntimeError("medanomaly fit failed")
+    if cli_main(["screen", "--run", str(run), "--data", str(every), "--out", str(screened)]) != 0:
+        raise RuntimeError("medanomaly screen failed")
+    kind_of = {str(p): k for p, k in images}
+    with open(screened / "screen.csv", newline="") as handle:
+        ranked = sorted(csv.DictReader(handle), key=lambda r: int(r["rank"]))
+    n_bad = sum(k != "good" for _, k in images)
+    top = [kind_of[r["id"]] for r in ranked[:n_bad]]
+    flagged = [kind_of[r["id"]] for r in ranked if r["flagged"] == "1"]
+    return {
+        "run": "quality trained on every good image (good images screened in-sample)",
+        "top_n": n_bad,
+        "top_n_outliers": top.count("outlier"),
+        "top_n_bad": top.count("bad"),
+        "precision_at_top_n": (n_bad - top.count("good")) / n_bad,
+        "flagged": len(flagged),
+        "flagged_precision": (len(flagged) - flagged.count("good")) / max(len(flagged), 1),
+        "flagged_recall": (len(flagged) - flagged.count("good")) / n_bad,
+    }
+
+
 def gallery(
     name: str, row: dict[str, Any], images: list[tuple[Path, str]], out: Path, size: int
 ) -> Path | None:
@@ -281,7 +373,9 @@ def _number(value: Any) -> str:
     return "–" if value is None else f"{value:.3f}"
 
 
-def results_markdown(rows: dict[str, dict[str, Any]], protocol: str) -> str:
+def results_markdown(
+    rows: dict[str, dict[str, Any]], protocol: str, screen: dict[str, Any] | None = None
+) -> str:
     """The results table and how each model fares against the no-model rows."""
     lines = [
         f"Fundus quality (DRIMDB), `benchmarks/fundus_quality.py`: {protocol}; "
@@ -301,6 +395,20 @@ def results_markdown(rows: dict[str, dict[str, Any]], protocol: str) -> str:
         lines.append(f"| {label} | {' | '.join(cells)} | {above} | {shape} | {seconds:.0f} |")
     lines += ["", "Italic rows are no-model baselines, run under the same protocol.", ""]
     lines += verdict_lines(rows)
+    for name, r in rows.items():
+        if "protocol" in r:
+            lines.append(
+                f"- `{name}` (supervised, {r['protocol']}): accuracy {r['accuracy']:.3f}, "
+                f"precision {r['precision']:.3f}, F1 {r['f1']:.3f}."
+            )
+    if screen:
+        lines.append(
+            f"- `medanomaly screen` ({screen['run']}): the top {screen['top_n']} hold "
+            f"{screen['top_n_outliers']} outliers and {screen['top_n_bad']} bad images "
+            f"(precision {screen['precision_at_top_n']:.3f}); {screen['flagged']} flagged above "
+            f"mean + 3 SD, precision {screen['flagged_precision']:.3f}, recall "
+            f"{screen['flagged_recall']:.3f}."
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -331,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--folds", type=int, default=5)
     parser.add_argument("--epochs", type=int, help="override engine.epochs (quick runs)")
     parser.add_argument("--subset", type=int, help="first N images of each kind (quick runs)")
+    parser.add_argument("--max-folds", type=int, help="run only the first N folds (CPU time)")
+    parser.add_argument("--screen", action="store_true", help="also fit + screen the folder")
     parser.add_argument("--data", type=Path, default=DATA)
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "bench_fundus_quality")
     args = parser.parse_args(argv)
@@ -340,23 +450,29 @@ def main(argv: list[str] | None = None) -> int:
     images = list_images(args.data, args.subset)
     kinds = np.array([kind for _, kind in images])
     manifest = write_manifest(images, args.out)
-    splits = folds(kinds, args.repeats, args.folds)
+    splits = folds(kinds, args.repeats, args.folds)[: args.max_folds]
     protocol = (
         f"{args.repeats} x {args.folds} CV over the good images ({(kinds == 'good').sum()} good, "
         f"{(kinds == 'bad').sum()} bad, {(kinds == 'outlier').sum()} outliers), trained on good "
         "only, threshold mean + 3 SD of held-out good images"
+        + (f"; only the first {len(splits)} fold(s) run" if args.max_folds else "")
     )
     print(protocol, flush=True)
     rows: dict[str, dict[str, Any]] = {}
     for name in [m for m in args.models if m in CONFIGS]:
-        rows[name] = run_model(name, manifest, kinds, splits, args.out, args.epochs)
+        if is_supervised(name):
+            rows[name] = run_supervised(name, manifest, kinds, args.out, args.epochs)
+        else:
+            rows[name] = run_model(name, manifest, kinds, splits, args.out, args.epochs)
     if "sharpness" in args.models:
         rows["sharpness"] = run_sharpness(manifest, kinds, splits)
-    models = [k for k, r in rows.items() if not r["baseline"]]
+    models = [
+        k for k, r in rows.items() if not r["baseline"] and k in CONFIGS and not is_supervised(k)
+    ]
     best = max(models, key=lambda k: rows[k]["auroc"]["mean"] or 0.0) if models else None
     if "fusion" in args.models and best and "quality" in rows:
         rows[f"fusion ({best} + quality)"] = run_fusion(rows[best], rows["quality"], kinds)
-    mapped = [k for k in rows if k in CONFIGS]
+    mapped = [k for k in rows if k in CONFIGS and not is_supervised(k)]
     top = max(mapped, key=lambda k: rows[k]["auroc"]["mean"] or 0.0) if mapped else None
     picture = gallery(top, rows[top], images, args.out, GALLERY_SIZE) if top else None
     summary = {
@@ -365,9 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "target_auroc": TARGET_AUROC,
         "gallery": None if picture is None else picture.name,
+        "screen": screen_block(images, args.out) if args.screen else None,
     }
     atomic_write_text(args.out / "results.json", json.dumps(summary, indent=1))
-    markdown = results_markdown(rows, protocol)
+    markdown = results_markdown(rows, protocol, summary["screen"])
     atomic_write_text(args.out / "results.md", markdown)
     print(markdown)
     print(f"wrote {args.out / 'results.json'} and {args.out / 'results.md'}")
