@@ -93,7 +93,7 @@ def test_a_colour_run_skips_gray_pictures_and_a_gray_run_names_colour_ones(tmp_p
     _, report = load_dataset(tmp_path, None, expect=InputSpec(2, 1), **options)
     problems = dict(report.skipped)
     assert len(problems) == 2
-    assert all("3 channels as read" in p and "model takes 1" in p for p in problems.values())
+    assert all("3 channels (stored as" in p and "model takes 1" in p for p in problems.values())
     images, report = load_dataset(tmp_path, None, expect=InputSpec(2, 1), num_workers=0)
     assert images.images.shape[1] == 1 and not report.skipped  # gray stays the default
 

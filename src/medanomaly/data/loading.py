@@ -289,9 +289,11 @@ def _misfit(facts: dict[str, Any], expect: InputSpec | None, min_size: int) -> s
         return f"a 3-D volume ({stored}) cannot go into a 2-D model"
     model_channels = facts.get("model_channels", channels)
     if expect.channels is not None and model_channels != expect.channels:
-        after = "" if model_channels == channels else f", {model_channels} after preprocessing"
+        after = (
+            "" if model_channels == channels else f" as read, {model_channels} after preprocessing"
+        )
         return (
-            f"{channels} channels as read{after} (stored as {stored}); the run's model takes "
+            f"{channels} channels{after} (stored as {stored}); the run's model takes "
             f"{expect.channels}"
         )
     return None

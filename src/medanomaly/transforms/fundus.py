@@ -19,6 +19,8 @@ from medanomaly.transforms._base import (
     as_sequence,
     check_image,
     config_error,
+    per_slice,
+    slice_axis,
     source_of,
 )
 from medanomaly.transforms.mask import disk, largest_component
@@ -87,7 +89,8 @@ class FundusFOVMask(Transform):
     Like ``head_ct_brain_mask`` for head CT: the bright disc of the retina on its dark
     surround (see :func:`fundus_fov`), so that burnt-in text, date stamps and the black frame
     stay out of scores and maps. Run it on the picture as read (any number of channels; the
-    brightness is the channel maximum). A picture whose field of view cannot be found (all
+    brightness is the channel maximum); a 3D stack is masked slice by slice along its last
+    axis. A picture whose field of view cannot be found (all
     black, all white, no disc larger than ``min_area``) is refused and named, never scored.
 
     Args:
@@ -128,27 +131,30 @@ class FundusFOVMask(Transform):
         self.strip = as_bool(self.name, "strip", strip)
         self.background = as_optional_float(self.name, "background", background)
 
+    def _slices(self, image: MedicalImage, slices: np.ndarray) -> np.ndarray:
+        """Field-of-view masks ``(n, H, W)`` of brightness slices, stamps taken out."""
+        masks = []
+        for brightness in slices:
+            fov = fundus_fov(brightness, self.fraction, self.smooth, self.opening, self.min_area)
+            if fov is None:
+                low, high = float(brightness.min()), float(brightness.max())
+                raise InvalidImageError(
+                    source_of(image),
+                    f"no fundus field of view found (values {low:g} to {high:g}: flat, all "
+                    "black or all white, or no bright disc on a dark surround)",
+                )
+            height, width = fov.shape
+            for top, bottom, left, right in self.stamp_boxes:
+                rows = slice(int(top * height), int(np.ceil(bottom * height)))
+                fov[rows, int(left * width) : int(np.ceil(right * width))] = False
+            masks.append(fov)
+        return np.stack(masks)
+
     def __call__(self, image: MedicalImage) -> MedicalImage:
         """Return the image with ``meta["foreground"]`` = field of view (stripped if asked)."""
         check_image(self.name, image)
-        if image.spatial_dims != 2:
-            raise InvalidImageError(
-                source_of(image), f"{self.name}: fundus photographs are 2D, got a 3D volume"
-            )
-        fov = fundus_fov(
-            image.array.max(axis=0), self.fraction, self.smooth, self.opening, self.min_area
-        )
-        if fov is None:
-            low, high = float(image.array.min()), float(image.array.max())
-            raise InvalidImageError(
-                source_of(image),
-                f"no fundus field of view found (values {low:g} to {high:g}: flat, all black or "
-                "all white, or no bright disc on a dark surround)",
-            )
-        height, width = fov.shape
-        for top, bottom, left, right in self.stamp_boxes:
-            rows = slice(int(top * height), int(np.ceil(bottom * height)))
-            fov[rows, int(left * width) : int(np.ceil(right * width))] = False
+        axis = slice_axis(self.name, image, 2)
+        fov = per_slice(image.array.max(axis=0), axis, lambda slices: self._slices(image, slices))
         array = image.array
         if self.strip:
             fill = float(array.min()) if self.background is None else self.background
