@@ -495,7 +495,7 @@ def test_bad_config_shapes():
 
 def test_transform_table_is_complete():
     assert all(cls.name == name for name, cls in TRANSFORMS.items())
-    assert len(TRANSFORMS) == 19
+    assert len(TRANSFORMS) == 21
 
 
 @pytest.mark.parametrize("name", sorted(TRANSFORMS))

@@ -241,7 +241,9 @@ def check_fits(
 
     Args:
         path: The case (for the error).
-        facts: From reading it: ``read_shape`` ``(C, *spatial)`` and the ``file_shape``.
+        facts: From reading it: ``read_shape`` ``(C, *spatial)`` and the ``file_shape``;
+            ``model_channels``, the channels after preprocessing, once known (a
+            ``select_channels`` transform may keep fewer than were read).
         expect: What the model takes (``None``: only the size is checked).
         min_size: Fewest voxels allowed along any spatial axis longer than one voxel.
 
@@ -271,8 +273,15 @@ def _misfit(facts: dict[str, Any], expect: InputSpec | None, min_size: int) -> s
         return None
     if expect.spatial_dims == 2 and len(spatial) == 3:
         return f"a 3-D volume ({stored}) cannot go into a 2-D model"
-    if expect.channels is not None and channels != expect.channels:
-        return f"{channels} channels (stored as {stored}); the run's model takes {expect.channels}"
+    model_channels = facts.get("model_channels", channels)
+    if expect.channels is not None and model_channels != expect.channels:
+        after = (
+            "" if model_channels == channels else f" as read, {model_channels} after preprocessing"
+        )
+        return (
+            f"{channels} channels{after} (stored as {stored}); the run's model takes "
+            f"{expect.channels}"
+        )
     return None
 
 
@@ -286,7 +295,9 @@ def _preprocess(
     """Read one case (and its lesion mask), check that it fits the run, preprocess both."""
     image = read_image(case.path, **read_options)
     facts = _read_facts(image)
-    check_fits(case.path, facts, expect, min_size)
+    check_fits(
+        case.path, facts, None if expect is None else replace(expect, channels=None), min_size
+    )
     if case.mask is not None:
         mask = read_image(case.mask).array[0] > 0
         if mask.shape != image.spatial_shape:
@@ -298,6 +309,8 @@ def _preprocess(
     array = np.asarray(image.array, dtype=np.float32)
     if not np.isfinite(array).all():
         raise InvalidImageError(case.path, "preprocessed image contains NaN or infinite values")
+    facts["model_channels"] = int(array.shape[0])  # after channel selection, if any
+    check_fits(case.path, facts, expect, min_size)
     masks = {
         k: np.asarray(image.meta[k], bool) for k in (FOREGROUND_KEY, LESION_KEY) if k in image.meta
     }

@@ -17,6 +17,7 @@ May import: ``io``, ``image``, ``errors``.
 
 from medanomaly.transforms._base import FOREGROUND_KEY, LESION_KEY, RandomTransform, Transform
 from medanomaly.transforms.augment import RandAffine, RandFlip, RandIntensity
+from medanomaly.transforms.channels import SelectChannels
 from medanomaly.transforms.compose import (
     TRANSFORMS,
     Compose,
@@ -24,6 +25,7 @@ from medanomaly.transforms.compose import (
     build_transforms,
     get_transform_class,
 )
+from medanomaly.transforms.fundus import FundusFOVMask
 from medanomaly.transforms.intensity import Clip, HUWindow, MinMax, PercentileRescale, ZScore
 from medanomaly.transforms.mask import DistanceTransform, ForegroundMask, HeadCTBrainMask
 from medanomaly.transforms.mri import BrainMask, HistogramMatch, N4BiasCorrection
@@ -39,6 +41,7 @@ __all__ = [
     "Crop",
     "DistanceTransform",
     "Flip",
+    "FundusFOVMask",
     "ForegroundMask",
     "HUWindow",
     "HeadCTBrainMask",
@@ -53,6 +56,7 @@ __all__ = [
     "RandomTransform",
     "Resample",
     "Resize",
+    "SelectChannels",
     "Transform",
     "ZScore",
     "build_transform",

@@ -12,6 +12,8 @@ from medanomaly.errors import ConfigError, did_you_mean
 from medanomaly.image import MedicalImage
 from medanomaly.transforms._base import RandomTransform, Transform
 from medanomaly.transforms.augment import RandAffine, RandFlip, RandIntensity
+from medanomaly.transforms.channels import SelectChannels
+from medanomaly.transforms.fundus import FundusFOVMask
 from medanomaly.transforms.intensity import Clip, HUWindow, MinMax, PercentileRescale, ZScore
 from medanomaly.transforms.mask import DistanceTransform, ForegroundMask, HeadCTBrainMask
 from medanomaly.transforms.mri import BrainMask, HistogramMatch, N4BiasCorrection
@@ -34,6 +36,8 @@ TRANSFORMS: dict[str, type[Transform]] = {
     "brain_mask": BrainMask,
     "head_ct_brain_mask": HeadCTBrainMask,
     "distance_transform": DistanceTransform,
+    "fundus_fov_mask": FundusFOVMask,
+    "select_channels": SelectChannels,
     "rand_flip": RandFlip,
     "rand_affine": RandAffine,
     "rand_intensity": RandIntensity,

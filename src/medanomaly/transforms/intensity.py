@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,6 +19,7 @@ from medanomaly.transforms._base import (
     check_image,
     get_foreground,
     source_of,
+    to_numpy,
     with_values,
 )
 
@@ -172,6 +174,8 @@ class PercentileRescale(Transform):
         upper: Upper percentile in (lower, 100].
         output: Target range.
         clip: Clip values outside the percentile range to ``output``.
+        channel_wise: Take the percentiles of each channel on its own (colour pictures);
+            otherwise of all channels together.
     """
 
     name = "percentile_rescale"
@@ -182,6 +186,7 @@ class PercentileRescale(Transform):
         upper: float = 99.99,
         output: Sequence[float] = (0.0, 1.0),
         clip: bool = True,
+        channel_wise: bool = False,
     ) -> None:
         self.lower, self.upper = as_range(self.name, "lower/upper", (lower, upper))
         if self.lower < 0 or self.upper > 100:
@@ -191,13 +196,26 @@ class PercentileRescale(Transform):
             )
         self.output = as_range(self.name, "output", output)
         self.clip = as_bool(self.name, "clip", clip)
+        self.channel_wise = as_bool(self.name, "channel_wise", channel_wise)
         self._scale = ScaleIntensityRangePercentiles(
-            self.lower, self.upper, self.output[0], self.output[1], clip=self.clip
+            self.lower,
+            self.upper,
+            self.output[0],
+            self.output[1],
+            clip=self.clip,
+            channel_wise=self.channel_wise,
         )
 
     def __call__(self, image: MedicalImage) -> MedicalImage:
-        """Rescale the image; a flat image becomes ``output[0]``."""
+        """Rescale the image; a flat image (or channel) becomes ``output[0]``."""
         check_image(self.name, image)
-        if float(image.array.min()) == float(image.array.max()):
-            return _constant(image, self.output[0])
-        return with_values(image, self._scale(image.array))
+        if not self.channel_wise:
+            if float(image.array.min()) == float(image.array.max()):
+                return _constant(image, self.output[0])
+            return with_values(image, self._scale(image.array))
+        flat = [float(c.min()) == float(c.max()) for c in image.array]
+        with warnings.catch_warnings():  # MONAI warns of a flat channel; it is set below
+            warnings.simplefilter("ignore")
+            scaled = to_numpy(self._scale(image.array))
+        scaled[np.asarray(flat)] = self.output[0]
+        return with_values(image, scaled)
