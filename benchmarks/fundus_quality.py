@@ -48,7 +48,8 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 from medanomaly.cli import main as cli_main  # noqa: E402
 from medanomaly.config import apply_overrides, build_detector, load_config  # noqa: E402
 from medanomaly.data.loading import load_dataset  # noqa: E402
-from medanomaly.detectors.base import mean_sd_threshold, standardisation  # noqa: E402
+from medanomaly.detectors.base import standardisation  # noqa: E402
+from medanomaly.detectors.thresholds import mean_sd_threshold  # noqa: E402
 from medanomaly.detectors.registry import get_model_class  # noqa: E402
 from medanomaly.io import read_image  # noqa: E402
 from medanomaly.io.atomic import atomic_write_text  # noqa: E402
@@ -153,7 +154,7 @@ def run_model(
                 "fold": fold_id,
                 **metrics,
                 "seconds": seconds,
-                "epochs": len(getattr(detector, "history_", []) or []),
+                "epochs": len(detector.history_),
                 "threshold": detector.threshold_,
                 "val_scores": np.asarray(detector.val_scores_).tolist(),
                 "test_index": np.flatnonzero(test).tolist(),
