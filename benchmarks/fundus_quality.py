@@ -49,8 +49,8 @@ from medanomaly.cli import main as cli_main  # noqa: E402
 from medanomaly.config import apply_overrides, build_detector, load_config  # noqa: E402
 from medanomaly.data.loading import load_dataset  # noqa: E402
 from medanomaly.detectors.base import standardisation  # noqa: E402
-from medanomaly.detectors.thresholds import mean_sd_threshold  # noqa: E402
 from medanomaly.detectors.registry import get_model_class  # noqa: E402
+from medanomaly.detectors.thresholds import mean_sd_threshold  # noqa: E402
 from medanomaly.io import read_image  # noqa: E402
 from medanomaly.io.atomic import atomic_write_text  # noqa: E402
 from medanomaly.models.classifier import SupervisedClassifier  # noqa: E402

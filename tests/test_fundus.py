@@ -204,6 +204,7 @@ UNSUPERVISED_2D = [
     name
     for name in list_models()
     if not issubclass(get_model_class(name), SupervisedClassifier | Ensemble)
+    and "in_channels" in get_model_class(name)._param_names()  # not the postprocessed wrapper
 ]
 
 
