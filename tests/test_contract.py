@@ -73,8 +73,8 @@ def test_fit_on_a_streamed_set_gives_the_same_scores(fitted, to_streamed):
 
 def test_save_and_load_round_trip(fitted, tmp_path):
     _, _, detector, _, data = fitted
-    detector.save(tmp_path / "model.pt")
-    loaded = BaseDetector.load(tmp_path / "model.pt")
+    detector.save(tmp_path / "model.safetensors")
+    loaded = BaseDetector.load(tmp_path / "model.safetensors")
     assert type(loaded) is type(detector)
     assert loaded.threshold_ == detector.threshold_
     np.testing.assert_allclose(loaded.score(data), detector.score(data), rtol=1e-5)

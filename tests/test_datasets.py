@@ -11,8 +11,8 @@ import yaml
 from PIL import Image
 
 import medanomaly.data.loading as datasets
-from medanomaly.data import phantoms
 from medanomaly.cli import main
+from medanomaly.data import phantoms
 from medanomaly.data.cache import CACHE_ENV, PreprocessCache, content_digest
 from medanomaly.data.loading import load_dataset, read_manifest, scan_folder
 from medanomaly.data.sets import ABNORMAL, NORMAL, UNKNOWN

@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
 from collections.abc import Sequence
 
 from medanomaly._version import __version__
@@ -68,9 +70,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_without_library_noise)
+    if getattr(args, "trust_pickle", False):  # read by every loader, in every rank
+        from medanomaly.io.safe_files import TRUST_PICKLE_ENV
+
+        os.environ[TRUST_PICKLE_ENV] = "1"
     try:
         return args.func(args)
     except MedanomalyError as error:
+        if args.verbose:
+            traceback.print_exc()
         print(f"medanomaly {args.command}: error: {error}", file=sys.stderr)
         return 2
 

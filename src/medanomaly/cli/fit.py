@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from medanomaly._version import __version__
-from medanomaly.cli._common import add_override_arguments
+from medanomaly.cli._common import add_override_arguments, add_trust_argument, at_least
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -17,10 +17,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--val", help="validation folder/manifest (normal, optionally abnormal)")
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
-    p.add_argument("--devices", type=int, help="GPUs per node (data-parallel): engine.devices")
-    p.add_argument("--num-nodes", type=int, help="machines (with torchrun): engine.num_nodes")
+    p.add_argument(
+        "--devices", type=at_least(1), help="GPUs per node (data-parallel): engine.devices"
+    )
+    p.add_argument(
+        "--num-nodes", type=at_least(1), help="machines (with torchrun): engine.num_nodes"
+    )
     p.add_argument("--accelerator", help="auto, cpu, cuda or gpu: engine.accelerator")
     add_override_arguments(p)
+    add_trust_argument(p)
     p.set_defaults(func=run)
 
 

@@ -51,6 +51,7 @@ from medanomaly.errors import (
 from medanomaly.image import SOURCE_GRID_KEY, MedicalImage
 from medanomaly.io import IMAGE_SUFFIXES, image_suffix, read_image
 from medanomaly.io.dicom import is_dicom_file
+from medanomaly.io.written import is_output_folder, is_written_map
 from medanomaly.transforms import FOREGROUND_KEY, LESION_KEY, Compose, build_transforms
 
 log = logging.getLogger(__name__)
@@ -169,8 +170,13 @@ def read_manifest(path: str | Path, label_names: dict[str, int] | None = None) -
 
 
 def _entries(folder: Path) -> list[Path]:
-    """Everything directly inside ``folder`` except hidden entries, sorted."""
-    return [entry for entry in sorted(folder.iterdir()) if not entry.name.startswith(".")]
+    """Entries of ``folder``, sorted: not hidden, not maps medanomaly wrote (its outputs)."""
+    return [
+        entry
+        for entry in sorted(folder.iterdir())
+        if not entry.name.startswith(".")
+        and not (is_output_folder(entry) if entry.is_dir() else is_written_map(entry))
+    ]
 
 
 def _is_image_file(path: Path) -> bool:

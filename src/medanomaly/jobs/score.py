@@ -17,6 +17,7 @@ import numpy as np
 
 from medanomaly.data.sets import Cases, ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector, scores_only
+from medanomaly.outputs.guard import Claim, check_apart, claim_outputs, staging_folder
 from medanomaly.outputs.writers import MapsWritten, save_part_maps, write_scores_csv
 from medanomaly.training.distributed import Ranks, Share, launch, load_share, merge_rows
 
@@ -91,7 +92,7 @@ def score_run(
     threshold, p_value (conformal, against the run's held-out normal validation scores).
 
     Args:
-        run: Run directory (or ``model.pt``).
+        run: Run directory (or ``model.safetensors``).
         data: Folder or manifest.
         out: The CSV (written by rank 0, atomically).
         maps: Folder for every case's maps (see :func:`medanomaly.outputs.writers.save_maps`),
@@ -104,15 +105,29 @@ def score_run(
     Returns:
         The summary on rank 0; ``None`` on the other ranks.
     """
+    check_apart(data, maps)
+    ranks, detector = start_job(run, options or JobOptions())
+    claim = claim_outputs([out], staged=[maps], command="score") if ranks.is_main else Claim()
+    with claim:
+        share = load_share(detector, data, ranks, strict, (options or JobOptions()).num_workers)
+        staging = None if maps is None else staging_folder(maps)
+        gathered = ranks.together(  # one failing rank stops them all
+            lambda: _score_share(detector, share, staging, dicom, chunk), to_main=True
+        )
+        if gathered is None:
+            return None
+        summary = _write_table(detector, share, gathered, out)
+        if maps is not None:
+            claim.commit(maps)
+    return summary
+
+
+def _write_table(
+    detector: BaseDetector, share: Share, gathered: list[Any], out: str | Path
+) -> ScoreSummary:
+    """Write the score table of every rank's rows; the job's summary."""
     from medanomaly.detectors.thresholds import conformal_pvalues
 
-    ranks, detector = start_job(run, options or JobOptions())
-    share = load_share(detector, data, ranks, strict, (options or JobOptions()).num_workers)
-    gathered = ranks.together(  # one failing rank stops them all
-        lambda: _score_share(detector, share, maps, dicom, chunk), to_main=True
-    )
-    if gathered is None:
-        return None
     table = merge_rows([rows for rows, _ in gathered], share.n_cases)
     ids = [row[0] for row in table]
     labels = np.array([row[1] for row in table], dtype=np.int64)

@@ -56,7 +56,7 @@ class LatentDensity(BaseDetector):
     Args:
         encoder: ``model:`` block of the autoencoder (default the seed-000 ``vae``).
         encoder_run: Use the autoencoder already trained in this run (a run directory or
-            ``model.pt``, e.g. from ``medanomaly fit``) instead of training ``encoder``; it
+            ``model.safetensors``, e.g. from ``medanomaly fit``) instead of training ``encoder``; it
             must have been trained on the same normal images, without the validation ones.
         spatial_dims: 2 or 3, passed to the encoder unless its block sets it.
         in_channels: Image channels, passed on likewise.
@@ -242,7 +242,7 @@ class LatentDensity(BaseDetector):
         params = self.config()["model"]
         params.pop("name")
         density = (
-            {"mixture": self.mixture_}
+            {"mixture": _mixture_arrays(self.mixture_)}
             if self.mixture_ is not None
             else {"mean": self.latent_mean_, "precision": self.latent_precision_}
         )
@@ -263,7 +263,7 @@ class LatentDensity(BaseDetector):
         self.encoder_ = get_model_class(state["model"])(**state["params"])
         self.encoder_._restore(state)
         density = saved["density"]
-        self.mixture_ = density.get("mixture")
+        self.mixture_ = _mixture_from(density["mixture"]) if "mixture" in density else None
         if self.mixture_ is None:
             self.latent_mean_ = np.asarray(density["mean"])
             self.latent_precision_ = np.asarray(density["precision"])
@@ -272,6 +272,24 @@ class LatentDensity(BaseDetector):
         self.val_scores_ = np.asarray(saved["val_scores"], dtype=np.float64)
         self.history_ = getattr(self.encoder_, "history_", [])
         self.run_config_ = saved.get("config", {})
+
+
+_MIXTURE_FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_")
+
+
+def _mixture_arrays(mixture: GaussianMixture) -> dict[str, Any]:
+    """A fitted mixture as its settings and arrays (saved without pickling)."""
+    return {"params": mixture.get_params(), **{k: getattr(mixture, k) for k in _MIXTURE_FITTED}}
+
+
+def _mixture_from(saved: dict[str, Any]) -> GaussianMixture:
+    """The mixture :func:`_mixture_arrays` describes, ready to score."""
+    if isinstance(saved, GaussianMixture):  # a trusted legacy pickle
+        return saved
+    mixture = GaussianMixture(**saved["params"])
+    for name in _MIXTURE_FITTED:
+        setattr(mixture, name, np.asarray(saved[name]))
+    return mixture
 
 
 def _standard(values: np.ndarray, stats: tuple[float, float]) -> np.ndarray:

@@ -33,8 +33,10 @@ DEFAULT_BATCH = 16
 ChunkHook = Callable[[np.ndarray, ImageSet, AnomalyResult], None]
 
 
-def screen_threshold(detector: Any, k: float) -> tuple[float, int]:
+def screen_threshold(detector: Any, k: float, warn: bool = True) -> tuple[float, int]:
     """Mean + k·SD of the run's held-out normal validation scores, and how many there are.
+
+    ``warn=False`` leaves out the warning about too few scores (for a second look-up).
 
     Raises:
         ConfigError: The run holds no validation scores.
@@ -45,7 +47,7 @@ def screen_threshold(detector: Any, k: float) -> tuple[float, int]:
             f"screen: the {getattr(detector, 'name', '') or type(detector).__name__} run holds "
             "no held-out normal validation scores, so mean + k·SD cannot be computed; refit it"
         )
-    return mean_sd_threshold(validation, k), int(validation.size)
+    return mean_sd_threshold(validation, k, warn), int(validation.size)
 
 
 def screen(
