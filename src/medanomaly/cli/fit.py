@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
+from typing import Any
 
 from medanomaly._version import __version__
 from medanomaly.cli._common import add_override_arguments, add_trust_argument, at_least
@@ -18,6 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="run directory")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
     p.add_argument(
+        "--overwrite", action="store_true", help="replace the run already in --out (deleted first)"
+    )
+    p.add_argument(
         "--devices", type=at_least(1), help="GPUs per node (data-parallel): engine.devices"
     )
     p.add_argument(
@@ -29,15 +34,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
+def check_run_folder(out: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to train into a folder that holds something, unless resuming or overwriting.
+
+    With ``overwrite`` an earlier run (a folder holding ``config.yaml``) is deleted first.
+
+    Raises:
+        ConfigError: ``out`` is not empty and neither flag allows it, both flags are given,
+            or ``overwrite`` would delete a folder that is not a run.
+    """
+    from medanomaly.detectors.base import CONFIG_FILE
+    from medanomaly.errors import ConfigError
+
+    if resume and overwrite:
+        raise ConfigError(
+            "--resume continues the run in --out and --overwrite deletes it: pick one"
+        )
+    if resume or not out.is_dir() or not any(out.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"{out}: holds a run or other files already; give --resume to continue it, "
+            "--overwrite to replace it, or a new --out"
+        )
+    if not (out / CONFIG_FILE).is_file():
+        raise ConfigError(f"{out}: not a run folder (no {CONFIG_FILE}); --overwrite leaves it")
+    shutil.rmtree(out)
+
+
 def run(args: argparse.Namespace) -> int:
     """Train a detector and write the run directory."""
-    import yaml
-
-    from medanomaly.cli._common import report_skipped
     from medanomaly.config import apply_overrides, build_detector, load_config
-    from medanomaly.data.loading import input_spec, load_dataset
-    from medanomaly.detectors.base import CONFIG_FILE
-    from medanomaly.io.atomic import atomic_write_text
 
     overrides = list(args.set)
     if args.devices:
@@ -48,8 +75,27 @@ def run(args: argparse.Namespace) -> int:
         overrides.append(f"engine.accelerator={args.accelerator}")
     config = apply_overrides(load_config(args.config), overrides)
     detector = build_detector(config)
-    data_cfg = config.get("data") or {}
     out = Path(args.out)
+    check_run_folder(out, args.resume, args.overwrite)
+    created = not out.exists()
+    try:
+        return _train(args, detector, config, out)
+    except BaseException:
+        if created and not any(out.glob("*.safetensors")):  # nothing learned: leave no half run
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _train(args: argparse.Namespace, detector: Any, config: dict[str, Any], out: Path) -> int:
+    """Read the data, write the resolved config and fit ``detector`` into ``out``."""
+    import yaml
+
+    from medanomaly.cli._common import report_skipped
+    from medanomaly.data.loading import input_spec, load_dataset
+    from medanomaly.detectors.base import CONFIG_FILE
+    from medanomaly.io.atomic import atomic_write_text
+
+    data_cfg = config.get("data") or {}
     # streamed unless the config says otherwise: memory holds batches, never the set
     options = {"stream": True, **data_cfg, "strict": args.strict, "expect": input_spec(detector)}
     train, report = load_dataset(args.data, **options, augment=True)
