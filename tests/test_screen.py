@@ -178,12 +178,14 @@ def test_screen_flags_planted_outliers(screen_setup, tmp_path, monkeypatch, caps
 
 
 def test_screen_without_latent_and_strict(screen_setup, tmp_path, monkeypatch):
-    """A model without a latent says so; --strict returns 1 when files were skipped."""
+    """A model without a latent says so; --strict stops before any output (exit 2)."""
     monkeypatch.setattr(DeepDetector, "embed", lambda self, x: None, raising=False)
     _, run, unlabelled = screen_setup
     out = tmp_path / "screen"
     args = ["screen", "--run", str(run), "--data", str(unlabelled), "--out", str(out)]
-    assert main([*args, "--strict", "--k", "2"]) == 1
+    assert main([*args, "--strict", "--k", "2"]) == 2
+    assert not (out / "screen.csv").exists()
+    assert main([*args, "--k", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dbscan"] is None and summary["umap"] is None and summary["k"] == 2.0
     assert any("no latent space" in note for note in summary["notes"])

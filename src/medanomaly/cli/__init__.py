@@ -11,6 +11,7 @@
     (data-parallel ranks); score, screen and evaluate take [--num-workers W] (first pass).
     medanomaly cv --config C --data LABELLED --out DIR [--folds 5] [--repeats 2] [--set K=V]
     medanomaly inspect PATH [PATH ...] [--series-uid UID]
+    medanomaly manifest FOLDER --out manifest.csv [--force]
     medanomaly demo --out DIR
     medanomaly models
 
@@ -31,10 +32,10 @@ import traceback
 from collections.abc import Sequence
 
 from medanomaly._version import __version__
-from medanomaly.cli import cv, demo, evaluate, fit, inspect, models, score, screen
+from medanomaly.cli import cv, demo, evaluate, fit, inspect, manifest, models, score, screen
 from medanomaly.errors import MedanomalyError
 
-COMMANDS = (fit, score, screen, evaluate, cv, inspect, demo, models)
+COMMANDS = (fit, score, screen, evaluate, cv, inspect, manifest, demo, models)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,6 +38,7 @@ from medanomaly.evaluation.metrics import bootstrap_auroc_ci, image_metrics, pre
 from medanomaly.evaluation.pixel import pixel_metrics
 from medanomaly.evaluation.report import Facts, Figure, Figures, Table, Text, write_report
 from medanomaly.io.atomic import atomic_write_text
+from medanomaly.io.temporary import temporary_folder
 from medanomaly.jobs.score import SCORE_CHUNK, JobOptions, start_job
 from medanomaly.outputs.guard import Claim, check_apart, claim_outputs, staging_folder
 from medanomaly.outputs.writers import save_maps_in_chunks, write_scores_csv
@@ -543,7 +543,7 @@ def evaluate_run(
             "label_names"
         )
         pixel = any(ranks.all_gather(bool(share.cases.has_masks)))
-        with tempfile.TemporaryDirectory(prefix="medanomaly-evaluate-") as spill:
+        with temporary_folder("evaluate") as spill:
             parts = ranks.together(  # every rank's pass, on every rank; one failing stops all
                 lambda: job.score_share(
                     detector,
