@@ -223,8 +223,10 @@ def test_screen_api_with_a_detector_without_embed(screen_setup):
 def test_screen_refuses_bad_settings(screen_setup, tmp_path, capsys):
     _, run, unlabelled = screen_setup
     args = ["screen", "--run", str(run), "--data", str(unlabelled), "--out", str(tmp_path)]
-    assert main([*args, "--batch", "0"]) == 2
-    assert "batch must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's range check: exit 2, one line
+        main([*args, "--batch", "0"])
+    assert exit_info.value.code == 2
+    assert "--batch: 0 is below the minimum 1" in capsys.readouterr().err
 
 
 def test_screen_help_documents_options_and_outputs(capsys):

@@ -29,6 +29,7 @@ import logging
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 
 from medanomaly._version import __version__
@@ -53,12 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _without_library_noise(record: logging.LogRecord) -> bool:
-    """Drop pydicom's own log records (outside ``--verbose``).
+    """Drop pydicom's and matplotlib's own log records (outside ``--verbose``).
 
     pydicom logs every decoder plugin that fails, with its traceback, and every odd value it
     meets; the readers turn what matters into one message that names the file and the tag.
     """
-    return not record.name.startswith("pydicom")
+    return not record.name.startswith(("pydicom", "matplotlib"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -71,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_without_library_noise)
+        # a figure's missing glyph or font family is no user's problem
+        warnings.filterwarnings(
+            "ignore", message=r"(Glyph|findfont|Font family)", module="matplotlib"
+        )
     if getattr(args, "trust_pickle", False):  # read by every loader, in every rank
         from medanomaly.io.safe_files import TRUST_PICKLE_ENV
 

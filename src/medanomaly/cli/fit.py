@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
     config = apply_overrides(load_config(args.config), overrides)
     detector = build_detector(config)
     out = Path(args.out)
+    if launched_rank():  # a rank the first process started: that one checked --out
+        return _train(args, detector, config, out)
     check_run_folder(out, args.resume, args.overwrite)
     created = not out.exists()
     try:
@@ -84,6 +87,11 @@ def run(args: argparse.Namespace) -> int:
         if created and not any(out.glob("*.safetensors")):  # nothing learned: leave no half run
             shutil.rmtree(out, ignore_errors=True)
         raise
+
+
+def launched_rank() -> bool:
+    """True in a process that a data-parallel launcher started for a rank other than 0."""
+    return any(os.environ.get(key, "0") != "0" for key in ("RANK", "LOCAL_RANK", "NODE_RANK"))
 
 
 def _train(args: argparse.Namespace, detector: Any, config: dict[str, Any], out: Path) -> int:

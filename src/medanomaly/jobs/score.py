@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from medanomaly.data.progress import CaseProgress
 from medanomaly.data.sets import Cases, ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector, scores_only
 from medanomaly.outputs.guard import Claim, check_apart, claim_outputs, staging_folder
@@ -49,10 +50,18 @@ def start_job(run: str | Path, options: JobOptions) -> tuple[Ranks, BaseDetector
     return ranks, BaseDetector.load(run).to(ranks.device)
 
 
-def in_chunks(cases: Cases, size: int) -> Iterator[tuple[np.ndarray, ImageSet]]:
-    """``(index, cases in memory)`` for chunks of at most ``size`` cases of one shape."""
-    for index in cases.chunks(size):
-        yield index, cases.subset(index).to_image_set()
+def in_chunks(
+    cases: Cases, size: int, desc: str = "scoring"
+) -> Iterator[tuple[np.ndarray, ImageSet]]:
+    """``(index, cases in memory)`` for chunks of at most ``size`` cases of one shape.
+
+    The progress (cases/s, time left) counts a chunk as done when the caller asks for the
+    next one, so it covers what the caller does with each chunk (scoring, writing maps).
+    """
+    with CaseProgress(len(cases), desc) as progress:
+        for index in cases.chunks(size):
+            yield index, cases.subset(index).to_image_set()
+            progress.update(len(index))
 
 
 @dataclass
@@ -158,7 +167,8 @@ def _score_share(
     """Rows ``(index, (id, label, score))`` of this rank's cases, and the maps it wrote."""
     rows: list[tuple[int, Any]] = []
     written = MapsWritten()
-    for index, part in in_chunks(share.cases, chunk):
+    desc = "scoring and writing maps" if maps is not None else "scoring"
+    for index, part in in_chunks(share.cases, chunk, desc):
         if maps is None:
             scores = np.asarray(scores_only(detector, part), dtype=np.float64)
         else:
