@@ -35,13 +35,22 @@ def check_arguments(cls: type, params: dict[str, Any], owner: str) -> None:
                 f"{owner}: unknown argument {key!r}.{did_you_mean(key, names)} "
                 f"Valid arguments: {', '.join(names)}"
             )
-    try:
-        hints = typing.get_type_hints(cls.__init__)
-    except Exception:  # a hint that cannot be resolved: leave the values to the constructor
-        return
+    hints = _hints(cls)
     for key, value in params.items():
         if key in hints and not matches(value, hints[key]):
             raise ConfigError(f"{owner}: {key} must be {type_text(hints[key])}, got {value!r}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """The constructor's type hints (a dataclass's field hints); ``{}`` if unresolvable."""
+    for owner in (cls.__init__, cls):
+        try:
+            hints = typing.get_type_hints(owner)
+        except Exception:  # a hint that cannot be resolved: leave the values to the constructor
+            continue
+        if hints:
+            return hints
+    return {}
 
 
 def matches(value: Any, hint: Any) -> bool:
