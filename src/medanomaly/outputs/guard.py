@@ -90,7 +90,8 @@ def claim_outputs(
 
     Args:
         files: Output files (written atomically by the command).
-        folders: Output folders written in place (locked only).
+        folders: Output folders written in place (locked, and marked as medanomaly's so
+            that the folder reader never takes their pictures as cases).
         staged: Output folders written into :func:`staging_folder` and swapped in by
             :meth:`Claim.commit`; a fresh, empty staging folder is made for each.
         command: The command's name, recorded in the staging folder's marker.
@@ -113,16 +114,24 @@ def claim_outputs(
                 ) from None
             claim.locks.append(lock)
             _clear_leftovers(path)
+        for folder in (Path(p) for p in folders if p is not None):
+            folder.mkdir(parents=True, exist_ok=True)
+            _mark(folder, command)
         for folder in (Path(p) for p in staged if p is not None):
             _check_replaceable(folder)
             staging = staging_folder(folder)
             staging.mkdir()
-            (staging / OUTPUT_MARKER).write_text(json.dumps({"command": command}) + "\n")
+            _mark(staging, command)
             claim.staged.append(folder)
     except BaseException:
         claim.release()
         raise
     return claim
+
+
+def _mark(folder: Path, command: str) -> None:
+    """Write the hidden marker that says medanomaly wrote ``folder``."""
+    (folder / OUTPUT_MARKER).write_text(json.dumps({"command": command}) + "\n")
 
 
 def _check_replaceable(folder: Path) -> None:
