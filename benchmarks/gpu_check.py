@@ -82,7 +82,7 @@ def build(name: str, config: dict[str, Any] | None, device: str) -> Any:
 def phantoms(detector: Any, shape: tuple[int, ...], n: int = 16) -> Any:
     """Labelled phantoms at ``shape`` with the model's channel count."""
     data = make_phantoms(n, n // 2, shape, seed=0)
-    channels = int(getattr(detector, "in_channels", 1) or 1)
+    channels = int(detector.get_params().get("in_channels") or 1)
     if channels > 1:
         data.images = np.repeat(data.images, channels, axis=1)
     return data
@@ -91,9 +91,9 @@ def phantoms(detector: Any, shape: tuple[int, ...], n: int = 16) -> Any:
 def check_model(name: str, config: dict[str, Any] | None, device: str) -> dict[str, Any]:
     """Fit on ``device``, score there and on the CPU; the agreement and the times."""
     detector = build(name, config, device)
-    shape = input_shape(config or {}, int(getattr(detector, "spatial_dims", 2)))
+    shape = input_shape(config or {}, int(detector.get_params().get("spatial_dims") or 2))
     data = phantoms(detector, shape)
-    train = data if getattr(detector, "supervised", False) else data.normal
+    train = data if detector.supervised else data.normal
     start = time.perf_counter()
     detector.fit(train)
     fit_seconds = time.perf_counter() - start

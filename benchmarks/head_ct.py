@@ -1,10 +1,11 @@
-"""Head CT (seed 003 data): train each *_head_ct_2d config on normal slices, report image AUROC.
+"""Head CT (the UAD slide deck data): train each *_head_ct_2d config on normal slices, report image
+AUROC.
 
 Data: ../shared/data/head_ct_hemorrhage (100 normal ids 100-199, 100 hemorrhage ids 000-099).
 
 Two protocols:
 
-* ``cv`` (default, seed 003): 2 x 5 stratified cross-validation through ``medanomaly cv``;
+* ``cv`` (default, the UAD slide deck): 2 x 5 stratified cross-validation through ``medanomaly cv``;
   each fold trains on the normal images of its training part; a validation part carved out
   of it (normal and hemorrhage slices) selects the epoch (by validation AUROC where the config
   says ``engine.monitor: val_auroc``, else by the normal validation loss) and the F1-optimal
@@ -18,7 +19,7 @@ Every ``configs/*_head_ct_2d.yaml`` is a row, the no-model baseline ``intensity`
 intensity z-scored against the normal brains, 99th percentile) included: it runs under the
 same protocol and its row carries ``"baseline": true``. Both protocols write
 ``OUT/results.json`` (``rows``: name -> metrics, each ``{mean, sd}`` over the folds under
-``cv``, and ``baseline``) and ``OUT/results.md`` (with seed 003's figures beside ours).
+``cv``, and ``baseline``) and ``OUT/results.md`` (with the UAD slide deck's figures beside ours).
 Wall time is per model: the sum over folds of training, thresholding and scoring, as recorded
 in each fold's ``fold.json`` (so a resumed run reports the time its folds took when they ran).
 The scoring speed of the CAE (images/s at 64x64, the trained model of the first fold,
@@ -42,13 +43,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from sklearn.metrics import roc_auc_score
 
-from medanomaly import __version__
 from medanomaly.config import apply_overrides, build_detector, load_config
 from medanomaly.data.loading import load_dataset
-from medanomaly.detectors.base import CONFIG_FILE, BaseDetector
+from medanomaly.detectors.base import BaseDetector
 from medanomaly.evaluation import image_metrics
 from medanomaly.evaluation.cv import cross_validate
 from medanomaly.io.atomic import atomic_write_text
@@ -74,7 +73,7 @@ PROTOCOLS = {
     "cv": "2 x 5 stratified CV; train on normal training slices; epoch chosen on the validation "
     "part (by the config's engine.monitor); F1 threshold on validation",
 }
-# Seed 003's table (2 x 5 CV, test AUROC mean +- SD and F1); DAGMM "did not work".
+# The UAD slide deck's table (2 x 5 CV, test AUROC mean +- SD and F1); DAGMM "did not work".
 TABLE_KEYS = ("auroc", "accuracy", "sensitivity", "precision", "f1")
 SEED_003 = {"cae": (0.78, 0.09, 0.84), "ssae": (0.81, 0.08, 0.86), "fanogan": (0.87, 0.06, 0.91)}
 TARGET_AUROC = 0.92
@@ -130,13 +129,11 @@ def run_split(name: str, manifest: Path, out: Path, epochs: int | None) -> dict[
 
 def write_run_config(detector: BaseDetector, config: dict[str, Any], run: Path) -> None:
     """The run's ``config.yaml`` with its data block, as ``medanomaly fit`` writes it."""
-    run.mkdir(parents=True, exist_ok=True)
-    resolved = {**detector.config(), "data": config.get("data") or {}, "version": __version__}
-    atomic_write_text(run / CONFIG_FILE, yaml.safe_dump(resolved, sort_keys=False))
+    detector.write_run_config(run, config.get("data"))
 
 
 def run_cv(name: str, manifest: Path, out: Path, epochs: int | None) -> dict[str, Any]:
-    """Seed 003's 2 x 5 cross-validation (resumable: finished folds are kept)."""
+    """The UAD slide deck's 2 x 5 cross-validation (resumable: finished folds are kept)."""
     start = time.perf_counter()
     metrics = cross_validate(model_config(name, epochs), manifest, out / f"cv_{name}", 5, 2)
     image = metrics["image"]
@@ -200,13 +197,13 @@ def results_markdown(
     protocol: str, results: dict[str, dict[str, Any]], speed: dict[str, Any] | None,
     dae: dict[str, Any] | None = None,
 ) -> str:  # fmt: skip
-    """The results table, with seed 003's AUROC and F1 beside ours."""
+    """The results table, with the UAD slide deck's AUROC and F1 beside ours."""
     lines = [
         f"Head CT 64x64, protocol `{protocol}` (`benchmarks/head_ct.py --protocol {protocol}`): "
         f"{PROTOCOLS[protocol]}; {torch.get_num_threads()} CPU threads.",
         "",
         "| model | AUROC | accuracy | recall | precision | F1 | wall time | epoch by | "
-        "seed 003 AUROC | seed 003 F1 |",
+        "the UAD slide deck AUROC | the UAD slide deck F1 |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in results.items():

@@ -1,7 +1,7 @@
 """DICOM reading + preprocessing throughput: first pass versus cached pass.
 
 For each real CT series (../shared/data/dicom_head_ct, totalseg_ct/example_ct_dicom) the
-series is loaded through :func:`medanomaly.data.loading.load_dataset` with a seed-004-like
+series is loaded through :func:`medanomaly.data.loading.load_dataset` with a Hjohlman 2022-like
 pipeline (clip at -1024 HU, resample to 3 mm isotropic, resize to 64^3):
 
 * first pass: empty cache, so the DICOM files are decoded, transformed and stored;

@@ -39,7 +39,7 @@ Rows (``--rows``; defaults: ``cv`` runs intensity, dae, fpi and vae_residual, ``
   (Kascenas et al. 2022); map = median-filtered |x - f(x)| inside the eroded brain.
 * ``fpi`` (configs/fpi_lgg_2d.yaml): U-Net trained on foreign patches of other normal
   slices blended into normal ones, map = predicted blend factor.
-* ``vae_residual``, ``vae_pd``, ``introvae_*``, ``introvae_ls_*`` (seed 002): the VAE /
+* ``vae_residual``, ``vae_pd``, ``introvae_*``, ``introvae_ls_*`` (Kobayashi et al. 2020): the VAE /
   IntroVAE (/ + latent search) residual and patch-discriminator maps, settings as the
   configs vae_lgg_2d.yaml, introvae_lgg_2d.yaml and patch_discriminator_lgg_2d.yaml (IntroVAE
   beta = 0.04 * (256 / size)^2, latent search ``--latent-steps`` at ``--latent-lr``; the
@@ -141,7 +141,8 @@ MAPS = {"residual": "residual", "pd": "patch discriminator"}
 RECON_ROWS = [f"{r}_{m}" for r in RECONSTRUCTORS for m in MAPS]
 ROWS = [*DETECTORS, *RECON_ROWS]
 DEFAULT_ROWS = {"cv": ["intensity", "dae", "fpi", "vae_residual"], "split": ROWS}
-# Seed 002, Table I: metastatic brain tumour, pixel ROC-AUC inside the body (mean +- SD).
+# Kobayashi et al. 2020, Table I: metastatic brain tumour, pixel ROC-AUC inside the body
+# (mean +- SD).
 SEED_002 = {"vae": (0.75, 0.16), "introvae": (0.76, 0.17), "introvae_ls": (0.78, 0.17)}
 TARGETS = {"pixel_auroc": 0.95, "dice_margin": 0.05}
 METRICS = ("pixel_auroc", "pixel_ap", "dice_at_val_threshold", "best_dice", "image_auroc")
@@ -151,7 +152,8 @@ RIMS = (0, 3, 6)  # outer foreground rim set to the map's minimum, pixels at 64x
 PATIENT_PERCENTILE = 75.0  # the per-patient map scale of the "patient-scaled" variants
 VARIANTS = 3  # version of the candidate set: saved folds of another version are re-scored
 FOLD_FILE = "fold.json"
-DEFAULT_EPOCHS = {"vae": 100}  # the config's 200 (seed 002) with early stopping; CPU budget
+# the config's 200 (Kobayashi et al. 2020) with early stopping; CPU budget
+DEFAULT_EPOCHS = {"vae": 100}
 QUICK_PATIENTS = 6
 
 
@@ -357,7 +359,8 @@ def vae_config(args: argparse.Namespace) -> dict[str, Any]:
 
 def introvae_config(args: argparse.Namespace) -> dict[str, Any]:
     config = detector_config("introvae", args)
-    beta = 0.04 * (256 / args.size) ** 2  # seed 002's balance at 256^2 (config: 0.16 at 128^2)
+    # Kobayashi et al.'s (2020) balance at 256^2 (config: 0.16 at 128^2)
+    beta = 0.04 * (256 / args.size) ** 2
     config["model"].update(latent_steps=0, beta=beta)
     config["engine"]["batch_size"] = args.batch_size
     return config
@@ -366,11 +369,11 @@ def introvae_config(args: argparse.Namespace) -> dict[str, Any]:
 def pd_config(args: argparse.Namespace) -> dict[str, Any]:
     config = detector_config("patch_discriminator", args)
     vae = vae_config(args)
-    patch = max(4, args.size // 8)  # seed 002: 32 at 256x256
+    patch = max(4, args.size // 8)  # Kobayashi et al. 2020: 32 at 256x256
     config["model"].update(
         reconstructor={**vae["model"], "engine": vae["engine"]},
         patch_size=patch,
-        stride=args.pd_stride or max(1, args.size // 64),  # seed 002: every pixel
+        stride=args.pd_stride or max(1, args.size // 64),  # Kobayashi et al. 2020: every pixel
         channels=[16, 32, 64, 128],  # the config's CPU widths
         hidden_dim=256,
         embedding_dim=64,
@@ -691,7 +694,8 @@ def run_fold(
 def reconstructor_rows(
     train: ImageSet, parts: dict[str, ImageSet], args: argparse.Namespace, folder: Path
 ) -> dict[str, Any]:
-    """The seed-002 rows (VAE / IntroVAE residual and patch-discriminator maps) of one fold."""
+    """The Kobayashi et al. 2020 rows (VAE / IntroVAE residual, patch-discriminator maps) of a
+    fold."""
     wanted = [r for r in args.rows if r in RECON_ROWS]
     if not wanted:
         return {}

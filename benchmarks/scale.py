@@ -1,6 +1,6 @@
 """Scale: first pass, training epoch and screen of thousands of CT volumes in flat memory.
 
-Synthetic CT-like volumes at seed 004's size (87 x 87 x 273 voxels of 3 mm, int16 NIfTI,
+Synthetic CT-like volumes at Hjohlman's (2022) size (87 x 87 x 273 voxels of 3 mm, int16 NIfTI,
 HU values): a thorax of varied size and position with subcutaneous fat, lungs, a heart with
 contrast-filled chambers, an aorta, a spine and a sternum, and scanner noise. For each N of
 ``--sizes`` (default 250, 500, 1000, 2000) the benchmark measures, each step in a process of
@@ -305,7 +305,8 @@ def sliding_windows(shape: tuple[int, ...], patch: list[int], overlap: float) ->
 
 
 def seed004_flops() -> dict[str, float]:
-    """FLOPs of seed 004's model (``configs/resnet_ae_ccta_3d_seed004.yaml``), counted on meta.
+    """FLOPs of Hjohlman's (2022) model (``configs/resnet_ae_ccta_3d_seed004.yaml``), counted on
+    meta.
 
     Training: one 64^3 patch forward and backward; scoring: a whole 87 x 87 x 273 volume by
     sliding window (forward passes only). Counted on the meta device: no arithmetic is done.

@@ -1,6 +1,6 @@
-"""Seed-004 analogue: screen an unlabelled folder of 3D volumes for outliers.
+"""Hjohlman 2022 analogue: screen an unlabelled folder of 3D volumes for outliers.
 
-A 3D ResNet autoencoder (seed 004) is trained on healthy IXI brain T1 volumes
+A 3D ResNet autoencoder (Hjohlman 2022) is trained on healthy IXI brain T1 volumes
 (../shared/data/ixi_t1_3d, 42 volumes; 8 held out), then ``medanomaly screen`` ranks a folder
 that mixes the 8 held-out normals with planted outliers:
 
@@ -16,7 +16,8 @@ that mixes the 8 held-out normals with planted outliers:
   every reader shows a mirrored brain).
 
 One network (trained with the plain MSE loss, epoch chosen by the validation loss), two scores:
-seed 004's masked MSE (voxels above 0.05 after scaling to [0, 1]) and the MSE over every voxel.
+Hjohlman's (2022) masked MSE (voxels above 0.05 after scaling to [0, 1]) and the MSE over every
+voxel.
 The ``mse`` run is the ``masked_mse`` run's network re-scored: its threshold is recomputed from
 the same held-out normal validation volumes (``DeepDetector.calibrate``). The no-model row
 ``intensity`` (``"baseline": true``) is the ``intensity`` detector fitted on the same training
@@ -76,7 +77,7 @@ MODEL = {
     "output_activation": "sigmoid",
     "threshold_sd": 3.0,
 }
-# The two scores of seed 004 (the first trains the network, the second re-scores it): voxels
+# The two scores of Hjohlman 2022 (the first trains the network, the second re-scores it): voxels
 # above 0.05 after scaling to [0, 1] (the brain and skull; air is ~0), or every voxel.
 SCORES = {"masked_mse": 0.05, "mse": None, "intensity": 0.05}
 TRAINED = "masked_mse"
@@ -329,7 +330,7 @@ def results_markdown(results: dict[str, Any]) -> str:
     """The benchmark's markdown report."""
     runs = results["rows"]
     lines = [
-        "# 3D outlier screening (seed-004 analogue): IXI T1 normals + planted outliers",
+        "# 3D outlier screening (Hjohlman 2022 analogue): IXI T1 normals + planted outliers",
         "",
         f"Model: `resnet_ae` depth {MODEL['depth']}, channels {MODEL['channels']}, latent "
         f"{MODEL['latent_dim']}; {results['n_train']} IXI training volumes, of which "
@@ -372,12 +373,8 @@ def rescore(source: Path, run: Path, manifest: Path, score: str) -> float:
     original = detector.threshold_
     if not np.isclose(detector.calibrate(held).threshold_, original, rtol=1e-4):
         sys.exit(f"screen3d: cannot reproduce the validation split of {source}")
-    detector.foreground_threshold = SCORES[score]
-    detector.calibrate(held)
-    config = {**config, "model": {**config["model"], "foreground_threshold": SCORES[score]}}
-    detector.run_config_ = config
-    run.mkdir(parents=True, exist_ok=True)
-    (run / "config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    detector.set_params(foreground_threshold=SCORES[score]).calibrate(held)
+    detector.run_config_ = detector.write_run_config(run, config["data"])
     detector.save(run / "model.safetensors")
     return time.perf_counter() - start
 

@@ -1,7 +1,7 @@
-"""Supervised baseline (seed 001) beside the unsupervised CAE on the same test splits.
+"""Supervised baseline (Lin et al. 2021) beside the unsupervised CAE on the same test splits.
 
-What labels buy: seed 001's VGG-like (network A) and ResNet-like (network B) classifiers
-against the convolutional autoencoder (seed 003) on two labelled sets:
+What labels buy: Lin et al.'s (2021) VGG-like (network A) and ResNet-like (network B) classifiers
+against the convolutional autoencoder (the UAD slide deck) on two labelled sets:
 
 * ``head_ct``: ../shared/data/head_ct_hemorrhage, 100 hemorrhage / 100 normal 2D slices
   (``labels.csv``); every image is its own group.
@@ -9,7 +9,7 @@ against the convolutional autoencoder (seed 003) on two labelled sets:
   patients; a slice is abnormal when its FLAIR-abnormality mask is not empty. Splits are
   grouped by patient (folder), so no patient is on both sides.
 
-Protocol (seed 001):
+Protocol (Lin et al. 2021):
 
 1. Held-out test split: the first fold of a stratified, grouped 5-fold split
    (scikit-learn ``StratifiedGroupKFold``, shuffled with random_state 0): 20 % of the images
@@ -28,23 +28,23 @@ Protocol (seed 001):
    ``--cae-runs`` runs (seeds 0..).
 
 Preprocessing: head CT as in ``configs/*_supervised_head_ct.yaml`` (foreground crop, resize,
-per-image z-score as in seed 001); LGG: resize and per-image min-max to [0, 1] for the
+per-image z-score as in Lin et al. 2021); LGG: resize and per-image min-max to [0, 1] for the
 classifiers and the CAE alike (the CAE's sigmoid output needs [0, 1]; a z-scored LGG CAE with
 a linear output did worse, AUROC 0.46 against 0.53).
 5. ``OUT/report.html``: the tables and a gallery of test cases (occlusion sensitivity and
    Grad-CAM of the first retrained model of each network; LGG with the tumour mask).
 
 Fast defaults, so that everything runs in about 15 minutes on 2 CPU cores: inputs resized to
-72x72 and cropped to 64x64 (seed 001: 164 -> 128), channel widths divided by 8 (8 -> 64
+72x72 and cropped to 64x64 (Lin et al. 2021: 164 -> 128), channel widths divided by 8 (8 -> 64
 instead of 64 -> 512, FC 64/32/16 instead of 512/256/128), batch size 16 (seed: 64), 40
 epochs on head CT and 30 on LGG (seed: 300 / 400) with the learning-rate decay at the same
-fraction of training as in the seed (5/6 for A, 3/4 for B), learning rates {1e-3, 3e-4},
+fraction of training as in the paper (5/6 for A, 3/4 for B), learning rates {1e-3, 3e-4},
 every second slice of the LGG training patients (all test slices are kept), the LGG CAE
-capped at 60 epochs. ``--seed-001`` switches to the seed's sizes, widths, batch size and
+capped at 60 epochs. ``--paper-sizes`` switches to Lin et al.'s (2021) sizes, widths, batch size and
 epochs (hours on a CPU; meant for a GPU). ``--lgg-slices 5`` gives the classifiers 2.5D input
-(5 adjacent FLAIR slices as channels, as in the seed) instead of single slices.
+(5 adjacent FLAIR slices as channels, as in the paper) instead of single slices.
 
-    .venv/bin/python benchmarks/supervised.py --out OUT [--datasets head_ct lgg] [--seed-001]
+    .venv/bin/python benchmarks/supervised.py --out OUT [--datasets head_ct lgg] [--paper-sizes]
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ CONFIGS = {
 CAE_CONFIG = ROOT / "configs" / "cae_head_ct_2d.yaml"
 NETWORKS = {"vgg_classifier": "VGG-like (A)", "resnet_classifier": "ResNet-like (B)"}
 METRICS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auroc")
-# Seed 001, Table 2 (orbital MRI, 4 runs, mean +- SD) and the AUC of Fig. 3.
+# Lin et al. 2021, Table 2 (orbital MRI, 4 runs, mean +- SD) and the AUC of Fig. 3.
 SEED_001 = {
     "vgg_classifier": {
         "accuracy": (0.863, 0.055),
@@ -200,7 +200,7 @@ def classifier_config(
 ) -> dict[str, Any]:
     """The network's config with the benchmark's sizes, widths, epochs, lr and seed.
 
-    ``epochs`` ``None`` keeps the config's (seed 001: 300 for A, 400 for B); otherwise the
+    ``epochs`` ``None`` keeps the config's (Lin et al. 2021: 300 for A, 400 for B); otherwise the
     learning-rate decay moves to the same fraction of training (250/300, 300/400).
     """
     config = load_config(CONFIGS[network])
@@ -375,7 +375,7 @@ def _text(value: dict[str, float | None] | tuple) -> str:
 
 
 def table_rows(result: dict[str, Any]) -> list[list[str]]:
-    """Rows: each network, the CAE, then seed 001's figures."""
+    """Rows: each network, the CAE, then Lin et al.'s (2021) figures."""
     rows = []
     for network, block in result["classifiers"].items():
         summary = block["test"]["summary"]
@@ -388,7 +388,9 @@ def table_rows(result: dict[str, Any]) -> list[list[str]]:
                  f"{cae['seconds']:.0f}"])  # fmt: skip
     for network, figures in SEED_001.items():
         rows.append(
-            [f"seed 001 {NETWORKS[network]} (orbit MRI)", *(_text(figures[k]) for k in METRICS),
+            [
+                f"Lin et al. 2021 {NETWORKS[network]} (orbit MRI)",
+                *(_text(figures[k]) for k in METRICS),
              "–", "–"]
         )  # fmt: skip
     return rows
@@ -401,10 +403,11 @@ COLUMNS = ["model", "accuracy", "precision", "sensitivity", "specificity", "F1",
 def results_markdown(results: dict[str, Any]) -> str:
     s = results["settings"]
     lines = [
-        "Supervised baseline (seed 001) vs the CAE, same test split (`benchmarks/supervised.py`)",
+        "Supervised baseline (Lin et al. 2021) vs the CAE, same test split "
+        "(`benchmarks/supervised.py`)",
         "",
         f"Input {s['resize']}² → crop {s['crop']}² (random in training, centred at test), "
-        f"width {s['width']}/64 of the seed's channels, batch {s['batch_size']}, "
+        f"width {s['width']}/64 of the paper's channels, batch {s['batch_size']}, "
         f"{s['folds']}-fold CV over lr {s['lrs']}, {s['runs']} runs; CAE {s['cae_runs']} run(s). "
         f"Wall time {results['wall_seconds']:.0f} s.",
     ]
@@ -422,7 +425,8 @@ def results_markdown(results: dict[str, Any]) -> str:
     lines += [
         "",
         "Classifiers: threshold P(abnormal) > 0.5. CAE: mean + 3 SD of held-out normal scores. "
-        "Seed 001's figures are on another task (thyroid-eye-disease activity, orbital MRI).",
+        "Lin et al.'s (2021) figures are on another task "
+        "(thyroid-eye-disease activity, orbital MRI).",
     ]
     return "\n".join(lines) + "\n"
 
@@ -438,7 +442,7 @@ def run_dataset(
     if name == "lgg":
         train_index = thin_slices(images, train_index, settings["lgg_train_step"])
     train, test = images.subset(train_index), images.subset(test_index)
-    args.epochs_of = args.epochs or (None if args.seed_001 else EPOCHS[name])
+    args.epochs_of = args.epochs or (None if args.paper_sizes else EPOCHS[name])
     split = {
         "n_train": len(train),
         "n_test": len(test),
@@ -492,7 +496,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--lgg-slices", type=int, default=1, help="2.5D: slices per input")
     parser.add_argument("--gallery", type=int, default=4, help="test cases per network")
-    parser.add_argument("--seed-001", action="store_true", help="the seed's sizes and epochs")
+    parser.add_argument(
+        "--paper-sizes", action="store_true", help="Lin et al.'s (2021) sizes and epochs"
+    )
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     return parser.parse_args(argv)
 
@@ -503,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
     if not DATA.exists():
         print(f"skipped: {DATA} not found (needs ../shared/data beside the repo)")
         return 0
-    settings = dict(SEED if args.seed_001 else FAST)
+    settings = dict(SEED if args.paper_sizes else FAST)
     settings.update(folds=args.folds, runs=args.runs, lrs=args.lrs, cae_runs=args.cae_runs)
     out = args.out
     (out / "gallery").mkdir(parents=True, exist_ok=True)
@@ -517,7 +523,9 @@ def main(argv: list[str] | None = None) -> int:
     (out / "results.json").write_text(json.dumps(results, indent=1))
     markdown = results_markdown(results)
     (out / "results.md").write_text(markdown)
-    write_report(out / "report.html", "Supervised baseline (seed 001)", _report(results, blocks))
+    write_report(
+        out / "report.html", "Supervised baseline (Lin et al. 2021)", _report(results, blocks)
+    )
     print(markdown)
     print(f"wrote {out / 'results.json'}, {out / 'results.md'} and {out / 'report.html'}")
     return 0

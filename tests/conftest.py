@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import math
 from pathlib import Path
 from types import ModuleType
 
@@ -72,3 +73,13 @@ def streamed_copy(images: ImageSet, folder: Path) -> StreamedSet:
 def to_streamed(tmp_path):
     """``to_streamed(images)``: the cases of an ``ImageSet`` as a streamed set."""
     return lambda images: streamed_copy(images, tmp_path / "streamed")
+
+
+@pytest.fixture(autouse=True)
+def _first_pass_never_switches_on_time(monkeypatch):
+    """A first pass without ``num_workers`` stays in this process however long it takes.
+
+    Its automatic switch to worker processes after a few seconds depends on the machine's
+    load; no test result may.
+    """
+    monkeypatch.setattr("medanomaly.data.loading.AUTO_SERIAL_SECONDS", math.inf)

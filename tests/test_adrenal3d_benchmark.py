@@ -59,7 +59,7 @@ def test_quick_run_writes_results(bench, tmp_path, capsys):
         "train": 16, "val_normal": 6, "val_abnormal": 4, "test_normal": 10, "test_abnormal": 6
     }  # fmt: skip
     markdown = (out / "results.md").read_text()
-    assert "seed 000" in markdown and "0.801" in markdown and "| cae_map |" in markdown
+    assert "Chung & Choi 2023" in markdown and "0.801" in markdown and "| cae_map |" in markdown
     assert "VAE-3D (`vae`) speed" in markdown and "*volume (no model)*" in markdown
     assert (out / "roc_test.png").exists()
     # a second run loads the saved model instead of retraining

@@ -163,10 +163,9 @@ def test_dicom_output_needs_a_maps_folder(run_3d: Path, tmp_path: Path) -> None:
 
 def test_input_spec_leaves_the_size_free_for_sliding_window_models() -> None:
     from medanomaly import get_model
-    from medanomaly.data.loading import input_spec
 
     whole = get_model("resnet_ae", spatial_dims=3, depth=10)
     patches = get_model("resnet_ae", spatial_dims=3, depth=10, patch_size=[16, 16, 16])
     whole.input_shape_ = patches.input_shape_ = (1, 32, 32, 32)
-    assert input_spec(whole) == InputSpec(3, 1, (1, 32, 32, 32))
-    assert input_spec(patches) == InputSpec(3, 1, None)
+    assert whole.input_spec() == InputSpec(3, 1, (1, 32, 32, 32))
+    assert patches.input_spec() == InputSpec(3, 1, None)

@@ -1,4 +1,4 @@
-"""Every YAML in configs/ builds its detector and transforms; the seed-004 pipeline works."""
+"""Every YAML in configs/ builds its detector and transforms; the Hjohlman 2022 pipeline works."""
 
 from __future__ import annotations
 

@@ -66,13 +66,27 @@ def test_resume_refuses_a_different_config(tmp_path, tiny2d):
         other.fit(tiny2d.normal, run_dir=tmp_path, resume=True)
 
 
-def test_early_stopping_restores_the_best_epoch(tiny2d):
-    engine = {"epochs": 30, "patience": 1, "lr": 0.5, "progress": False}
+def test_early_stopping_keeps_the_weights_of_the_best_epoch(tiny2d, monkeypatch):
+    """The kept network is the one of the epoch with the lowest validation loss, not the last."""
+    snapshots = []
+    original = Engine._run_epoch
+
+    def run_and_snapshot(self, fabric, model, *args, **kwargs):
+        row = original(self, fabric, model, *args, **kwargs)
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return row
+
+    monkeypatch.setattr(Engine, "_run_epoch", run_and_snapshot)
+    engine = {"epochs": 30, "patience": 2, "lr": 0.05, "progress": False, "seed": 1}
     detector = get_model("cae", engine=engine).fit(tiny2d.normal)
-    history = detector.history_
-    assert len(history) < 30
-    best = min(row["val_loss"] for row in history)
-    assert history[-1]["val_loss"] > best or len(history) == 1
+    losses = [row["val_loss"] for row in detector.history_]
+    best = int(np.argmin(losses))
+    assert len(losses) == len(snapshots) and best < len(losses) - 1, "no epoch after the best"
+    kept = _weights(detector)
+    for key, value in snapshots[best].items():
+        torch.testing.assert_close(kept[key], value, rtol=0, atol=0)
+    last_differs = any(not torch.equal(kept[k], v) for k, v in snapshots[-1].items())
+    assert last_differs, "the last epoch's weights were kept"
 
 
 def test_monitor_val_auroc_keeps_the_epoch_with_the_best_validation_auroc(tiny2d):

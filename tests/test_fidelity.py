@@ -1,4 +1,5 @@
-"""Anatomical fidelity (seed 002): a U-Net on disc + ring phantoms, quality and overlap."""
+"""Anatomical fidelity (Kobayashi et al. 2020): a U-Net on disc + ring phantoms, quality and
+overlap."""
 
 from __future__ import annotations
 

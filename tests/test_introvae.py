@@ -1,4 +1,5 @@
-"""IntroVAE (seed 002 eq. 4-7) and the latent representation search, on synthetic phantoms."""
+"""IntroVAE (Kobayashi et al. 2020 eq. 4-7) and the latent representation search, on synthetic
+phantoms."""
 
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ def test_optimisers_split_encoder_and_decoder_parameters():
     }
     assert groups["encoder"].isdisjoint(groups["decoder"])
     assert groups["encoder"] | groups["decoder"] == {id(p) for p in network.parameters()}
-    assert optimizers["encoder"].param_groups[0]["lr"] == 1e-4  # seed 002
+    assert optimizers["encoder"].param_groups[0]["lr"] == 1e-4  # Kobayashi et al. 2020
     assert optimizers["decoder"].param_groups[0]["lr"] == 5e-3
 
 

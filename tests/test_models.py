@@ -69,11 +69,11 @@ def test_cae_3d_detects_phantom_lesions():
 
 def test_vae_2d_detects_phantom_lesions():
     # At 32x32 the sum of squared errors is small next to the KL term; a lower KL weight
-    # keeps the posterior from collapsing (seed 000 trains at 64^3 with weight 1).
+    # keeps the posterior from collapsing (Chung & Choi 2023 trains at 64^3 with weight 1).
     assert _auroc("vae", (32, 32), 400, 30, lr=1e-3, kl_weight=0.05) > 0.9
 
 
 def test_vae_3d_separates_phantoms():
     # A 16^3 volume leaves the VAE's 1^3 bottleneck little room: it separates clearly but
-    # less sharply than the CAE; the 64^3 benchmark of seed 000 lives in benchmarks/.
+    # less sharply than the CAE; the 64^3 benchmark of Chung & Choi 2023 lives in benchmarks/.
     assert _auroc("vae", (16, 16, 16), 200, 30, lr=1e-3, kl_weight=0.01) > 0.7

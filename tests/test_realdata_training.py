@@ -1,4 +1,4 @@
-"""Slow real-data check: the seed-003 CAE pipeline learns something on real head CT."""
+"""Slow real-data check: the the UAD slide deck CAE pipeline learns something on real head CT."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The seed-004 ResNet autoencoder: masked MSE, patch training, sliding-window scoring."""
+"""The Hjohlman 2022 ResNet autoencoder: masked MSE, patch training, sliding-window scoring."""
 
 from __future__ import annotations
 

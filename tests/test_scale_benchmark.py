@@ -65,7 +65,13 @@ def test_report_states_targets_and_ceiling(bench):
     assert "decode in memory 1.55x, pure-Python arithmetic 1.98x" in text
 
 
-def test_in_memory_decode_and_arithmetic_run_here(bench, tmp_path):
-    bench._write_volume((0, str(tmp_path / "ct.nii.gz")))
-    assert np.isfinite(bench._decode_in_memory(str(tmp_path / "ct.nii.gz")))
-    assert bench._count_primes(30) == 10
+def test_the_ceilings_decode_is_the_first_pass_without_its_cache(bench, tmp_path):
+    """The ceiling's in-memory decode does the first pass's work: same read, same transforms."""
+    from medanomaly.data.loading import load_dataset
+
+    path = tmp_path / "volumes" / "ct.nii.gz"
+    path.parent.mkdir()
+    bench._write_volume((0, str(path)))
+    first_pass, _ = load_dataset(path.parent, transforms=bench.TRANSFORMS, num_workers=0)
+    expected = float(first_pass.images[0].astype(np.float64).mean())
+    assert bench._decode_in_memory(str(path)) == pytest.approx(expected, rel=1e-5)

@@ -18,8 +18,8 @@ from medanomaly.data.loading import load_dataset
 from medanomaly.data.phantoms import make_phantoms
 from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.base import CONFIG_FILE, BaseDetector
-from medanomaly.detectors.deep import DeepDetector
 from medanomaly.errors import ConfigError
+from medanomaly.models.cae import CAE
 from medanomaly.screening import (
     CSV_COLUMNS,
     RawFacts,
@@ -114,21 +114,7 @@ def _read_csv(path):
         return list(csv.DictReader(handle))
 
 
-def _add_embed_if_missing(monkeypatch):
-    """Until DeepDetector.embed lands, use the cae's flattened bottleneck as its latent."""
-    if hasattr(DeepDetector, "embed"):
-        return
-
-    def embed(self, x):
-        images = torch.from_numpy(np.asarray(x.images if isinstance(x, ImageSet) else x))
-        with torch.inference_mode():
-            return self.network_.encoder(images).flatten(1).double().numpy()
-
-    monkeypatch.setattr(DeepDetector, "embed", embed, raising=False)
-
-
 def test_screen_flags_planted_outliers(screen_setup, tmp_path, monkeypatch, capsys):
-    _add_embed_if_missing(monkeypatch)
     _, run, unlabelled = screen_setup
     out = tmp_path / "screen"
     args = ["screen", "--run", str(run), "--data", str(unlabelled), "--out", str(out)]
@@ -179,7 +165,7 @@ def test_screen_flags_planted_outliers(screen_setup, tmp_path, monkeypatch, caps
 
 def test_screen_without_latent_and_strict(screen_setup, tmp_path, monkeypatch):
     """A model without a latent says so; --strict stops before any output (exit 2)."""
-    monkeypatch.setattr(DeepDetector, "embed", lambda self, x: None, raising=False)
+    monkeypatch.setattr(CAE, "has_latent", False)
     _, run, unlabelled = screen_setup
     out = tmp_path / "screen"
     args = ["screen", "--run", str(run), "--data", str(unlabelled), "--out", str(out)]
@@ -195,9 +181,11 @@ def test_screen_without_latent_and_strict(screen_setup, tmp_path, monkeypatch):
 
 
 class _NoEmbed:
-    """A detector without an embed() method (and optionally without validation scores)."""
+    """A detector without a latent space (and optionally without validation scores)."""
 
     name = "wrapped"
+    has_latent = False
+    foreground_threshold = None
 
     def __init__(self, inner, val_scores):
         self.inner, self.val_scores_ = inner, val_scores
@@ -212,7 +200,7 @@ def test_screen_api_with_a_detector_without_embed(screen_setup):
     images, report = load_dataset(unlabelled, **DATA_CFG)
     result = screen(_NoEmbed(detector, detector.val_scores_), images, batch=5)
     assert len(result) == 14 and result.latent is None
-    assert any("no embed()" in note for note in result.notes)
+    assert any("no latent space" in note for note in result.notes)
     assert result.threshold == pytest.approx(detector.threshold_)
     ranked = [result.ids[i].split("/")[-1] for i in result.flagged_order[:3]]
     assert {name.removesuffix(".nii.gz") for name in ranked} == set(OUTLIERS)

@@ -1,4 +1,5 @@
-"""Supervised baseline (seed 001): VGG-/ResNet-like classifiers, 2.5D slabs, occlusion, Grad-CAM."""
+"""Supervised baseline (Lin et al. 2021): VGG-/ResNet-like classifiers, 2.5D slabs, occlusion,
+Grad-CAM."""
 
 from __future__ import annotations
 

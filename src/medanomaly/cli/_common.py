@@ -142,6 +142,7 @@ def job_options(args: argparse.Namespace) -> JobOptions:
         devices=args.devices or 1,
         num_nodes=args.num_nodes or 1,
         num_workers=args.num_workers,
+        share_cores=True,
     )
 
 

@@ -8,7 +8,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from medanomaly._version import __version__
 from medanomaly.cli._common import add_override_arguments, add_trust_argument, at_least
 
 
@@ -96,38 +95,32 @@ def launched_rank() -> bool:
 
 def _train(args: argparse.Namespace, detector: Any, config: dict[str, Any], out: Path) -> int:
     """Read the data, write the resolved config and fit ``detector`` into ``out``."""
-    import yaml
-
     from medanomaly.cli._common import report_skipped
-    from medanomaly.data.loading import input_spec, load_dataset
+    from medanomaly.data.loading import load_dataset
     from medanomaly.detectors.base import CONFIG_FILE
-    from medanomaly.io.atomic import atomic_write_text
 
     data_cfg = config.get("data") or {}
     # streamed unless the config says otherwise: memory holds batches, never the set
-    options = {"stream": True, **data_cfg, "strict": args.strict, "expect": input_spec(detector)}
+    options = {"stream": True, **data_cfg, "strict": args.strict, "expect": detector.input_spec()}
     train, report = load_dataset(args.data, **options, augment=True)
     report_skipped(report, out / "skipped_train.txt")
     val = None
     if args.val:
         val, val_report = load_dataset(args.val, **options)
         report_skipped(val_report, out / "skipped_val.txt")
-    config_path = out / CONFIG_FILE
-    if not (args.resume and config_path.exists()):
-        resolved = {**detector.config(), "data": data_cfg, "version": __version__}
-        out.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(config_path, yaml.safe_dump(resolved, sort_keys=False))
+    if not (args.resume and (out / CONFIG_FILE).exists()):
+        detector.write_run_config(out, data_cfg)
     detector.fit(train, val, run_dir=out, resume=args.resume)
-    if not getattr(detector, "is_main_process_", True):
+    if not detector.is_main_process_:
         return 0
-    if getattr(detector, "supervised", False):
+    if detector.supervised:
         n_normal, n_abnormal = int((train.labels == 0).sum()), int((train.labels == 1).sum())
         seen = f"{n_normal} normal and {n_abnormal} abnormal images"
     else:
         seen = f"{int((train.labels != 1).sum())} normal images"
     rests_on = ""
-    if not getattr(detector, "supervised", False):  # a classifier's threshold is P > 0.5
-        n_val = len(getattr(detector, "val_scores_", []))
+    if not detector.supervised:  # a classifier's threshold is P > 0.5
+        n_val = len(detector.val_scores_)
         rests_on = f" (mean + k·SD of {n_val} held-out normal validation scores)"
     print(f"trained {detector.name} on {seen}; threshold {detector.threshold_:.6g}{rests_on}")
     print(f"run directory: {out}")

@@ -85,20 +85,6 @@ class InputSpec:
     shape: tuple[int, ...] | None = None
 
 
-def input_spec(detector: Any) -> InputSpec | None:
-    """The :class:`InputSpec` of a detector (fitted or not); ``None`` when it says nothing."""
-    dims = getattr(detector, "spatial_dims", None)
-    if dims is None:
-        return None
-    shape = getattr(detector, "input_shape_", None)
-    channels = getattr(detector, "in_channels", None)
-    if shape is not None:
-        channels = int(shape[0])
-    if shape is None or getattr(detector, "scores_any_size", False):
-        return InputSpec(int(dims), channels)
-    return InputSpec(int(dims), channels, tuple(int(n) for n in shape))
-
-
 @dataclass
 class Case:
     """One row of a dataset before reading: where the image is and what is known about it."""
@@ -581,7 +567,7 @@ def load_dataset(
             ``~/.cache/medanomaly``), a folder name for that folder. Random transforms stay
             live.
         min_size: Skip images with fewer voxels than this along any axis (as read).
-        expect: What the run's model takes (:func:`input_spec`): cases of another
+        expect: What the run's model takes (its ``input_spec()``): cases of another
             dimensionality, channel count or preprocessed shape are skipped and named.
         stream: Return a :class:`~medanomaly.data.streaming.StreamedSet` that reads each case
             from the cache when used (a temporary folder without ``cache``), instead of

@@ -1,6 +1,6 @@
 """2.5D input: ``k`` adjacent slices of a volume stacked as the channels of a 2D image.
 
-Seed 001 feeds its 2D networks five slices around the optic-nerve plane. A 2.5D model is a
+Lin et al. 2021 feeds its 2D networks five slices around the optic-nerve plane. A 2.5D model is a
 2D model with ``in_channels = k * C``; these helpers make its input from 3D volumes:
 
 * :func:`stack_slices`: one slab ``(k * C, *plane)`` around a chosen slice of one volume.

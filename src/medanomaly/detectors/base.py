@@ -1,4 +1,4 @@
-"""The detector interface and the deep-learning base class that owns the training loop.
+"""The detector interface: what every detector declares, learns, saves and loads.
 
 Every detector follows scikit-learn's estimator rules: the constructor only stores its
 arguments, ``fit`` learns state whose names end in ``_``, and ``get_params`` returns what the
@@ -7,6 +7,7 @@ constructor was given, so that a config maps one-to-one onto a detector.
 
 from __future__ import annotations
 
+import copy
 import inspect
 import logging
 from abc import ABC, abstractmethod
@@ -20,8 +21,10 @@ import yaml
 from torch import nn
 
 from medanomaly._version import __version__
+from medanomaly.data.loading import InputSpec
 from medanomaly.data.sets import ImageSet
-from medanomaly.errors import MissingFileError, NotFittedError
+from medanomaly.detectors.thresholds import mean_sd_threshold
+from medanomaly.errors import ConfigError, MissingFileError, NotFittedError, did_you_mean
 from medanomaly.io.atomic import atomic_write_text
 from medanomaly.io.safe_files import load_state, save_state
 from medanomaly.training.engine import (
@@ -74,19 +77,47 @@ class AnomalyResult:
 class BaseDetector(ABC):
     """Interface of every detector: fit on normal data, then score, map and predict.
 
+    A detector declares what it can do as class attributes, so that callers read them and
+    never probe it. A class whose capability depends on its arguments (``resnet_ae`` scores
+    any size only with ``patch_size``) overrides the attribute with a property.
+
     Attributes:
         name: Registry name, set by :func:`medanomaly.detectors.registry.register`.
-        baseline: True for the no-model baselines (``intensity``, ``volume``): benchmarks
-            mark their rows as such.
+        baseline: A no-model baseline (plain statistics, no network): benchmarks mark its
+            rows as such.
+        supervised: ``fit`` learns from labelled normal *and* abnormal images.
+        has_latent: :meth:`embed` gives one latent vector per image (UMAP and clusters in
+            ``screen``).
+        scores_any_size: Scores images of any spatial size, so cases keep their own shapes.
+        streams: Fits on a streamed set a batch at a time, without reading it whole.
+        foreground_threshold: Intensity above which a voxel is foreground for masked
+            scores, or ``None`` where the model has no such rule.
         threshold_: Image-level decision threshold learned by ``fit`` (score > threshold_
             means abnormal); by default mean + ``threshold_sd`` * SD of the scores of held-out
-            normal validation images (seed 004).
+            normal validation images (the outlier rule of Hjohlman 2022).
         val_scores_: Those held-out normal scores, kept for other threshold rules.
+        history_: One dict of losses per training epoch (empty for a detector that does not
+            train).
+        run_config_: The resolved config of the run that made this detector.
+        is_main_process_: False on the ranks of a distributed fit that write nothing.
     """
 
     name: ClassVar[str] = ""
-    baseline: ClassVar[bool] = False  # a no-model baseline (plain statistics, no network)
+    baseline: ClassVar[bool] = False
+    supervised: ClassVar[bool] = False
+    has_latent: ClassVar[bool] = False
+    scores_any_size: ClassVar[bool] = False
+    streams: ClassVar[bool] = True
+    foreground_threshold: float | None = None
     spatial_dims: int
+    in_channels: int = 1
+
+    threshold_: float
+    val_scores_: np.ndarray
+    history_: list[dict[str, float]]
+    run_config_: dict[str, Any]
+    is_main_process_: bool = True
+    input_shape_: tuple[int, ...] | None = None
 
     @abstractmethod
     def fit(self, train: Any, val: Any = None, **kwargs: Any) -> BaseDetector:
@@ -97,8 +128,25 @@ class BaseDetector(ABC):
         """Score, map and label a batch of images in one pass."""
 
     def score(self, x: Any) -> np.ndarray:
-        """One anomaly score per image, higher = more abnormal."""
+        """One anomaly score per image, higher = more abnormal; no maps are kept.
+
+        This is the one way to score without maps: a detector whose maps are costly
+        overrides it to skip them.
+        """
+        self.check_fitted()
         return self.detect(x).scores
+
+    def input_spec(self) -> InputSpec:
+        """What the detector takes: its dimensions, channels and (unless any size) its grid."""
+        shape = self.input_shape_
+        channels = int(shape[0]) if shape is not None else int(self.in_channels)
+        if shape is None or self.scores_any_size:
+            return InputSpec(int(self.spatial_dims), channels)
+        return InputSpec(int(self.spatial_dims), channels, tuple(int(n) for n in shape))
+
+    def embed(self, x: Any) -> np.ndarray:
+        """Latent vectors ``(N, D)`` of images; only where :attr:`has_latent` is true."""
+        raise NotImplementedError(f"{type(self).__name__} has no latent space (has_latent)")
 
     def anomaly_map(self, x: Any) -> np.ndarray:
         """Voxel-wise anomaly map ``(N, *spatial)`` on the input grid."""
@@ -110,8 +158,32 @@ class BaseDetector(ABC):
 
     def get_params(self) -> dict[str, Any]:
         """Constructor arguments as given (what a YAML ``model:`` block holds)."""
-        names = [p for p in inspect.signature(type(self).__init__).parameters if p != "self"]
-        return {name: getattr(self, name) for name in names}
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> BaseDetector:
+        """Change constructor arguments; return ``self``.
+
+        Raises:
+            ConfigError: For a name the constructor does not take (with a suggestion).
+        """
+        names = self._param_names()
+        for key, value in params.items():
+            if key not in names:
+                raise ConfigError(
+                    f"{type(self).__name__} has no argument {key!r}.{did_you_mean(key, names)} "
+                    f"Its arguments: {', '.join(names)}"
+                )
+            setattr(self, key, value)
+        return self
+
+    def clone(self) -> BaseDetector:
+        """A new, unfitted detector with a deep copy of these constructor arguments."""
+        return type(self)(**copy.deepcopy(self.get_params()))
+
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        signature = inspect.signature(cls.__init__)
+        return [p for p in signature.parameters if p not in ("self", "args", "kwargs")]
 
     def to(self, device: torch.device | str) -> BaseDetector:
         """Move every network (and nested detector) of the fitted detector to ``device``."""
@@ -165,15 +237,54 @@ class BaseDetector(ABC):
     def config(self) -> dict[str, Any]:
         """The resolved config: ``{model: {name, ...params}, engine: {...}}``."""
 
-    def _run_config(self, run_dir: Path) -> dict[str, Any]:
-        """The run's full config: ``run_dir/config.yaml`` if a caller wrote one, else ours."""
-        path = run_dir / CONFIG_FILE
+    def write_run_config(
+        self, run_dir: str | Path, data: dict[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Write the run's ``config.yaml`` (model, engine, data block, version) atomically.
+
+        The one writer of a run's config: ``fit``, ``cv`` and the benchmarks all call it.
+
+        Returns:
+            The config as written.
+        """
+        config = {**self.config(), "data": dict(data or {}), "version": __version__}
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
+        return config
+
+    def _run_config(self, run_dir: str | Path | None) -> dict[str, Any]:
+        """The run's full config: ``run_dir/config.yaml`` if a caller wrote one, else ours.
+
+        Without a run directory nothing is written and the detector's own config is returned.
+        """
+        if run_dir is None:
+            return {**self.config(), "version": __version__}
+        path = Path(run_dir) / CONFIG_FILE
         if path.exists():
             return yaml.safe_load(path.read_text())
-        config = {**self.config(), "version": __version__}
-        run_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
-        return config
+        return self.write_run_config(run_dir)
+
+    def _learn_threshold(self, normal_scores: np.ndarray) -> None:
+        """Set ``val_scores_`` and the default ``threshold_`` from held-out normal scores.
+
+        The one place a detector learns its threshold: mean + ``threshold_sd`` * SD
+        (:func:`~medanomaly.detectors.thresholds.mean_sd_threshold`), with a warning when it
+        rests on fewer than :data:`MIN_THRESHOLD_NORMALS` scores.
+        """
+        self.val_scores_ = np.asarray(normal_scores, dtype=np.float64)
+        k = float(self.threshold_sd)
+        if len(self.val_scores_) < MIN_THRESHOLD_NORMALS:
+            log.warning(
+                "the default threshold (mean + %g SD) rests on only %d held-out normal "
+                "image(s), fewer than %d: expect it to be off; hold out more normals "
+                "(engine.val_min, engine.val_fraction or --val) or choose a threshold in "
+                "evaluate",
+                k,
+                len(self.val_scores_),
+                MIN_THRESHOLD_NORMALS,
+            )
+        self.threshold_ = mean_sd_threshold(self.val_scores_, k)
 
     def save(self, path: str | Path) -> None:
         """Write the fitted detector to ``path`` atomically (read it back with :meth:`load`)."""
@@ -216,37 +327,11 @@ def fit_or_load(
     return detector.fit(train, val, run_dir=folder, resume=resume)
 
 
-def mean_sd_threshold(scores: np.ndarray, k: float, warn: bool = True) -> float:
-    """Mean + k * SD (``ddof=1``) of normal scores; the maximum when there is only one.
-
-    Logs a warning (unless ``warn`` is false) when the scores are fewer than
-    :data:`MIN_THRESHOLD_NORMALS`: the SD of a handful of scores is too unsteady for a
-    threshold that claims a tail of ``k`` SD.
-    """
-    scores = np.asarray(scores, dtype=np.float64)
-    if warn and len(scores) < MIN_THRESHOLD_NORMALS:
-        log.warning(
-            "the default threshold (mean + %g SD) rests on only %d held-out normal image(s), "
-            "fewer than %d: expect it to be off; hold out more normals (engine.val_min, "
-            "engine.val_fraction or --val) or choose a threshold in evaluate",
-            k,
-            len(scores),
-            MIN_THRESHOLD_NORMALS,
-        )
-    return float(scores.mean() + k * scores.std(ddof=1)) if len(scores) > 1 else float(scores.max())
-
-
 def standardisation(values: np.ndarray) -> tuple[float, float]:
     """Mean and SD (``ddof=1``) of ``values``; an SD of 0 (or one value) becomes 1."""
     values = np.asarray(values, dtype=np.float64)
     sd = float(values.std(ddof=1)) if values.size > 1 else 0.0
     return float(values.mean()), sd if sd > 0 else 1.0
-
-
-def scores_only(detector: BaseDetector, x: Any) -> np.ndarray:
-    """A detector's scores without keeping maps (``detect_scores`` where it has it)."""
-    fast = getattr(detector, "detect_scores", None)
-    return fast(x) if fast is not None else detector.score(x)
 
 
 def yaml_plain(value: Any) -> Any:

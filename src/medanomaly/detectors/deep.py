@@ -11,7 +11,7 @@ import math
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,7 +24,6 @@ from medanomaly.detectors.base import (
     MODEL_FILE,
     AnomalyResult,
     BaseDetector,
-    mean_sd_threshold,
     yaml_plain,
 )
 from medanomaly.detectors.scoring import MapScoring, RunningMoments
@@ -34,6 +33,7 @@ from medanomaly.training.engine import (
     EngineConfig,
     TrainingData,
     TrainingTask,
+    seeded,
     split_indices,
 )
 
@@ -74,20 +74,7 @@ class DeepDetector(BaseDetector):
         self.engine = engine
         self.map_score = map_score
 
-    #: True for fully convolutional networks (``dae``, ``fpi``): they score images of any
-    #: size, so that cases may keep their own shapes.
-    fully_convolutional: ClassVar[bool] = False
-
     # -- what a model defines -------------------------------------------------------------
-    @property
-    def scores_any_size(self) -> bool:
-        """True when the detector scores images of any spatial size.
-
-        Fully convolutional models do; a model that scores by sliding window
-        (``resnet_ae`` with ``patch_size``) exposes ``patch``.
-        """
-        return self.fully_convolutional or getattr(self, "patch", None) is not None
-
     @property
     def size_multiple(self) -> int:
         """Each spatial side must be divisible by this (the network's total down-sampling)."""
@@ -144,10 +131,9 @@ class DeepDetector(BaseDetector):
         cfg = self.engine_config
         data = self._training_data(train, val, cfg)
         input_shape = self._training_shape(data)
-        torch.manual_seed(cfg.seed)
-        network = self.build_network(input_shape)
-        if run_dir is not None:
-            self.run_config_ = self._run_config(Path(run_dir))
+        with seeded(cfg.seed):
+            network = self.build_network(input_shape)
+        self.run_config_ = self._run_config(run_dir)
         engine = Engine(cfg)
         self.history_ = self.train_network(engine, network, data, run_dir, resume)
         self.is_main_process_ = engine.is_global_zero
@@ -309,9 +295,7 @@ class DeepDetector(BaseDetector):
         return self
 
     def _set_threshold(self, normal: Cases) -> None:
-        scores = self._run(normal, with_maps=False)[0]
-        self.val_scores_ = scores
-        self.threshold_ = mean_sd_threshold(scores, self.threshold_sd)
+        self._learn_threshold(self._run(normal, with_maps=False)[0])
 
     def _score_only(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:
         return self.evaluate(network, x)[0]
@@ -333,14 +317,10 @@ class DeepDetector(BaseDetector):
             threshold=self.threshold_,
         )
 
-    def detect_scores(self, x: ImageSet | np.ndarray | torch.Tensor) -> np.ndarray:
-        """Scores only (no maps kept in memory): use this for large 3D sets."""
+    def score(self, x: ImageSet | np.ndarray | torch.Tensor) -> np.ndarray:
+        """One anomaly score per image, higher = more abnormal; maps are never kept."""
         self.check_fitted()
         return self._run(x, with_maps=False)[0]
-
-    def score(self, x: ImageSet | np.ndarray | torch.Tensor) -> np.ndarray:
-        """One anomaly score per image, higher = more abnormal."""
-        return self.detect_scores(x)
 
     def inference_batch_size(self, voxels_per_image: int) -> int:
         """Images per scoring batch: about ``INFERENCE_VOXELS`` voxels.
@@ -404,7 +384,7 @@ class DeepDetector(BaseDetector):
 
         A model that scores any size (:attr:`scores_any_size`) checks the channels only.
         """
-        expected = getattr(self, "input_shape_", None)
+        expected = self.input_shape_
         if expected is None:
             return
         for case_id, shape in zip(images.ids, images.shapes, strict=True):
@@ -425,21 +405,21 @@ class DeepDetector(BaseDetector):
         """Latent vectors ``(B, D)`` of a batch; ``None`` for models without a latent."""
         return None
 
-    def embed(self, x: Cases | np.ndarray | torch.Tensor) -> np.ndarray | None:
-        """Latent vectors ``(N, D)`` of images (for UMAP/clustering); ``None`` if no latent."""
+    def embed(self, x: Cases | np.ndarray | torch.Tensor) -> np.ndarray:
+        """Latent vectors ``(N, D)`` of images (for UMAP/clustering), where :attr:`has_latent`."""
+        if not self.has_latent:
+            return super().embed(x)
         self.check_fitted()
         cases = as_cases(x, self.spatial_dims)
         self._check_scoring_shape(cases)
         vectors = np.zeros((len(cases), 0))
         for index, batch in self._batches(cases, self.network_):
             vector = self.latent(self.network_, batch)
-            if vector is None:
-                return None
             vector = vector.float().flatten(1).cpu().numpy().astype(np.float64)
             if vectors.shape[1] != vector.shape[1]:
                 vectors = np.zeros((len(cases), vector.shape[1]))
             vectors[index] = vector
-        return vectors if len(cases) else None
+        return vectors
 
     # -- persistence ----------------------------------------------------------------------
     def config(self) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""Where a classifier looks: occlusion sensitivity (seed 001) and Grad-CAM, in 2D and 3D.
+"""Where a classifier looks: occlusion sensitivity (Lin et al. 2021) and Grad-CAM, in 2D and 3D.
 
 * :func:`occlusion_sensitivity`: a gray patch slides over the input; at every position the
   drop of the abnormal probability (clean minus occluded) is added to the voxels the patch

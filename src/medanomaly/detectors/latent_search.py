@@ -1,9 +1,10 @@
-"""Latent representation search (seed 002, Sec. II-B-3): refine z so that G(z) matches x.
+"""Latent representation search (Kobayashi et al. 2020, Sec. II-B-3): refine z so G(z) fits x.
 
 A VAE-type model maps an image to the latent mean ``z_1 = E(x)``; its decoder's output
 ``G(z_1)`` is often a blurred version of ``x``. The search starts at ``z_1`` and takes a fixed
 number of gradient steps on ``z`` alone, minimising the reconstruction error
-``L_AE(x, G(z_i))`` with every network parameter frozen, and returns the final ``z``. Seed 002
+``L_AE(x, G(z_i))`` with every network parameter frozen, and returns the final ``z``. Kobayashi et
+al. 2020
 uses 100 steps with a learning rate of 1e-3; it does not name the optimiser of the search (only
 that Adam trained every network), and this module uses Adam by default (``sgd`` on request).
 
@@ -83,8 +84,8 @@ def latent_search(
         decoder: Maps latent vectors ``(B, *latent)`` to images shaped like ``x``.
         x: Target images ``(B, C, *spatial)``.
         z0: Starting latent vectors (the encoder's mean), ``(B, *latent)``.
-        steps: Number of optimiser steps (seed 002: 100); 0 returns ``z0``.
-        lr: Learning rate (seed 002: 1e-3).
+        steps: Number of optimiser steps (Kobayashi et al. 2020: 100); 0 returns ``z0``.
+        lr: Learning rate (Kobayashi et al. 2020: 1e-3).
         loss: ``l2`` or ``l2+ssim`` (see :func:`reconstruction_error`).
         ssim_weight: Weight of the SSIM term of ``l2+ssim``.
         data_range: Intensity range of the images, for SSIM.

@@ -245,7 +245,7 @@ class MapScoring:
     a box filter of ``smooth`` voxels then favours lesion-sized blobs over single noisy
     voxels, and the score is the mean of the ``top_fraction`` highest voxels (``top``), the
     maximum or the mean. The standardised map is also what ``anomaly_map`` returns. Under the
-    seed-003 head CT 2x5 CV it lifts the VAE from AUROC 0.77 to 0.88 (see the README).
+    the UAD slide deck head CT 2x5 CV it lifts the VAE from AUROC 0.77 to 0.88 (see the README).
 
     Attributes:
         standardise: Standardise each voxel by the normal training residuals.

@@ -5,9 +5,10 @@ threshold** (see :mod:`medanomaly.evaluation.metrics`).
 
 Rules:
 
-* ``youden``: maximise sensitivity + specificity - 1 on labelled validation data (seed 000).
-* ``f1``: maximise F1 on labelled validation data (seed 003).
-* ``mean_sd``: mean + k·SD of held-out normal scores, no labels needed (seed 004).
+* ``youden``: maximise sensitivity + specificity - 1 on labelled validation data (Chung & Choi
+2023).
+* ``f1``: maximise F1 on labelled validation data (the UAD slide deck).
+* ``mean_sd``: mean + k·SD of held-out normal scores, no labels needed (Hjohlman 2022).
 * ``percentile``: the q-th percentile of held-out normal scores.
 * ``conformal``: split-conformal cut-off bounding the false-positive rate on fresh normal
   cases by ``alpha``.
@@ -157,7 +158,7 @@ def _f1_objective(tp: np.ndarray, fp: np.ndarray, n_pos: int, n_neg: int) -> np.
 
 
 def youden_threshold(labels: ArrayLike, scores: ArrayLike) -> float:
-    """ROC cut-off maximising Youden's J = sensitivity + specificity - 1 (seed 000).
+    """ROC cut-off maximising Youden's J = sensitivity + specificity - 1 (Chung & Choi 2023).
 
     Args:
         labels: Binary validation labels, 1 = abnormal, 0 = normal.
@@ -175,7 +176,7 @@ def youden_threshold(labels: ArrayLike, scores: ArrayLike) -> float:
 
 
 def f1_threshold(labels: ArrayLike, scores: ArrayLike) -> float:
-    """Cut-off maximising the F1 score of the abnormal class (seed 003).
+    """Cut-off maximising the F1 score of the abnormal class (the UAD slide deck).
 
     Args:
         labels: Binary validation labels, 1 = abnormal, 0 = normal.
@@ -194,7 +195,7 @@ def f1_threshold(labels: ArrayLike, scores: ArrayLike) -> float:
 
 
 def mean_sd_threshold(normal_scores: ArrayLike, k: float = 3.0) -> float:
-    """Mean + k·SD of held-out normal scores, the outlier rule of thumb (seed 004).
+    """Mean + k·SD of held-out normal scores, the outlier rule of thumb (Hjohlman 2022).
 
     The SD is the sample standard deviation (``ddof=1``); a single score gives SD 0.
 

@@ -10,8 +10,8 @@ sides. For each fold:
    (a supervised classifier, ``supervised = True``, on all of them).
    The validation part is passed as ``val`` to ``fit``; it selects the epoch whose weights
    are kept: the lowest normal validation loss (``engine.monitor: val_loss``) or the highest
-   validation AUROC, normal against abnormal validation images (``val_auroc``, seed 003).
-3. The threshold is chosen on the validation part (default ``f1``, as in seed 003).
+   validation AUROC, normal against abnormal validation images (``val_auroc``, the UAD slide deck).
+3. The threshold is chosen on the validation part (default ``f1``, as in the UAD slide deck).
 4. Only then is the test fold scored; its metrics are saved atomically to
    ``OUT/folds/rR_fF/fold.json``. A fold with that file is never recomputed, and a fold
    interrupted during training resumes from its checkpoint.
@@ -36,10 +36,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from sklearn.model_selection import StratifiedGroupKFold
 
-from medanomaly._version import __version__
 from medanomaly.config import build_detector
 from medanomaly.data.loading import LoadReport, load_dataset
 from medanomaly.data.sets import ImageSet
@@ -88,8 +86,9 @@ class CVSettings:
     Attributes:
         folds: Test folds per repeat (k).
         repeats: Repeats with a different shuffling of the groups.
-        threshold: Threshold rule on the validation part: ``f1`` (default, seed 003),
-            ``youden`` (seed 000), ``mean_sd[:k=..]`` (seed 004), ``percentile[:q=..]``,
+        threshold: Threshold rule on the validation part: ``f1`` (default, the UAD slide deck),
+            ``youden`` (Chung & Choi 2023), ``mean_sd[:k=..]`` (Hjohlman 2022),
+            ``percentile[:q=..]``,
             ``conformal[:alpha=..]`` or ``run`` (the detector's own mean + k·SD).
         alpha: Default level of the conformal rule.
         val_fraction: Share of the training folds (by groups) held out for validation.
@@ -262,12 +261,8 @@ def _start_or_resume(out: Path, state: dict[str, Any], split_text: str) -> None:
 
 def _write_run_config(fold_dir: Path, detector: BaseDetector, config: dict[str, Any]) -> None:
     """``config.yaml`` of a fold's run (with the data block), so it can be evaluated later."""
-    path = fold_dir / CONFIG_FILE
-    if path.exists():
-        return
-    fold_dir.mkdir(parents=True, exist_ok=True)
-    resolved = {**detector.config(), "data": config.get("data") or {}, "version": __version__}
-    atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
+    if not (fold_dir / CONFIG_FILE).exists():
+        detector.write_run_config(fold_dir, config.get("data"))
 
 
 # -- one fold -------------------------------------------------------------------------------
@@ -313,8 +308,7 @@ def run_fold(
     """
     labels = images.labels
     detector = build_detector(config)
-    supervised = getattr(detector, "supervised", False)
-    keep = split.train if supervised else split.train[labels[split.train] == 0]
+    keep = split.train if detector.supervised else split.train[labels[split.train] == 0]
     train = images.subset(keep, keep_augment=True)
     val, test = images.subset(split.val), images.subset(split.test)
     _write_run_config(fold_dir, detector, config)
@@ -337,9 +331,9 @@ def run_fold(
         "n_train": len(train),
         "n_val": len(val),
         "n_test": len(test),
-        "epochs": len(getattr(detector, "history_", [])),
+        "epochs": len(detector.history_),
         "seconds": time.perf_counter() - start,
-        "history": getattr(detector, "history_", []),
+        "history": detector.history_,
         "cases": {
             "id": list(test.ids),
             "label": test.labels.tolist(),
@@ -678,7 +672,7 @@ def _fold(
 def _train_on(config: dict[str, Any]) -> str:
     """Which training images each fold's detector saw, in words."""
     detector = build_detector(config)
-    if getattr(detector, "supervised", False):
+    if detector.supervised:
         return "normal and abnormal images of the training part (a supervised classifier)"
     return "normal images of the training part only"
 

@@ -1,4 +1,4 @@
-"""Anatomical fidelity of reconstructions (seed 002): quality and overlap scores.
+"""Anatomical fidelity of reconstructions (Kobayashi et al. 2020): quality and overlap scores.
 
 A segmentation network trained on normal anatomy of the same domain (any ``nn.Module``
 returning class logits ``(B, K, *spatial)``, e.g. one made by
@@ -6,12 +6,14 @@ returning class logits ``(B, K, *spatial)``, e.g. one made by
 reconstruction:
 
 - **quality score** = mean per-pixel entropy of the softmax on the *input* minus the same on
-  the *reconstruction* (seed 002, eq. 9, which sums over pixels instead; ``reduction="sum"``
+  the *reconstruction* (Kobayashi et al. 2020, eq. 9, which sums over pixels instead;
+  ``reduction="sum"``
   gives that). A blurry or otherwise out-of-distribution reconstruction makes the network
   unsure, raises the entropy on the reconstruction and makes the score negative; 0 means as
   confident as on the input; higher is better.
 - **overlap score** = mean Dice between the argmax segmentations of input and reconstruction
-  over the classes present (seed 002, eq. 10); 1 when they agree everywhere, higher is better.
+  over the classes present (Kobayashi et al. 2020, eq. 10); 1 when they agree everywhere, higher is
+  better.
 
 Entropies are in nats (natural logarithm). Both scores are returned per image.
 """
@@ -67,7 +69,7 @@ def dice_overlap(
         n_classes: Number of classes.
         classes_from: ``either`` averages over the classes present in either map (a class
             the reconstruction invents counts as a miss); ``input`` over the classes of
-            ``first`` only (seed 002's class set K).
+            ``first`` only (Kobayashi et al.'s (2020) class set K).
         ignore_classes: Classes left out (e.g. ``(0,)`` for the background).
 
     Returns:
@@ -106,7 +108,7 @@ def anatomical_fidelity(
             eval mode without gradients on its own device (its train/eval mode is restored).
         images: Inputs ``(N, C, *spatial)``.
         reconstructions: Their reconstructions, same shape.
-        reduction: ``mean`` (default) or ``sum`` (seed 002's scale) of the per-pixel
+        reduction: ``mean`` (default) or ``sum`` (Kobayashi et al.'s (2020) scale) of the per-pixel
             entropies in the quality score.
         classes_from: Classes averaged by the overlap score: ``either`` or ``input``.
         ignore_classes: Classes left out of the overlap score.

@@ -3,7 +3,7 @@
 * :func:`plot_roc`: ROC curve(s) with the chosen cut-off marked.
 * :func:`plot_score_histograms`: scores of normal vs abnormal cases with the threshold line.
 * :func:`plot_training_curves`: normal train loss, normal validation loss and the mean scores
-  of normal / abnormal validation images per epoch (seed 000, Fig. 2).
+  of normal / abnormal validation images per epoch (Chung & Choi 2023, Fig. 2).
 * :func:`plot_confusion_matrix`: the 2x2 table at the chosen threshold.
 * :func:`plot_fold_boxplot`: per-fold metrics of a cross-validation as box plots.
 * :func:`save_gallery`: input | reconstruction | difference map of selected cases
@@ -162,7 +162,7 @@ def plot_training_curves(
     path: str | Path,
     title: str = "Training curves",
 ) -> Path | None:
-    """Per-epoch losses and mean validation scores of one or several runs (seed 000, Fig. 2).
+    """Per-epoch losses and mean validation scores of runs (Chung & Choi 2023, Fig. 2).
 
     Left: normal training loss and normal validation loss. Right: mean anomaly score of the
     normal and of the abnormal validation images (the gap is what the model learns to open).

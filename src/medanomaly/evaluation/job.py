@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from medanomaly.data.loading import list_cases
-from medanomaly.detectors.base import BaseDetector, scores_only
+from medanomaly.detectors.base import BaseDetector
 from medanomaly.evaluation import figures as figs
 from medanomaly.evaluation.pixel import PixelMetricAccumulator, scan_range
 from medanomaly.jobs.score import in_chunks
@@ -95,7 +95,7 @@ def score_share(
                 local.range = _widest(local.range, scan_range([result.maps[j]], [fg[j]]))
                 local.spilled.append(position)
         else:
-            scores = np.asarray(scores_only(detector, part), dtype=np.float64)
+            scores = np.asarray(detector.score(part), dtype=np.float64)
         for j, i in enumerate(index):
             row = (part.ids[j], int(part.labels[j]), float(scores[j]), bool(include[j]))
             local.rows.append((int(share.index[i]), row))

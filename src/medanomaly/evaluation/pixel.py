@@ -4,7 +4,7 @@ Voxel scores are "higher = more abnormal" and a voxel is called abnormal iff
 ``score > threshold``, as for image-level scores.
 
 Only voxels inside the foreground (body/brain) mask are counted when one is given: background
-voxels are trivially normal and inflate the AUROC (seed 002). Lesion voxels outside the
+voxels are trivially normal and inflate the AUROC (Kobayashi et al. 2020). Lesion voxels outside the
 foreground are ignored too.
 
 The metrics are computed from two score histograms (lesion and non-lesion voxels, int64

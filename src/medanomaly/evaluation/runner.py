@@ -151,9 +151,9 @@ def _evaluate_threshold(
 ) -> ThresholdChoice:
     """The threshold of :func:`evaluate_run` and what it rests on."""
     rule, params = parse_rule(spec)
-    calibration = np.asarray(getattr(detector, "val_scores_", []), dtype=np.float64)
+    calibration = np.asarray(detector.val_scores_, dtype=np.float64)
     if rule is None:
-        k = getattr(detector, "threshold_sd", None)
+        k = detector.get_params().get("threshold_sd")
         source = (
             f"the run's own threshold: mean + {k:g}·SD of its {calibration.size} held-out "
             "normal validation scores"
@@ -192,8 +192,8 @@ def score_in_chunks(
     Returns:
         ``(scores, maps or None)``.
     """
-    if not keep_maps and hasattr(detector, "detect_scores"):
-        return np.asarray(detector.detect_scores(images), dtype=np.float64), None
+    if not keep_maps:
+        return np.asarray(detector.score(images), dtype=np.float64), None
     scores, maps = [], []
     for start in range(0, len(images), chunk):
         part = images.subset(np.arange(start, min(start + chunk, len(images))))
@@ -475,12 +475,10 @@ def _evaluation_figures(
             f"At threshold {threshold:.4g}.",
         ),
         Figure(
-            figs.plot_training_curves(
-                [getattr(detector, "history_", [])], folder / "training_curves.png"
-            ),
+            figs.plot_training_curves([detector.history_], folder / "training_curves.png"),
             "Training curves",
             "Normal train and validation loss; mean score of normal and abnormal validation "
-            "images per epoch (seed 000, Fig. 2).",
+            "images per epoch (Chung & Choi 2023, Fig. 2).",
         ),
     ]
     return [f for f in made if f.path is not None]
@@ -539,9 +537,7 @@ def evaluate_run(
     claim = claim_outputs(folders=[out], staged=[maps_dir], command="evaluate") if main else Claim()
     try:
         share = load_share(detector, data, ranks, strict, options.num_workers)
-        label_names = ((getattr(detector, "run_config_", None) or {}).get("data") or {}).get(
-            "label_names"
-        )
+        label_names = (detector.run_config_.get("data") or {}).get("label_names")
         pixel = any(ranks.all_gather(bool(share.cases.has_masks)))
         with temporary_folder("evaluate") as spill:
             parts = ranks.together(  # every rank's pass, on every rank; one failing stops all
@@ -647,7 +643,7 @@ def _write_evaluation(
         n_unlabelled=int((~labelled).sum()),
         skipped=[{"case": path, "reason": problem} for path, problem in skipped],
         **sources,
-        model=getattr(detector, "name", type(detector).__name__),
+        model=detector.name or type(detector).__name__,
     )
     result = AnomalyResult(scores, predictions, np.empty(0), None, value)
     write_scores_csv(out / SCORES_FILE, scored.ids, labels, result, extra=extra)
@@ -662,7 +658,7 @@ def _conformal(
     detector: BaseDetector, scores: np.ndarray, alpha: float
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The ``p_value`` column and the ``conformal`` block of ``metrics.json``."""
-    calibration = np.asarray(getattr(detector, "val_scores_", []), dtype=np.float64)
+    calibration = np.asarray(detector.val_scores_, dtype=np.float64)
     if calibration.size == 0:
         return {}, {"alpha": alpha, "n_calibration": 0, "note": "no validation scores in run"}
     pvalues = conformal_pvalues(calibration, scores)

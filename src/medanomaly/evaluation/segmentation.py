@@ -1,6 +1,7 @@
-"""Train a small anatomical segmentation U-Net (for the anatomical fidelity scores, seed 002).
+"""A small anatomical segmentation U-Net for the fidelity scores of Kobayashi et al. 2020.
 
-Seed 002 measures how faithful reconstructions are with a segmentation network trained on
+Kobayashi et al. 2020 measures how faithful reconstructions are with a segmentation network trained
+on
 normal anatomy of the same domain (:mod:`medanomaly.evaluation.fidelity`). Users with
 anatomical label maps make one here: MONAI's :class:`~monai.networks.nets.UNet` trained with
 Dice + cross-entropy (:class:`~monai.losses.DiceCELoss`) by the project's
@@ -30,6 +31,7 @@ from medanomaly.training.engine import (
     EngineConfig,
     TrainingData,
     TrainingTask,
+    seeded,
     split_indices,
 )
 
@@ -108,8 +110,10 @@ def train_segmenter(
     strides = tuple(strides) if strides is not None else (2,) * (len(channels) - 1)
     _check_sides(x.shape[2:], strides)
     config = _engine_config(engine, epochs, val_fraction)
-    torch.manual_seed(config.seed)
-    network = build_segmenter(spatial_dims, x.shape[1], n_classes, channels, strides, num_res_units)
+    with seeded(config.seed):
+        network = build_segmenter(
+            spatial_dims, x.shape[1], n_classes, channels, strides, num_res_units
+        )
     data = _training_data(x, y, config)
     criterion = DiceCELoss(to_onehot_y=True, softmax=True)
 

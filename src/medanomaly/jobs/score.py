@@ -17,10 +17,17 @@ import numpy as np
 
 from medanomaly.data.progress import CaseProgress
 from medanomaly.data.sets import Cases, ImageSet
-from medanomaly.detectors.base import AnomalyResult, BaseDetector, scores_only
+from medanomaly.detectors.base import AnomalyResult, BaseDetector
 from medanomaly.outputs.guard import Claim, check_apart, claim_outputs, staging_folder
 from medanomaly.outputs.writers import MapsWritten, save_part_maps, write_scores_csv
-from medanomaly.training.distributed import Ranks, Share, launch, load_share, merge_rows
+from medanomaly.training.distributed import (
+    Ranks,
+    Share,
+    cpu_threads_per_rank,
+    launch,
+    load_share,
+    merge_rows,
+)
 
 #: Cases read into memory and scored at a time.
 SCORE_CHUNK = 32
@@ -36,17 +43,22 @@ class JobOptions:
         num_nodes: Machines.
         num_workers: First-pass worker processes per rank (``None``: the run's
             ``data.num_workers``, else the cores available).
+        share_cores: Divide torch's CPU threads between the ranks of a CPU job. Only the
+            command line sets it: a library call never changes the process's thread count.
     """
 
     accelerator: str = "auto"
     devices: int = 1
     num_nodes: int = 1
     num_workers: int | None = None
+    share_cores: bool = False
 
 
 def start_job(run: str | Path, options: JobOptions) -> tuple[Ranks, BaseDetector]:
     """Launch the job's processes and load the run onto this process's device."""
     ranks = launch(options.accelerator, options.devices, options.num_nodes)
+    if options.share_cores:
+        cpu_threads_per_rank(ranks)
     return ranks, BaseDetector.load(run).to(ranks.device)
 
 
@@ -170,7 +182,7 @@ def _score_share(
     desc = "scoring and writing maps" if maps is not None else "scoring"
     for index, part in in_chunks(share.cases, chunk, desc):
         if maps is None:
-            scores = np.asarray(scores_only(detector, part), dtype=np.float64)
+            scores = np.asarray(detector.score(part), dtype=np.float64)
         else:
             result = detector.detect(part)
             scores = np.asarray(result.scores, dtype=np.float64)

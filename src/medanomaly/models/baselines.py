@@ -30,7 +30,6 @@ from medanomaly.detectors.base import (
     MODEL_FILE,
     AnomalyResult,
     BaseDetector,
-    mean_sd_threshold,
     yaml_plain,
 )
 from medanomaly.detectors.registry import register
@@ -136,18 +135,15 @@ class StatisticDetector(BaseDetector):
         self.input_shape_ = shape
         self.fit_statistics(train_set)
         self.history_: list[dict[str, float]] = []
-        if run_dir is not None:
-            self.run_config_ = self._run_config(Path(run_dir))
-        self.val_scores_ = self.score(normal if len(normal) else train_set)
-        self.threshold_ = mean_sd_threshold(self.val_scores_, self.threshold_sd)
+        self.run_config_ = self._run_config(run_dir)
+        self._learn_threshold(self.score(normal if len(normal) else train_set))
         if run_dir is not None:
             self.save(Path(run_dir) / MODEL_FILE)
         return self
 
     def calibrate(self, normal: ImageSet | np.ndarray | torch.Tensor) -> StatisticDetector:
         """Recompute ``threshold_`` from held-out normal images."""
-        self.val_scores_ = self.score(normal)
-        self.threshold_ = mean_sd_threshold(self.val_scores_, self.threshold_sd)
+        self._learn_threshold(self.score(normal))
         return self
 
     def _check_channels(self, channels: int) -> None:
@@ -160,7 +156,7 @@ class StatisticDetector(BaseDetector):
     def _batches(self, x: Any) -> Iterator[torch.Tensor]:
         """Batches of ``x`` in input order (a streamed set is read a chunk at a time)."""
         images = as_cases(x, self.spatial_dims)
-        expected = getattr(self, "input_shape_", None)
+        expected = self.input_shape_
         if expected is not None:
             for i, shape in enumerate(images.shapes):
                 if tuple(shape) != tuple(expected):
@@ -190,7 +186,7 @@ class StatisticDetector(BaseDetector):
 
     def score(self, x: ImageSet | np.ndarray | torch.Tensor) -> np.ndarray:
         """One score per image (no maps kept)."""
-        if not hasattr(self, "input_shape_"):
+        if self.input_shape_ is None:
             self.check_fitted()
         scores = [self.evaluate(batch)[0].double().numpy() for batch in self._batches(x)]
         return np.concatenate(scores) if scores else np.zeros(0)

@@ -1,4 +1,4 @@
-"""Convolutional autoencoder detector (seed 003)."""
+"""Convolutional autoencoder detector (the UAD slide deck)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,8 @@ class CAE(DeepDetector):
             :class:`~medanomaly.detectors.scoring.MapScoring`); ``None`` keeps the model's own
             score.
     """
+
+    has_latent = True
 
     def __init__(
         self,

@@ -1,21 +1,21 @@
-"""Supervised baseline (seed 001): VGG-like and ResNet-like CNN classifiers, 2D / 2.5D / 3D.
+"""Supervised baseline (Lin et al. 2021): VGG-like and ResNet-like CNN classifiers, 2D / 2.5D / 3D.
 
 When labels exist, a classifier shows how far supervision gets. Both detectors have the
 interface of the unsupervised ones, with one difference: ``fit`` learns from normal *and*
 abnormal images (``supervised = True``), so ``train`` must be labelled.
 
 * Score: the softmax probability of "abnormal"; ``predict``: score > ``threshold`` (0.5).
-* Map: Grad-CAM (default; one backward pass) or occlusion sensitivity (seed 001's heat map;
+* Map: Grad-CAM (default; one backward pass) or occlusion sensitivity (Lin et al.'s (2021) heat map;
   one forward pass per patch position), see :mod:`medanomaly.detectors.explain`.
-* Training (seed 001): class-weighted cross-entropy, Adam, L2 weight decay 0.01 on
+* Training (Lin et al. 2021): class-weighted cross-entropy, Adam, L2 weight decay 0.01 on
   convolution kernels and 0.001 on fully connected weights (none on batch norm and biases),
   a step learning-rate decay, random flips and a random crop per image (the centred crop at
-  inference; e.g. 164 -> 128 in the seed). ``engine.lr`` is the starting learning rate and
+  inference; e.g. 164 -> 128 in the paper). ``engine.lr`` is the starting learning rate and
   ``engine.weight_decay`` is not used.
 * Validation: ``val`` (labelled) or, without it, a stratified, patient-grouped
   ``engine.val_fraction`` of ``train``; its loss is the weighted cross-entropy over both
   classes, and ``engine.monitor`` / ``patience`` pick the epoch kept. With
-  ``val_fraction: 0`` (seed 001's final retraining on the whole training set) the last
+  ``val_fraction: 0`` (Lin et al.'s (2021) final retraining on the whole training set) the last
   epoch is kept.
 """
 
@@ -163,15 +163,15 @@ class SupervisedClassifier(DeepDetector):
         spatial_dims: 2 (also for 2.5D) or 3.
         in_channels: Image channels; ``k`` for 2.5D input of ``k`` slices.
         fc_features: Widths of the hidden fully connected layers (a last FC layer gives the
-            two logits: four FC layers by default, as in seed 001).
-        dropout: Dropout between FC layers (seed 001: 0.5).
+            two logits: four FC layers by default, as in Lin et al. 2021).
+        dropout: Dropout between FC layers (Lin et al. 2021: 0.5).
         crop_size: Spatial size of the random training crop and of the centred inference
-            crop (seed 001: 128 from 164); ``None`` uses the whole image.
+            crop (Lin et al. 2021: 128 from 164); ``None`` uses the whole image.
         flip_axes: Spatial axes flipped at random (probability 0.5 each) in training.
         class_weight: ``"balanced"`` (weights inversely proportional to the class counts of
             the training set, scikit-learn's rule), ``None`` or ``[w_normal, w_abnormal]``.
-        conv_weight_decay: L2 weight decay of convolution kernels (seed 001: 0.01).
-        fc_weight_decay: L2 weight decay of fully connected weights (seed 001: 0.001).
+        conv_weight_decay: L2 weight decay of convolution kernels (Lin et al. 2021: 0.01).
+        fc_weight_decay: L2 weight decay of fully connected weights (Lin et al. 2021: 0.001).
         lr_milestones: Epochs at which the learning rate is multiplied by ``lr_gamma``.
         lr_gamma: Learning-rate factor at each milestone.
         map_method: ``grad_cam`` or ``occlusion`` for :meth:`anomaly_map`.
@@ -187,6 +187,7 @@ class SupervisedClassifier(DeepDetector):
     """
 
     supervised: ClassVar[bool] = True
+    streams: ClassVar[bool] = False  # reads its labelled training set into memory
 
     def __init__(
         self,
@@ -333,7 +334,7 @@ class SupervisedClassifier(DeepDetector):
         return weights
 
     def _optimizers(self, network: nn.Module) -> Optimizers:
-        """Adam (seed 001: betas 0.9 / 0.999) with one weight decay per kind of layer."""
+        """Adam (Lin et al. 2021: betas 0.9 / 0.999) with one weight decay per kind of layer."""
         conv, fc = network.conv_weights(), network.fc_weights()
         taken = {id(p) for p in (*conv, *fc)}
         groups = [
@@ -440,7 +441,7 @@ class SupervisedClassifier(DeepDetector):
 
 @register("vgg_classifier")
 class VGGClassifierDetector(SupervisedClassifier):
-    """Seed 001's network A (VGG-like) as a detector; see :class:`SupervisedClassifier`.
+    """Lin et al.'s (2021) network A (VGG-like) as a detector; see :class:`SupervisedClassifier`.
 
     Args:
         spatial_dims: 2 (also 2.5D) or 3.
@@ -454,8 +455,8 @@ class VGGClassifierDetector(SupervisedClassifier):
         class_weight: Cross-entropy class weights.
         conv_weight_decay: L2 decay of convolution kernels.
         fc_weight_decay: L2 decay of FC weights.
-        lr_milestones: Learning-rate decay epochs (seed 001, network A: 250).
-        lr_gamma: Decay factor (seed 001, network A: 3e-4 -> 1e-4).
+        lr_milestones: Learning-rate decay epochs (Lin et al. 2021, network A: 250).
+        lr_gamma: Decay factor (Lin et al. 2021, network A: 3e-4 -> 1e-4).
         map_method: ``grad_cam`` or ``occlusion``.
         occlusion_patch: Occlusion patch side.
         occlusion_stride: Occlusion step.
@@ -507,13 +508,13 @@ class VGGClassifierDetector(SupervisedClassifier):
 
 @register("resnet_classifier")
 class ResNetClassifierDetector(SupervisedClassifier):
-    """Seed 001's network B (ResNet-like) as a detector; see :class:`SupervisedClassifier`.
+    """Lin et al.'s (2021) network B (ResNet-like) as a detector; see :class:`SupervisedClassifier`.
 
     Args:
         spatial_dims: 2 (also 2.5D) or 3.
         in_channels: Image channels (``k`` slices for 2.5D).
         channels: Channels of the four stages of residual blocks.
-        blocks_per_stage: Residual blocks per stage (2: eight blocks, as in seed 001).
+        blocks_per_stage: Residual blocks per stage (2: eight blocks, as in Lin et al. 2021).
         fc_features: Hidden FC widths.
         dropout: FC dropout.
         crop_size: Training random crop / inference centred crop.
@@ -521,8 +522,8 @@ class ResNetClassifierDetector(SupervisedClassifier):
         class_weight: Cross-entropy class weights.
         conv_weight_decay: L2 decay of convolution kernels.
         fc_weight_decay: L2 decay of FC weights.
-        lr_milestones: Learning-rate decay epochs (seed 001, network B: 300).
-        lr_gamma: Decay factor (seed 001, network B: 3e-4 -> 5e-5).
+        lr_milestones: Learning-rate decay epochs (Lin et al. 2021, network B: 300).
+        lr_gamma: Decay factor (Lin et al. 2021, network B: 3e-4 -> 5e-5).
         map_method: ``grad_cam`` or ``occlusion``.
         occlusion_patch: Occlusion patch side.
         occlusion_stride: Occlusion step.

@@ -72,7 +72,7 @@ class DenoisingAE(DeepDetector):
             :class:`~medanomaly.detectors.scoring.MapScoring`); ``None`` keeps ``score_reduce``.
     """
 
-    fully_convolutional = True  # scores cases of any size, each at its own
+    scores_any_size = True  # fully convolutional: scores cases of any size, each at its own
 
     def __init__(
         self,

@@ -1,6 +1,6 @@
-"""Deep autoencoding Gaussian mixture model detector (seed 003; Zong et al., ICLR 2018).
+"""Deep autoencoding Gaussian mixture model detector (the UAD slide deck; Zong et al., ICLR 2018).
 
-Seed 003 tried DAGMM on 2D head CT and reports that it "did not work". The original model
+The UAD slide deck tried DAGMM on 2D head CT and reports that it "did not work". The original model
 feeds the raw latent code and two reconstruction-error features into a Gaussian mixture.
 On images the error features are tiny and nearly constant (the cosine similarity of an
 image and its reconstruction is 0.99x for every image) next to a latent code of arbitrary
@@ -30,7 +30,7 @@ dimensions collinear, which ruins the reconstructions. What was done to make it 
 On the phantoms the energy is as good as the plain reconstruction error of the same
 autoencoder trained without the energy term (0.99), not better, and it needs more epochs
 (the energy term slows the autoencoder: 0.72-0.99 over seeds at 30 epochs, 0.99 at 50).
-On head CT (``benchmarks/head_ct.py``) it trains stably but is the weakest seed-003 model:
+On head CT (``benchmarks/head_ct.py``) it trains stably but is the weakest the UAD slide deck model:
 energy AUROC 0.68 +- 0.06 under 2 x 5 CV and 0.71 on the fixed split, where the mean
 squared residual of the same network reaches 0.86. The latent code barely separates
 haemorrhage (per-feature AUROC 0.37-0.75), and the energy is two-sided: it also flags

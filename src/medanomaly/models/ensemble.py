@@ -2,7 +2,7 @@
 
 Each member's scores are turned into z-scores with the mean and SD of its scores on the
 held-out normal validation images, and the ensemble score is the mean of those z-scores
-(seed 003's suggestion of "ensembles of scores"). Members that err on different images
+(the UAD slide deck's suggestion of "ensembles of scores"). Members that err on different images
 (different architectures, residuals or seeds) average out each other's misses. Maps are
 standardised the same way, with the mean and SD of the member's validation maps.
 
@@ -32,8 +32,6 @@ from medanomaly.detectors.base import (
     AnomalyResult,
     BaseDetector,
     fit_or_load,
-    mean_sd_threshold,
-    scores_only,
     standardisation,
 )
 from medanomaly.detectors.registry import build_nested, get_model_class, nested_block, register
@@ -127,14 +125,13 @@ class Ensemble(BaseDetector):
         normal = val_set.subset(val_set.labels != 1)
         if len(normal) == 0:
             raise ConfigError("ensemble: the validation images hold no normal image")
-        if run_dir is not None:
-            self.run_config_ = self._run_config(Path(run_dir))
+        self.run_config_ = self._run_config(run_dir)
         self.members_ = [
             self._fit_member(i, m, train_set, val_set, run_dir, resume)
             for i, m in enumerate(members)
         ]
-        self.history_ = getattr(self.members_[0], "history_", [])
-        self.is_main_process_ = all(getattr(m, "is_main_process_", True) for m in self.members_)
+        self.history_ = self.members_[0].history_
+        self.is_main_process_ = all(m.is_main_process_ for m in self.members_)
         self._standardise(normal)
         if run_dir is not None and self.is_main_process_:
             self.save(Path(run_dir) / MODEL_FILE)
@@ -157,8 +154,7 @@ class Ensemble(BaseDetector):
         results = [member.detect(normal) for member in self.members_]
         self.score_stats_ = [standardisation(r.scores) for r in results]
         self.map_stats_ = [standardisation(r.maps) for r in results]
-        scores = self.val_scores_ = self._combine_scores([r.scores for r in results])
-        self.threshold_ = mean_sd_threshold(scores, self.threshold_sd)
+        self._learn_threshold(self._combine_scores([r.scores for r in results]))
 
     # -- inference --------------------------------------------------------------------------
     def _combine_scores(self, scores: list[np.ndarray]) -> np.ndarray:
@@ -185,7 +181,7 @@ class Ensemble(BaseDetector):
     def score(self, x: ImageSet | np.ndarray) -> np.ndarray:
         """Combined scores only (members keep no maps in memory)."""
         self.check_fitted()
-        return self._combine_scores([scores_only(member, x) for member in self.members_])
+        return self._combine_scores([member.score(x) for member in self.members_])
 
     # -- persistence ------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -220,5 +216,5 @@ class Ensemble(BaseDetector):
         self.map_stats_ = [tuple(s) for s in saved["map_stats"]]
         self.threshold_ = float(saved["threshold"])
         self.val_scores_ = np.asarray(saved["val_scores"], dtype=np.float64)
-        self.history_ = getattr(self.members_[0], "history_", [])
+        self.history_ = self.members_[0].history_
         self.run_config_ = saved.get("config", {})

@@ -1,4 +1,4 @@
-"""f-AnoGAN (Schlegl et al. 2019), as compared in seed 003: WGAN-GP, then izi_f encoder training.
+"""f-AnoGAN (Schlegl et al. 2019), as in the UAD slide deck: WGAN-GP, then an izi_f encoder.
 
 Stage 1 trains a Wasserstein GAN with gradient penalty on normal images (generator G and
 critic D). Stage 2 freezes both and trains an encoder E so that G(E(x)) reconstructs x, with

@@ -97,7 +97,7 @@ class ForeignPatchInterpolation(DeepDetector):
             ``score_reduce``.
     """
 
-    fully_convolutional = True  # scores cases of any size, each at its own
+    scores_any_size = True  # fully convolutional: scores cases of any size, each at its own
 
     def __init__(
         self,

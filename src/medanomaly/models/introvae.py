@@ -1,9 +1,9 @@
-"""IntroVAE (Huang et al. 2018) as the image reconstruction network of seed 002.
+"""IntroVAE (Huang et al. 2018) as the image reconstruction network of Kobayashi et al. 2020.
 
 The encoder E (inference model) and decoder G (generator) of a VAE play a min-max game on the
 KL regulariser L_REG = KL(q(z|x) || N(0, I)): E keeps L_REG small for real images and pushes
 it above a margin ``m`` for generated ones, G tries to make its images look real to E
-(seed 002, eq. 4-7). Two Adam optimisers, one per player, take turns on every batch.
+(Kobayashi et al. 2020, eq. 4-7). Two Adam optimisers, one per player, take turns on every batch.
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def encoder_loss(
     alpha: float,
     beta: float,
 ) -> torch.Tensor:
-    """Seed 002 eq. 6: L_E = L_REG(z) + alpha * sum_s [m - L_REG(z_s)]^+ + beta * L_AE.
+    """Kobayashi et al. 2020 eq. 6: L_E = L_REG(z) + alpha * sum_s [m - L_REG(z_s)]^+ + beta * L_AE.
 
     Each term is averaged over its own samples (the expectation of the equation).
 
@@ -94,7 +94,10 @@ def encoder_loss(
 def decoder_loss(
     kl_fakes: Sequence[torch.Tensor], reconstruction: torch.Tensor, alpha: float, beta: float
 ) -> torch.Tensor:
-    """Seed 002 eq. 7: L_G = alpha * sum_s L_REG(z_s) + beta * L_AE (each term averaged)."""
+    """Generator loss (Kobayashi et al. 2020 eq. 7), each term averaged.
+
+    L_G = alpha * sum_s L_REG(z_s) + beta * L_AE.
+    """
     return alpha * sum(kl.mean() for kl in kl_fakes) + beta * reconstruction.mean()
 
 
@@ -110,9 +113,10 @@ def _kl(pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
 
 @register("introvae")
 class IntroVAE(DeepDetector):
-    """Introspective VAE (seed 002); score = reconstruction error of the decoded latent mean.
+    """Introspective VAE (Kobayashi et al. 2020); score = error of the decoded latent mean.
 
-    Training follows seed 002 eq. 4-7 on every batch, with z ~ q(z|x) (reparameterised),
+    Training follows Kobayashi et al. 2020 eq. 4-7 on every batch, with z ~ q(z|x)
+    (reparameterised),
     ``x_r = G(z)``, ``x_p = G(z_p)`` with ``z_p ~ N(0, I)``, ``z_s = E(x_s)`` for
     ``s`` in {r, p} and L_REG = KL(q || N(0, I)) summed over latent dimensions:
 
@@ -124,7 +128,8 @@ class IntroVAE(DeepDetector):
       ``L_G = alpha * sum_s L_REG(z_s) + beta * L_AE(x, x_r)``.
 
     ``L_AE`` is the sum over voxels of the squared residual plus ``ssim_weight`` times the
-    sum over voxels of 1 - SSIM (seed 002 adds SSIM to the L2 loss without giving a weight).
+    sum over voxels of 1 - SSIM (Kobayashi et al. 2020 adds SSIM to the L2 loss without giving a
+    weight).
     The engine owns epochs, checkpoints, resume and early stopping; its validation loss is
     ``L_AE + L_REG`` of the normal validation images decoded from their latent mean, the
     logged training loss the same quantity for the sampled z.
@@ -133,22 +138,22 @@ class IntroVAE(DeepDetector):
     representation search, ``latent_steps``); the map is the squared residual and the score
     its sum over the image. ``map_score`` works as for every reconstruction model.
 
-    Seed 002's settings (2D brain MRI 256x256 in [-1, 1], tanh output): alpha 0.5,
+    Kobayashi et al.'s (2020) settings (2D brain MRI 256x256 in [-1, 1], tanh output): alpha 0.5,
     beta 0.04, m 120, Adam with learning rates 1e-4 (encoder) and 5e-3 (decoder), batch 120,
     200 epochs, a 128x4x4 latent from residual blocks (32 to 512 channels), latent search of
     100 steps at lr 1e-3. The defaults here follow the numbers except where noted:
 
     * the network is the project's VAE (four conv-BN-ReLU-max-pool modules, a vector latent
       of ``latent_dim`` = 128 instead of a 128x4x4 map, transposed-convolution decoder),
-      without dropout (the seed's encoder has none) and a LeakyReLU slope of 0.2 (unstated);
+      without dropout (the paper's encoder has none) and a LeakyReLU slope of 0.2 (unstated);
     * ``output_activation`` is ``sigmoid`` for [0, 1] images (the project's convention; the
-      LGG config uses [-1, 1] with ``tanh`` as the seed does);
+      LGG config uses [-1, 1] with ``tanh`` as the paper does);
     * the hinge is applied per image and averaged (the original IntroVAE code hinges the
       batch mean and averages the two generated kinds, i.e. half our alpha);
-    * ``ssim_weight`` 1 (unstated in the seed); ``prior_samples`` (unstated) = batch size;
+    * ``ssim_weight`` 1 (unstated in the paper); ``prior_samples`` (unstated) = batch size;
     * L_AE and L_REG are sums over voxels and latent dimensions, so the balance of beta
-      against m depends on the image size: at a quarter of the seed's pixels, a 4x beta keeps
-      the seed's balance (see ``configs/introvae_lgg_2d.yaml``).
+      against m depends on the image size: at a quarter of the paper's pixels, a 4x beta keeps
+      the paper's balance (see ``configs/introvae_lgg_2d.yaml``).
 
     Args:
         spatial_dims: 2 or 3.
@@ -160,22 +165,26 @@ class IntroVAE(DeepDetector):
         negative_slope: Decoder LeakyReLU slope.
         output_activation: ``sigmoid`` ([0, 1] inputs), ``tanh`` ([-1, 1]) or ``none``; also
             sets the SSIM data range (2 for ``tanh``, else 1).
-        margin: ``m``, the KL that E demands of generated images (seed 002: 120).
-        alpha: Weight of the adversarial KL terms (seed 002: 0.5).
-        beta: Weight of the reconstruction term (seed 002: 0.04).
+        margin: ``m``, the KL that E demands of generated images (Kobayashi et al. 2020: 120).
+        alpha: Weight of the adversarial KL terms (Kobayashi et al. 2020: 0.5).
+        beta: Weight of the reconstruction term (Kobayashi et al. 2020: 0.04).
         ssim_weight: Weight of the 1 - SSIM term in L_AE (0: plain L2).
         prior_samples: Number of ``z_p ~ N(0, I)`` per training step; ``None``: batch size.
-        encoder_lr: Adam learning rate of E (seed 002: 1e-4); ``None`` uses ``engine.lr``.
-        decoder_lr: Adam learning rate of G (seed 002: 5e-3); ``None`` uses ``engine.lr``.
+        encoder_lr: Adam learning rate of E (Kobayashi et al. 2020: 1e-4); ``None`` uses
+            ``engine.lr``.
+        decoder_lr: Adam learning rate of G (Kobayashi et al. 2020: 5e-3); ``None`` uses
+            ``engine.lr``.
         latent_steps: Steps of latent representation search at scoring (and validation)
-            time, minimising L_AE; 0 turns it off (seed 002: 100).
-        latent_lr: Learning rate of that search (seed 002: 1e-3).
+            time, minimising L_AE; 0 turns it off (Kobayashi et al. 2020: 100).
+        latent_lr: Learning rate of that search (Kobayashi et al. 2020: 1e-3).
         threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
         engine: Training settings (``lr`` only when ``encoder_lr``/``decoder_lr`` are None).
         map_score: Score from the standardised, smoothed map (see
             :class:`~medanomaly.detectors.scoring.MapScoring`); ``None`` keeps the model's own
             score.
     """
+
+    has_latent = True
 
     def __init__(
         self,

@@ -33,11 +33,10 @@ from sklearn.mixture import GaussianMixture
 from medanomaly._version import __version__
 from medanomaly.data.sets import ImageSet, as_cases
 from medanomaly.detectors.base import (
+    MODEL_FILE,
     AnomalyResult,
     BaseDetector,
     fit_or_load,
-    mean_sd_threshold,
-    scores_only,
     standardisation,
 )
 from medanomaly.detectors.registry import build_nested, get_model_class, nested_block, register
@@ -54,7 +53,7 @@ class LatentDensity(BaseDetector):
     """An autoencoder's latent vectors, scored by their density under the normal ones.
 
     Args:
-        encoder: ``model:`` block of the autoencoder (default the seed-000 ``vae``).
+        encoder: ``model:`` block of the autoencoder (default the Chung & Choi 2023 ``vae``).
         encoder_run: Use the autoencoder already trained in this run (a run directory or
             ``model.safetensors``, e.g. from ``medanomaly fit``) instead of training ``encoder``; it
             must have been trained on the same normal images, without the validation ones.
@@ -141,30 +140,28 @@ class LatentDensity(BaseDetector):
             train_set, val = train_set.subset(keep, keep_augment=True), train_set.subset(held)
         val_set = as_cases(val, self.spatial_dims)
         normal = val_set.subset(val_set.labels != 1)
-        if run_dir is not None:
-            self.run_config_ = self._run_config(Path(run_dir))
+        self.run_config_ = self._run_config(run_dir)
         if self.encoder_run is not None:
             self.encoder_ = BaseDetector.load(self.encoder_run)
         else:
             encoder = build_nested(self.encoder_block(), self.name, "encoder")
             folder = None if run_dir is None else Path(run_dir) / f"encoder_{encoder.name}"
             self.encoder_ = fit_or_load(encoder, train_set, val_set, folder, resume)
-        self.history_ = getattr(self.encoder_, "history_", [])
-        self.is_main_process_ = getattr(self.encoder_, "is_main_process_", True)
+        self.history_ = self.encoder_.history_
+        self.is_main_process_ = self.encoder_.is_main_process_
         self._fit_density(self._latents(train_set.subset(np.arange(len(train_set)))))
         self._standardise(normal if len(normal) else train_set.subset(np.arange(len(train_set))))
         if run_dir is not None and self.is_main_process_:
-            self.save(Path(run_dir) / "model.pt")
+            self.save(Path(run_dir) / MODEL_FILE)
         return self
 
     def _latents(self, images: ImageSet | np.ndarray) -> np.ndarray:
-        vectors = self.encoder_.embed(images)
-        if vectors is None:
+        if not self.encoder_.has_latent:
             raise ConfigError(
                 f"{self.name}: the encoder {self.encoder_.name!r} has no latent vector; use "
                 "vae, cae, introvae or resnet_ae"
             )
-        return vectors
+        return self.encoder_.embed(images)
 
     def _fit_density(self, latents: np.ndarray) -> None:
         if self.density == "gaussian":
@@ -183,10 +180,9 @@ class LatentDensity(BaseDetector):
     def _standardise(self, normal: ImageSet) -> None:
         """Mean and SD of both scores on the normal images, then the threshold."""
         latent = self.latent_scores(self._latents(normal))
-        own = scores_only(self.encoder_, normal)
+        own = self.encoder_.score(normal)
         self.stats_ = {"latent": standardisation(latent), "encoder": standardisation(own)}
-        self.val_scores_ = self._combine(latent, own)
-        self.threshold_ = mean_sd_threshold(self.val_scores_, self.threshold_sd)
+        self._learn_threshold(self._combine(latent, own))
 
     def calibrate(self, normal: ImageSet | np.ndarray) -> LatentDensity:
         """Re-standardise both scores and reset the threshold on held-out normal images.
@@ -228,7 +224,7 @@ class LatentDensity(BaseDetector):
     def score(self, x: ImageSet | np.ndarray) -> np.ndarray:
         """Scores only (the encoder keeps no maps)."""
         self.check_fitted()
-        return self._combine(self.latent_scores(self._latents(x)), scores_only(self.encoder_, x))
+        return self._combine(self.latent_scores(self._latents(x)), self.encoder_.score(x))
 
     # -- persistence ------------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -270,7 +266,7 @@ class LatentDensity(BaseDetector):
         self.stats_ = {k: tuple(v) for k, v in saved["stats"].items()}
         self.threshold_ = float(saved["threshold"])
         self.val_scores_ = np.asarray(saved["val_scores"], dtype=np.float64)
-        self.history_ = getattr(self.encoder_, "history_", [])
+        self.history_ = self.encoder_.history_
         self.run_config_ = saved.get("config", {})
 
 

@@ -1,4 +1,4 @@
-"""Patch discriminator (seed 002): embedding distance between image and reconstruction patches.
+"""Patch discriminator (Kobayashi et al. 2020): embedding distance of image and reconstruction.
 
 Kobayashi et al. pair an image reconstruction network, which turns an image into a
 normal-looking replica, with a discriminative network that embeds patches so that L2
@@ -18,7 +18,8 @@ block (like an ensemble member); it inherits ``spatial_dims``, ``in_channels`` a
 (margin 1) on triplets of normal patches drawn by :class:`TripletPatches`: anchor = a patch at
 a random position; positive = the same patch shifted by up to ``max_shift`` voxels per axis,
 with its intensities scaled and offset a little; negative = a patch at another position of
-the same image, at least ``negative_min_distance`` voxels away along some axis (seed 002), or
+the same image, at least ``negative_min_distance`` voxels away along some axis (Kobayashi et al.
+2020), or
 with probability ``negative_other_image`` a patch of another image. The embedding network is
 trained by the project's :class:`~medanomaly.training.engine.Engine` (stage ``embedding``), so it
 has
@@ -30,7 +31,8 @@ Abnormality map: patches of the input and of its reconstruction are cut at every
 a grid with step ``stride`` (the last position is added so that the windows reach the far edge)
 and embedded; the L2 distance between the two embeddings of a position is given to every
 voxel of that window, and each voxel's value is the mean over the windows covering it. That
-raw distance map is then z-scored per image (seed 002) with the mean and population SD of its
+raw distance map is then z-scored per image (Kobayashi et al. 2020) with the mean and population SD
+of its
 foreground voxels (every voxel when ``foreground_threshold`` is ``None``; otherwise voxels
 where some channel of the input exceeds the threshold, with enclosed holes filled so that dark
 lesions stay in), and background voxels are set to the foreground minimum.
@@ -65,7 +67,6 @@ from medanomaly.detectors.base import (
     AnomalyResult,
     BaseDetector,
     fit_or_load,
-    mean_sd_threshold,
 )
 from medanomaly.detectors.deep import inference_network
 from medanomaly.detectors.registry import build_nested, get_model_class, nested_block, register
@@ -77,6 +78,7 @@ from medanomaly.training.engine import (
     EngineConfig,
     TrainingData,
     TrainingTask,
+    seeded,
     split_indices,
 )
 
@@ -326,26 +328,29 @@ class PatchDiscriminator(BaseDetector):
             ``detect`` returns reconstructions (cae, vae, ssae, fanogan, dagmm, introvae...).
         spatial_dims: 2 or 3, passed to the reconstructor unless its block sets it.
         in_channels: Image channels, passed on likewise.
-        patch_size: Side of the patches (seed 002: 32), or one side per axis. Larger than the
+        patch_size: Side of the patches (Kobayashi et al. 2020: 32), or one side per axis. Larger
+            than the
             images: clipped to them (logged).
-        stride: Step between patch positions of the map, at most ``patch_size`` (seed 002
+        stride: Step between patch positions of the map, at most ``patch_size`` (Kobayashi et al.
+            2020
             scores every pixel, i.e. stride 1; the cost grows as ``1 / stride ** dims``).
-        channels: Filters of the embedding network's residual blocks (seed 002: 64, 128,
+        channels: Filters of the embedding network's residual blocks (Kobayashi et al. 2020: 64,
+            128,
             256, 512; the default is 4 times narrower for CPUs, see
             :data:`~medanomaly.nets.patch_embedding.SEED_002_WIDTHS`).
-        hidden_dim: Hidden units of its MLP (seed 002: 1024).
-        embedding_dim: Embedding size (seed 002: 256).
-        margin: Margin of the triplet loss (seed 002: 1).
+        hidden_dim: Hidden units of its MLP (Kobayashi et al. 2020: 1024).
+        embedding_dim: Embedding size (Kobayashi et al. 2020: 256).
+        margin: Margin of the triplet loss (Kobayashi et al. 2020: 1).
         max_shift: Largest shift (voxels per axis) between anchor and positive.
         intensity_scale: Largest relative intensity scaling of the positive.
         intensity_offset: Largest intensity offset of the positive.
         positive_blur: Largest SD (voxels) of a Gaussian blur of the positive (0: none, as
-            seed 002). Reconstructions are smoother than the images; a blur-invariant
+            Kobayashi et al. 2020). Reconstructions are smoother than the images; a blur-invariant
             embedding measures what differs in content rather than in sharpness.
         negative_min_distance: Smallest distance (voxels, along some axis) between the
             anchor and a negative from the same image; ``None``: half the patch side.
         negative_other_image: Probability of drawing the negative from another image
-            (seed 002: 0, negatives are cropped from the same image).
+            (Kobayashi et al. 2020: 0, negatives are cropped from the same image).
         triplets_per_image: Triplets per training image and epoch.
         foreground_threshold: Voxels whose value (in every channel) is at most this, and
             that are not enclosed by the rest, are background: left out of the z-score
@@ -358,6 +363,8 @@ class PatchDiscriminator(BaseDetector):
         engine: Training settings of the embedding network, and the base of the
             reconstructor's (an ``engine`` entry in its block is merged onto them).
     """
+
+    streams = False  # reads its training set into memory to cut triplet patches
 
     def __init__(
         self,
@@ -516,13 +523,12 @@ class PatchDiscriminator(BaseDetector):
         train_set, val_set = self._split(train, val, cfg)
         self._check_channels(train_set)
         self._resolve_geometry(tuple(train_set.images.shape[2:]))
-        if run_dir is not None:
-            self.run_config_ = self._run_config(Path(run_dir))
+        self.run_config_ = self._run_config(run_dir)
         reconstructor = self._fit_reconstructor(train_set, val_set, run_dir, resume)
         self.reconstructor_ = reconstructor
         val_normal = val_set.subset(val_set.labels != 1)
-        torch.manual_seed(cfg.seed)
-        network = self.build_network()
+        with seeded(cfg.seed):
+            network = self.build_network()
         engine = Engine(cfg)
         self.history_ = engine.fit(
             self._task(network),
@@ -534,9 +540,7 @@ class PatchDiscriminator(BaseDetector):
         )
         self.network_ = inference_network(network, self.spatial_dims)
         self.input_shape_ = tuple(train_set.images.shape[1:])
-        self.is_main_process_ = engine.is_global_zero and getattr(
-            reconstructor, "is_main_process_", True
-        )
+        self.is_main_process_ = engine.is_global_zero and reconstructor.is_main_process_
         self._set_threshold(val_normal if len(val_normal) else train_set)
         if run_dir is not None and self.is_main_process_:
             self.save(Path(run_dir) / MODEL_FILE)
@@ -594,8 +598,7 @@ class PatchDiscriminator(BaseDetector):
         )
 
     def _set_threshold(self, normal: ImageSet) -> None:
-        self.val_scores_ = self._run(normal, keep_maps=False)[0]
-        self.threshold_ = mean_sd_threshold(self.val_scores_, self.threshold_sd)
+        self._learn_threshold(self._run(normal, keep_maps=False)[0])
 
     # -- inference --------------------------------------------------------------------------
     def detect(self, x: ImageSet | np.ndarray | torch.Tensor) -> AnomalyResult:
@@ -612,10 +615,6 @@ class PatchDiscriminator(BaseDetector):
 
     def score(self, x: ImageSet | np.ndarray | torch.Tensor) -> np.ndarray:
         """One anomaly score per image (no maps kept in memory)."""
-        return self.detect_scores(x)
-
-    def detect_scores(self, x: ImageSet | np.ndarray | torch.Tensor) -> np.ndarray:
-        """Scores only: use this for large sets."""
         self.check_fitted()
         return self._run(x, keep_maps=False)[0]
 
@@ -647,7 +646,8 @@ class PatchDiscriminator(BaseDetector):
 
         The embedding network is trained on normal patches only and never sees a
         reconstruction, so one trained detector can compare images with the reconstructions
-        of another model or of a latent search (seed 002 pairs its patch discriminator with
+        of another model or of a latent search (Kobayashi et al. 2020 pairs its patch discriminator
+        with
         VAE, IntroVAE and IntroVAE + latent search).
 
         Args:

@@ -1,4 +1,4 @@
-"""3D ResNet autoencoder detector (seed 004: outlier screening of unlabelled CT volumes)."""
+"""3D ResNet autoencoder detector (Hjohlman 2022: outlier screening of unlabelled CT volumes)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ PATCH_REDUCTIONS = ("mean", "max")
 class ResNetAE(DeepDetector):
     """ResNet autoencoder with a 1024-d latent vector, trained with MSE; masked-MSE score.
 
-    The score is the mean squared residual over the foreground voxels only (seed 004:
+    The score is the mean squared residual over the foreground voxels only (Hjohlman 2022:
     HU > -990, so that air around the patient, whose amount varies with the field of view,
     does not decide the score); the map is the squared residual, zero outside the foreground.
 
@@ -36,12 +36,12 @@ class ResNetAE(DeepDetector):
     Volumes may then be of any size (at least the patch in each side is best).
 
     Args:
-        spatial_dims: 3 (seed 004) or 2.
+        spatial_dims: 3 (Hjohlman 2022) or 2.
         in_channels: Image channels.
-        depth: ResNet depth of the encoder: 10, 18 or 34 (seed 004: 34).
+        depth: ResNet depth of the encoder: 10, 18 or 34 (Hjohlman 2022: 34).
         channels: Channels of the four residual stages (the decoder mirrors them); the
             default is CPU-sized, ResNet's own widths are 64-512.
-        latent_dim: Size of the latent vector (seed 004: 1024).
+        latent_dim: Size of the latent vector (Hjohlman 2022: 1024).
         output_activation: ``none`` for z-scored inputs, ``sigmoid`` for [0, 1], ``tanh``.
         foreground_threshold: Voxels whose input value (after preprocessing, in the model's
             units) exceeds this count in the score; ``None`` counts every voxel. For the
@@ -83,7 +83,14 @@ class ResNetAE(DeepDetector):
         self.patch_overlap = patch_overlap
         self.patch_reduce = patch_reduce
 
+    has_latent = True
+
     # -- shapes ---------------------------------------------------------------------------
+    @property
+    def scores_any_size(self) -> bool:  # type: ignore[override]
+        """With ``patch_size``, volumes of any size are scored by sliding window."""
+        return self.patch is not None
+
     @property
     def patch(self) -> tuple[int, ...] | None:
         """``patch_size`` as a tuple (``None`` without patches)."""

@@ -1,9 +1,9 @@
-"""Scale-space autoencoder detector (seed 003: SSAE on 2D head CT).
+"""Scale-space autoencoder detector (the UAD slide deck: SSAE on 2D head CT).
 
 The image is split into a Laplacian pyramid; every scale has its own small convolutional
 autoencoder; the reconstruction is the collapsed pyramid of the reconstructed scales.
 Head CT (``configs/ssae_head_ct_2d.yaml``, ``benchmarks/head_ct.py``): AUROC 0.73 +- 0.06
-under 2 x 5 CV (seed 003: 0.81 +- 0.08; the CAE here: 0.75 +- 0.06), 0.77-0.78 on the
+under 2 x 5 CV (the UAD slide deck: 0.81 +- 0.08; the CAE here: 0.75 +- 0.06), 0.77-0.78 on the
 fixed split.
 """
 
@@ -197,7 +197,7 @@ class ScaleSpaceAutoencoder(nn.Module):
 
 @register("ssae")
 class SSAE(DeepDetector):
-    """Scale-space autoencoder (seed 003): reconstruct each Laplacian scale, then collapse.
+    """Scale-space autoencoder (UAD slide deck): reconstruct each Laplacian scale, then collapse.
 
     Training loss: sum over scales of the mean squared error between a scale and its
     reconstruction. Map: squared (or absolute) residual between the input and the collapsed

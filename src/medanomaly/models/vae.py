@@ -1,4 +1,4 @@
-"""Variational autoencoder detector (seed 000: Chung & Choi 2023, 3D orbit CT)."""
+"""Variational autoencoder detector (Chung & Choi 2023: Chung & Choi 2023, 3D orbit CT)."""
 
 from __future__ import annotations
 
@@ -23,29 +23,32 @@ class VAE(DeepDetector):
     At scoring time the latent mean is decoded (no sampling), so scores are deterministic.
     The map is the squared difference between input and reconstruction. With
     ``latent_steps > 0`` the latent mean is first refined by a latent representation search
-    (seed 002; :func:`~medanomaly.detectors.latent_search.latent_search`, Adam on the sum of squared
+    (Kobayashi et al. 2020; :func:`~medanomaly.detectors.latent_search.latent_search`, Adam on the
+    sum of squared
     errors, network frozen) and the searched ``z`` is decoded; the KL term of the score is
     then that of N(z, sigma^2) with the encoder's sigma.
 
     Args:
-        spatial_dims: 2 or 3 (seed 000 is 3D at 64^3).
+        spatial_dims: 2 or 3 (Chung & Choi 2023 is 3D at 64^3).
         in_channels: Image channels.
         channels: Channels of the four encoder modules.
         hidden_dim: Width of the fully connected layer before the latent.
-        latent_dim: Latent size (seed 000: 8).
-        dropout: Dropout of each encoder module (seed 000: 0.19, 0.19, 0.2, 0.23).
-        negative_slope: Decoder LeakyReLU slope (seed 000: 0.6).
+        latent_dim: Latent size (Chung & Choi 2023: 8).
+        dropout: Dropout of each encoder module (Chung & Choi 2023: 0.19, 0.19, 0.2, 0.23).
+        negative_slope: Decoder LeakyReLU slope (Chung & Choi 2023: 0.6).
         output_activation: ``sigmoid`` ([0, 1] inputs), ``tanh`` ([-1, 1]) or ``none``.
-        kl_weight: Weight of the KL term (seed 000: 1).
+        kl_weight: Weight of the KL term (Chung & Choi 2023: 1).
         threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
         engine: Training settings.
         map_score: Score from the standardised, smoothed map (see
             :class:`~medanomaly.detectors.scoring.MapScoring`); ``None`` keeps the model's own
             score.
         latent_steps: Steps of latent representation search before decoding at scoring
-            (and validation) time; 0 turns it off (seed 002 uses 100).
-        latent_lr: Learning rate of that search (seed 002: 1e-3).
+            (and validation) time; 0 turns it off (Kobayashi et al. 2020 uses 100).
+        latent_lr: Learning rate of that search (Kobayashi et al. 2020: 1e-3).
     """
+
+    has_latent = True
 
     def __init__(
         self,

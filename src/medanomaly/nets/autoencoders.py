@@ -1,4 +1,4 @@
-"""Convolutional autoencoder (seed 003) and variational autoencoder (seed 000), 2D or 3D."""
+"""Convolutional autoencoder (the UAD slide deck) and VAE (Chung & Choi 2023), 2D or 3D."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def _as_tuple(value: float | Sequence[float], n: int, name: str) -> tuple[float,
 
 
 class ConvAutoencoder(nn.Module):
-    """Fully convolutional autoencoder of seed 003.
+    """Fully convolutional autoencoder of the UAD slide deck.
 
     Encoder blocks are strided convolution + batch norm + LeakyReLU + dropout, each halving
     the grid; a 1x1 convolution squeezes the deepest features into ``latent_channels``
@@ -82,7 +82,7 @@ class ConvAutoencoder(nn.Module):
 
 
 class VariationalAutoencoder(nn.Module):
-    """The 3D VAE of seed 000 (Chung & Choi 2023), usable in 2D too.
+    """The 3D VAE of Chung & Choi 2023 (Chung & Choi 2023), usable in 2D too.
 
     Encoder: four modules of convolution, batch norm, ReLU, dropout (0.19, 0.19, 0.2, 0.23)
     and max-pooling; two fully connected layers give the mean and log-variance of an
@@ -96,9 +96,9 @@ class VariationalAutoencoder(nn.Module):
         in_channels: Image channels.
         channels: Feature channels of the four encoder modules.
         hidden_dim: Width of the first fully connected layer.
-        latent_dim: Size of the latent vector (seed 000: 8).
+        latent_dim: Size of the latent vector (Chung & Choi 2023: 8).
         dropout: Dropout rate of each encoder module.
-        negative_slope: LeakyReLU slope in the decoder (seed 000: 0.6).
+        negative_slope: LeakyReLU slope in the decoder (Chung & Choi 2023: 0.6).
         output_activation: ``sigmoid`` for [0, 1] inputs, ``tanh`` for [-1, 1], ``none``.
     """
 
@@ -117,7 +117,9 @@ class VariationalAutoencoder(nn.Module):
         super().__init__()
         d = layers.check_spatial_dims(spatial_dims)
         if len(channels) != 4:
-            raise ValueError(f"the seed-000 VAE has 4 encoder modules; got channels={channels}")
+            raise ValueError(
+                f"the Chung & Choi 2023 VAE has 4 encoder modules; got channels={channels}"
+            )
         if len(spatial_size) != d or any(s % 16 for s in spatial_size):
             raise ValueError(
                 f"spatial_size must have {d} sides divisible by 16, got {spatial_size}"

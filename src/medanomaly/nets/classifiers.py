@@ -1,11 +1,11 @@
-"""Seed 001's supervised CNNs, 2D or 3D: network A (VGG-like) and network B (ResNet-like).
+"""Lin et al.'s (2021) supervised CNNs, 2D or 3D: network A (VGG-like) and network B (ResNet-like).
 
 Both end in a fully connected head that gives two logits (normal, abnormal). 2.5D input is
 2D input whose channels are ``k`` adjacent slices (see :mod:`medanomaly.data.slabs`).
 
 Each network names the layer Grad-CAM reads (``cam_layer``: the last convolutional stage)
 and sorts its weights into ``conv_weights()`` and ``fc_weights()`` so that the two kinds can
-get different L2 weight decay (seed 001: 0.01 for convolutions, 0.001 for FC layers).
+get different L2 weight decay (Lin et al. 2021: 0.01 for convolutions, 0.001 for FC layers).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from medanomaly.nets.layers import ResidualBlock
 
 
 def _conv_bn_relu(d: int, c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
-    """3x3 convolution, batch norm after it (seed 001), ReLU."""
+    """3x3 convolution, batch norm after it (Lin et al. 2021), ReLU."""
     return [
         layers.conv(d, c_in, c_out, kernel_size=3, stride=stride, padding=1, bias=False),
         layers.batch_norm(d, c_out),
@@ -63,7 +63,7 @@ class _Classifier(nn.Module):
 
 
 class VGGClassifier(_Classifier):
-    """Network A of seed 001 (VGG-like).
+    """Network A of Lin et al. 2021 (VGG-like).
 
     Five modules of two 3x3 convolutions (batch norm + ReLU after each) and a 2x max-pool,
     channels 64 -> 128 -> 256 -> 512 -> 512, then four fully connected layers with dropout.
@@ -75,7 +75,7 @@ class VGGClassifier(_Classifier):
         channels: Output channels of each module.
         convs_per_module: Convolutions per module.
         fc_features: Widths of the hidden FC layers (the last FC layer gives the logits).
-        dropout: Dropout rate between FC layers (seed 001: 0.5).
+        dropout: Dropout rate between FC layers (Lin et al. 2021: 0.5).
         classes: Number of output logits.
     """
 
@@ -124,11 +124,11 @@ def _pooled(size: int, times: int) -> int:
 
 
 class ResNetClassifier(_Classifier):
-    """Network B of seed 001 (ResNet-like).
+    """Network B of Lin et al. 2021 (ResNet-like).
 
     A 3x3 stem convolution and 2x max-pool, eight residual blocks in four stages of two
     (channels 64 -> 128 -> 256 -> 512, each later stage halving the grid): 1 + 16 + 3
-    projection convolutions = 20 convolutional layers as in the seed. Global average pooling
+    projection convolutions = 20 convolutional layers as in the paper. Global average pooling
     then feeds the same fully connected head as network A.
 
     Args:

@@ -69,7 +69,8 @@ class ResidualBlock(nn.Module):
     """Two 3x3 convolutions with batch norm and an identity (or 1x1 projection) shortcut.
 
     ``relu(bn(conv(relu(bn(conv(x))))) + shortcut(x))``: the basic block of ResNet-10/18/34,
-    shared by the seed-001 classifier, the seed-004 autoencoder and the seed-002 patch embedding.
+    shared by the Lin et al. 2021 classifier, the Hjohlman 2022 autoencoder and the Kobayashi et
+    al. 2020 patch embedding.
 
     Args:
         spatial_dims: 2 or 3.

@@ -1,6 +1,6 @@
-"""Patch embedding network of seed 002's discriminative network (metric learning on patches).
+"""Patch embedding network of Kobayashi et al. 2020 (metric learning on image patches).
 
-Kobayashi et al. (seed 002) embed 1x32x32 patches with residual blocks of 64-128-256-512
+Kobayashi et al. (2020) embed 1x32x32 patches with residual blocks of 64-128-256-512
 filters, a max-pooling after each block, and a multilayer perceptron with one hidden layer
 of 1024 units that outputs a 256-d embedding; the network is trained with the triplet margin
 loss so that L2 distances between embeddings measure how different two patches look.
@@ -35,9 +35,9 @@ class PatchEmbedding(nn.Module):
         spatial_dims: 2 or 3.
         patch_shape: Spatial shape of the patches, e.g. ``(32, 32)``.
         in_channels: Image channels.
-        channels: Filters of the residual blocks (seed 002: 64, 128, 256, 512).
-        hidden_dim: Hidden units of the MLP (seed 002: 1024).
-        embedding_dim: Size of the embedding (seed 002: 256).
+        channels: Filters of the residual blocks (Kobayashi et al. 2020: 64, 128, 256, 512).
+        hidden_dim: Hidden units of the MLP (Kobayashi et al. 2020: 1024).
+        embedding_dim: Size of the embedding (Kobayashi et al. 2020: 256).
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""ResNet-style autoencoder with a latent vector (seed 004: 3D CT outlier screening), 2D or 3D."""
+"""ResNet-style autoencoder with a latent vector (Hjohlman 2022: CT outlier screening), 2D/3D."""
 
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ class ResNetAutoencoder(nn.Module):
 
     Encoder: a stride-2 stem convolution, four stages of basic residual blocks (stages 2-4
     halve the grid; ResNet-10/18/34 block counts), a 1x1 convolution to ``latent_dim``
-    channels and global average pooling: one latent vector per image (seed 004: 1024).
+    channels and global average pooling: one latent vector per image (Hjohlman 2022: 1024).
     Decoder: a transposed convolution spreads the vector back over the deepest grid, then
     the stages in reverse order (each a transposed convolution doubling the grid followed
     by the same number of residual blocks) and a last upsampling to the input grid.

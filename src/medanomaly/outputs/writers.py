@@ -270,7 +270,7 @@ def _chunk_maps(
         folder,
         part,
         detector.detect(part),
-        model=getattr(detector, "name", ""),
+        model=detector.name,
         dicom=dicom,
         indices=stems,
         threshold=threshold,

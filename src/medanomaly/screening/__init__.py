@@ -1,4 +1,4 @@
-"""Unlabelled outlier screening of a folder of scans (seed 004).
+"""Unlabelled outlier screening of a folder of scans (Hjohlman 2022).
 
 A trained detector of normal anatomy scores every case of an unlabelled folder; cases whose
 score exceeds mean + k·SD of the run's held-out normal validation scores are flagged. Beside

@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from medanomaly.data.sets import Cases, ImageSet
-from medanomaly.detectors.base import AnomalyResult, BaseDetector, mean_sd_threshold
-from medanomaly.detectors.thresholds import conformal_pvalues
+from medanomaly.detectors.base import AnomalyResult, BaseDetector
+from medanomaly.detectors.thresholds import conformal_pvalues, mean_sd_threshold
 from medanomaly.errors import ConfigError
 from medanomaly.jobs.score import in_chunks
 from medanomaly.screening.facts import DEFAULT_METAL_LEVEL, RawFacts, folder_oddities, raw_facts
@@ -33,21 +33,19 @@ DEFAULT_BATCH = 16
 ChunkHook = Callable[[np.ndarray, ImageSet, AnomalyResult], None]
 
 
-def screen_threshold(detector: Any, k: float, warn: bool = True) -> tuple[float, int]:
+def screen_threshold(detector: Any, k: float) -> tuple[float, int]:
     """Mean + k·SD of the run's held-out normal validation scores, and how many there are.
-
-    ``warn=False`` leaves out the warning about too few scores (for a second look-up).
 
     Raises:
         ConfigError: The run holds no validation scores.
     """
-    validation = np.asarray(getattr(detector, "val_scores_", []), dtype=np.float64)
+    validation = np.asarray(detector.val_scores_, dtype=np.float64)
     if validation.size == 0:
         raise ConfigError(
-            f"screen: the {getattr(detector, 'name', '') or type(detector).__name__} run holds "
+            f"screen: the {detector.name or type(detector).__name__} run holds "
             "no held-out normal validation scores, so mean + k·SD cannot be computed; refit it"
         )
-    return mean_sd_threshold(validation, k, warn), int(validation.size)
+    return mean_sd_threshold(validation, k), int(validation.size)
 
 
 def screen(
@@ -141,7 +139,7 @@ def screen(
         latent=latent,
         notes=notes,
         skipped=list(skipped),
-        model=getattr(detector, "name", "") or type(detector).__name__,
+        model=detector.name or type(detector).__name__,
     )
 
 
@@ -219,9 +217,11 @@ def score_cases(
     on_chunk: ChunkHook | None = None,
 ) -> CaseNumbers:
     """Per-case numbers of every chunk of ``batch`` cases (of one shape), in input order."""
-    embed: Callable[[ImageSet], np.ndarray | None] | None = getattr(detector, "embed", None)
-    notes = [] if callable(embed) else ["the detector has no embed(): no latent vectors"]
-    fg_threshold = getattr(detector, "foreground_threshold", None)
+    embed: Callable[[ImageSet], np.ndarray | None] | None = (
+        detector.embed if detector.has_latent else None
+    )
+    notes = [] if embed is not None else ["the detector has no latent space: no latent vectors"]
+    fg_threshold = detector.foreground_threshold
     n = len(images)
     numbers = CaseNumbers(
         index=np.arange(n, dtype=np.int64) if index is None else np.asarray(index, np.int64),
@@ -235,7 +235,7 @@ def score_cases(
         vectors=None,
         notes=notes,
     )
-    vectors: dict[int, np.ndarray] | None = {} if callable(embed) else None
+    vectors: dict[int, np.ndarray] | None = {} if embed is not None else None
     for done, (chunk, part) in enumerate(in_chunks(images, batch, "screening"), start=1):
         result = detector.detect(part)
         foreground, numbers.foreground_rule = foreground_masks(part, fg_threshold)
@@ -244,8 +244,8 @@ def score_cases(
         numbers.mse[chunk], numbers.masked_mse[chunk] = mse, masked
         numbers.foreground_voxels[chunk] = foreground.reshape(len(part), -1).sum(axis=1)
         numbers.map_p999[chunk] = map_percentiles(result)
-        if vectors is not None:
-            vectors = _add_vectors(vectors, chunk, embed(part) if embed else None, notes)
+        if vectors is not None and embed is not None:
+            _add_vectors(vectors, chunk, embed(part))
         for j, i in enumerate(chunk):
             numbers.raw[i] = raw_facts(part.ids[j], metal_level)
         if on_chunk is not None:
@@ -257,13 +257,7 @@ def score_cases(
     return numbers
 
 
-def _add_vectors(
-    vectors: dict[int, np.ndarray], chunk: np.ndarray, found: np.ndarray | None, notes: list[str]
-) -> dict[int, np.ndarray] | None:
-    """Keep a chunk's latent vectors by case; ``None`` once the model says it has no latent."""
-    if found is None:
-        notes.append("the model has no latent space (embed() gave None): no UMAP or clusters")
-        return None
+def _add_vectors(vectors: dict[int, np.ndarray], chunk: np.ndarray, found: np.ndarray) -> None:
+    """Keep a chunk's latent vectors by case."""
     found = np.asarray(found, dtype=np.float64).reshape(len(chunk), -1)
     vectors.update({int(i): found[j] for j, i in enumerate(chunk)})
-    return vectors

@@ -111,7 +111,7 @@ def _screen_share(
     options: JobOptions,
 ) -> ScreenJob | None:
     """The body of :func:`screen_folder`, its outputs claimed."""
-    threshold, _ = screen_threshold(detector, k, warn=False)  # screen() warns
+    threshold, _ = screen_threshold(detector, k)
     share = load_share(detector, data, ranks, strict, num_workers=options.num_workers)
     problems: list[str] = []
     staging = None if maps is None else staging_folder(maps)
@@ -156,7 +156,7 @@ def _map_writer(
             folder,
             part,
             result,
-            model=getattr(detector, "name", ""),
+            model=detector.name,
             dicom=dicom,
             indices=share.index[index],
             threshold=threshold,

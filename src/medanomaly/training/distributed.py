@@ -158,9 +158,7 @@ def launch(accelerator: str = "auto", devices: int = 1, num_nodes: int = 1) -> R
     from medanomaly.training.engine import make_fabric  # Lightning imports slowly
 
     fabric = make_fabric(accelerator, devices, num_nodes)
-    ranks = Ranks(fabric=fabric, device=fabric.device, local_world_size=max(1, devices))
-    cpu_threads_per_rank(ranks)
-    return ranks
+    return Ranks(fabric=fabric, device=fabric.device, local_world_size=max(1, devices))
 
 
 def default_workers(ranks: Ranks) -> int | None:
@@ -209,9 +207,9 @@ def load_share(
     Raises:
         ImageReadError: No rank has a readable case.
     """
-    from medanomaly.data.loading import input_spec, list_cases, load_cases
+    from medanomaly.data.loading import list_cases, load_cases
 
-    options = dict((getattr(detector, "run_config_", None) or {}).get("data") or {})
+    options = dict(detector.run_config_.get("data") or {})
     label_names = options.pop("label_names", None)
     options.setdefault("stream", True)
     if num_workers is not None or "num_workers" not in options:
@@ -226,7 +224,7 @@ def load_share(
             data,
             **options,
             strict=strict,
-            expect=input_spec(detector),
+            expect=detector.input_spec(),
             allow_empty=ranks.world_size > 1,
         )
         local["kept"] = [int(mine[k]) for k in report.kept]

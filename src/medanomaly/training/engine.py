@@ -18,6 +18,7 @@ import csv
 import logging
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,7 @@ class EngineConfig:
         monitor: What ranks the epochs for early stopping and for the weights kept at the
             end: ``val_loss`` (loss on the normal validation images, lower is better) or
             ``val_auroc`` (image AUROC of the scores on a labelled validation set, higher is
-            better, ties broken by the lower validation loss; seed 003's model selection).
+            better, ties broken by the lower validation loss; the UAD slide deck's model selection).
             Without abnormal validation images ``val_auroc`` falls back to ``val_loss``.
         val_fraction: Share of the normal training images held out for validation when no
             validation set is given.
@@ -138,7 +139,7 @@ class TrainingTask:
         network: The module to optimise (frozen parts: ``requires_grad=False``).
         loss: ``loss(network, batch) -> scalar tensor`` used for training and validation.
         score: ``score(network, batch) -> (B,) tensor`` of anomaly scores, for the history
-            of labelled validation data (seed 000, Fig. 2).
+            of labelled validation data (Chung & Choi 2023, Fig. 2).
         optimizers: ``optimizers(network) -> {name: optimizer}``; default one Adam with the
             engine's ``lr`` and ``weight_decay``.
         step: ``step(network, batch, optimizers, backward, index) -> loss`` runs one training
@@ -270,6 +271,21 @@ def resolve_precision(config: EngineConfig) -> str:
     return "16-mixed" if wants_gpu and torch.cuda.is_available() else "32-true"
 
 
+@contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block on torch's generators seeded with ``seed``, then give the caller's back.
+
+    Dropout, weight initialisation and the models' noise draw from torch's default generators,
+    which take no ``generator`` argument. Inside this block they are forked from the caller's
+    and seeded, so a fit is reproducible and leaves no trace in the caller's random state
+    (one test's training never changes the draws of the next).
+    """
+    devices = list(range(torch.cuda.device_count()))
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        yield
+
+
 class Engine:
     """Owns the training loop: optimiser, epochs, early stopping, history and checkpoints.
 
@@ -306,6 +322,18 @@ class Engine:
         Returns:
             The per-epoch history (one dict per epoch).
         """
+        with seeded(self.config.seed):
+            return self._fit(task, data, run_dir, resume, extra_state, stage)
+
+    def _fit(
+        self,
+        task: TrainingTask,
+        data: TrainingData,
+        run_dir: str | Path | None,
+        resume: bool,
+        extra_state: dict[str, Any] | None,
+        stage: str,
+    ) -> list[dict[str, float]]:
         cfg = self.config
         fabric = self._make_fabric(find_unused_parameters=task.step is not None)
         self.is_global_zero = fabric.is_global_zero

@@ -3,7 +3,7 @@
 Every class here is random (``is_random``) and reproducible: give ``seed`` or call
 ``set_random_state(seed)``. Augmentations synthesise a new training sample on the same grid,
 so ``spacing`` and ``affine`` are left as they are; ``meta["foreground"]`` follows the
-geometric ones (nearest-neighbour). Defaults are deliberately small: seed 003 reports that
+geometric ones (nearest-neighbour). Defaults are deliberately small: the UAD slide deck reports that
 excessive colour jitter harms performance (presumably because a normative model then learns
 to reconstruct the very intensity changes that should stand out).
 """

@@ -30,7 +30,7 @@ def _constant(image: MedicalImage, value: float) -> MedicalImage:
 class HUWindow(Transform):
     """Apply a CT window: clip to ``[center - width/2, center + width/2]`` and map to ``output``.
 
-    Seed 000 (orbit CT) uses centre 40 HU, width 400 HU, so -160 HU -> 0 and 240 HU -> 1.
+    Chung & Choi 2023 (orbit CT) uses centre 40 HU, width 400 HU, so -160 HU -> 0 and 240 HU -> 1.
 
     Args:
         center: Window centre (level) in HU.
@@ -61,7 +61,7 @@ class HUWindow(Transform):
 class Clip(Transform):
     """Clip values to ``[lower, upper]`` (either bound may be left open).
 
-    Seed 004 cuts CT off at ``lower=-1024`` HU for a uniform background.
+    Hjohlman 2022 cuts CT off at ``lower=-1024`` HU for a uniform background.
 
     Args:
         lower: Values below become ``lower``; ``None`` for no lower bound.
@@ -112,7 +112,7 @@ class ZScore(Transform):
     """Subtract a mean and divide by a standard deviation.
 
     With ``mean`` and ``std`` left out the statistics are the image's own (over all channels);
-    with both given they are fixed dataset statistics (seed 004). ``foreground_only`` computes
+    with both given they are fixed dataset statistics (Hjohlman 2022). ``foreground_only`` computes
     the per-image statistics inside ``meta["foreground"]`` only (run ``foreground_mask``
     first); every voxel is still normalised with them. A flat image is only centred.
 
@@ -165,7 +165,7 @@ class ZScore(Transform):
 
 
 class PercentileRescale(Transform):
-    """Map the ``lower``/``upper`` percentiles of the image to ``output`` (seed 003: 0-99.99).
+    """Map the ``lower``/``upper`` percentiles to ``output`` (the UAD slide deck: 0-99.99).
 
     Args:
         lower: Lower percentile in [0, 100).

@@ -35,7 +35,7 @@ def largest_component(mask: np.ndarray) -> np.ndarray:
 class ForegroundMask(Transform):
     """Mark voxels above ``threshold`` (in any channel) as foreground; the array is unchanged.
 
-    Seed 004 masks CCTA at HU > -990. The mask goes to ``meta["foreground"]`` (bool, spatial
+    Hjohlman 2022 masks CCTA at HU > -990. The mask goes to ``meta["foreground"]`` (bool, spatial
     shape) and later geometric transforms keep it in step. Run it while the values are still
     in the unit the threshold is given in (HU before windowing/normalisation).
 

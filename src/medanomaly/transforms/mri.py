@@ -42,7 +42,7 @@ def _from_sitk(image: sitk.Image) -> np.ndarray:
 
 
 class N4BiasCorrection(Transform):
-    """Remove a smooth multiplicative bias field from MRI with SimpleITK N4 (seed 001).
+    """Remove a smooth multiplicative bias field from MRI with SimpleITK N4 (Lin et al. 2021).
 
     The field is fitted on a ``shrink_factor``-times smaller copy (fast) inside an Otsu mask,
     or inside ``meta["foreground"]`` (else everywhere) when ``mask_otsu`` is false, and the
@@ -116,7 +116,7 @@ def _flat_sitk(values: np.ndarray) -> sitk.Image:
 
 
 class HistogramMatch(Transform):
-    """Match the intensity histogram to a reference image (seed 002) with SimpleITK.
+    """Match the intensity histogram to a reference image (Kobayashi et al. 2020) with SimpleITK.
 
     The reference is a path (``.npy``, ``.nii``, ``.nii.gz``; read once, at construction) or
     an array; only its values matter, so its shape and dimensionality are free. With an array

@@ -42,7 +42,7 @@ _LINEAR = ("linear", "bilinear", "trilinear")
 
 
 class Resample(Transform):
-    """Resample to a target voxel spacing (seed 004: 3 mm isotropic) with MONAI ``Spacing``.
+    """Resample to a target voxel spacing (Hjohlman 2022: 3 mm isotropic) with MONAI ``Spacing``.
 
     The first voxel centre stays where it is and the output covers the input's voxel-centre
     extent: along each axis ``n_out = round((n_in - 1) * spacing_in / spacing_out + 1)``,
@@ -52,7 +52,7 @@ class Resample(Transform):
     Args:
         spacing: Target spacing in mm, one per spatial axis or a single number for isotropic.
         mode: ``"bilinear"`` (linear in 3D too), ``"nearest"``, or a spline order 0-5 (e.g. 3
-            for cubic, seed 002).
+            for cubic, Kobayashi et al. 2020).
         padding_mode: How samples outside the input are filled: border, zeros or reflection.
     """
 
@@ -101,7 +101,7 @@ class Resample(Transform):
 
 
 class Resize(Transform):
-    """Resize to a fixed grid (seed 000: 64³, seed 003: 64×64, seed 002: 256×256).
+    """Resize to a fixed grid (Chung & Choi 2023: 64³; UAD slides: 64×64; Kobayashi 2020: 256×256).
 
     The physical extent is kept: ``spacing_out = spacing_in * n_in / n_out``.
 
@@ -143,7 +143,7 @@ class Resize(Transform):
 class Pad(RandomTransform):
     """Pad with a constant to a fixed spatial shape, centred or at a random position.
 
-    Seed 004 places each volume at a random position in an 87×87×273 zero volume so that the
+    Hjohlman 2022 places each volume at a random position in an 87×87×273 zero volume so that the
     network also learns to reconstruct borders. ``position="random"`` makes the transform
     random (``is_random``), reproducible through ``seed``. An image larger than ``shape``
     along an axis is an error unless ``crop`` is true; it is then cropped along that axis
@@ -306,7 +306,7 @@ def _matches(meta: Mapping[str, Any], when: Mapping[str, Any]) -> bool:
 class Flip(Transform):
     """Mirror the image along spatial axes, optionally only when ``meta`` matches ``when``.
 
-    Seed 000 flips left orbits to look like right ones: ``flip: {axes: [0], when:
+    Chung & Choi 2023 flips left orbits to look like right ones: ``flip: {axes: [0], when:
     {laterality: L}}`` flips images whose ``meta["laterality"] == "L"`` and leaves the others
     (and images without that key) alone. A list value means "any of these". The affine is
     updated, so world coordinates stay right (in 3D, axis 0 then runs towards the Left).
