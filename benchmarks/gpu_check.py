@@ -190,7 +190,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU without a GPU")
     parser.add_argument("--no-timing", action="store_true", help="skip the timed runs")
     args = parser.parse_args(argv)
-    logging.getLogger("medanomaly").setLevel(logging.ERROR)  # one-epoch fits: no threshold talk
     if not torch.cuda.is_available() and not args.allow_cpu:
         print(f"no CUDA GPU found (torch {torch.__version__}): nothing to check")
         return 0
@@ -224,4 +223,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    logging.getLogger("medanomaly").setLevel(logging.ERROR)  # one-epoch fits: no threshold talk
     sys.exit(main())

@@ -125,7 +125,9 @@ def build_nested(block: Mapping[str, Any], owner: str, role: str) -> BaseDetecto
     """
     params = dict(block)
     name = params.pop("name")
+    cls = get_model_class(name)
+    check_arguments(cls, params, f"{owner} {role} {name!r}")
     try:
-        return get_model(name, **params)
+        return cls(**params)
     except TypeError as error:
         raise ConfigError(f"{owner} {role} {name!r}: {error}") from error
