@@ -33,7 +33,7 @@ Protocol (Chung & Choi 2023: 3D VAE on orbital CT, AUROC 0.801, sensitivity 79.2
    volumes / seconds of ``detector.score`` (after a warm-up batch; the fastest of 3
    passes) with ``--speed-threads`` torch threads.
 
-A model whose ``OUT/<model>/model.pt`` exists and whose ``bench.json`` records the same
+A model whose ``OUT/<model>/model.safetensors`` exists and whose ``bench.json`` records the same
 settings is loaded instead of retrained (``--retrain`` forces training). Writes
 ``OUT/results.json`` (``rows``: name -> metrics and ``baseline``; ``speed``, ``counts``
 beside), ``OUT/results.md`` and ``OUT/roc_test.png``.
@@ -247,10 +247,12 @@ def train_or_load(
     run_dir = out / name
     record_path = run_dir / "bench.json"
     settings = {"spec": spec, "n_train": len(data["train"])}
-    if not retrain and (run_dir / "model.pt").exists() and record_path.exists():
+    if not retrain and (run_dir / "model.safetensors").exists() and record_path.exists():
         record = json.loads(record_path.read_text())
         if record["settings"] == json.loads(json.dumps(settings)):
-            print(f"  {name}: loading {run_dir / 'model.pt'} (trained before; --retrain to redo)")
+            print(
+                f"  {name}: loading {run_dir / 'model.safetensors'} (trained before; --retrain to redo)"  # noqa: E501
+            )
             return medanomaly.load_model(run_dir), record
         print(f"  {name}: {run_dir} holds other settings; retraining")
     params = dict(spec["params"])

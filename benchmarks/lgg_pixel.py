@@ -397,7 +397,7 @@ def fit_or_load(
     config: dict[str, Any], folder: Path, train: ImageSet, val: ImageSet, retrain: bool
 ) -> BaseDetector:
     """Fit into ``folder`` (resuming an interrupted run) unless a finished model is there."""
-    if not retrain and (folder / "model.pt").exists():
+    if not retrain and (folder / "model.safetensors").exists():
         return BaseDetector.load(folder)
     if retrain and folder.exists():
         shutil.rmtree(folder)

@@ -57,6 +57,7 @@ from sklearn.metrics import roc_auc_score
 from medanomaly import load_model
 from medanomaly.cli import main as medanomaly
 from medanomaly.data.loading import load_dataset
+from medanomaly.io.safe_files import load_state
 from medanomaly.training.engine import split_indices
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -246,10 +247,10 @@ def run_cli(args: list[str]) -> float:
 def fit(config: Path, manifest: Path, run: Path, retrain: bool) -> float:
     """Train (or resume, or reuse) the run; its training seconds."""
     timing = run / "fit_seconds.json"
-    if (run / "model.pt").exists() and timing.exists() and not retrain:
-        print(f"reusing {run / 'model.pt'}")
+    if (run / "model.safetensors").exists() and timing.exists() and not retrain:
+        print(f"reusing {run / 'model.safetensors'}")
         return float(json.loads(timing.read_text())["seconds"])
-    resume = ["--resume"] if (run / "checkpoint.pt").exists() and not retrain else []
+    resume = ["--resume"] if (run / "checkpoint.safetensors").exists() and not retrain else []
     seconds = run_cli(
         ["fit", "--config", str(config), "--data", str(manifest), "--out", str(run), *resume]
     )
@@ -374,7 +375,7 @@ def rescore(source: Path, run: Path, manifest: Path, score: str) -> float:
         sys.exit(f"screen3d: cannot reproduce the validation split of {source}")
     detector.set_params(foreground_threshold=SCORES[score]).calibrate(held)
     detector.run_config_ = detector.write_run_config(run, config["data"])
-    detector.save(run / "model.pt")
+    detector.save(run / "model.safetensors")
     return time.perf_counter() - start
 
 
@@ -395,7 +396,7 @@ def run_score(args: argparse.Namespace, score: str, manifest: Path, folder: Path
     )
     with open(screen_dir / "screen.csv", newline="") as handle:
         rows = list(csv.DictReader(handle))
-    saved = torch.load(run / "model.pt", map_location="cpu", weights_only=False)
+    saved = load_state(run / "model.safetensors")
     history = saved.get("history") or []  # no-model rows train no epochs
     return {
         "rows": rows,

@@ -80,14 +80,14 @@ def test_score_skips_every_misfit_case_with_one_named_line_and_scores_the_rest(
     assert len(skipped) == len(expected)
 
 
-def test_strict_score_still_writes_the_good_cases_and_exits_1(
+def test_strict_score_stops_at_the_first_bad_case_before_writing(
     run_3d: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     mixed_bad_folder(tmp_path / "mixed")
     args = ["score", "--run", str(run_3d), "--data", str(tmp_path / "mixed")]
-    assert main([*args, "--out", str(tmp_path / "s.csv"), "--strict"]) == 1
-    assert "skipped 4 unreadable case(s)" in capsys.readouterr().err
-    assert len(list(csv.DictReader((tmp_path / "s.csv").open()))) == 2
+    assert main([*args, "--out", str(tmp_path / "s.csv"), "--strict"]) == 2
+    assert len(capsys.readouterr().err.strip().splitlines()) == 1
+    assert not (tmp_path / "s.csv").exists()
 
 
 @pytest.mark.parametrize(

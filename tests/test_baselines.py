@@ -64,8 +64,8 @@ def test_enlarged_structure_scores_higher_under_volume(tmp_path):
     assert shell.any() and maps[0][shell].min() == 1.0  # tissue where no normal has any
     both = get_model("volume", direction="both").fit(normal)
     assert both.score(shrunk)[0] > both.score(normal).max()
-    detector.save(tmp_path / "model.pt")
-    loaded = BaseDetector.load(tmp_path / "model.pt")
+    detector.save(tmp_path / "model.safetensors")
+    loaded = BaseDetector.load(tmp_path / "model.safetensors")
     np.testing.assert_allclose(loaded.score(enlarged), detector.score(enlarged))
 
 

@@ -73,8 +73,8 @@ def test_fit_on_a_streamed_set_gives_the_same_scores(fitted, to_streamed):
 
 def test_save_and_load_round_trip(fitted, tmp_path):
     _, _, detector, _, data = fitted
-    detector.save(tmp_path / "model.pt")
-    loaded = BaseDetector.load(tmp_path / "model.pt")
+    detector.save(tmp_path / "model.safetensors")
+    loaded = BaseDetector.load(tmp_path / "model.safetensors")
     assert type(loaded) is type(detector)
     assert loaded.threshold_ == detector.threshold_
     np.testing.assert_allclose(loaded.score(data), detector.score(data), rtol=1e-5)
@@ -101,8 +101,8 @@ CAPABILITIES = ("baseline", "supervised", "has_latent", "scores_any_size", "stre
 
 def test_fitted_state_is_there_after_fit_and_after_load(fitted, tmp_path):
     _, _, detector, _, data = fitted
-    detector.save(tmp_path / "model.pt")
-    for each in (detector, BaseDetector.load(tmp_path / "model.pt")):
+    detector.save(tmp_path / "model.safetensors")
+    for each in (detector, BaseDetector.load(tmp_path / "model.safetensors")):
         assert isinstance(each.val_scores_, np.ndarray) and each.val_scores_.ndim == 1
         assert isinstance(each.history_, list)
         assert isinstance(each.run_config_, dict) and each.run_config_["model"]["name"]

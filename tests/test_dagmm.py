@@ -13,6 +13,7 @@ from medanomaly import BaseDetector, get_model
 from medanomaly.data.phantoms import make_phantoms
 from medanomaly.detectors.deep import DeepDetector
 from medanomaly.errors import NotFittedError
+from medanomaly.io.safe_files import save_state
 from medanomaly.models.dagmm import (
     covariance_penalty,
     gmm_parameters,
@@ -131,8 +132,8 @@ def test_map_is_the_squared_residual(fitted):
 
 def test_save_and_load_keep_the_mixture(fitted, tmp_path):
     detector, data = fitted
-    detector.save(tmp_path / "model.pt")
-    loaded = BaseDetector.load(tmp_path / "model.pt")
+    detector.save(tmp_path / "model.safetensors")
+    loaded = BaseDetector.load(tmp_path / "model.safetensors")
     for name in ("phi_", "mu_", "cov_"):
         np.testing.assert_array_equal(getattr(loaded, name), getattr(detector, name))
     assert loaded.threshold_ == detector.threshold_
@@ -141,9 +142,9 @@ def test_save_and_load_keep_the_mixture(fitted, tmp_path):
 
 def test_a_file_without_mixture_is_refused(fitted, tmp_path):
     detector, _ = fitted
-    torch.save(DeepDetector.saved_state(detector), tmp_path / "model.pt")  # no mixture
+    save_state(DeepDetector.saved_state(detector), tmp_path / "model.safetensors")  # no mixture
     with pytest.raises(NotFittedError, match="mixture"):
-        BaseDetector.load(tmp_path / "model.pt")
+        BaseDetector.load(tmp_path / "model.safetensors")
 
 
 def test_run_dir_model_holds_the_final_mixture(tmp_path):

@@ -275,7 +275,9 @@ def test_score_lists_skipped_cases_and_fails_only_with_strict(
     assert "skipped 1 unreadable case(s)" in err
     assert f"{bad}: not an image file" in err
     assert (tmp_path / "s.skipped.txt").read_text().startswith(f"{bad}: ")
-    assert main([*score, "--strict"]) == 1
+    before = (tmp_path / "s.csv").read_text()
+    assert main([*score, "--strict"]) == 2  # stops before writing: the table stays as it was
+    assert (tmp_path / "s.csv").read_text() == before
 
 
 # --------------------------------------------------------------------------- cache

@@ -28,7 +28,7 @@ def test_history_has_the_seed000_curves(tmp_path, tiny2d):
     for key in ("train_loss", "val_loss", "val_score_normal", "val_score_abnormal"):
         assert all(np.isfinite(row[key]) for row in history), key
     assert len(detector.history_) == 3
-    for name in ("checkpoint.pt", "history.csv", "model.pt", "config.yaml"):
+    for name in ("checkpoint.safetensors", "history.csv", "model.safetensors", "config.yaml"):
         assert (tmp_path / name).exists(), name
     assert not list(tmp_path.glob("*.tmp")), "temporary files left behind"
 

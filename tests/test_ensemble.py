@@ -42,8 +42,8 @@ def test_members_inherit_the_shared_engine_and_keep_their_overrides(fitted):
 
 def test_each_member_keeps_its_run_and_resume_loads_finished_members(fitted, tiny2d):
     detector, run_dir = fitted
-    assert (run_dir / "member_1_cae" / "model.pt").exists()
-    assert (run_dir / "member_2_cae" / "model.pt").exists()
+    assert (run_dir / "member_1_cae" / "model.safetensors").exists()
+    assert (run_dir / "member_2_cae" / "model.safetensors").exists()
     again = get_model("ensemble", members=MEMBERS, engine=detector.engine)
     again.fit(tiny2d.normal, val=tiny2d, run_dir=run_dir, resume=True)
     np.testing.assert_allclose(again.score(tiny2d), detector.score(tiny2d), rtol=1e-6)

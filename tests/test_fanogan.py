@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from medanomaly import get_model
+from medanomaly.io.safe_files import load_state
 from medanomaly.models.fanogan import FAnoGANNetwork, gradient_penalty
 from medanomaly.training.engine import Engine, read_history
 
@@ -56,7 +57,7 @@ def test_encoder_stage_keeps_generator_and_critic_frozen(tmp_path, tiny2d):
     engine = {"epochs": 2, "batch_size": 4, "progress": False}
     detector = get_model("fanogan", channels=(4, 8, 8, 8), latent_dim=8, n_critic=2, engine=engine)
     detector.fit(tiny2d.normal, run_dir=tmp_path)
-    after_gan = torch.load(tmp_path / "checkpoint_gan.pt", weights_only=False)["network"]
+    after_gan = load_state(tmp_path / "checkpoint_gan.safetensors")["network"]
     final = detector.network_.state_dict()
     for key, value in _gan_weights(after_gan).items():
         torch.testing.assert_close(final[key].cpu(), value, rtol=0, atol=0, msg=key)

@@ -191,8 +191,8 @@ def test_latent_steps_survive_save_and_load(name, tiny2d, tmp_path):
     params = {"spatial_dims": 2, "channels": (4, 8, 8, 8), "hidden_dim": 16, "latent_dim": 4}
     detector = get_model(name, latent_steps=5, latent_lr=1e-2, engine=engine, **params)
     detector.fit(tiny2d.normal)
-    detector.save(tmp_path / "model.pt")
-    loaded = BaseDetector.load(tmp_path / "model.pt")
+    detector.save(tmp_path / "model.safetensors")
+    loaded = BaseDetector.load(tmp_path / "model.safetensors")
     assert (loaded.latent_steps, loaded.latent_lr) == (5, 1e-2)
     scores = detector.score(tiny2d)
     np.testing.assert_allclose(loaded.score(tiny2d), scores, rtol=1e-5)

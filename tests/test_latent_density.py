@@ -39,7 +39,7 @@ def test_mixture_density_round_trip(tiny2d, tmp_path):
     detector = get_model(
         "latent_density", encoder=ENCODER, density="gmm", components=2, engine=engine
     ).fit(tiny2d.normal, val=tiny2d.normal, run_dir=tmp_path / "run")
-    assert (tmp_path / "run" / "encoder_cae" / "model.pt").exists()
+    assert (tmp_path / "run" / "encoder_cae" / "model.safetensors").exists()
     loaded = BaseDetector.load(tmp_path / "run")
     np.testing.assert_allclose(loaded.score(tiny2d), detector.score(tiny2d), rtol=1e-6)
 
@@ -53,7 +53,7 @@ def test_bad_settings_are_named(tiny2d):
 
 
 def test_a_trained_encoder_is_reused_and_the_combination_recalibrated(fitted, tiny2d, tmp_path):
-    fitted.encoder_.save(tmp_path / "model.pt")
+    fitted.encoder_.save(tmp_path / "model.safetensors")
     reused = get_model("latent_density", encoder_run=str(tmp_path), combine="latent")
     reused.fit(tiny2d.normal, val=tiny2d.normal)
     np.testing.assert_allclose(reused.latent_mean_, fitted.latent_mean_, rtol=1e-6)

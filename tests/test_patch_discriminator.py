@@ -220,8 +220,8 @@ def test_training_pulls_positives_closer_in_embedding_space(fitted, normals):
 
 
 def test_save_load_round_trip(fitted, lesions, tmp_path):
-    fitted.save(tmp_path / "model.pt")
-    loaded = BaseDetector.load(tmp_path / "model.pt")
+    fitted.save(tmp_path / "model.safetensors")
+    loaded = BaseDetector.load(tmp_path / "model.safetensors")
     assert type(loaded) is type(fitted) and loaded.threshold_ == fitted.threshold_
     assert loaded.get_params()["reconstructor"]["name"] == "cae"
     assert loaded.patch_shape_ == (8, 8) and loaded.reconstructor_.name == "cae"
@@ -261,8 +261,12 @@ def test_composes_with_a_vae_and_resumes_from_its_run_directory(tmp_path):
     detector.fit(train, run_dir=tmp_path)
     assert detector.reconstructor_.name == "vae" and detector.reconstructor_.spatial_dims == 2
     names = {path.name for path in tmp_path.iterdir()}
-    assert {"model.pt", "checkpoint_embedding.pt", "history_embedding.csv"} <= names
-    assert (tmp_path / "reconstructor_vae" / "model.pt").exists()
+    assert {
+        "model.safetensors",
+        "checkpoint_embedding.safetensors",
+        "history_embedding.csv",
+    } <= names
+    assert (tmp_path / "reconstructor_vae" / "model.safetensors").exists()
     resumed = _detector(reconstructor=vae, patch_size=16, stride=8, engine=engine)
     resumed.fit(train, run_dir=tmp_path, resume=True)  # loads the reconstructor, no new epochs
     np.testing.assert_allclose(resumed.score(train), detector.score(train), rtol=1e-5)

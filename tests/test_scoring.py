@@ -62,8 +62,8 @@ def test_cae_with_map_scoring_detects_phantom_lesions_and_round_trips(tiny2d, tm
     result = detector.detect(tiny2d)
     assert roc_auc_score(tiny2d.labels, result.scores) > 0.9
     np.testing.assert_allclose(result.scores, detector.score(tiny2d), rtol=1e-5)
-    detector.save(tmp_path / "model.pt")
-    loaded = BaseDetector.load(tmp_path / "model.pt")
+    detector.save(tmp_path / "model.safetensors")
+    loaded = BaseDetector.load(tmp_path / "model.safetensors")
     np.testing.assert_allclose(loaded.score(tiny2d), result.scores, rtol=1e-5)
 
 

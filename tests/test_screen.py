@@ -164,12 +164,14 @@ def test_screen_flags_planted_outliers(screen_setup, tmp_path, monkeypatch, caps
 
 
 def test_screen_without_latent_and_strict(screen_setup, tmp_path, monkeypatch):
-    """A model without a latent says so; --strict returns 1 when files were skipped."""
+    """A model without a latent says so; --strict stops before any output (exit 2)."""
     monkeypatch.setattr(CAE, "has_latent", False)
     _, run, unlabelled = screen_setup
     out = tmp_path / "screen"
     args = ["screen", "--run", str(run), "--data", str(unlabelled), "--out", str(out)]
-    assert main([*args, "--strict", "--k", "2"]) == 1
+    assert main([*args, "--strict", "--k", "2"]) == 2
+    assert not (out / "screen.csv").exists()
+    assert main([*args, "--k", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["dbscan"] is None and summary["umap"] is None and summary["k"] == 2.0
     assert any("no latent space" in note for note in summary["notes"])
@@ -209,8 +211,10 @@ def test_screen_api_with_a_detector_without_embed(screen_setup):
 def test_screen_refuses_bad_settings(screen_setup, tmp_path, capsys):
     _, run, unlabelled = screen_setup
     args = ["screen", "--run", str(run), "--data", str(unlabelled), "--out", str(tmp_path)]
-    assert main([*args, "--batch", "0"]) == 2
-    assert "batch must be at least 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:  # argparse's range check: exit 2, one line
+        main([*args, "--batch", "0"])
+    assert exit_info.value.code == 2
+    assert "--batch: 0 is below the minimum 1" in capsys.readouterr().err
 
 
 def test_screen_help_documents_options_and_outputs(capsys):

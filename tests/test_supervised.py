@@ -16,6 +16,7 @@ from medanomaly.data.sets import ImageSet
 from medanomaly.data.slabs import stack_slices, to_slabs, volume_slabs
 from medanomaly.detectors.explain import grad_cam, occlusion_sensitivity, patch_starts
 from medanomaly.errors import ConfigError, InvalidImageError, LabelError
+from medanomaly.io.safe_files import load_state
 from medanomaly.models.classifier import (
     centre_crop,
     random_crop,
@@ -174,7 +175,7 @@ def test_learning_rate_decay_reaches_the_optimiser_and_the_checkpoint(tiny2d, tm
         "resnet_classifier", lr_milestones=(1,), lr_gamma=0.1, engine=engine,
         **SMALL["resnet_classifier"],
     ).fit(tiny2d, run_dir=tmp_path)  # fmt: skip
-    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    saved = load_state(tmp_path / "checkpoint.safetensors")
     lrs = [g["lr"] for g in saved["optimizers"]["adam"]["param_groups"]]
     assert lrs == pytest.approx([1e-4] * 3)  # conv, FC and no-decay groups, all decayed
     assert len(detector.history_) == 2 and "val_loss" not in detector.history_[0]
@@ -182,8 +183,8 @@ def test_learning_rate_decay_reaches_the_optimiser_and_the_checkpoint(tiny2d, tm
 
 def test_save_and_load_keep_the_class_weights(tiny2d, tmp_path):
     detector = get_model("resnet_classifier", engine=ENGINE, **SMALL["resnet_classifier"])
-    detector.fit(tiny2d).save(tmp_path / "model.pt")
-    loaded = BaseDetector.load(tmp_path / "model.pt")
+    detector.fit(tiny2d).save(tmp_path / "model.safetensors")
+    loaded = BaseDetector.load(tmp_path / "model.safetensors")
     np.testing.assert_allclose(loaded.class_weights_, detector.class_weights_)
     np.testing.assert_allclose(loaded.anomaly_map(tiny2d), detector.anomaly_map(tiny2d), atol=1e-6)
 

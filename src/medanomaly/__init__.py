@@ -50,7 +50,7 @@ if TYPE_CHECKING:
 
 
 def load_model(path: Any) -> Any:
-    """Load a saved detector (a ``model.pt`` file or a run directory)."""
+    """Load a saved detector (a ``model.safetensors`` file or a run directory)."""
     from medanomaly.detectors.base import BaseDetector
 
     return BaseDetector.load(path)

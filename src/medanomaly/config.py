@@ -10,15 +10,18 @@
 from __future__ import annotations
 
 import copy
+import inspect
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from medanomaly.detectors.arguments import check_arguments
 from medanomaly.detectors.base import BaseDetector
 from medanomaly.detectors.registry import get_model
-from medanomaly.errors import ConfigError
+from medanomaly.errors import ConfigError, did_you_mean
 from medanomaly.postprocess import PostProcessed
+from medanomaly.training.engine import EngineConfig
 
 SECTIONS = ("model", "engine", "data", "evaluation", "postprocess")
 
@@ -58,6 +61,27 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
     return config
 
 
+def check_data_block(data: Any) -> None:
+    """Refuse a ``data:`` block key that :func:`load_dataset` does not take (did-you-mean).
+
+    Raises:
+        ConfigError: ``data`` is not a mapping or holds an unknown key.
+    """
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"data: must be a mapping of load_dataset arguments, got {data!r}")
+    from medanomaly.data.loading import load_dataset
+
+    known = [p for p in inspect.signature(load_dataset).parameters if p != "source"]
+    for key in data:
+        if key not in known:
+            raise ConfigError(
+                f"data: unknown key {key!r}.{did_you_mean(key, known)} Valid keys: "
+                + ", ".join(known)
+            )
+
+
 def build_detector(config: dict[str, Any]) -> BaseDetector:
     """Make the detector a config describes (``model`` + ``engine`` blocks).
 
@@ -72,6 +96,10 @@ def build_detector(config: dict[str, Any]) -> BaseDetector:
     name = params.pop("name", None)
     if not name:
         raise ConfigError("model: 'name' is missing (see `medanomaly models`)")
+    engine = config.get("engine")
+    if isinstance(engine, dict):
+        check_arguments(EngineConfig, engine, "engine")
+    check_data_block(config.get("data"))
     if config.get("postprocess"):
         return PostProcessed(
             {"name": name, **params}, config["postprocess"], engine=config.get("engine")

@@ -70,6 +70,10 @@ class InvalidImageError(ImageReadError):
     """An image was read but its content is unusable (NaN/inf, wrong dimensionality, empty)."""
 
 
+class MissingFileError(MedanomalyError, FileNotFoundError):
+    """A file or folder the user named (a run, a config) does not exist."""
+
+
 class ConfigError(MedanomalyError):
     """A configuration file or argument is invalid."""
 

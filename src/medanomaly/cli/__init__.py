@@ -12,6 +12,7 @@
     medanomaly cv --config C --data LABELLED --out DIR [--folds 5] [--repeats 2] [--set K=V]
     medanomaly compare --spec SPEC.yaml --out DIR [--data D] [--no-refit]
     medanomaly inspect PATH [PATH ...] [--series-uid UID]
+    medanomaly manifest FOLDER --out manifest.csv [--force]
     medanomaly demo --out DIR
     medanomaly models
 
@@ -26,14 +27,28 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import traceback
+import warnings
 from collections.abc import Sequence
 
 from medanomaly._version import __version__
-from medanomaly.cli import compare, cv, demo, evaluate, fit, inspect, models, score, screen
+from medanomaly.cli import (
+    compare,
+    cv,
+    demo,
+    evaluate,
+    fit,
+    inspect,
+    manifest,
+    models,
+    score,
+    screen,
+)
 from medanomaly.errors import MedanomalyError
 
-COMMANDS = (fit, score, screen, evaluate, cv, compare, inspect, demo, models)
+COMMANDS = (fit, score, screen, evaluate, cv, compare, inspect, manifest, demo, models)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -51,12 +66,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _without_library_noise(record: logging.LogRecord) -> bool:
-    """Drop pydicom's own log records (outside ``--verbose``).
+    """Drop pydicom's and matplotlib's own log records (outside ``--verbose``).
 
     pydicom logs every decoder plugin that fails, with its traceback, and every odd value it
     meets; the readers turn what matters into one message that names the file and the tag.
     """
-    return not record.name.startswith("pydicom")
+    return not record.name.startswith(("pydicom", "matplotlib"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -69,9 +84,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.verbose:
         for handler in logging.getLogger().handlers:
             handler.addFilter(_without_library_noise)
+        # a figure's missing glyph or font family is no user's problem
+        warnings.filterwarnings(
+            "ignore", message=r"(Glyph|findfont|Font family)", module="matplotlib"
+        )
+    if getattr(args, "trust_pickle", False):  # read by every loader, in every rank
+        from medanomaly.io.safe_files import TRUST_PICKLE_ENV
+
+        os.environ[TRUST_PICKLE_ENV] = "1"
     try:
         return args.func(args)
     except MedanomalyError as error:
+        if args.verbose:
+            traceback.print_exc()
         print(f"medanomaly {args.command}: error: {error}", file=sys.stderr)
         return 2
 

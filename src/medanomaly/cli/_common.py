@@ -4,12 +4,46 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the readers are heavy to import; --help must stay fast
     from medanomaly.data.loading import LoadReport
     from medanomaly.jobs.score import JobOptions
+
+
+def at_least(minimum: float, kind: type = int) -> Callable[[str], Any]:
+    """An argparse ``type`` that parses ``kind`` and refuses values below ``minimum``."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text} is below the minimum {minimum}")
+        return value
+
+    return parse
+
+
+def in_open_unit(text: str) -> float:
+    """An argparse ``type`` for a fraction strictly between 0 and 1."""
+    value = at_least(0.0, float)(text)
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not between 0 and 1")
+    return value
+
+
+def add_trust_argument(parser: argparse.ArgumentParser) -> None:
+    """``--trust-pickle``: also load legacy pickle model files (they can run code)."""
+    parser.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="also load a model.pt/checkpoint.pt written by medanomaly before 0.2: a pickle, "
+        "which can run any code; only for files you trust (see docs/safe_files.md)",
+    )
 
 
 def add_override_arguments(parser: argparse.ArgumentParser) -> None:
@@ -76,21 +110,22 @@ def add_device_arguments(parser: argparse.ArgumentParser, workers: bool = True) 
     )
     parser.add_argument(
         "--devices",
-        type=int,
+        type=at_least(1),
         default=None,
         help="processes (GPUs) per node; N > 1 splits the cases over N data-parallel ranks "
         "(DDP: NCCL on GPUs, gloo on CPUs)",
     )
     parser.add_argument(
         "--num-nodes",
-        type=int,
+        type=at_least(1),
         default=None,
         help="machines (launch each with torchrun or a cluster launcher)",
     )
+    add_trust_argument(parser)
     if workers:
         parser.add_argument(
             "--num-workers",
-            type=int,
+            type=at_least(0),
             default=None,
             help="worker processes decoding and preprocessing the cases on their first pass "
             "(default: the run's data.num_workers, else the cores available, shared by the "

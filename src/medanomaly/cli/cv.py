@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from medanomaly.cli._common import add_override_arguments
+from medanomaly.cli._common import add_override_arguments, at_least, in_open_unit
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,8 +15,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="YAML with model/engine/data blocks")
     p.add_argument("--data", required=True, help="labelled folder or CSV manifest")
     p.add_argument("--out", required=True, help="output folder; rerun the same command to resume")
-    p.add_argument("--folds", type=int, default=None, help="test folds per repeat (default 5)")
-    p.add_argument("--repeats", type=int, default=None, help="repeats (default 2)")
+    p.add_argument(
+        "--folds", type=at_least(2), default=None, help="test folds per repeat (default 5)"
+    )
+    p.add_argument("--repeats", type=at_least(1), default=None, help="repeats (default 2)")
     p.add_argument(
         "--threshold",
         default=None,
@@ -24,10 +26,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         help="rule on each fold's validation part: f1 (default), youden, mean_sd[:k=3], "
         "percentile[:q=95], conformal[:alpha=0.05] or run",
     )
-    p.add_argument("--alpha", type=float, default=None, help="conformal level (default 0.05)")
+    p.add_argument(
+        "--alpha", type=in_open_unit, default=None, help="conformal level (default 0.05)"
+    )
     p.add_argument(
         "--val-fraction",
-        type=float,
+        type=in_open_unit,
         default=None,
         help="share of the training folds held out for validation (default 0.2)",
     )
@@ -38,11 +42,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Cross-validate and print mean ± SD of the headline metrics."""
-    from medanomaly.config import apply_overrides, load_config
+    from medanomaly.config import apply_overrides, build_detector, load_config
     from medanomaly.evaluation.cv import cross_validate
     from medanomaly.evaluation.runner import METRICS_FILE, REPORT_FILE, summary_line
 
     config = apply_overrides(load_config(args.config), args.set)
+    build_detector(config)  # a bad model argument stops here, before any fold or file
     start = time.perf_counter()
     metrics = cross_validate(
         config,

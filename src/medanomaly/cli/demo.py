@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 
+from medanomaly.cli._common import at_least
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``demo``."""
     p = sub.add_parser("demo", help="train and score a CAE on synthetic phantoms")
     p.add_argument("--out", default="demo_out", help="output folder")
-    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--epochs", type=at_least(1), default=30)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--3d", dest="three_d", action="store_true", help="use 32^3 volumes")
     p.add_argument(

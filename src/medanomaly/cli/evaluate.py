@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medanomaly.cli._common import add_device_arguments, add_dicom_argument, check_dicom_needs_maps
+from medanomaly.cli._common import (
+    add_device_arguments,
+    add_dicom_argument,
+    check_dicom_needs_maps,
+    in_open_unit,
+)
 from medanomaly.detectors.thresholds import THRESHOLD_RULES
 
 RULE_HELP = (
@@ -19,12 +24,15 @@ RULE_HELP = (
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``evaluate``."""
     p = sub.add_parser("evaluate", help="evaluate a trained run on labelled data")
-    p.add_argument("--run", required=True, help="run directory (or model.pt)")
+    p.add_argument("--run", required=True, help="run directory (or model.safetensors)")
     p.add_argument("--data", required=True, help="labelled folder or CSV manifest")
     p.add_argument("--out", required=True, help="output folder (metrics.json, scores.csv, ...)")
     p.add_argument("--threshold", default=None, metavar="RULE", help=RULE_HELP)
     p.add_argument(
-        "--alpha", type=float, default=0.05, help="conformal level (rule default, p-value count)"
+        "--alpha",
+        type=in_open_unit,
+        default=0.05,
+        help="conformal level (rule default, p-value count)",
     )
     p.add_argument(
         "--foreground-threshold",

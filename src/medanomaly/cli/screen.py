@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medanomaly.cli._common import add_device_arguments, add_dicom_argument, check_dicom_needs_maps
+from medanomaly.cli._common import (
+    add_device_arguments,
+    add_dicom_argument,
+    at_least,
+    check_dicom_needs_maps,
+)
 
 DESCRIPTION = """\
 Score every case of an unlabelled folder (or manifest) with a trained run, flag the cases whose
@@ -31,7 +36,7 @@ outputs in --out:
 with --maps DIR, every case's anomaly map in the scan's own geometry (<case>_map.nii.gz or
 <case>_map.tiff + _overlay.png, <case>_map.json; with --dicom a Parametric Map per DICOM volume)
 
-exit status: 0; 1 with --strict when files were skipped; 2 on an error. See docs/screening.md."""
+exit status: 0; 2 on an error (with --strict: the first unreadable file). See docs/screening.md."""
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,12 +48,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--run", required=True, help="run directory (or model.pt) written by fit")
+    p.add_argument("--run", required=True, help="run directory (or its model.safetensors)")
     p.add_argument("--data", required=True, help="unlabelled folder or CSV manifest to screen")
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument(
         "--k",
-        type=float,
+        type=at_least(0.0, float),
         default=3.0,
         help="flag score > mean + k*SD of the run's normal validation scores (default: 3)",
     )
@@ -61,20 +66,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--eps",
-        type=float,
+        type=at_least(0.0, float),
         help="DBSCAN radius in standardised latent units (default: automatic, the 90 %% "
         "quantile of each case's distance to its min-samples-th nearest case)",
     )
     p.add_argument(
         "--min-samples",
-        type=int,
+        type=at_least(1),
         default=5,
         help="DBSCAN min_samples: cases (itself included) a core case has within eps "
         "(default: 5, capped at the number of cases)",
     )
     p.add_argument(
         "--batch",
-        type=int,
+        type=at_least(1),
         default=16,
         help="cases scored at a time; bounds memory held by maps (default: 16)",
     )
@@ -82,7 +87,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--maps", help="folder for every case's anomaly map in the scan's geometry (see score)"
     )
     add_dicom_argument(p)
-    p.add_argument("--strict", action="store_true", help="exit 1 if any file was skipped")
+    p.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop at the first unreadable image, before writing anything (exit 2)",
+    )
     add_device_arguments(p)
     p.set_defaults(func=run)
 
@@ -106,10 +115,11 @@ def run(args: argparse.Namespace) -> int:
         maps=args.maps,
         dicom=args.dicom,
         options=job_options(args),
+        strict=args.strict,
     )
     if job is None:  # another rank: rank 0 reports
         return 0
     report_lines(job.result.skipped, job.warnings, out / SKIPPED_FILE)
     report_map_problems(job.map_problems)
     print(summary_line(job.result, out))
-    return 1 if (job.result.skipped and args.strict) else 0
+    return 0

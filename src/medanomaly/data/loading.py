@@ -6,7 +6,9 @@ manifest's folder; ``group`` is the patient id.
 
 Folder: either sub-folders named after labels (``normal/``, ``abnormal/``; other names can be
 mapped with ``label_names``) or image files directly (labels unknown, e.g. all normal for
-training). Each image file is a case; each sub-folder of DICOM files is one series (case).
+training). Each image file is a case; each sub-folder of DICOM files is one series (case);
+a DICOM series folder itself is one case, and a folder of patient folders gives every image
+in them, grouped by patient (see :mod:`medanomaly.data.layouts`).
 Nothing in a folder is dropped silently: files that are not images and sub-folders that are
 not label names are listed in the :class:`LoadReport` as skipped, with the reason.
 
@@ -38,6 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medanomaly.data.cache import CacheEntry, PreprocessCache, Preprocessed
+from medanomaly.data.layouts import holds_patient_folders, is_series_folder, patient_entries
 from medanomaly.data.sets import ABNORMAL, NORMAL, UNKNOWN, ImageSet
 from medanomaly.data.streaming import StreamedSet
 from medanomaly.data.workers import WorkerDied, available_cores, map_in_workers
@@ -50,7 +53,10 @@ from medanomaly.errors import (
 )
 from medanomaly.image import SOURCE_GRID_KEY, MedicalImage
 from medanomaly.io import IMAGE_SUFFIXES, image_suffix, read_image
+from medanomaly.io.atomic import atomic_write
 from medanomaly.io.dicom import is_dicom_file
+from medanomaly.io.temporary import temporary_folder
+from medanomaly.io.written import is_output_folder, is_written_map
 from medanomaly.transforms import FOREGROUND_KEY, LESION_KEY, Compose, build_transforms
 
 log = logging.getLogger(__name__)
@@ -130,7 +136,11 @@ def parse_label(value: str, label_names: dict[str, int], where: str) -> int:
 
 
 def read_manifest(path: str | Path, label_names: dict[str, int] | None = None) -> list[Case]:
-    """Read a CSV manifest into cases (paths resolved against the manifest's folder)."""
+    """Read a CSV manifest into cases (paths resolved against the manifest's folder).
+
+    A row naming the same image as an earlier row is kept as a case with a problem (skipped
+    and named with both row numbers; fatal with ``strict``), so no image is used twice.
+    """
     path = Path(path)
     names = {**DEFAULT_LABEL_NAMES, **(label_names or {})}
     with open(path, newline="") as handle:
@@ -139,24 +149,71 @@ def read_manifest(path: str | Path, label_names: dict[str, int] | None = None) -
         if "path" not in columns:
             raise ConfigError(f"{path}: a manifest needs a 'path' column, found {columns}")
         cases = []
+        first_row: dict[Path, int] = {}
         for line, raw in enumerate(reader, start=2):
             row = {k.strip(): (v or "").strip() for k, v in raw.items() if k}
             where = f"{path}:{line}"
+            image = path.parent / row["path"]
+            seen = first_row.setdefault(_same_file_key(image), line)
+            duplicate = f"{path.name} row {line} repeats row {seen} (the same image)"
             cases.append(
                 Case(
-                    path=path.parent / row["path"],
+                    path=image,
                     label=parse_label(row.get("label", ""), names, where),
                     mask=path.parent / row["mask"] if row.get("mask") else None,
                     group=row.get("group") or None,
                     split=row.get("split") or None,
+                    problem=duplicate if seen != line else None,
                 )
             )
     return cases
 
 
+MANIFEST_COLUMNS = ("path", "label", "group", "mask")
+
+
+def write_manifest(path: str | Path, cases: Sequence[Case]) -> Path:
+    """Write ``cases`` as a manifest that :func:`read_manifest` reads back as the same cases.
+
+    Paths are written relative to the manifest's folder where they lie below it; unknown
+    labels are left empty.
+    """
+    path = Path(path)
+    base = path.parent.resolve()
+
+    def where(file: Path | None) -> str:
+        if file is None:
+            return ""
+        file = file.resolve()
+        return file.relative_to(base).as_posix() if base in file.parents else str(file)
+
+    def write(handle: Any) -> None:
+        writer = csv.writer(handle)
+        writer.writerow(MANIFEST_COLUMNS)
+        for case in cases:
+            label = "" if case.label == UNKNOWN else str(case.label)
+            writer.writerow([where(case.path), label, case.group or "", where(case.mask)])
+
+    atomic_write(path, write, mode="w")
+    return path
+
+
+def _same_file_key(path: Path) -> Path:
+    """``path`` without ``..`` and symlinks where it exists, to spot the same file twice."""
+    try:
+        return path.resolve()
+    except OSError:
+        return path
+
+
 def _entries(folder: Path) -> list[Path]:
-    """Everything directly inside ``folder`` except hidden entries, sorted."""
-    return [entry for entry in sorted(folder.iterdir()) if not entry.name.startswith(".")]
+    """Entries of ``folder``, sorted: not hidden, not maps medanomaly wrote (its outputs)."""
+    return [
+        entry
+        for entry in sorted(folder.iterdir())
+        if not entry.name.startswith(".")
+        and not (is_output_folder(entry) if entry.is_dir() else is_written_map(entry))
+    ]
 
 
 def _is_image_file(path: Path) -> bool:
@@ -202,6 +259,10 @@ def scan_folder(folder: str | Path, label_names: dict[str, int] | None = None) -
             f"(labels: {', '.join(sorted(names))}; map other names with label_names)"
         )
         cases += [Case(e, problem=problem) for e in entries if e not in labelled]
+    elif is_series_folder(folder, entries):
+        cases = [Case(folder)]
+    elif holds_patient_folders(entries, _entries):
+        cases = _patient_folder_cases(entries)
     else:
         cases = _folder_cases(folder)
     if not any(case.problem is None for case in cases):
@@ -209,6 +270,20 @@ def scan_folder(folder: str | Path, label_names: dict[str, int] | None = None) -
         raise ImageReadError(
             folder, f"no image files found (found: {found}; supported: {', '.join(IMAGE_SUFFIXES)})"
         )
+    return cases
+
+
+def _patient_folder_cases(entries: Sequence[Path]) -> list[Case]:
+    """Cases of a folder of patient folders (see :mod:`medanomaly.data.layouts`)."""
+    cases = []
+    for entry in entries:
+        if entry.is_dir():
+            found = patient_entries(entry, _entries, _is_image_file)
+            cases += [Case(e.path, mask=e.mask, group=e.group, problem=e.problem) for e in found]
+        elif _is_image_file(entry):
+            cases.append(Case(entry))
+        else:
+            cases.append(Case(entry, problem="not an image file"))
     return cases
 
 
@@ -439,7 +514,7 @@ class _FirstPass:
     def _store_only(self) -> None:
         """From now on cases only go into the store: a temporary folder without a cache."""
         if self.job.store is None:
-            self.owner = tempfile.TemporaryDirectory(prefix="medanomaly-stream-")
+            self.owner = temporary_folder("stream")
             self.job = replace(self.job, store=self.owner.name)
         self.job = replace(self.job, keep_arrays=False)
 

@@ -24,15 +24,18 @@ from medanomaly._version import __version__
 from medanomaly.data.loading import InputSpec
 from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.thresholds import mean_sd_threshold
-from medanomaly.errors import ConfigError, NotFittedError, did_you_mean
-from medanomaly.io.atomic import atomic_torch_save, atomic_write_text
+from medanomaly.errors import ConfigError, MissingFileError, NotFittedError, did_you_mean
+from medanomaly.io.atomic import atomic_write_text
+from medanomaly.io.safe_files import load_state, save_state
 from medanomaly.training.engine import (
     EngineConfig,
 )
 
 log = logging.getLogger(__name__)
 
-MODEL_FILE = "model.pt"
+MODEL_FILE = "model.safetensors"
+LEGACY_MODEL_FILE = "model.pt"
+"""What medanomaly before 0.2 saved: a pickle, loaded only when trusted."""
 CONFIG_FILE = "config.yaml"
 INFERENCE_VOXELS = 2**20
 MIN_THRESHOLD_NORMALS = 20
@@ -204,16 +207,28 @@ class BaseDetector(ABC):
         return f"{type(self).__name__}({args})"
 
     @classmethod
-    def load(cls, path: str | Path) -> BaseDetector:
-        """Load any saved detector (a ``model.pt`` file or a run directory holding one)."""
+    def load(cls, path: str | Path, trust_pickle: bool | None = None) -> BaseDetector:
+        """Load a saved detector: a ``model.safetensors`` file or a run directory holding one.
+
+        Args:
+            path: The model file or run directory.
+            trust_pickle: Also load a legacy pickle ``model.pt``, which can run code; ``None``
+                reads ``MEDANOMALY_TRUST_PICKLE`` (see :mod:`medanomaly.io.safe_files`).
+
+        Raises:
+            MissingFileError: No model file at ``path`` (a ``FileNotFoundError``).
+            UnsafeFileError: The file is not a safetensors model and pickles are not trusted.
+        """
         from medanomaly.detectors.registry import get_model_class
 
         path = Path(path)
         if path.is_dir():
-            path = path / MODEL_FILE
-        if not path.exists():
-            raise FileNotFoundError(f"{path}: no saved model here (expected {MODEL_FILE})")
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+            legacy = path / LEGACY_MODEL_FILE
+            saved_file = path / MODEL_FILE
+            path = legacy if legacy.exists() and not saved_file.exists() else saved_file
+        if not path.is_file():
+            raise MissingFileError(f"{path}: no saved model here (expected {MODEL_FILE})")
+        saved = load_state(path, trust_pickle)
         detector = get_model_class(saved["model"])(**saved["params"])
         detector._restore(saved)
         return detector
@@ -274,7 +289,7 @@ class BaseDetector(ABC):
     def save(self, path: str | Path) -> None:
         """Write the fitted detector to ``path`` atomically (read it back with :meth:`load`)."""
         self.check_fitted()
-        atomic_torch_save(self.saved_state(), path)
+        save_state(self.saved_state(), path)
 
     @abstractmethod
     def saved_state(self) -> dict[str, Any]:

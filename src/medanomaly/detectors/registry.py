@@ -12,6 +12,7 @@ import pkgutil
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from medanomaly.detectors.arguments import check_arguments
 from medanomaly.errors import ConfigError, did_you_mean
 
 if TYPE_CHECKING:
@@ -75,8 +76,14 @@ def get_model_class(name: str) -> type[BaseDetector]:
 
 
 def get_model(name: str, **params: Any) -> BaseDetector:
-    """Build the detector registered as ``name`` with constructor arguments ``params``."""
-    return get_model_class(name)(**params)
+    """Build the detector registered as ``name`` with constructor arguments ``params``.
+
+    Raises:
+        ConfigError: ``name`` is unknown, or an argument is unknown or of the wrong type.
+    """
+    cls = get_model_class(name)
+    check_arguments(cls, params, f"model {name!r}")
+    return cls(**params)
 
 
 def nested_block(
@@ -118,7 +125,9 @@ def build_nested(block: Mapping[str, Any], owner: str, role: str) -> BaseDetecto
     """
     params = dict(block)
     name = params.pop("name")
+    cls = get_model_class(name)
+    check_arguments(cls, params, f"{owner} {role} {name!r}")
     try:
-        return get_model(name, **params)
+        return cls(**params)
     except TypeError as error:
         raise ConfigError(f"{owner} {role} {name!r}: {error}") from error

@@ -26,8 +26,10 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -511,15 +513,37 @@ def cross_validate(
     model_config = {k: v for k, v in config.items() if k != "evaluation"}
     state = {"config": model_config, "settings": asdict(settings), "data": str(data)}
     _start_or_resume(out, state, splits_csv(splits, images, groups))
-    records = [
-        _fold(split, images, model_config, settings, out, known, len(splits), echo)
-        for split in splits
-    ]
+    with _default_threshold_unused(parse_rule(settings.threshold)[0] is not None):
+        records = [
+            _fold(split, images, model_config, settings, out, known, len(splits), echo)
+            for split in splits
+        ]
     metrics = aggregate(records)
     metrics.update(_cv_facts(settings, images, groups, report, records, data, config))
     _write_cv_report(out, metrics, records)
     write_json(out / METRICS_FILE, metrics)
     return json_ready(metrics)
+
+
+class _NoDefaultThresholdWarning(logging.Filter):
+    """Drops ``fit``'s warning about its default threshold (the folds use another rule)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "the default threshold" not in record.getMessage()
+
+
+@contextmanager
+def _default_threshold_unused(unused: bool) -> Iterator[None]:
+    """Silence the default-threshold warning of every fold's ``fit`` when ``unused``."""
+    if not unused:
+        yield
+        return
+    logger, quiet = logging.getLogger(BaseDetector.__module__), _NoDefaultThresholdWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)
 
 
 def _fold(

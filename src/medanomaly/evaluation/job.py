@@ -25,6 +25,7 @@ from medanomaly.evaluation.pixel import PixelMetricAccumulator, scan_range
 from medanomaly.jobs.score import in_chunks
 from medanomaly.outputs.writers import case_stem
 from medanomaly.training.distributed import Ranks, Share, merge_rows
+from medanomaly.viz.case_figure import unique_names
 
 
 @dataclass
@@ -192,9 +193,9 @@ def gallery(
     drawn = {case[0]: case for part in parts for case in part}
     cases = [drawn[i] for i in chosen]
     names = {0: "normal", 1: "abnormal"}
+    shown = unique_names(scored.ids)
     titles = [
-        f"{Path(scored.ids[i]).name} ({names.get(int(scored.labels[i]), '?')}) "
-        f"score {scored.scores[i]:.4g}"
+        f"{shown[i]} ({names.get(int(scored.labels[i]), '?')}) score {scored.scores[i]:.4g}"
         for i in chosen
     ]
     return figs.save_gallery(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +38,9 @@ from medanomaly.evaluation.metrics import bootstrap_auroc_ci, image_metrics, pre
 from medanomaly.evaluation.pixel import pixel_metrics
 from medanomaly.evaluation.report import Facts, Figure, Figures, Table, Text, write_report
 from medanomaly.io.atomic import atomic_write_text
+from medanomaly.io.temporary import temporary_folder
 from medanomaly.jobs.score import SCORE_CHUNK, JobOptions, start_job
+from medanomaly.outputs.guard import Claim, check_apart, claim_outputs, staging_folder
 from medanomaly.outputs.writers import save_maps_in_chunks, write_scores_csv
 from medanomaly.training.distributed import load_share
 
@@ -504,7 +505,7 @@ def evaluate_run(
     above one, split over ranks (:mod:`medanomaly.evaluation.job`); rank 0 writes every file.
 
     Args:
-        run_dir: Run directory (or ``model.pt``) written by ``fit`` or ``cv``.
+        run_dir: Run directory (or ``model.safetensors``) written by ``fit`` or ``cv``.
         data: Labelled folder or manifest (``path,label[,mask][,group]``).
         out: Output folder.
         threshold: ``None``/``"run"`` keeps the run's threshold (mean + k·SD of its held-out
@@ -530,51 +531,65 @@ def evaluate_run(
     """
     out = Path(out)
     options = options or JobOptions()
+    check_apart(data, out, maps_dir)
     ranks, detector = start_job(run_dir, options)
-    share = load_share(detector, data, ranks, strict, options.num_workers)
-    label_names = (detector.run_config_.get("data") or {}).get("label_names")
-    pixel = any(ranks.all_gather(bool(share.cases.has_masks)))
-    with tempfile.TemporaryDirectory(prefix="medanomaly-evaluate-") as spill:
-        parts = ranks.together(  # every rank's pass, on every rank; one failing stops all
-            lambda: job.score_share(
-                detector, share, data, label_names, pixel, foreground_threshold, Path(spill), chunk
+    main = ranks.is_main
+    claim = claim_outputs(folders=[out], staged=[maps_dir], command="evaluate") if main else Claim()
+    try:
+        share = load_share(detector, data, ranks, strict, options.num_workers)
+        label_names = (detector.run_config_.get("data") or {}).get("label_names")
+        pixel = any(ranks.all_gather(bool(share.cases.has_masks)))
+        with temporary_folder("evaluate") as spill:
+            parts = ranks.together(  # every rank's pass, on every rank; one failing stops all
+                lambda: job.score_share(
+                    detector,
+                    share,
+                    data,
+                    label_names,
+                    pixel,
+                    foreground_threshold,
+                    Path(spill),
+                    chunk,
+                )
             )
+            local, scored = parts[ranks.rank], job.merged(parts, share.n_cases)
+            _check_labelled(data, scored.labels)
+            found = job.pixel_result(ranks, local, scored, Path(spill)) if pixel else None
+        labelled = scored.labels != -1
+        choice = _evaluate_threshold(
+            detector, threshold, scored.labels[labelled], scored.scores[labelled], alpha
         )
-        local, scored = parts[ranks.rank], job.merged(parts, share.n_cases)
-        _check_labelled(data, scored.labels)
-        found = job.pixel_result(ranks, local, scored, Path(spill)) if pixel else None
-    labelled = scored.labels != -1
-    choice = _evaluate_threshold(
-        detector, threshold, scored.labels[labelled], scored.scores[labelled], alpha
-    )
-    figures_dir = out / FIGURES_DIR
-    gallery = job.gallery(
-        ranks, detector, share, scored, figures_dir / "gallery", gallery_per_group
-    )
+        figures_dir = out / FIGURES_DIR
+        gallery = job.gallery(
+            ranks, detector, share, scored, figures_dir / "gallery", gallery_per_group
+        )
 
-    def write_maps() -> list[str]:
-        if maps_dir is None:
-            return []
-        return save_maps_in_chunks(
-            detector,
-            share.cases,
-            maps_dir,
-            dicom=dicom,
-            threshold=choice.value,
-            indices=share.index,
-        ).problems
+        def write_maps() -> list[str]:
+            if maps_dir is None:
+                return []
+            return save_maps_in_chunks(
+                detector,
+                share.cases,
+                staging_folder(maps_dir),
+                dicom=dicom,
+                threshold=choice.value,
+                indices=share.index,
+            ).problems
 
-    every_problem = ranks.together(write_maps, to_main=True)  # one failing rank stops all
-    if every_problem is None:
-        return None
-    sources = {"run": str(run_dir), "data": str(data)}
-    metrics = _write_evaluation(
-        out, detector, scored, choice, found, gallery, share.skipped, alpha, n_boot, sources
-    )
-    if maps_dir is not None:
-        metrics["map_problems"] = [line for part in every_problem for line in part]
-    write_json(out / METRICS_FILE, metrics)
-    return json_ready(metrics)
+        every_problem = ranks.together(write_maps, to_main=True)  # one failing rank stops all
+        if every_problem is None:
+            return None
+        sources = {"run": str(run_dir), "data": str(data)}
+        metrics = _write_evaluation(
+            out, detector, scored, choice, found, gallery, share.skipped, alpha, n_boot, sources
+        )
+        if maps_dir is not None:
+            claim.commit(maps_dir)
+            metrics["map_problems"] = [line for part in every_problem for line in part]
+        write_json(out / METRICS_FILE, metrics)
+        return json_ready(metrics)
+    finally:
+        claim.release()
 
 
 def _check_labelled(data: str | Path, labels: np.ndarray) -> None:

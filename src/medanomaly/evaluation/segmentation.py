@@ -97,7 +97,7 @@ def train_segmenter(
         engine: Other training settings (batch size, learning rate, seed, devices, ...) as
             an :class:`~medanomaly.training.engine.EngineConfig` or a dict; by default batch 16,
             Adam lr 1e-3, seed 0, and no early stopping unless the dict sets ``patience``.
-        run_dir: Where the engine keeps ``checkpoint_segmenter.pt`` and its history.
+        run_dir: Where the engine keeps ``checkpoint_segmenter.safetensors`` and its history.
 
     Returns:
         The trained network in eval mode (on the training device); it returns logits.

@@ -9,8 +9,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, Any
 
-import torch
-
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -46,9 +44,3 @@ def atomic_write(path: str | Path, writer: Callable[[IO[Any]], None], mode: str 
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     atomic_write(path, lambda handle: handle.write(text))
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` that never leaves a truncated file at ``path``."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)

@@ -111,6 +111,21 @@ def is_dicom_file(path: Path, force: bool = False) -> bool:
     return _holds_pixels(ds)
 
 
+def series_uids(files: Sequence[Path]) -> set[str]:
+    """The ``SeriesInstanceUID`` values of DICOM ``files`` (headers only; unreadable: left out)."""
+    uids = set()
+    for path in files:
+        try:
+            with _quiet(path):
+                ds = pydicom.dcmread(
+                    path, force=True, stop_before_pixels=True, specific_tags=["SeriesInstanceUID"]
+                )
+        except Exception:  # not a readable header: the series reader names it later
+            continue
+        uids.add(str(ds.get("SeriesInstanceUID") or _NO_UID))
+    return uids
+
+
 def _holds_pixels(ds: Dataset) -> bool:
     """A dataset with image dimensions and pixel data."""
     return "Rows" in ds and "Columns" in ds and any(k in ds for k in _PIXEL_KEYWORDS)

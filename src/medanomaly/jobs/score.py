@@ -15,8 +15,10 @@ from typing import Any
 
 import numpy as np
 
+from medanomaly.data.progress import CaseProgress
 from medanomaly.data.sets import Cases, ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector
+from medanomaly.outputs.guard import Claim, check_apart, claim_outputs, staging_folder
 from medanomaly.outputs.writers import MapsWritten, save_part_maps, write_scores_csv
 from medanomaly.training.distributed import (
     Ranks,
@@ -60,10 +62,18 @@ def start_job(run: str | Path, options: JobOptions) -> tuple[Ranks, BaseDetector
     return ranks, BaseDetector.load(run).to(ranks.device)
 
 
-def in_chunks(cases: Cases, size: int) -> Iterator[tuple[np.ndarray, ImageSet]]:
-    """``(index, cases in memory)`` for chunks of at most ``size`` cases of one shape."""
-    for index in cases.chunks(size):
-        yield index, cases.subset(index).to_image_set()
+def in_chunks(
+    cases: Cases, size: int, desc: str = "scoring"
+) -> Iterator[tuple[np.ndarray, ImageSet]]:
+    """``(index, cases in memory)`` for chunks of at most ``size`` cases of one shape.
+
+    The progress (cases/s, time left) counts a chunk as done when the caller asks for the
+    next one, so it covers what the caller does with each chunk (scoring, writing maps).
+    """
+    with CaseProgress(len(cases), desc) as progress:
+        for index in cases.chunks(size):
+            yield index, cases.subset(index).to_image_set()
+            progress.update(len(index))
 
 
 @dataclass
@@ -103,7 +113,7 @@ def score_run(
     threshold, p_value (conformal, against the run's held-out normal validation scores).
 
     Args:
-        run: Run directory (or ``model.pt``).
+        run: Run directory (or ``model.safetensors``).
         data: Folder or manifest.
         out: The CSV (written by rank 0, atomically).
         maps: Folder for every case's maps (see :func:`medanomaly.outputs.writers.save_maps`),
@@ -116,15 +126,29 @@ def score_run(
     Returns:
         The summary on rank 0; ``None`` on the other ranks.
     """
+    check_apart(data, maps)
+    ranks, detector = start_job(run, options or JobOptions())
+    claim = claim_outputs([out], staged=[maps], command="score") if ranks.is_main else Claim()
+    with claim:
+        share = load_share(detector, data, ranks, strict, (options or JobOptions()).num_workers)
+        staging = None if maps is None else staging_folder(maps)
+        gathered = ranks.together(  # one failing rank stops them all
+            lambda: _score_share(detector, share, staging, dicom, chunk), to_main=True
+        )
+        if gathered is None:
+            return None
+        summary = _write_table(detector, share, gathered, out)
+        if maps is not None:
+            claim.commit(maps)
+    return summary
+
+
+def _write_table(
+    detector: BaseDetector, share: Share, gathered: list[Any], out: str | Path
+) -> ScoreSummary:
+    """Write the score table of every rank's rows; the job's summary."""
     from medanomaly.detectors.thresholds import conformal_pvalues
 
-    ranks, detector = start_job(run, options or JobOptions())
-    share = load_share(detector, data, ranks, strict, (options or JobOptions()).num_workers)
-    gathered = ranks.together(  # one failing rank stops them all
-        lambda: _score_share(detector, share, maps, dicom, chunk), to_main=True
-    )
-    if gathered is None:
-        return None
     table = merge_rows([rows for rows, _ in gathered], share.n_cases)
     ids = [row[0] for row in table]
     labels = np.array([row[1] for row in table], dtype=np.int64)
@@ -155,7 +179,8 @@ def _score_share(
     """Rows ``(index, (id, label, score))`` of this rank's cases, and the maps it wrote."""
     rows: list[tuple[int, Any]] = []
     written = MapsWritten()
-    for index, part in in_chunks(share.cases, chunk):
+    desc = "scoring and writing maps" if maps is not None else "scoring"
+    for index, part in in_chunks(share.cases, chunk, desc):
         if maps is None:
             scores = np.asarray(detector.score(part), dtype=np.float64)
         else:

@@ -113,7 +113,7 @@ class StatisticDetector(BaseDetector):
             train: Normal training images (images labelled abnormal are left out).
             val: Validation images; its normal ones set the threshold. ``None`` holds out
                 ``engine.val_fraction`` of ``train``.
-            run_dir: Where to save ``model.pt`` and ``config.yaml``.
+            run_dir: Where to save ``model.safetensors`` and ``config.yaml``.
             resume: Accepted for the common interface (there is nothing to resume).
 
         Returns:

@@ -33,6 +33,7 @@ from sklearn.mixture import GaussianMixture
 from medanomaly._version import __version__
 from medanomaly.data.sets import ImageSet, as_cases
 from medanomaly.detectors.base import (
+    MODEL_FILE,
     AnomalyResult,
     BaseDetector,
     fit_or_load,
@@ -54,7 +55,7 @@ class LatentDensity(BaseDetector):
     Args:
         encoder: ``model:`` block of the autoencoder (default the Chung & Choi 2023 ``vae``).
         encoder_run: Use the autoencoder already trained in this run (a run directory or
-            ``model.pt``, e.g. from ``medanomaly fit``) instead of training ``encoder``; it
+            ``model.safetensors``, e.g. from ``medanomaly fit``) instead of training ``encoder``; it
             must have been trained on the same normal images, without the validation ones.
         spatial_dims: 2 or 3, passed to the encoder unless its block sets it.
         in_channels: Image channels, passed on likewise.
@@ -151,7 +152,7 @@ class LatentDensity(BaseDetector):
         self._fit_density(self._latents(train_set.subset(np.arange(len(train_set)))))
         self._standardise(normal if len(normal) else train_set.subset(np.arange(len(train_set))))
         if run_dir is not None and self.is_main_process_:
-            self.save(Path(run_dir) / "model.pt")
+            self.save(Path(run_dir) / MODEL_FILE)
         return self
 
     def _latents(self, images: ImageSet | np.ndarray) -> np.ndarray:
@@ -237,7 +238,7 @@ class LatentDensity(BaseDetector):
         params = self.config()["model"]
         params.pop("name")
         density = (
-            {"mixture": self.mixture_}
+            {"mixture": _mixture_arrays(self.mixture_)}
             if self.mixture_ is not None
             else {"mean": self.latent_mean_, "precision": self.latent_precision_}
         )
@@ -258,7 +259,7 @@ class LatentDensity(BaseDetector):
         self.encoder_ = get_model_class(state["model"])(**state["params"])
         self.encoder_._restore(state)
         density = saved["density"]
-        self.mixture_ = density.get("mixture")
+        self.mixture_ = _mixture_from(density["mixture"]) if "mixture" in density else None
         if self.mixture_ is None:
             self.latent_mean_ = np.asarray(density["mean"])
             self.latent_precision_ = np.asarray(density["precision"])
@@ -267,6 +268,24 @@ class LatentDensity(BaseDetector):
         self.val_scores_ = np.asarray(saved["val_scores"], dtype=np.float64)
         self.history_ = self.encoder_.history_
         self.run_config_ = saved.get("config", {})
+
+
+_MIXTURE_FITTED = ("weights_", "means_", "covariances_", "precisions_cholesky_", "precisions_")
+
+
+def _mixture_arrays(mixture: GaussianMixture) -> dict[str, Any]:
+    """A fitted mixture as its settings and arrays (saved without pickling)."""
+    return {"params": mixture.get_params(), **{k: getattr(mixture, k) for k in _MIXTURE_FITTED}}
+
+
+def _mixture_from(saved: dict[str, Any]) -> GaussianMixture:
+    """The mixture :func:`_mixture_arrays` describes, ready to score."""
+    if isinstance(saved, GaussianMixture):  # a trusted legacy pickle
+        return saved
+    mixture = GaussianMixture(**saved["params"])
+    for name in _MIXTURE_FITTED:
+        setattr(mixture, name, np.asarray(saved[name]))
+    return mixture
 
 
 def _standard(values: np.ndarray, stats: tuple[float, float]) -> np.ndarray:

@@ -510,8 +510,9 @@ class PatchDiscriminator(BaseDetector):
                 scores of their normal images. ``None`` holds out ``engine.val_fraction`` of
                 ``train`` (the same images for both networks).
             run_dir: The reconstructor keeps its run in ``run_dir/reconstructor_<name>``; the
-                embedding network writes ``checkpoint_embedding.pt`` and
-                ``history_embedding.csv``; the fitted detector goes to ``run_dir/model.pt``.
+                embedding network writes ``checkpoint_embedding.safetensors`` and
+                ``history_embedding.csv``; the fitted detector goes to
+                ``run_dir/model.safetensors``.
             resume: Continue an interrupted run (a finished reconstructor is loaded).
 
         Returns:

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from medanomaly.data.progress import CaseProgress
 from medanomaly.detectors.base import AnomalyResult
 from medanomaly.errors import MedanomalyError, problem_text
 from medanomaly.image import SourceGrid
@@ -246,18 +247,31 @@ def save_maps_in_chunks(
         Everything written, and the cases whose source-geometry maps failed.
     """
     done = MapsWritten()
-    for index in images.chunks(chunk):
-        part = images.subset(index).to_image_set()
-        stems = index if indices is None else np.asarray(indices)[index]
-        done.add(
-            save_part_maps(
-                folder,
-                part,
-                detector.detect(part),
-                model=detector.name,
-                dicom=dicom,
-                indices=stems,
-                threshold=threshold,
-            )
-        )
+    with CaseProgress(len(images), "writing maps") as progress:
+        for index in images.chunks(chunk):
+            done.add(_chunk_maps(detector, images, index, folder, dicom, threshold, indices))
+            progress.update(len(index))
     return done
+
+
+def _chunk_maps(
+    detector: Any,
+    images: Any,
+    index: np.ndarray,
+    folder: str | Path,
+    dicom: bool,
+    threshold: float | None,
+    indices: Sequence[int] | None,
+) -> MapsWritten:
+    """:func:`save_maps_in_chunks` of one chunk."""
+    part = images.subset(index).to_image_set()
+    stems = index if indices is None else np.asarray(indices)[index]
+    return save_part_maps(
+        folder,
+        part,
+        detector.detect(part),
+        model=detector.name,
+        dicom=dicom,
+        indices=stems,
+        threshold=threshold,
+    )

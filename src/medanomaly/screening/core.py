@@ -236,7 +236,7 @@ def score_cases(
         notes=notes,
     )
     vectors: dict[int, np.ndarray] | None = {} if embed is not None else None
-    for done, (chunk, part) in enumerate(in_chunks(images, batch), start=1):
+    for done, (chunk, part) in enumerate(in_chunks(images, batch, "screening"), start=1):
         result = detector.detect(part)
         foreground, numbers.foreground_rule = foreground_masks(part, fg_threshold)
         mse, masked = reconstruction_errors(part.images, result.reconstructions, foreground)

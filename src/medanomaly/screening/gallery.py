@@ -12,7 +12,7 @@ from medanomaly.detectors.base import BaseDetector
 from medanomaly.outputs.writers import case_stem
 from medanomaly.screening.core import DEFAULT_BATCH
 from medanomaly.screening.result import ScreenResult
-from medanomaly.viz.case_figure import save_case_figure
+from medanomaly.viz.case_figure import save_case_figure, unique_names
 
 
 def gallery_scale(result: ScreenResult) -> float | None:
@@ -55,6 +55,7 @@ def save_gallery(
         Every flagged case's PNG (those drawn by other ranks too), in rank order.
     """
     folder = Path(folder)
+    names = unique_names(result.ids)
     order, ranks, scale = result.flagged_order, result.ranks, gallery_scale(result)
     positions = range(len(images)) if index is None else index
     here = {int(position): j for j, position in enumerate(positions)}
@@ -67,8 +68,9 @@ def save_gallery(
         for j, i in enumerate(mine[k] for k in chunk):
             recon = None if found.reconstructions is None else found.reconstructions[j]
             title = (
-                f"#{ranks[i]} {Path(result.ids[i]).name}  score {result.scores[i]:.4g} "
+                f"#{ranks[i]} {names[i]}  score {result.scores[i]:.4g} "
                 f"(threshold {result.threshold:.4g})"
             )
-            save_case_figure(part.images[j], recon, found.maps[j], paths[i], title, scale)
+            fg = None if part.foreground is None else part.foreground[j]
+            save_case_figure(part.images[j], recon, found.maps[j], paths[i], title, scale, fg)
     return [paths[i] for i in order]

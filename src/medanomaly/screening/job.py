@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector
 from medanomaly.jobs.score import JobOptions, start_job
+from medanomaly.outputs.guard import Claim, check_apart, claim_outputs, staging_folder
 from medanomaly.outputs.writers import save_part_maps
 from medanomaly.screening.core import (
     DEFAULT_BATCH,
@@ -25,7 +27,7 @@ from medanomaly.screening.gallery import save_gallery
 from medanomaly.screening.latent import DEFAULT_MIN_SAMPLES
 from medanomaly.screening.outputs import write_screen_outputs
 from medanomaly.screening.result import ScreenResult
-from medanomaly.training.distributed import Share, load_share
+from medanomaly.training.distributed import Ranks, Share, load_share
 
 
 @dataclass
@@ -55,6 +57,7 @@ def screen_folder(
     maps: str | Path | None = None,
     dicom: bool = False,
     options: JobOptions | None = None,
+    strict: bool = False,
 ) -> ScreenJob | None:
     """Screen an unlabelled folder or manifest with a trained run and write every output.
 
@@ -64,7 +67,7 @@ def screen_folder(
     (see :func:`~medanomaly.screening.outputs.write_screen_outputs`).
 
     Args:
-        run: Run directory (or ``model.pt``).
+        run: Run directory (or ``model.safetensors``).
         data: Unlabelled folder or manifest.
         out: Output folder.
         k: Flag score > mean + k·SD of the run's normal validation scores.
@@ -75,31 +78,57 @@ def screen_folder(
         maps: Folder for every case's maps in the scan's geometry.
         dicom: With ``maps``, DICOM Parametric Maps of DICOM volumes too.
         options: Devices and workers (default: one process).
+        strict: Raise on the first unreadable case, before anything is written.
 
     Returns:
         The job's summary on rank 0; ``None`` on the other ranks.
     """
     options = options or JobOptions()
     check_settings(batch, eps, min_samples)
+    check_apart(data, out, maps)
     ranks, detector = start_job(run, options)
-    threshold = screen_threshold(detector, k)[0]
-    share = load_share(detector, data, ranks, num_workers=options.num_workers)
+    main = ranks.is_main
+    claim = claim_outputs(folders=[out], staged=[maps], command="screen") if main else Claim()
+    settings = {"metal_level": metal_level, "eps": eps, "min_samples": min_samples, "batch": batch}
+    with claim:
+        return _screen_share(
+            run, data, Path(out), maps, claim, ranks, detector, k, strict, dicom, settings, options
+        )
+
+
+def _screen_share(
+    run: str | Path,
+    data: str | Path,
+    out: Path,
+    maps: str | Path | None,
+    claim: Claim,
+    ranks: Ranks,
+    detector: BaseDetector,
+    k: float,
+    strict: bool,
+    dicom: bool,
+    settings: dict[str, Any],
+    options: JobOptions,
+) -> ScreenJob | None:
+    """The body of :func:`screen_folder`, its outputs claimed."""
+    threshold, _ = screen_threshold(detector, k)
+    share = load_share(detector, data, ranks, strict, num_workers=options.num_workers)
     problems: list[str] = []
-    hook = None if maps is None else _map_writer(detector, share, maps, dicom, threshold, problems)
+    staging = None if maps is None else staging_folder(maps)
+    hook = None
+    if staging is not None:
+        hook = _map_writer(detector, share, staging, dicom, threshold, problems)
+    batch = settings["batch"]
     result = screen(
         detector,
         share.cases,
         k=k,
-        metal_level=metal_level,
-        eps=eps,
-        min_samples=min_samples,
-        batch=batch,
+        **settings,
         skipped=share.skipped,
         ranks=ranks,
         index=share.index,
         on_chunk=hook,
     )
-    out = Path(out)
     gallery = ranks.checked(  # one failing rank stops them all
         lambda: save_gallery(detector, share.cases, result, out / GALLERY_DIR, batch, share.index)
     )
@@ -107,6 +136,8 @@ def screen_folder(
     if every_problem is None:
         return None
     write_screen_outputs(result, out, gallery, run=str(run), data=str(data))
+    if maps is not None:
+        claim.commit(maps)
     return ScreenJob(result, share.warnings, [line for part in every_problem for line in part])
 
 

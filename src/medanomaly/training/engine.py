@@ -33,11 +33,12 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from tqdm.auto import tqdm
 
 from medanomaly.errors import ConfigError, did_you_mean
-from medanomaly.io.atomic import atomic_torch_save, atomic_write_text
+from medanomaly.io.atomic import atomic_write_text
+from medanomaly.io.safe_files import load_state, save_state
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_NAME = "checkpoint.pt"
+CHECKPOINT_NAME = "checkpoint.safetensors"
 HISTORY_NAME = "history.csv"
 VAL_MIN = 20
 """Default of ``engine.val_min``: held-out normals a default threshold should rest on."""
@@ -310,12 +311,13 @@ class Engine:
         Args:
             task: The network and its loss/score functions.
             data: Training and validation datasets.
-            run_dir: Folder for ``checkpoint.pt`` and ``history.csv``; ``None`` keeps nothing.
-            resume: Continue from ``run_dir/checkpoint.pt`` if it exists.
+            run_dir: Folder for ``checkpoint.safetensors`` and ``history.csv``; ``None`` keeps
+                nothing.
+            resume: Continue from ``run_dir/checkpoint.safetensors`` if it exists.
             extra_state: Stored in each checkpoint so that a resumed run can check it
                 continues the same experiment (the resolved config).
             stage: Name of a training stage of a multi-stage model; its files are
-                ``checkpoint_<stage>.pt`` and ``history_<stage>.csv``.
+                ``checkpoint_<stage>.safetensors`` and ``history_<stage>.csv``.
 
         Returns:
             The per-epoch history (one dict per epoch).
@@ -553,7 +555,7 @@ def _minimise_loss(loss_fn: Callable[[nn.Module, torch.Tensor], torch.Tensor]) -
 
 
 def stage_file(name: str, stage: str) -> str:
-    """``checkpoint.pt`` -> ``checkpoint_<stage>.pt`` (unchanged when ``stage`` is empty)."""
+    """``checkpoint.safetensors`` -> ``checkpoint_<stage>.safetensors`` (same if no ``stage``)."""
     if not stage:
         return name
     stem, dot, suffix = name.partition(".")
@@ -635,7 +637,7 @@ class _RunState:
         optimizers: Optimizers,
         extra_state: dict[str, Any] | None,
     ) -> None:
-        atomic_torch_save(
+        save_state(
             {
                 "epoch": self.epoch,
                 "best_rank": self.best_rank,
@@ -658,7 +660,7 @@ class _RunState:
         optimizers: Optimizers,
         extra_state: dict[str, Any] | None,
     ) -> _RunState:
-        saved = torch.load(path, map_location="cpu", weights_only=False)
+        saved = load_state(path)
         if extra_state is not None and saved["extra_state"] != extra_state:
             raise ConfigError(
                 f"{path}: the checkpoint was written by a run with a different configuration; "

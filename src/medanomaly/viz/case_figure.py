@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
@@ -22,11 +24,57 @@ def orthogonal_slices(volume: np.ndarray, point: tuple[int, int, int]) -> list[n
     return [volume[i, :, :], volume[:, j, :], volume[:, :, k]]
 
 
-def _rows(image: np.ndarray, recon: np.ndarray | None, diff: np.ndarray) -> list[tuple]:
+BACKGROUND_SHARE = 0.1
+"""A value held by at least this share of the voxels is taken as the background."""
+
+
+def unique_names(ids: Sequence[str]) -> list[str]:
+    """Short labels that tell cases apart: the file name, with parent folders where needed.
+
+    ``a/T1.nii.gz`` and ``b/T1.nii.gz`` become ``a/T1.nii.gz`` and ``b/T1.nii.gz``; a name that
+    no other case shares stays bare.
+    """
+    parts = [Path(str(case)).parts or (str(case),) for case in ids]
+    depth = [1] * len(parts)
+    while True:
+        names = ["/".join(p[-d:]) for p, d in zip(parts, depth, strict=True)]
+        counts = Counter(names)
+        repeated = [i for i, n in enumerate(names) if counts[n] > 1 and depth[i] < len(parts[i])]
+        if not repeated:
+            return names
+        for i in repeated:
+            depth[i] += 1
+
+
+def likely_foreground(image: np.ndarray) -> np.ndarray:
+    """Voxels that differ from the background value (the value of at least 10 % of voxels).
+
+    Without such a value (no flat background) every voxel counts.
+    """
+    values, counts = np.unique(image, return_counts=True)
+    top = int(np.argmax(counts))
+    if counts[top] < BACKGROUND_SHARE * image.size or counts[top] == image.size:
+        return np.ones(image.shape, dtype=bool)
+    return image != values[top]
+
+
+def peak_voxel(diff: np.ndarray, foreground: np.ndarray | None) -> tuple[int, ...]:
+    """The voxel of the largest difference inside ``foreground`` (anywhere if it is empty)."""
+    if foreground is None or not foreground.any():
+        return tuple(int(i) for i in np.unravel_index(int(np.argmax(diff)), diff.shape))
+    inside = np.where(foreground, diff, -np.inf)
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(inside)), diff.shape))
+
+
+def _rows(
+    image: np.ndarray, recon: np.ndarray | None, diff: np.ndarray, foreground: np.ndarray | None
+) -> list[tuple]:
     """Per row: (title, image slice, recon slice, diff slice)."""
     if image.ndim == 2:
         return [("", image, recon, diff)]
-    point = np.unravel_index(int(np.argmax(diff)), diff.shape)
+    if foreground is None:
+        foreground = likely_foreground(image)
+    point = peak_voxel(diff, np.asarray(foreground, dtype=bool).reshape(diff.shape))
     recon_planes = orthogonal_slices(recon, point) if recon is not None else [None] * 3
     return [
         (f"{name} @ {point[n]}", img.T, None if rec is None else rec.T, dif.T)
@@ -49,11 +97,13 @@ def save_case_figure(
     path: str | Path,
     title: str = "",
     diff_max: float | None = None,
+    foreground: np.ndarray | None = None,
 ) -> Path:
     """Save input | reconstruction | difference map overlaid on the input.
 
     2D images give one row; 3D volumes give three rows, the orthogonal planes through the
-    voxel with the largest difference.
+    voxel with the largest difference inside the foreground (so that a weak model's error in
+    the air does not choose black planes).
 
     Args:
         image: The input, ``(C, *spatial)`` (first channel shown) or ``(*spatial)``.
@@ -63,6 +113,8 @@ def save_case_figure(
         title: Figure title (e.g. case id and score).
         diff_max: Upper end of the colour scale, shared across cases to make them comparable;
             defaults to this map's 99.9th percentile.
+        foreground: Where to look for that voxel; ``None``: every voxel that differs from the
+            image's background value (:func:`likely_foreground`).
 
     Returns:
         The path written.
@@ -71,7 +123,7 @@ def save_case_figure(
     if reconstruction is not None and reconstruction.ndim == diff_map.ndim + 1:
         reconstruction = reconstruction[0]
     vmax = diff_max or float(np.percentile(diff_map, 99.9)) or 1e-12
-    rows = _rows(image, reconstruction, diff_map)
+    rows = _rows(image, reconstruction, diff_map, foreground)
     fig, axes = plt.subplots(len(rows), 3, figsize=(9, 3 * len(rows)), squeeze=False)
     lo, hi = float(np.min(image)), float(np.max(image))
     for ax_row, (label, img, rec, dif) in zip(axes, rows, strict=True):
