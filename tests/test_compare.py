@@ -11,6 +11,7 @@ from test_evaluate_cli import write_phantom_manifest
 
 from medanomaly.cli import main
 from medanomaly.data.phantoms import make_phantoms
+from medanomaly.detectors.base import MODEL_FILE
 from medanomaly.errors import ConfigError
 from medanomaly.evaluation import compare as compare_module
 from medanomaly.evaluation.compare import compare, load_labelled, protocol_splits
@@ -84,7 +85,7 @@ def test_compare_writes_table_report_and_a_best_run_that_score_reads(compared):
     html = (out / "report.html").read_text()
     assert "Leaderboard" in html and "ROC" in html and "Precision-recall" in html
     best = out / "best"
-    assert (best / "model.pt").exists() and (best / "config.yaml").exists()
+    assert (best / MODEL_FILE).exists() and (best / "config.yaml").exists()
     scores = root / "scores.csv"
     assert main(["score", "--run", str(best), "--data", str(manifest), "--out", str(scores)]) == 0
     with open(scores, newline="") as handle:

@@ -61,7 +61,7 @@ def fit_run(
         config: ``model``/``engine``/``data`` (and optional ``postprocess``) blocks.
         data: Training folder or manifest (read with the config's ``data`` block, with its
             random transforms as augmentation), or cases already loaded.
-        out: The run directory (``config.yaml``, ``model.pt``, checkpoints).
+        out: The run directory (``config.yaml``, ``model.safetensors``, checkpoints).
         val: Validation folder, manifest or cases (``None``: held out from ``data``).
         resume: Continue an interrupted run in ``out`` (its ``config.yaml`` is kept).
         strict: Raise on the first unreadable case.
