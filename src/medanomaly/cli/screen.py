@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medanomaly.cli._common import add_device_arguments, add_dicom_argument, check_dicom_needs_maps
+from medanomaly.cli._common import (
+    add_archive_arguments,
+    add_device_arguments,
+    add_dicom_argument,
+    archive_settings,
+    check_dicom_needs_maps,
+)
 
 DESCRIPTION = """\
 Score every case of an unlabelled folder (or manifest) with a trained run, flag the cases whose
@@ -44,7 +50,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--run", required=True, help="run directory (or model.pt) written by fit")
-    p.add_argument("--data", required=True, help="unlabelled folder or CSV manifest to screen")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="unlabelled folder, CSV manifest, or DICOMweb archive "
+        "dicomweb+http://HOST:PORT/PATH/?FILTERS (QIDO-RS filters, e.g. Modality=CT) to screen",
+    )
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument(
         "--k",
@@ -82,6 +93,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--maps", help="folder for every case's anomaly map in the scan's geometry (see score)"
     )
     add_dicom_argument(p)
+    add_archive_arguments(p)
     p.add_argument("--strict", action="store_true", help="exit 1 if any file was skipped")
     add_device_arguments(p)
     p.set_defaults(func=run)
@@ -92,8 +104,9 @@ def run(args: argparse.Namespace) -> int:
     from medanomaly.cli._common import job_options, report_lines, report_map_problems
     from medanomaly.screening import SKIPPED_FILE, screen_folder, summary_line
 
-    check_dicom_needs_maps(args)
     out = Path(args.out)
+    store = archive_settings(args, out / "maps")
+    check_dicom_needs_maps(args)
     job = screen_folder(
         args.run,
         args.data,
@@ -106,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         maps=args.maps,
         dicom=args.dicom,
         options=job_options(args),
+        store=store,
     )
     if job is None:  # another rank: rank 0 reports
         return 0

@@ -11,6 +11,7 @@ read, never written; the map goes through a temporary file renamed into place.
 
 from __future__ import annotations
 
+import uuid
 import warnings
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def write_parametric_map(
         slope=1.0,
         intercept=0.0,
     )
+    series_uid, instance_uid = map_uids(sources[0], info)
     low, high = float(frames.min()), float(frames.max())
     window = hd.VOILUTTransformation(
         window_center=(low + high) / 2, window_width=max(high - low, 1e-6)
@@ -83,9 +85,9 @@ def write_parametric_map(
             parametric_map = hd.pm.ParametricMap(
                 source_images=sources,
                 pixel_array=frames,
-                series_instance_uid=hd.UID(),
+                series_instance_uid=series_uid,
                 series_number=SERIES_NUMBER,
-                sop_instance_uid=hd.UID(),
+                sop_instance_uid=instance_uid,
                 instance_number=1,
                 manufacturer="medanomaly",
                 manufacturer_model_name=info.model or "medanomaly",
@@ -103,6 +105,23 @@ def write_parametric_map(
     with atomic_path(path) as tmp:
         parametric_map.save_as(tmp)
     return path
+
+
+def map_uids(source: Dataset, info: MapInfo) -> tuple[str, str]:
+    """The map's Series and SOP Instance UIDs.
+
+    With :attr:`MapInfo.run` set they are derived from the source series and the run (UUID
+    version 5 UIDs ``2.25.<uuid>``, DICOM PS3.5 B.2), so that the same run writing the
+    map of the same series again gives the same UIDs: an archive then replaces the stored
+    map instead of keeping two. Without it they are new each time.
+    """
+    if not info.run:
+        return hd.UID(), hd.UID()
+    seed = "/".join([str(source.get("SeriesInstanceUID", "")), info.run, info.model])
+    return (
+        f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, seed + '/series').int}",
+        f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, seed + '/instance').int}",
+    )
 
 
 def _description(info: MapInfo) -> str:

@@ -9,8 +9,7 @@ import numpy as np
 
 from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector
-from medanomaly.jobs.score import JobOptions, start_job
-from medanomaly.outputs.writers import save_part_maps
+from medanomaly.jobs.score import JobOptions, MapTarget, start_job
 from medanomaly.screening.core import (
     DEFAULT_BATCH,
     DEFAULT_K,
@@ -55,6 +54,7 @@ def screen_folder(
     maps: str | Path | None = None,
     dicom: bool = False,
     options: JobOptions | None = None,
+    store: str | None = None,
 ) -> ScreenJob | None:
     """Screen an unlabelled folder or manifest with a trained run and write every output.
 
@@ -75,17 +75,20 @@ def screen_folder(
         maps: Folder for every case's maps in the scan's geometry.
         dicom: With ``maps``, DICOM Parametric Maps of DICOM volumes too.
         options: Devices and workers (default: one process).
+        store: A ``dicomweb+http(s)://`` archive that each DICOM Parametric Map is sent to
+            (STOW-RS); implies ``dicom``.
 
     Returns:
         The job's summary on rank 0; ``None`` on the other ranks.
     """
     options = options or JobOptions()
     check_settings(batch, eps, min_samples)
+    target = MapTarget.of(run, maps, dicom, store)
     ranks, detector = start_job(run, options)
     threshold = screen_threshold(detector, k)[0]
     share = load_share(detector, data, ranks, num_workers=options.num_workers)
     problems: list[str] = []
-    hook = None if maps is None else _map_writer(detector, share, maps, dicom, threshold, problems)
+    hook = None if maps is None else _map_writer(detector, share, target, threshold, problems)
     result = screen(
         detector,
         share.cases,
@@ -113,23 +116,15 @@ def screen_folder(
 def _map_writer(
     detector: BaseDetector,
     share: Share,
-    folder: str | Path,
-    dicom: bool,
+    target: MapTarget,
     threshold: float,
     problems: list[str],
 ) -> ChunkHook:
-    """Write each chunk's maps while the screen has them (flagged by the screen's threshold)."""
+    """Write (and store) each chunk's maps while the screen has them (at its threshold)."""
 
     def write(index: np.ndarray, part: ImageSet, result: AnomalyResult) -> None:
-        written = save_part_maps(
-            folder,
-            part,
-            result,
-            model=getattr(detector, "name", ""),
-            dicom=dicom,
-            indices=share.index[index],
-            threshold=threshold,
-        )
+        name = getattr(detector, "name", "")
+        written = target.write(part, result, name, share.index[index], threshold=threshold)
         problems.extend(written.problems)
 
     return write
