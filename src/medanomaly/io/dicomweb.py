@@ -50,6 +50,9 @@ TIMEOUT_SECONDS = 60.0
 """Connect and read timeout of one request."""
 _RETRY_STATUS = (500, 502, 503, 504)
 _ACCESS_STATUS = (401, 403)
+_AS_STORED = (("application/dicom", "*"),)
+"""Retrieve instances in the transfer syntax they are stored in (JPEG 2000 and others are
+decoded by the DICOM reader; an archive need not be able to transcode them)."""
 
 
 class ArchiveAccessError(ConfigError):
@@ -161,7 +164,9 @@ def _client(archive: Archive) -> Any:
     """A ``DICOMwebClient`` for the archive."""
     from dicomweb_client.api import DICOMwebClient
 
-    return DICOMwebClient(archive.url, session=_session(archive))
+    client = DICOMwebClient(archive.url, session=_session(archive))
+    client.set_http_retry_params(retry=False)  # the session retries (and on connect errors)
+    return client
 
 
 @contextmanager
@@ -266,7 +271,9 @@ def fetch_series(series: RemoteSeries, folder: str | Path) -> Path:
     try:
         client = _client(series.archive)
         with _requests_to(series.archive, f"retrieving series {series}"):
-            instances = client.iter_series(series.study_uid, series.series_uid)
+            instances = client.iter_series(
+                series.study_uid, series.series_uid, media_types=_AS_STORED
+            )
             for number, dataset in enumerate(instances):
                 dataset.save_as(partial / f"{number:05d}.dcm", enforce_file_format=True)
         try:
