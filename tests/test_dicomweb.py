@@ -118,12 +118,12 @@ def credentials(monkeypatch):
 def run(tmp_path_factory) -> Path:
     """A fitted no-model intensity baseline on 16³ CT phantoms; its cases go through a cache."""
     root = tmp_path_factory.mktemp("dicomweb-run")
-    detector = get_model("intensity", spatial_dims=3)
+    detector = get_model("intensity", spatial_dims=3, engine={"val_fraction": 0.5, "seed": 0})
     data = {**DATA_CFG, "cache": str(root / "cache")}
     folder = root / "run"
     folder.mkdir()
     (folder / CONFIG_FILE).write_text(yaml.safe_dump({**detector.config(), "data": data}))
-    phantoms = make_phantoms(12, 0, (16, 16, 16), seed=1)
+    phantoms = make_phantoms(16, 0, (16, 16, 16), seed=1)
     phantoms.images = 2000 * phantoms.images - 1000
     detector.fit(phantoms, run_dir=folder)
     return folder
@@ -331,3 +331,39 @@ def test_a_server_killed_midway_then_the_same_command_again_scores_and_stores_ea
             assert secret not in content and header not in content, file
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert not summary["skipped"]
+
+
+def test_screen_stores_a_key_object_selection_of_the_flagged_series(
+    orthanc, credentials, run, tmp_path, capsys
+) -> None:
+    out = tmp_path / "screen"
+    command = ["screen", "--run", str(run), "--data", _synthetic(orthanc), "--out", str(out),
+               "--dicom", "--k", "-1000", "--num-workers", "0"]  # fmt: skip
+    for _ in range(2):  # a rerun replaces the document
+        assert main(command) == 0, capsys.readouterr().err
+    session = requests.Session()
+    session.auth = (USER, PASSWORD)
+    qido = f"{orthanc.rest}/dicom-web/studies/{SYNTH_STUDY}/series?SeriesNumber=9902"
+    documents = session.get(qido, timeout=30).json()
+    assert len(documents) == 1
+    series = documents[0]["0020000E"]["Value"][0]
+    url = f"{orthanc.rest}/dicom-web/studies/{SYNTH_STUDY}/series/{series}/instances"
+    (instance,) = session.get(url, timeout=30).json()
+    sop = instance["00080018"]["Value"][0]
+    body = session.get(
+        f"{url}/{sop}",
+        headers={"Accept": 'multipart/related; type="application/dicom"'},
+        timeout=30,
+    )
+    assert body.ok
+    local = pydicom.dcmread(out / "maps" / f"{SYNTH_STUDY}_flagged.dcm")
+    assert local.SOPInstanceUID == sop
+    assert local.Modality == "KO"
+    referenced = {
+        item.SeriesInstanceUID
+        for study in local.CurrentRequestedProcedureEvidenceSequence
+        for item in study.ReferencedSeriesSequence
+    }
+    assert referenced == set(SYNTH_SERIES)
+    text = local.to_json()  # the description lists every flagged series
+    assert all(f"{uid} score" in text for uid in SYNTH_SERIES)

@@ -117,17 +117,28 @@ def map_uids(source: Dataset, info: MapInfo) -> tuple[str, str]:
     """
     if not info.run:
         return hd.UID(), hd.UID()
-    seed = "/".join([str(source.get("SeriesInstanceUID", "")), info.run, info.model])
-    return (
-        f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, seed + '/series').int}",
-        f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, seed + '/instance').int}",
-    )
+    seed = [str(source.get("SeriesInstanceUID", "")), info.run, info.model]
+    return derived_uid(*seed, "series"), derived_uid(*seed, "instance")
 
 
 def _description(info: MapInfo) -> str:
     """Content Description (64 characters at most): score, threshold, verdict."""
     verdict = "flagged" if info.flagged else "not flagged"
     return f"score {info.score:.5g} thr {info.threshold:.5g} {verdict}"[:64]
+
+
+def source_headers(grid: SourceGrid, out: str | Path) -> list[Dataset]:
+    """The headers of a DICOM case's source files, ready to derive an object from.
+
+    Raises:
+        ImageReadError: The case is not a DICOM volume or its sources lack a UID.
+    """
+    return _source_images(grid, Path(out))
+
+
+def derived_uid(*parts: str) -> str:
+    """A UID (``2.25.<uuid>``, UUID version 5, DICOM PS3.5 B.2) that follows from ``parts``."""
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, '/'.join(parts)).int}"
 
 
 def _source_images(grid: SourceGrid, out: Path) -> list[Dataset]:

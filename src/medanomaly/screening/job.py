@@ -9,7 +9,10 @@ import numpy as np
 
 from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector
+from medanomaly.errors import MedanomalyError
 from medanomaly.jobs.score import JobOptions, MapTarget, start_job
+from medanomaly.outputs.archive import store_maps
+from medanomaly.outputs.key_objects import FlaggedSeries, write_key_objects
 from medanomaly.screening.core import (
     DEFAULT_BATCH,
     DEFAULT_K,
@@ -88,7 +91,10 @@ def screen_folder(
     threshold = screen_threshold(detector, k)[0]
     share = load_share(detector, data, ranks, num_workers=options.num_workers)
     problems: list[str] = []
-    hook = None if maps is None else _map_writer(detector, share, target, threshold, problems)
+    flagged: list[FlaggedSeries] = []
+    hook = None
+    if maps is not None:
+        hook = _map_writer(detector, share, target, threshold, problems, flagged)
     result = screen(
         detector,
         share.cases,
@@ -106,11 +112,24 @@ def screen_folder(
     gallery = ranks.checked(  # one failing rank stops them all
         lambda: save_gallery(detector, share.cases, result, out / GALLERY_DIR, batch, share.index)
     )
+    if target.dicom and flagged:
+        problems += _key_objects(target, flagged, threshold, getattr(detector, "name", ""))
     every_problem = ranks.gather(problems)
     if every_problem is None:
         return None
     write_screen_outputs(result, out, gallery, run=str(run), data=str(data))
     return ScreenJob(result, share.warnings, [line for part in every_problem for line in part])
+
+
+def _key_objects(
+    target: MapTarget, flagged: list[FlaggedSeries], threshold: float, model: str
+) -> list[str]:
+    """Write (and store) a Key Object Selection per study of flagged series; its problems."""
+    try:
+        files = write_key_objects(target.folder, flagged, threshold, model, target.run)  # type: ignore[arg-type]
+    except (MedanomalyError, ValueError, OSError) as error:
+        return [f"no key object selection of the flagged series: {error}"]
+    return [] if target.store is None else store_maps(target.store, files)
 
 
 def _map_writer(
@@ -119,12 +138,20 @@ def _map_writer(
     target: MapTarget,
     threshold: float,
     problems: list[str],
+    flagged: list[FlaggedSeries],
 ) -> ChunkHook:
-    """Write (and store) each chunk's maps while the screen has them (at its threshold)."""
+    """Write (and store) each chunk's maps while the screen has them (at its threshold).
+
+    The flagged DICOM volumes are added to ``flagged``.
+    """
 
     def write(index: np.ndarray, part: ImageSet, result: AnomalyResult) -> None:
         name = getattr(detector, "name", "")
         written = target.write(part, result, name, share.index[index], threshold=threshold)
         problems.extend(written.problems)
+        for j, grid in enumerate(part.grids):
+            dicom_volume = grid is not None and grid.dicom_files and len(grid.shape) == 3
+            if dicom_volume and result.scores[j] > threshold:
+                flagged.append(FlaggedSeries(part.ids[j], float(result.scores[j]), grid))
 
     return write
