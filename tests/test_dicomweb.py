@@ -367,3 +367,17 @@ def test_screen_stores_a_key_object_selection_of_the_flagged_series(
     assert referenced == set(SYNTH_SERIES)
     text = local.to_json()  # the description lists every flagged series
     assert all(f"{uid} score" in text for uid in SYNTH_SERIES)
+
+
+def test_tls_is_verified_unless_a_ca_bundle_is_named_and_a_token_goes_in_a_header(
+    monkeypatch, tmp_path
+) -> None:
+    monkeypatch.delenv(dicomweb.CA_BUNDLE_ENV, raising=False)
+    monkeypatch.setenv(dicomweb.TOKEN_ENV, "tok-123")
+    session = dicomweb._session(Archive.parse("dicomweb+https://pacs.example.org/dicom-web/"))
+    assert session.verify is True
+    assert session.headers["Authorization"] == "Bearer tok-123" and session.auth is None
+    bundle = tmp_path / "ca.pem"
+    monkeypatch.setenv(dicomweb.CA_BUNDLE_ENV, str(bundle))
+    session = dicomweb._session(Archive.parse("dicomweb+https://pacs.example.org/dicom-web/"))
+    assert session.verify == str(bundle)

@@ -98,6 +98,7 @@ def write_parametric_map(
                 voi_lut_transformations=[window],
                 content_description=_description(info),
                 content_label="ANOMALY",
+                series_description=f"medanomaly {info.model} anomaly map"[:64],
             )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         problem = f"no Parametric Map written: highdicom: {type(exc).__name__}: {exc}"

@@ -90,6 +90,7 @@ def _write_one(
             sop_instance_uid=derived_uid(study, run, model, "key objects"),
             instance_number=1,
             manufacturer=f"medanomaly {__version__}",
+            series_description=f"medanomaly {model} flagged series"[:64],
         )
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
