@@ -37,6 +37,10 @@ outputs in --out:
 with --maps DIR, every case's anomaly map in the scan's own geometry (<case>_map.nii.gz or
 <case>_map.tiff + _overlay.png, <case>_map.json; with --dicom a Parametric Map per DICOM volume)
 
+--data may be a DICOMweb archive (dicomweb+http://HOST:PORT/PATH/?FILTERS): maps go back to it
+with --dicom (or to --store URL), with a Key Object Selection per study of the flagged series;
+credentials from netrc or MEDANOMALY_DICOMWEB_USER/_PASSWORD or _TOKEN. See docs/archive.md.
+
 exit status: 0; 1 with --strict when files were skipped; 2 on an error. See docs/screening.md."""
 
 
