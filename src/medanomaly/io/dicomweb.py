@@ -45,7 +45,7 @@ CA_BUNDLE_ENV = "MEDANOMALY_DICOMWEB_CA_BUNDLE"
 RETRIES = 3
 """Retries of a request that fails to connect or gets a 5xx answer."""
 BACKOFF_SECONDS = 0.5
-"""First wait between retries; each later wait doubles it."""
+"""urllib3's backoff factor: the second retry waits twice it, each later one doubles that."""
 TIMEOUT_SECONDS = 60.0
 """Connect and read timeout of one request."""
 _RETRY_STATUS = (500, 502, 503, 504)
