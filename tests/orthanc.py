@@ -116,13 +116,3 @@ class OrthancServer:
     def get(self, path: str) -> requests.Response:
         """``GET`` on the REST API with the server's user."""
         return requests.get(self.rest + path, auth=(USER, PASSWORD), timeout=30)
-
-    def upload(self, folder: Path) -> int:
-        """POST every DICOM file directly in ``folder`` to ``/instances``; return how many."""
-        stored = 0
-        with requests.Session() as session:
-            session.auth = (USER, PASSWORD)
-            for file in sorted(p for p in folder.iterdir() if p.is_file()):
-                answer = session.post(self.rest + "/instances", data=file.read_bytes(), timeout=60)
-                stored += answer.ok  # licence and source notes are refused (400)
-        return stored
