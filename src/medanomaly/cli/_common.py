@@ -85,6 +85,43 @@ def add_dicom_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_archive_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--store URL`` and ``--ca-bundle FILE``: a DICOMweb archive as source and store."""
+    parser.add_argument(
+        "--store",
+        metavar="URL",
+        help="send each case's DICOM Parametric Map to this DICOMweb archive with STOW-RS "
+        "(dicomweb+http://HOST:PORT/PATH/); implies --dicom; default with --dicom and a "
+        "dicomweb+ --data: that archive. Credentials come from netrc or the environment "
+        "(MEDANOMALY_DICOMWEB_USER + _PASSWORD, or MEDANOMALY_DICOMWEB_TOKEN), never from here",
+    )
+    parser.add_argument(
+        "--ca-bundle",
+        metavar="FILE",
+        help="CA bundle that verifies the archive's TLS certificate (default: the system's)",
+    )
+
+
+def archive_settings(args: argparse.Namespace, default_maps: Path) -> str | None:
+    """The archive the maps go to (``None``: none); fills ``--maps``/``--dicom`` it needs.
+
+    ``--ca-bundle`` goes into the environment, where every archive connection reads it.
+    """
+    import os
+
+    from medanomaly.io.dicomweb import CA_BUNDLE_ENV, is_dicomweb_url
+
+    if args.ca_bundle:
+        os.environ[CA_BUNDLE_ENV] = str(args.ca_bundle)
+    store = args.store
+    if store is None and args.dicom and is_dicomweb_url(args.data):
+        store = args.data.split("?", 1)[0]
+    if store is not None:
+        args.dicom = True
+        args.maps = args.maps or str(default_maps)
+    return store
+
+
 def report_map_problems(problems: list[str]) -> None:
     """Name each case whose maps in the scan's geometry could not be written."""
     if problems:

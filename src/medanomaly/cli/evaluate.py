@@ -25,7 +25,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``evaluate``."""
     p = sub.add_parser("evaluate", help="evaluate a trained run on labelled data")
     p.add_argument("--run", required=True, help="run directory (or model.safetensors)")
-    p.add_argument("--data", required=True, help="labelled folder or CSV manifest")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="labelled folder or CSV manifest (whose path column may hold DICOMweb archive "
+        "URLs dicomweb+http://HOST:PORT/PATH/?SeriesInstanceUID=...; see docs/archive.md)",
+    )
     p.add_argument("--out", required=True, help="output folder (metrics.json, scores.csv, ...)")
     p.add_argument("--threshold", default=None, metavar="RULE", help=RULE_HELP)
     p.add_argument(

@@ -5,14 +5,25 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medanomaly.cli._common import add_device_arguments, add_dicom_argument, check_dicom_needs_maps
+from medanomaly.cli._common import (
+    add_archive_arguments,
+    add_device_arguments,
+    add_dicom_argument,
+    archive_settings,
+    check_dicom_needs_maps,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``score``."""
     p = sub.add_parser("score", help="score images with a trained run")
     p.add_argument("--run", required=True, help="run directory (or model.safetensors)")
-    p.add_argument("--data", required=True, help="folder or CSV manifest to score")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="folder, CSV manifest, or DICOMweb archive dicomweb+http://HOST:PORT/PATH/?FILTERS "
+        "(QIDO-RS filters such as Modality=CT&StudyDate=20240101-20240131) to score",
+    )
     p.add_argument("--out", required=True, help="CSV of per-case scores")
     p.add_argument(
         "--maps",
@@ -21,6 +32,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "and model) and on the model's grid (.npy, .png)",
     )
     add_dicom_argument(p)
+    add_archive_arguments(p)
     p.add_argument(
         "--strict",
         action="store_true",
@@ -35,10 +47,18 @@ def run(args: argparse.Namespace) -> int:
     from medanomaly.cli._common import job_options, report_lines, report_map_problems
     from medanomaly.jobs.score import score_run
 
-    check_dicom_needs_maps(args)
     out = Path(args.out)
+    store = archive_settings(args, out.with_name(out.stem + "_maps"))
+    check_dicom_needs_maps(args)
     summary = score_run(
-        args.run, args.data, out, args.maps, args.dicom, args.strict, options=job_options(args)
+        args.run,
+        args.data,
+        out,
+        args.maps,
+        args.dicom,
+        args.strict,
+        options=job_options(args),
+        store=store,
     )
     if summary is None:  # another rank: rank 0 reports
         return 0

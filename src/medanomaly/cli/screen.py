@@ -6,8 +6,10 @@ import argparse
 from pathlib import Path
 
 from medanomaly.cli._common import (
+    add_archive_arguments,
     add_device_arguments,
     add_dicom_argument,
+    archive_settings,
     at_least,
     check_dicom_needs_maps,
 )
@@ -36,6 +38,10 @@ outputs in --out:
 with --maps DIR, every case's anomaly map in the scan's own geometry (<case>_map.nii.gz or
 <case>_map.tiff + _overlay.png, <case>_map.json; with --dicom a Parametric Map per DICOM volume)
 
+--data may be a DICOMweb archive (dicomweb+http://HOST:PORT/PATH/?FILTERS): maps go back to it
+with --dicom (or to --store URL), with a Key Object Selection per study of the flagged series;
+credentials from netrc or MEDANOMALY_DICOMWEB_USER/_PASSWORD or _TOKEN. See docs/archive.md.
+
 exit status: 0; 2 on an error (with --strict: the first unreadable file). See docs/screening.md."""
 
 
@@ -49,7 +55,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--run", required=True, help="run directory (or its model.safetensors)")
-    p.add_argument("--data", required=True, help="unlabelled folder or CSV manifest to screen")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="unlabelled folder, CSV manifest, or DICOMweb archive "
+        "dicomweb+http://HOST:PORT/PATH/?FILTERS (QIDO-RS filters, e.g. Modality=CT) to screen",
+    )
     p.add_argument("--out", required=True, help="output folder (created)")
     p.add_argument(
         "--k",
@@ -87,6 +98,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--maps", help="folder for every case's anomaly map in the scan's geometry (see score)"
     )
     add_dicom_argument(p)
+    add_archive_arguments(p)
     p.add_argument(
         "--strict",
         action="store_true",
@@ -101,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
     from medanomaly.cli._common import job_options, report_lines, report_map_problems
     from medanomaly.screening import SKIPPED_FILE, screen_folder, summary_line
 
-    check_dicom_needs_maps(args)
     out = Path(args.out)
+    store = archive_settings(args, out / "maps")
+    check_dicom_needs_maps(args)
     job = screen_folder(
         args.run,
         args.data,
@@ -116,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
         dicom=args.dicom,
         options=job_options(args),
         strict=args.strict,
+        store=store,
     )
     if job is None:  # another rank: rank 0 reports
         return 0

@@ -17,6 +17,9 @@ Layout under the cache folder (``<kk>`` = first two hex digits of the key)::
 
     <root>/<kk>/<key>.npy              image, float32, channel-first (C, *spatial)
     <root>/<kk>/<key>.<mask>.npy       each bool mask the transforms produced (lesion, foreground)
+    <root>/dicomweb/<dd>/<digest>/     a series retrieved from a DICOMweb archive, one file per
+                                       instance (:mod:`medanomaly.io.dicomweb`), kept so that
+                                       a rerun retrieves nothing and maps can reference it
     <root>/<kk>/<key>.json             written last, so it marks a complete entry: masks,
                                        shape, the byte size of every array file, problems
                                        found while reading, the source grid (for maps in the
@@ -185,6 +188,7 @@ class PreprocessCache:
         transforms: Compose,
         read_options: Mapping[str, Any] | None = None,
         mask: str | Path | None = None,
+        source_digest: str | None = None,
     ) -> str:
         """Return the cache key of one case (reads the source and mask bytes).
 
@@ -193,6 +197,8 @@ class PreprocessCache:
             transforms: The deterministic transforms applied after reading.
             read_options: Keyword arguments given to ``read_image``.
             mask: The case's lesion mask file, if any.
+            source_digest: The source's content digest when it is known without reading
+                ``source`` (a series in a DICOMweb archive).
 
         Raises:
             ImageReadError: The source or mask is missing or unreadable.
@@ -200,13 +206,17 @@ class PreprocessCache:
         record = {
             "format": CACHE_FORMAT,
             "version": __version__,
-            "source": content_digest(source),
+            "source": source_digest or content_digest(source),
             "mask": None if mask is None else content_digest(mask),
             "transforms": transforms.cache_key(),
             "read_options": dict(read_options or {}),
         }
         text = json.dumps(record, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(text.encode()).hexdigest()
+
+    def series_folder(self, digest: str) -> Path:
+        """Where the instances of an archive's series with content ``digest`` are kept."""
+        return self.root / "dicomweb" / digest[:2] / digest
 
     def _path(self, key: str, part: str = "") -> Path:
         """Path of one file of an entry: the image (``part=''``), a mask, or ``'json'``."""

@@ -32,6 +32,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,14 @@ from medanomaly.image import SOURCE_GRID_KEY, MedicalImage
 from medanomaly.io import IMAGE_SUFFIXES, image_suffix, read_image
 from medanomaly.io.atomic import atomic_write
 from medanomaly.io.dicom import is_dicom_file
+from medanomaly.io.dicomweb import (
+    Archive,
+    RemoteSeries,
+    fetch_series,
+    find_series,
+    is_dicomweb_url,
+    series_digest,
+)
 from medanomaly.io.temporary import temporary_folder
 from medanomaly.io.written import is_output_folder, is_written_map
 from medanomaly.transforms import FOREGROUND_KEY, LESION_KEY, Compose, build_transforms
@@ -87,9 +96,12 @@ class InputSpec:
 
 @dataclass
 class Case:
-    """One row of a dataset before reading: where the image is and what is known about it."""
+    """One row of a dataset before reading: where the image is and what is known about it.
 
-    path: Path
+    ``path`` is a file or DICOM series folder, or a series in a DICOMweb archive.
+    """
+
+    path: Path | RemoteSeries
     label: int = UNKNOWN
     mask: Path | None = None
     group: str | None = None
@@ -153,6 +165,12 @@ def read_manifest(path: str | Path, label_names: dict[str, int] | None = None) -
         for line, raw in enumerate(reader, start=2):
             row = {k.strip(): (v or "").strip() for k, v in raw.items() if k}
             where = f"{path}:{line}"
+            if is_dicomweb_url(row["path"]):  # every series the query finds, with this row's label
+                label = parse_label(row.get("label", ""), names, where)
+                found = find_series(Archive.parse(row["path"]))
+                group, split = row.get("group") or None, row.get("split") or None
+                cases += [Case(path=s, label=label, group=group, split=split) for s in found]
+                continue
             image = path.parent / row["path"]
             seen = first_row.setdefault(_same_file_key(image), line)
             duplicate = f"{path.name} row {line} repeats row {seen} (the same image)"
@@ -287,8 +305,26 @@ def _patient_folder_cases(entries: Sequence[Path]) -> list[Case]:
     return cases
 
 
-def list_cases(source: str | Path, label_names: dict[str, int] | None = None) -> list[Case]:
-    """Cases of a manifest (``.csv``) or a folder."""
+def list_cases(
+    source: str | Path, label_names: dict[str, int] | None = None, ca_bundle: str | None = None
+) -> list[Case]:
+    """Cases of a manifest (``.csv``), a folder, or a DICOMweb archive's series.
+
+    A ``dicomweb+http(s)://HOST:PORT/PATH?FILTERS`` URL lists the series that match the
+    QIDO-RS filters (labels unknown; see :mod:`medanomaly.io.dicomweb`); a manifest's
+    ``path`` may be such a URL too, giving every series it finds the row's label.
+
+    Raises:
+        ArchiveAccessError: The archive refused the credentials.
+        ArchiveUnreachableError: It could not be reached.
+        ImageReadError: No case at all (the query matched no series, the folder is empty).
+    """
+    if is_dicomweb_url(source):
+        archive = Archive.parse(str(source), ca_bundle)
+        series = find_series(archive)
+        if not series:
+            raise ImageReadError(archive, f"no series match the query {dict(archive.filters)}")
+        return [Case(s) for s in series]
     source = Path(source)
     if source.suffix.lower() == ".csv":
         return read_manifest(source, label_names)
@@ -414,14 +450,20 @@ def _load_case(
     """
     if case.problem is not None:
         raise ImageReadError(case.path, case.problem)
+    remote = case.path if isinstance(case.path, RemoteSeries) else None
+    digest = None if remote is None else series_digest(remote)
 
     def compute() -> Preprocessed:
-        return _preprocess(case, pipeline, read_options, expect, min_size)
+        if remote is None:
+            return _preprocess(case, pipeline, read_options, expect, min_size)
+        with _retrieved(remote, digest, cache) as folder:  # type: ignore[arg-type]
+            local = replace(case, path=folder)
+            return _preprocess(local, pipeline, read_options, expect, min_size)
 
     if cache is None:
         result: Preprocessed | CacheEntry = compute()
     else:
-        key = cache.key(case.path, pipeline, read_options, mask=case.mask)
+        key = cache.key(case.path, pipeline, read_options, mask=case.mask, source_digest=digest)
         details = {"source": str(case.path), "transforms": pipeline.to_config()}
         result = (cache.fetch if arrays else cache.ensure)(key, compute, details)
         if result.facts:  # a hit was stored by another run: check it against this one
@@ -432,6 +474,16 @@ def _load_case(
             f"preprocessed to shape {tuple(result.shape)}, not the model's input {expect.shape}",
         )
     return result
+
+
+@contextmanager
+def _retrieved(series: RemoteSeries, digest: str, cache: PreprocessCache | None) -> Iterator[Path]:
+    """The folder holding an archive's series: kept in the cache, else temporary."""
+    if cache is not None:
+        yield fetch_series(series, cache.series_folder(digest))
+        return
+    with tempfile.TemporaryDirectory(prefix="medanomaly-series-") as folder:
+        yield fetch_series(series, Path(folder) / "series")
 
 
 @dataclass(frozen=True)
@@ -677,7 +729,7 @@ def _report(cases: Sequence[Case], outcomes: Sequence[_Outcome | None]) -> LoadR
     for index, (case, outcome) in enumerate(zip(cases, outcomes, strict=True)):
         assert outcome is not None  # every case has been prepared
         if outcome.error is not None:
-            report.skipped.append((str(case.path), problem_text(outcome.error, case.path)))
+            report.skipped.append((str(case.path), problem_text(outcome.error, str(case.path))))
             continue
         for problem in outcome.value.problems:  # type: ignore[union-attr]
             report.warnings.append((str(case.path), problem))

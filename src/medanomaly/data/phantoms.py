@@ -175,6 +175,8 @@ def write_dicom_slice(
     patient_id: str | None = None,
     instance: int = 1,
     window: tuple[float, float] | None = None,
+    study_uid: str = "1.2.3.4",
+    frame_of_reference_uid: str | None = None,
 ) -> Path:
     """Write one uncompressed CT slice (stored int16 ``pixels``) as a DICOM file.
 
@@ -195,6 +197,8 @@ def write_dicom_slice(
         patient_id: PatientID, if any.
         instance: InstanceNumber.
         window: (WindowCenter, WindowWidth), if any.
+        study_uid: StudyInstanceUID.
+        frame_of_reference_uid: FrameOfReferenceUID, if any (maps on the series need one).
 
     Returns:
         ``path`` as a :class:`Path`.
@@ -213,7 +217,9 @@ def write_dicom_slice(
     ds.Modality = "CT"
     if patient_id is not None:
         ds.PatientID = patient_id
-    ds.StudyInstanceUID = "1.2.3.4"
+    ds.StudyInstanceUID = study_uid
+    if frame_of_reference_uid is not None:
+        ds.FrameOfReferenceUID = frame_of_reference_uid
     ds.SeriesInstanceUID = series_uid
     ds.SeriesDescription = description
     ds.InstanceNumber = instance
@@ -234,3 +240,37 @@ def write_dicom_slice(
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def write_dicom_series(
+    folder: str | Path,
+    volume: np.ndarray,
+    *,
+    series_uid: str,
+    study_uid: str,
+    patient_id: str = "PHANTOM",
+    step: float = 2.0,
+) -> list[Path]:
+    """Write a volume of Hounsfield units ``(slices, rows, columns)`` as an axial CT series.
+
+    Every slice has the same study, series and frame-of-reference UIDs (the frame's is
+    derived from the series'), so an archive files them as one series and maps can be
+    placed on it.
+
+    Returns:
+        The files, one per slice (``slice_00000.dcm``, ...).
+    """
+    frame = f"{series_uid}.1"
+    return [
+        write_dicom_slice(
+            Path(folder) / f"slice_{k:05d}.dcm",
+            np.round(plane + 1024.0).astype(np.int16),
+            (0.0, 0.0, k * step),
+            series_uid=series_uid,
+            study_uid=study_uid,
+            patient_id=patient_id,
+            instance=k + 1,
+            frame_of_reference_uid=frame,
+        )
+        for k, plane in enumerate(np.asarray(volume))
+    ]

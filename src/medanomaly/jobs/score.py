@@ -18,6 +18,8 @@ import numpy as np
 from medanomaly.data.progress import CaseProgress
 from medanomaly.data.sets import Cases, ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector
+from medanomaly.io.dicomweb import Archive
+from medanomaly.outputs.archive import open_store, run_identity, store_maps
 from medanomaly.outputs.guard import Claim, check_apart, claim_outputs, staging_folder
 from medanomaly.outputs.writers import MapsWritten, save_part_maps, write_scores_csv
 from medanomaly.training.distributed import (
@@ -76,6 +78,51 @@ def in_chunks(
             progress.update(len(index))
 
 
+@dataclass(frozen=True)
+class MapTarget:
+    """Where a job's maps go: a folder, DICOM Parametric Maps too, an archive to store them in.
+
+    Attributes:
+        folder: The maps folder (``None``: no maps).
+        dicom: Also write DICOM Parametric Maps of DICOM volumes.
+        store: The DICOMweb archive the Parametric Maps are sent to (STOW-RS).
+        run: What identifies the run (the DICOM maps' UIDs derive from it).
+    """
+
+    folder: str | Path | None = None
+    dicom: bool = False
+    store: Archive | None = None
+    run: str = ""
+
+    @classmethod
+    def of(
+        cls, run: str | Path, folder: str | Path | None, dicom: bool, store: str | None
+    ) -> MapTarget:
+        """Check the store's access first (a refusal is one error before any work)."""
+        archive = None if store is None else open_store(store)
+        dicom = dicom or archive is not None
+        return cls(folder, dicom, archive, run_identity(run) if dicom else "")
+
+    def write(
+        self, part: ImageSet, result: AnomalyResult, model: str, indices: Any, **kwargs: Any
+    ) -> MapsWritten:
+        """Write (and store) the maps of one chunk of cases."""
+        assert self.folder is not None
+        written = save_part_maps(
+            self.folder,
+            part,
+            result,
+            model=model,
+            dicom=self.dicom,
+            indices=indices,
+            run=self.run,
+            **kwargs,
+        )
+        if self.store is not None:
+            written.problems += store_maps(self.store, written.files)
+        return written
+
+
 @dataclass
 class ScoreSummary:
     """What a score job did (rank 0's view).
@@ -106,6 +153,7 @@ def score_run(
     strict: bool = False,
     options: JobOptions | None = None,
     chunk: int = SCORE_CHUNK,
+    store: str | None = None,
 ) -> ScoreSummary | None:
     """Score a folder or manifest with a trained run; write the score table (and maps).
 
@@ -122,18 +170,20 @@ def score_run(
         strict: Raise on the first unreadable case.
         options: Devices and workers (default: one process).
         chunk: Cases read into memory at a time.
+        store: A ``dicomweb+http(s)://`` archive that each DICOM Parametric Map is sent to
+            (STOW-RS); implies ``dicom``.
 
     Returns:
         The summary on rank 0; ``None`` on the other ranks.
     """
     check_apart(data, maps)
+    target = MapTarget.of(run, None if maps is None else staging_folder(maps), dicom, store)
     ranks, detector = start_job(run, options or JobOptions())
     claim = claim_outputs([out], staged=[maps], command="score") if ranks.is_main else Claim()
     with claim:
         share = load_share(detector, data, ranks, strict, (options or JobOptions()).num_workers)
-        staging = None if maps is None else staging_folder(maps)
         gathered = ranks.together(  # one failing rank stops them all
-            lambda: _score_share(detector, share, staging, dicom, chunk), to_main=True
+            lambda: _score_share(detector, share, target, chunk), to_main=True
         )
         if gathered is None:
             return None
@@ -172,25 +222,20 @@ def _write_table(
 def _score_share(
     detector: BaseDetector,
     share: Share,
-    maps: str | Path | None,
-    dicom: bool,
+    target: MapTarget,
     chunk: int,
 ) -> tuple[list[tuple[int, Any]], MapsWritten]:
     """Rows ``(index, (id, label, score))`` of this rank's cases, and the maps it wrote."""
     rows: list[tuple[int, Any]] = []
     written = MapsWritten()
-    desc = "scoring and writing maps" if maps is not None else "scoring"
+    desc = "scoring and writing maps" if target.folder is not None else "scoring"
     for index, part in in_chunks(share.cases, chunk, desc):
-        if maps is None:
+        if target.folder is None:
             scores = np.asarray(detector.score(part), dtype=np.float64)
         else:
             result = detector.detect(part)
             scores = np.asarray(result.scores, dtype=np.float64)
-            written.add(
-                save_part_maps(
-                    maps, part, result, model=detector.name, dicom=dicom, indices=share.index[index]
-                )
-            )
+            written.add(target.write(part, result, detector.name, share.index[index]))
         for j, i in enumerate(index):
             row = (part.ids[j], int(part.labels[j]), float(scores[j]))
             rows.append((int(share.index[i]), row))

@@ -11,6 +11,7 @@ read, never written; the map goes through a temporary file renamed into place.
 
 from __future__ import annotations
 
+import uuid
 import warnings
 from pathlib import Path
 
@@ -73,6 +74,7 @@ def write_parametric_map(
         slope=1.0,
         intercept=0.0,
     )
+    series_uid, instance_uid = map_uids(sources[0], info)
     low, high = float(frames.min()), float(frames.max())
     window = hd.VOILUTTransformation(
         window_center=(low + high) / 2, window_width=max(high - low, 1e-6)
@@ -83,9 +85,9 @@ def write_parametric_map(
             parametric_map = hd.pm.ParametricMap(
                 source_images=sources,
                 pixel_array=frames,
-                series_instance_uid=hd.UID(),
+                series_instance_uid=series_uid,
                 series_number=SERIES_NUMBER,
-                sop_instance_uid=hd.UID(),
+                sop_instance_uid=instance_uid,
                 instance_number=1,
                 manufacturer="medanomaly",
                 manufacturer_model_name=info.model or "medanomaly",
@@ -96,6 +98,7 @@ def write_parametric_map(
                 voi_lut_transformations=[window],
                 content_description=_description(info),
                 content_label="ANOMALY",
+                series_description=f"medanomaly {info.model} anomaly map"[:64],
             )
     except (ValueError, TypeError, AttributeError, KeyError) as exc:
         problem = f"no Parametric Map written: highdicom: {type(exc).__name__}: {exc}"
@@ -105,10 +108,38 @@ def write_parametric_map(
     return path
 
 
+def map_uids(source: Dataset, info: MapInfo) -> tuple[str, str]:
+    """The map's Series and SOP Instance UIDs.
+
+    With :attr:`MapInfo.run` set they are derived from the source series and the run (UUID
+    version 5 UIDs ``2.25.<uuid>``, DICOM PS3.5 B.2), so that the same run writing the
+    map of the same series again gives the same UIDs: an archive then replaces the stored
+    map instead of keeping two. Without it they are new each time.
+    """
+    if not info.run:
+        return hd.UID(), hd.UID()
+    seed = [str(source.get("SeriesInstanceUID", "")), info.run, info.model]
+    return derived_uid(*seed, "series"), derived_uid(*seed, "instance")
+
+
 def _description(info: MapInfo) -> str:
     """Content Description (64 characters at most): score, threshold, verdict."""
     verdict = "flagged" if info.flagged else "not flagged"
     return f"score {info.score:.5g} thr {info.threshold:.5g} {verdict}"[:64]
+
+
+def source_headers(grid: SourceGrid, out: str | Path) -> list[Dataset]:
+    """The headers of a DICOM case's source files, ready to derive an object from.
+
+    Raises:
+        ImageReadError: The case is not a DICOM volume or its sources lack a UID.
+    """
+    return _source_images(grid, Path(out))
+
+
+def derived_uid(*parts: str) -> str:
+    """A UID (``2.25.<uuid>``, UUID version 5, DICOM PS3.5 B.2) that follows from ``parts``."""
+    return f"2.25.{uuid.uuid5(uuid.NAMESPACE_OID, '/'.join(parts)).int}"
 
 
 def _source_images(grid: SourceGrid, out: Path) -> list[Dataset]:

@@ -50,6 +50,9 @@ class MapInfo:
         threshold: The run's threshold (score > threshold means flagged).
         flagged: Whether the case was flagged.
         model: The detector's registry name.
+        run: What identifies the run that made the map (a digest of its model file; '' when
+            unknown). With it, a DICOM map's UIDs follow from its source series and the run,
+            so that writing or storing it again replaces it rather than adding a copy.
     """
 
     case: str
@@ -57,6 +60,7 @@ class MapInfo:
     threshold: float
     flagged: bool
     model: str
+    run: str = ""
 
 
 def to_source_grid(anomaly_map: np.ndarray, grid: SourceGrid) -> np.ndarray:

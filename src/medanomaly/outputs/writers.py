@@ -99,6 +99,7 @@ def save_maps(
     dicom: bool = False,
     first_index: int = 0,
     indices: Sequence[int] | None = None,
+    run: str = "",
 ) -> MapsWritten:
     """Save each case's maps: on the model's grid and, where known, in the scan's geometry.
 
@@ -124,6 +125,8 @@ def save_maps(
             batch is written in chunks).
         indices: Index of each case in the whole batch, instead of ``first_index + i``
             (chunks that are not runs of cases: one rank's share, cases grouped by shape).
+        run: What identifies the run (:attr:`MapInfo.run`): DICOM maps get UIDs derived
+            from it and their source series.
 
     Returns:
         The files written and one line per case whose source-geometry map failed.
@@ -152,6 +155,7 @@ def save_maps(
             threshold=float(result.threshold),
             flagged=bool(result.labels[i]),
             model=model,
+            run=run,
         )
         try:
             done.files += _source_maps(folder, stem, result.maps[i], grid, info, dicom)
@@ -194,6 +198,7 @@ def save_part_maps(
     dicom: bool = False,
     indices: Sequence[int] | None = None,
     threshold: float | None = None,
+    run: str = "",
 ) -> MapsWritten:
     """:func:`save_maps` of a chunk of cases in memory, flagged at ``threshold``.
 
@@ -205,6 +210,7 @@ def save_part_maps(
         dicom: Also write DICOM Parametric Maps for DICOM volumes.
         indices: Index of each case in the job's table (numbers the file stems).
         threshold: Threshold recorded with the maps (default: ``result``'s).
+        run: What identifies the run (see :func:`save_maps`).
     """
     if threshold is not None:
         flagged = (result.scores > threshold).astype(np.int64)
@@ -218,6 +224,7 @@ def save_part_maps(
         model=model,
         dicom=dicom,
         indices=indices,
+        run=run,
     )
 
 

@@ -6,6 +6,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,7 @@ from medanomaly.data.sets import Cases, ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector
 from medanomaly.detectors.thresholds import conformal_pvalues, mean_sd_threshold
 from medanomaly.errors import ConfigError
+from medanomaly.image import SourceGrid
 from medanomaly.jobs.score import in_chunks
 from medanomaly.screening.facts import DEFAULT_METAL_LEVEL, RawFacts, folder_oddities, raw_facts
 from medanomaly.screening.latent import DEFAULT_MIN_SAMPLES, LatentClusters, latent_analysis
@@ -247,7 +249,7 @@ def score_cases(
         if vectors is not None and embed is not None:
             _add_vectors(vectors, chunk, embed(part))
         for j, i in enumerate(chunk):
-            numbers.raw[i] = raw_facts(part.ids[j], metal_level)
+            numbers.raw[i] = raw_facts(_raw_source(part.ids[j], part.grids[j]), metal_level)
         if on_chunk is not None:
             on_chunk(chunk, part, result)
         log.info("screened %d chunks of %d cases", done, batch)
@@ -255,6 +257,16 @@ def score_cases(
         width = next((v.size for v in vectors.values()), 0)
         numbers.vectors = np.array([vectors[i] for i in range(n)]).reshape(n, width)
     return numbers
+
+
+def _raw_source(case_id: str, grid: SourceGrid | None) -> str | Path:
+    """Where a case's data lie as stored: its path, or the folder of its DICOM files.
+
+    A series from a DICOMweb archive has its UID as id and lies where it was retrieved to.
+    """
+    if grid is not None and grid.dicom_files and not Path(case_id).exists():
+        return Path(grid.dicom_files[0]).parent
+    return case_id
 
 
 def _add_vectors(vectors: dict[int, np.ndarray], chunk: np.ndarray, found: np.ndarray) -> None:

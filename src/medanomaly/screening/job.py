@@ -10,9 +10,11 @@ import numpy as np
 
 from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector
-from medanomaly.jobs.score import JobOptions, start_job
+from medanomaly.errors import MedanomalyError
+from medanomaly.jobs.score import JobOptions, MapTarget, start_job
+from medanomaly.outputs.archive import store_maps
 from medanomaly.outputs.guard import Claim, check_apart, claim_outputs, staging_folder
-from medanomaly.outputs.writers import save_part_maps
+from medanomaly.outputs.key_objects import FlaggedSeries, write_key_objects
 from medanomaly.screening.core import (
     DEFAULT_BATCH,
     DEFAULT_K,
@@ -58,6 +60,7 @@ def screen_folder(
     dicom: bool = False,
     options: JobOptions | None = None,
     strict: bool = False,
+    store: str | None = None,
 ) -> ScreenJob | None:
     """Screen an unlabelled folder or manifest with a trained run and write every output.
 
@@ -79,6 +82,8 @@ def screen_folder(
         dicom: With ``maps``, DICOM Parametric Maps of DICOM volumes too.
         options: Devices and workers (default: one process).
         strict: Raise on the first unreadable case, before anything is written.
+        store: A ``dicomweb+http(s)://`` archive that each DICOM Parametric Map is sent to
+            (STOW-RS); implies ``dicom``.
 
     Returns:
         The job's summary on rank 0; ``None`` on the other ranks.
@@ -86,13 +91,14 @@ def screen_folder(
     options = options or JobOptions()
     check_settings(batch, eps, min_samples)
     check_apart(data, out, maps)
+    target = MapTarget.of(run, None if maps is None else staging_folder(maps), dicom, store)
     ranks, detector = start_job(run, options)
     main = ranks.is_main
     claim = claim_outputs(folders=[out], staged=[maps], command="screen") if main else Claim()
     settings = {"metal_level": metal_level, "eps": eps, "min_samples": min_samples, "batch": batch}
     with claim:
         return _screen_share(
-            run, data, Path(out), maps, claim, ranks, detector, k, strict, dicom, settings, options
+            run, data, Path(out), maps, claim, ranks, detector, k, strict, target, settings, options
         )
 
 
@@ -106,7 +112,7 @@ def _screen_share(
     detector: BaseDetector,
     k: float,
     strict: bool,
-    dicom: bool,
+    target: MapTarget,
     settings: dict[str, Any],
     options: JobOptions,
 ) -> ScreenJob | None:
@@ -114,10 +120,10 @@ def _screen_share(
     threshold, _ = screen_threshold(detector, k)
     share = load_share(detector, data, ranks, strict, num_workers=options.num_workers)
     problems: list[str] = []
-    staging = None if maps is None else staging_folder(maps)
+    flagged: list[FlaggedSeries] = []
     hook = None
-    if staging is not None:
-        hook = _map_writer(detector, share, staging, dicom, threshold, problems)
+    if maps is not None:
+        hook = _map_writer(detector, share, target, threshold, problems, flagged)
     batch = settings["batch"]
     result = screen(
         detector,
@@ -132,6 +138,8 @@ def _screen_share(
     gallery = ranks.checked(  # one failing rank stops them all
         lambda: save_gallery(detector, share.cases, result, out / GALLERY_DIR, batch, share.index)
     )
+    if target.dicom and flagged:
+        problems += _key_objects(target, flagged, threshold, detector.name)
     every_problem = ranks.gather(problems)
     if every_problem is None:
         return None
@@ -141,26 +149,36 @@ def _screen_share(
     return ScreenJob(result, share.warnings, [line for part in every_problem for line in part])
 
 
+def _key_objects(
+    target: MapTarget, flagged: list[FlaggedSeries], threshold: float, model: str
+) -> list[str]:
+    """Write (and store) a Key Object Selection per study of flagged series; its problems."""
+    try:
+        files = write_key_objects(target.folder, flagged, threshold, model, target.run)  # type: ignore[arg-type]
+    except (MedanomalyError, ValueError, OSError) as error:
+        return [f"no key object selection of the flagged series: {error}"]
+    return [] if target.store is None else store_maps(target.store, files)
+
+
 def _map_writer(
     detector: BaseDetector,
     share: Share,
-    folder: str | Path,
-    dicom: bool,
+    target: MapTarget,
     threshold: float,
     problems: list[str],
+    flagged: list[FlaggedSeries],
 ) -> ChunkHook:
-    """Write each chunk's maps while the screen has them (flagged by the screen's threshold)."""
+    """Write (and store) each chunk's maps while the screen has them (at its threshold).
+
+    The flagged DICOM volumes are added to ``flagged``.
+    """
 
     def write(index: np.ndarray, part: ImageSet, result: AnomalyResult) -> None:
-        written = save_part_maps(
-            folder,
-            part,
-            result,
-            model=detector.name,
-            dicom=dicom,
-            indices=share.index[index],
-            threshold=threshold,
-        )
+        written = target.write(part, result, detector.name, share.index[index], threshold=threshold)
         problems.extend(written.problems)
+        for j, grid in enumerate(part.grids):
+            dicom_volume = grid is not None and grid.dicom_files and len(grid.shape) == 3
+            if dicom_volume and result.scores[j] > threshold:
+                flagged.append(FlaggedSeries(part.ids[j], float(result.scores[j]), grid))
 
     return write

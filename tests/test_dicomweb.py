@@ -1,0 +1,388 @@
+"""DICOMweb: score, screen and evaluate straight from a real Orthanc archive, store maps back.
+
+One Orthanc server (with its DICOMweb plugin, a user and a password) serves the module. It
+holds ``../shared/data/dicom_head_ct``, ``dicom_mr_oblique`` and ``totalseg_ct`` (loaded over
+its REST API), and three small synthetic CT series that the scoring tests use (seconds each).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+from pathlib import Path
+
+import pydicom
+import pytest
+import requests
+import yaml
+from conftest import real_data  # noqa: I001
+from orthanc import PASSWORD, USER, OrthancServer, skip_without_orthanc
+
+import medanomaly.data.loading as loading
+import medanomaly.io.dicomweb as dicomweb
+from medanomaly import get_model
+from medanomaly.cli import main
+from medanomaly.data.loading import list_cases, read_manifest
+from medanomaly.data.phantoms import make_phantoms, write_dicom_series
+from medanomaly.detectors.base import CONFIG_FILE
+from medanomaly.errors import ConfigError
+from medanomaly.io.dicomweb import Archive, RemoteSeries
+
+SYNTH_STUDY = "1.2.826.0.1.3680043.10.543.1"
+SYNTH_SERIES = [f"{SYNTH_STUDY}.{k}" for k in (1, 2, 3)]
+SYNTH_PATIENT = "SYNTH"
+MR_SERIES = "0.0.0.0.3.8811.2.20010413115754.12432"
+MAP_SERIES_NUMBER = 9901
+DATA_CFG = {
+    "transforms": [
+        {"hu_window": {"center": 0, "width": 2000}},
+        {"resize": {"shape": [16, 16, 16]}},
+    ]
+}
+
+
+def _with_uids(file: Path, folder: Path) -> bytes:
+    """A file's bytes, its missing Study/Series/SOP Instance UIDs filled in (archives need them).
+
+    ``totalseg_ct``'s slices were anonymised without them: the study and series UIDs are
+    derived from the folder, the SOP Instance UID comes from the File Meta.
+    """
+    dataset = pydicom.dcmread(file, force=True)
+    if dataset.get("SOPInstanceUID") and dataset.get("SeriesInstanceUID"):
+        return file.read_bytes()
+    seed = folder.name.encode()
+    dataset.SOPInstanceUID = dataset.file_meta.MediaStorageSOPInstanceUID
+    dataset.StudyInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[seed.decode(), "study"])
+    dataset.SeriesInstanceUID = pydicom.uid.generate_uid(entropy_srcs=[seed.decode(), "series"])
+    dataset.FrameOfReferenceUID = pydicom.uid.generate_uid(entropy_srcs=[seed.decode(), "frame"])
+    buffer = io.BytesIO()
+    dataset.save_as(buffer)
+    return buffer.getvalue()
+
+
+def _upload(server: OrthancServer, folder: Path, fix_uids: bool = False) -> int:
+    """POST the DICOM files directly in ``folder``; return how many Orthanc stored."""
+    stored = 0
+    with requests.Session() as session:
+        session.auth = (USER, PASSWORD)
+        for file in sorted(p for p in folder.iterdir() if p.is_file()):
+            if file.suffix in (".txt", ".gz"):
+                continue
+            body = _with_uids(file, folder) if fix_uids else file.read_bytes()
+            stored += session.post(server.rest + "/instances", data=body, timeout=60).ok
+    return stored
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    """Orthanc on a free loopback port, loaded with the real series and three synthetic ones."""
+    plugin = skip_without_orthanc()
+    head = real_data("dicom_head_ct")
+    mr = real_data("dicom_mr_oblique")
+    body = real_data("totalseg_ct", "example_ct_dicom")
+    root = tmp_path_factory.mktemp("orthanc")
+    server = OrthancServer(root, plugin).start()
+    try:
+        assert _upload(server, head) == 123
+        assert _upload(server, mr) == 20
+        assert _upload(server, body, fix_uids=True) == 20
+        volumes = make_phantoms(3, 0, (8, 24, 24), seed=5).images[:, 0]
+        for uid, volume in zip(SYNTH_SERIES, volumes, strict=True):
+            files = write_dicom_series(
+                root / "synthetic" / uid,
+                2000 * volume - 1000,
+                series_uid=uid,
+                study_uid=SYNTH_STUDY,
+                patient_id=SYNTH_PATIENT,
+            )
+            assert _upload(server, files[0].parent) == len(files)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def credentials(monkeypatch):
+    """The server's user and password in the environment, nothing in netrc."""
+    monkeypatch.setenv(dicomweb.USER_ENV, USER)
+    monkeypatch.setenv(dicomweb.PASSWORD_ENV, PASSWORD)
+    monkeypatch.delenv(dicomweb.TOKEN_ENV, raising=False)
+    monkeypatch.setenv("NETRC", "/nonexistent")
+    monkeypatch.setattr(dicomweb, "BACKOFF_SECONDS", 0.01)
+    monkeypatch.setattr(dicomweb, "RETRIES", 1)
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory) -> Path:
+    """A fitted no-model intensity baseline on 16³ CT phantoms; its cases go through a cache."""
+    root = tmp_path_factory.mktemp("dicomweb-run")
+    detector = get_model("intensity", spatial_dims=3, engine={"val_fraction": 0.5, "seed": 0})
+    data = {**DATA_CFG, "cache": str(root / "cache")}
+    folder = root / "run"
+    folder.mkdir()
+    (folder / CONFIG_FILE).write_text(yaml.safe_dump({**detector.config(), "data": data}))
+    phantoms = make_phantoms(16, 0, (16, 16, 16), seed=1)
+    phantoms.images = 2000 * phantoms.images - 1000
+    detector.fit(phantoms, run_dir=folder)
+    return folder
+
+
+def _synthetic(server: OrthancServer) -> str:
+    return f"{server.dicomweb}?PatientID={SYNTH_PATIENT}&Modality=CT"
+
+
+def _map_series(server: OrthancServer) -> dict[str, list[str]]:
+    """Source series UID -> SOP Instance UIDs of the maps in the archive that reference it."""
+    session = requests.Session()
+    session.auth = (USER, PASSWORD)
+    found: dict[str, list[str]] = {}
+    qido = f"{server.rest}/dicom-web/series?SeriesNumber={MAP_SERIES_NUMBER}"
+    for record in session.get(qido, timeout=30).json():
+        study, series = record["0020000D"]["Value"][0], record["0020000E"]["Value"][0]
+        url = f"{server.rest}/dicom-web/studies/{study}/series/{series}/metadata"
+        for instance in session.get(url, timeout=30).json():
+            referenced = instance["00081115"]["Value"][0]["0020000E"]["Value"][0]
+            found.setdefault(referenced, []).append(instance["00080018"]["Value"][0])
+    return found
+
+
+def test_a_dicomweb_url_names_the_service_root_and_its_filters() -> None:
+    archive = Archive.parse("dicomweb+https://pacs.example.org:8443/dicom-web/?Modality=CT")
+    assert archive.url == "https://pacs.example.org:8443/dicom-web"
+    assert archive.filters == (("Modality", "CT"),)
+    with pytest.raises(ConfigError, match="netrc") as error:
+        Archive.parse("dicomweb+http://bob:hunter2@pacs:8042/dicom-web/")
+    assert "hunter2" not in str(error.value)
+
+
+def test_query_filters_select_the_expected_series(orthanc, credentials) -> None:
+    def series(query: str) -> set[str]:
+        return {str(case.path) for case in list_cases(orthanc.dicomweb + query)}
+
+    mr = series("?Modality=MR")
+    assert mr == {MR_SERIES}
+    ct = series(f"?Modality=CT&PatientID={SYNTH_PATIENT}")
+    assert ct == set(SYNTH_SERIES)
+    assert len(series("?Modality=CT")) >= 5  # head CT, body CT and the synthetic ones
+    assert series(f"?SeriesInstanceUID={SYNTH_SERIES[1]}") == {SYNTH_SERIES[1]}
+    # the study may also hold maps (OT) and key objects (KO) that other tests stored
+    assert series(f"?StudyInstanceUID={SYNTH_STUDY}&Modality=CT") == set(SYNTH_SERIES)
+    case = list_cases(orthanc.dicomweb + "?Modality=MR")[0]
+    assert isinstance(case.path, RemoteSeries) and case.path.study_uid
+
+
+def test_real_series_are_retrieved_and_read_like_files(orthanc, credentials, tmp_path) -> None:
+    from medanomaly.io import read_image
+
+    real = [
+        case.path
+        for query in ("?Modality=MR", "?Modality=CT")
+        for case in list_cases(orthanc.dicomweb + query)
+        if not case.path.study_uid.startswith(SYNTH_STUDY.rsplit(".", 1)[0])
+    ]
+    shapes = {}
+    for series in real:
+        folder = dicomweb.fetch_series(series, tmp_path / str(series))
+        shapes[series.facts[0][1]] = shapes.get(series.facts[0][1], []) + [
+            read_image(folder).spatial_shape
+        ]
+    # head CT (123 slices of 512²), body CT (20 JPEG 2000 slices), oblique brain MR
+    assert sorted(shapes["CT"]) == [(512, 512, 20), (512, 512, 123)], shapes
+    assert shapes["MR"] == [(256, 256, 20)]
+
+
+def test_manifest_rows_give_their_label_to_the_series_they_find(orthanc, tmp_path) -> None:
+    manifest = tmp_path / "labels.csv"
+    rows = [
+        f"{orthanc.dicomweb}?SeriesInstanceUID={uid},{label}"
+        for uid, label in zip(SYNTH_SERIES, ("normal", "normal", "abnormal"), strict=True)
+    ]
+    manifest.write_text("path,label\n" + "\n".join(rows) + "\n")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(dicomweb.USER_ENV, USER)
+        patch.setenv(dicomweb.PASSWORD_ENV, PASSWORD)
+        cases = read_manifest(manifest)
+    assert [str(c.path) for c in cases] == SYNTH_SERIES
+    assert [c.label for c in cases] == [0, 0, 1]
+
+
+def test_maps_stored_in_the_archive_reference_their_series_once_however_often(
+    orthanc, credentials, run, tmp_path, monkeypatch, capsys
+) -> None:
+    retrieved: list[str] = []
+    fetch = loading.fetch_series
+
+    def counted(series, folder):
+        if not Path(folder).is_dir():
+            retrieved.append(str(series))
+        return fetch(series, folder)
+
+    monkeypatch.setattr(loading, "fetch_series", counted)
+    data = _synthetic(orthanc)
+    after_first = []
+    for attempt in range(2):
+        out = tmp_path / f"scores{attempt}.csv"
+        code = main(
+            [
+                "score",
+                "--run",
+                str(run),
+                "--data",
+                data,
+                "--out",
+                str(out),
+                "--dicom",
+                "--num-workers",
+                "0",
+            ]
+        )
+        assert code == 0, capsys.readouterr().err
+        with open(out, newline="") as handle:
+            assert sorted(row["id"] for row in csv.DictReader(handle)) == SYNTH_SERIES
+        if attempt == 0:
+            after_first = list(retrieved)
+    # the second run read every series from the cache (another test may have filled it first)
+    assert retrieved == after_first and len(set(retrieved)) == len(retrieved)
+    stored = _map_series(orthanc)
+    assert {uid: len(stored.get(uid, [])) for uid in SYNTH_SERIES} == dict.fromkeys(SYNTH_SERIES, 1)
+    pm = pydicom.dcmread(next((tmp_path / "scores0_maps").glob("*_map.dcm")))
+    referenced = pm.ReferencedSeriesSequence[0].SeriesInstanceUID
+    source = pydicom.dcmread(orthanc.folder / "synthetic" / referenced / "slice_00000.dcm")
+    assert pm.StudyInstanceUID == SYNTH_STUDY
+    assert pm.FrameOfReferenceUID == source.FrameOfReferenceUID
+    assert pm.SOPInstanceUID in {uid for uids in stored.values() for uid in uids}
+
+
+def test_wrong_credentials_are_one_line_and_exit_code_2(
+    orthanc, credentials, run, tmp_path, monkeypatch, capsys
+) -> None:
+    monkeypatch.setenv(dicomweb.PASSWORD_ENV, "not-the-password")
+    out = tmp_path / "scores.csv"
+    code = main(["score", "--run", str(run), "--data", _synthetic(orthanc), "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert "HTTP 401" in err and "Traceback" not in err and len(err.splitlines()) == 1
+    assert "not-the-password" not in err and not out.exists()
+
+
+def test_a_server_killed_midway_then_the_same_command_again_scores_and_stores_each_once(
+    orthanc, credentials, run, tmp_path, monkeypatch, capsys, caplog
+) -> None:
+    retrieved: list[str] = []
+    fetch = loading.fetch_series
+
+    def kill_after_the_first(series, folder):
+        if not Path(folder).is_dir():
+            retrieved.append(str(series))
+        result = fetch(series, folder)
+        if len(retrieved) == 1:
+            orthanc.stop()
+        return result
+
+    monkeypatch.setattr(loading, "fetch_series", kill_after_the_first)
+    study = f"1.2.826.0.1.3680043.10.543.{9}"
+    volumes = make_phantoms(3, 0, (6, 20, 20), seed=11).images[:, 0]
+    uids = [f"{study}.{k}" for k in range(3)]
+    for uid, volume in zip(uids, volumes, strict=True):
+        files = write_dicom_series(
+            tmp_path / "new" / uid,
+            2000 * volume - 1000,
+            series_uid=uid,
+            study_uid=study,
+            patient_id="KILLED",
+        )
+        assert _upload(orthanc, files[0].parent) == len(files)
+    data = f"{orthanc.dicomweb}?PatientID=KILLED"
+    command = [
+        "-v",
+        "screen",
+        "--run",
+        str(run),
+        "--data",
+        data,
+        "--out",
+        str(tmp_path / "out"),
+        "--dicom",
+        "--num-workers",
+        "0",
+    ]
+    try:
+        assert main(command) == 0
+        first = capsys.readouterr()
+        assert "skipped 2 unreadable case(s)" in first.err
+        assert all(f"{uid}: cannot reach the archive" in first.err for uid in uids[1:])
+        assert "not stored in the archive" in first.err
+        orthanc.start()
+        assert main(command) == 0
+        second = capsys.readouterr()
+    finally:
+        if orthanc.process is None:
+            orthanc.start()
+    assert sorted(retrieved) == sorted(uids)  # each series retrieved once over both runs
+    with open(tmp_path / "out" / "screen.csv", newline="") as handle:
+        assert sorted(row["id"] for row in csv.DictReader(handle)) == sorted(uids)
+    stored = _map_series(orthanc)
+    assert {uid: len(stored.get(uid, [])) for uid in uids} == dict.fromkeys(uids, 1)
+    # the password (and its basic-auth header form) is nowhere: outputs, cache, logs
+    secret = PASSWORD.encode()
+    header = base64.b64encode(f"{USER}:{PASSWORD}".encode())
+    texts = [first.out, first.err, second.out, second.err, caplog.text]
+    assert not any(PASSWORD in text for text in texts)
+    for file in [*tmp_path.rglob("*"), *(run.parent / "cache").rglob("*.json")]:
+        if file.is_file():
+            content = file.read_bytes()
+            assert secret not in content and header not in content, file
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert not summary["skipped"]
+
+
+def test_screen_stores_a_key_object_selection_of_the_flagged_series(
+    orthanc, credentials, run, tmp_path, capsys
+) -> None:
+    out = tmp_path / "screen"
+    command = ["screen", "--run", str(run), "--data", _synthetic(orthanc), "--out", str(out),
+               "--dicom", "--k", "-1000", "--num-workers", "0"]  # fmt: skip
+    for _ in range(2):  # a rerun replaces the document
+        assert main(command) == 0, capsys.readouterr().err
+    session = requests.Session()
+    session.auth = (USER, PASSWORD)
+    qido = f"{orthanc.rest}/dicom-web/studies/{SYNTH_STUDY}/series?SeriesNumber=9902"
+    documents = session.get(qido, timeout=30).json()
+    assert len(documents) == 1
+    series = documents[0]["0020000E"]["Value"][0]
+    url = f"{orthanc.rest}/dicom-web/studies/{SYNTH_STUDY}/series/{series}/instances"
+    (instance,) = session.get(url, timeout=30).json()
+    sop = instance["00080018"]["Value"][0]
+    body = session.get(
+        f"{url}/{sop}",
+        headers={"Accept": 'multipart/related; type="application/dicom"'},
+        timeout=30,
+    )
+    assert body.ok
+    local = pydicom.dcmread(out / "maps" / f"{SYNTH_STUDY}_flagged.dcm")
+    assert local.SOPInstanceUID == sop
+    assert local.Modality == "KO"
+    referenced = {
+        item.SeriesInstanceUID
+        for study in local.CurrentRequestedProcedureEvidenceSequence
+        for item in study.ReferencedSeriesSequence
+    }
+    assert referenced == set(SYNTH_SERIES)
+    text = local.to_json()  # the description lists every flagged series
+    assert all(f"{uid} score" in text for uid in SYNTH_SERIES)
+
+
+def test_tls_is_verified_unless_a_ca_bundle_is_named_and_a_token_goes_in_a_header(
+    monkeypatch, tmp_path
+) -> None:
+    monkeypatch.delenv(dicomweb.CA_BUNDLE_ENV, raising=False)
+    monkeypatch.setenv(dicomweb.TOKEN_ENV, "tok-123")
+    session = dicomweb._session(Archive.parse("dicomweb+https://pacs.example.org/dicom-web/"))
+    assert session.verify is True
+    assert session.headers["Authorization"] == "Bearer tok-123" and session.auth is None
+    bundle = tmp_path / "ca.pem"
+    monkeypatch.setenv(dicomweb.CA_BUNDLE_ENV, str(bundle))
+    session = dicomweb._session(Archive.parse("dicomweb+https://pacs.example.org/dicom-web/"))
+    assert session.verify == str(bundle)
