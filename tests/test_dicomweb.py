@@ -117,14 +117,18 @@ def credentials(monkeypatch):
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A fitted no-model intensity baseline on 16³ CT phantoms; its cases go through a cache."""
-    root = tmp_path_factory.mktemp("dicomweb-run")
+    return _fit_run(tmp_path_factory.mktemp("dicomweb-run"), hu_range=2000)
+
+
+def _fit_run(root: Path, hu_range: float) -> Path:
+    """An intensity baseline fitted on phantoms spanning ``hu_range`` HU from -1000."""
     detector = get_model("intensity", spatial_dims=3, engine={"val_fraction": 0.5, "seed": 0})
     data = {**DATA_CFG, "cache": str(root / "cache")}
     folder = root / "run"
     folder.mkdir()
     (folder / CONFIG_FILE).write_text(yaml.safe_dump({**detector.config(), "data": data}))
     phantoms = make_phantoms(16, 0, (16, 16, 16), seed=1)
-    phantoms.images = 2000 * phantoms.images - 1000
+    phantoms.images = hu_range * phantoms.images - 1000
     detector.fit(phantoms, run_dir=folder)
     return folder
 
@@ -339,11 +343,12 @@ def test_a_server_killed_midway_then_the_same_command_again_scores_and_stores_ea
 
 
 def test_screen_stores_a_key_object_selection_of_the_flagged_series(
-    orthanc, credentials, run, tmp_path, capsys
+    orthanc, credentials, tmp_path, capsys
 ) -> None:
     out = tmp_path / "screen"
-    command = ["screen", "--run", str(run), "--data", _synthetic(orthanc), "--out", str(out),
-               "--dicom", "--k", "-1000", "--num-workers", "0"]  # fmt: skip
+    dim = _fit_run(tmp_path, hu_range=200)  # trained on darker scans: every series is flagged
+    command = ["screen", "--run", str(dim), "--data", _synthetic(orthanc), "--out", str(out),
+               "--dicom", "--num-workers", "0"]  # fmt: skip
     for _ in range(2):  # a rerun replaces the document
         assert main(command) == 0, capsys.readouterr().err
     session = requests.Session()
