@@ -24,7 +24,9 @@ def test_the_checks_run_and_compare_scores(tmp_path) -> None:
     results = json.loads((tmp_path / "results.json").read_text())
     row = results["rows"]["intensity"]
     assert row["baseline"] is True and row["passed"] and row["spearman"] > 0.99
-    assert row["shape"] == [64, 64] and results["matmul_peak_tflops"]["float32"] > 0
+    config = gpu_check.model_configs()["intensity"]
+    assert row["shape"] == list(gpu_check.input_shape(config, 2))  # the config's own size
+    assert results["matmul_peak_tflops"]["float32"] > 0
 
 
 def test_input_shape_is_the_configs_last_fixed_size() -> None:

@@ -106,8 +106,10 @@ def test_max_over_windows_finds_a_local_lesion():
     assert window_starts(16, 16, 0.5) == [0]
 
 
-def test_embed_is_none_for_models_without_a_latent(tiny2d):
+def test_embed_only_where_the_model_declares_a_latent(tiny2d):
     detector = get_model("ssae", spatial_dims=2, engine=ENGINE).fit(tiny2d.normal)
-    assert detector.embed(tiny2d) is None
+    assert not detector.has_latent
+    with pytest.raises(NotImplementedError, match="no latent space"):
+        detector.embed(tiny2d)
     vae = get_model("vae", spatial_dims=2, engine=ENGINE).fit(tiny2d.normal)
     assert vae.embed(tiny2d).shape == (len(tiny2d), vae.latent_dim)
