@@ -2,6 +2,7 @@
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -225,14 +226,28 @@ def test_fusion_with_a_zero_weight_equals_the_other_member_alone():
     assert sum(chosen.weights_) == pytest.approx(1.0) and len(chosen.weights_) == 2
 
 
-@pytest.mark.parametrize("name", ["head_ct", "head_ct_quick", "lgg_pixel", "lgg_intensity"])
-def test_the_benchmark_specs_parse(name):
-    from pathlib import Path
+SPECS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "specs").glob("*.yaml"))
 
+
+@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def test_every_benchmark_spec_parses_and_has_a_no_model_row(path):
     from medanomaly.evaluation.compare_spec import load_spec
 
-    root = Path(__file__).resolve().parents[1]
-    spec = load_spec(root / "benchmarks" / "specs" / f"{name}.yaml")
-    assert name == "lgg_intensity" or any(c.is_fusion for c in spec.candidates)
+    spec = load_spec(path)
     plain = [c for c in spec.candidates if not c.is_fusion]
-    assert any(c.config["model"]["name"] == "intensity" for c in plain)
+    assert any(compare_module._is_baseline(spec, c, []) for c in plain)
+
+
+def test_a_postprocessed_model_is_no_baseline_and_a_postprocessed_baseline_is():
+    spec = parse_spec(
+        {
+            "data": "unused.csv",
+            "protocol": {"kind": "kfold", "folds": 2},
+            "candidates": {
+                "dae_pp": {"model": {"name": "postprocessed", "model": {"name": "dae"}}},
+                "intensity_pp": {"model": {"name": "postprocessed"}},
+            },
+        },
+        Path("."),
+    )
+    assert [c.baseline for c in spec.candidates] == [False, True]

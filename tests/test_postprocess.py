@@ -7,6 +7,7 @@ import yaml
 
 from medanomaly.config import build_detector
 from medanomaly.data.phantoms import make_phantoms
+from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector
 from medanomaly.errors import ConfigError
 from medanomaly.jobs.fit import fit_run
@@ -20,6 +21,7 @@ STEP_CONFIGS = {
     "foreground": {"foreground": {"threshold": 0.05}},
     "rim": {"rim": {"width": 2, "threshold": 0.05}},
     "case_scale": {"case_scale": {"q": 75.0, "threshold": 0.05}},
+    "group_scale": {"group_scale": {"q": 75.0, "threshold": 0.05}},
     "score": {"score": {"reduce": "max", "threshold": 0.05}},
 }
 
@@ -48,6 +50,44 @@ def test_steps_do_what_they_say():
     assert build_step("median", {"size": 3}).apply(spike, image, None).max() == 0
     smooth = build_step("smooth", {"sigma": 1.0}).apply(spike, image, None)
     assert smooth.sum() == pytest.approx(9.0, rel=1e-3) and smooth.max() < 9
+
+
+def test_group_scale_gives_one_scale_per_group():
+    image = np.ones((1, 4, 4), np.float32)
+    maps = np.stack([np.full((4, 4), v, np.float32) for v in (1.0, 3.0, 10.0, 30.0)])
+    result = AnomalyResult(np.zeros(4), np.zeros(4, np.int64), maps, None, 0.0)
+    chain = PostProcess(
+        [{"group_scale": {"q": 50.0, "threshold": 0.5}}, {"score": {"reduce": "max"}}]
+    )
+    grouped = chain.apply(result, [image] * 4, groups=["a", "a", "b", "b"])
+    # within a patient the order and ratio are kept; across patients one cut-off suits both
+    np.testing.assert_allclose(grouped.scores, [0.5, 1.5, 0.5, 1.5])
+    alone = chain.apply(result, [image] * 4)  # no groups: each case is its own group
+    np.testing.assert_allclose(alone.scores, [1.0, 1.0, 1.0, 1.0])
+    by_case = PostProcess(
+        [{"case_scale": {"q": 50.0, "threshold": 0.5}}, {"score": {"reduce": "max"}}]
+    )
+    np.testing.assert_allclose(alone.scores, by_case.apply(result, [image] * 4).scores)
+    with pytest.raises(ValueError, match="3 groups for 4 maps"):
+        chain.apply(result, [image] * 4, groups=["a", "a", "b"])
+
+
+def test_postprocessed_detector_passes_the_groups_of_an_image_set(phantoms):
+    steps = [{"group_scale": {"q": 75.0, "threshold": 0.05}}, {"score": {"reduce": "mean"}}]
+    config = {
+        "model": {"name": "intensity", "spatial_dims": 2, "foreground_threshold": 0.05},
+        "engine": {"val_fraction": 0.25},
+        "postprocess": steps,
+    }
+    normal = phantoms.subset(phantoms.labels == 0)
+    detector = build_detector(config).fit(normal)
+    groups = np.repeat(np.arange(len(phantoms) // 6), 6)[: len(phantoms)].astype(str)
+    grouped = ImageSet(phantoms.images, phantoms.labels, phantoms.ids, groups=groups)
+    raw = detector.inner.detect(grouped)
+    raw = AnomalyResult(raw.scores, raw.labels, raw.maps, raw.reconstructions, 0.0)
+    expected = PostProcess(steps).apply(raw, grouped.images, groups)
+    np.testing.assert_allclose(detector.detect(grouped).scores, expected.scores, rtol=1e-6)
+    assert not np.allclose(detector.detect(phantoms).scores, expected.scores)
 
 
 def test_unknown_steps_and_arguments_get_did_you_mean_errors():

@@ -28,7 +28,7 @@ def test_cae_on_head_ct_separates_hemorrhage(tmp_path, request):
     config = load_config(request.config.rootpath / CONFIG)
     # val_min=0: this quick 25-epoch check trains on 63 of the 70 normals as it did before
     # engine.val_min; holding out the default 20 leaves 50, too few for 25 epochs (AUROC 0.557
-    # here; benchmarks/head_ct.py at 150 epochs loses nothing: 0.759 -> 0.755)
+    # here; the head CT benchmark at 150 epochs loses nothing: 0.759 -> 0.755)
     overrides = ["engine.epochs=25", "engine.progress=false", "engine.val_min=0"]
     config = apply_overrides(config, overrides)
     data, report = load_dataset(_manifest(tmp_path, folder), **config["data"])

@@ -31,7 +31,6 @@ from tqdm.auto import tqdm
 from medanomaly.data.loading import LoadReport, list_cases, load_dataset
 from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector, standardisation
-from medanomaly.detectors.registry import get_model_class
 from medanomaly.errors import ConfigError
 from medanomaly.evaluation.compare_spec import Candidate, Spec, load_spec
 from medanomaly.evaluation.metrics import image_metrics
@@ -153,7 +152,7 @@ def validation_metric(
 def _processed(
     chain: PostProcess, result: AnomalyResult, data: Labelled, index: np.ndarray
 ) -> AnomalyResult:
-    return chain.apply(result, data.images.images[index])
+    return chain.apply(result, data.images.images[index], data.groups[index])
 
 
 def choose_postprocess(
@@ -533,7 +532,7 @@ def summarise(values: list[float | None]) -> dict[str, Any]:
 
 def _is_baseline(spec: Spec, candidate: Candidate, records: list[dict[str, Any]]) -> bool:
     if not candidate.is_fusion:
-        return bool(get_model_class(candidate.config["model"]["name"]).baseline)
+        return candidate.baseline
     models = [m for m in candidate.fusion if not _is_baseline(spec, spec.candidate(m), [])]
     weights = [r.get("weights", {}) for r in records if "error" not in r]
     return not any(w.get(m, 0.0) > 0 for w in weights for m in models)

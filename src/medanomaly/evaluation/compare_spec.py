@@ -81,6 +81,8 @@ class Candidate:
     name: str
     config: dict[str, Any] | None = None
     fusion: tuple[str, ...] = ()
+    baseline: bool = False
+    """The detector declares itself a no-model baseline (fusions: decided by their weights)."""
 
     @property
     def is_fusion(self) -> bool:
@@ -139,8 +141,8 @@ def _candidate(name: str, block: Any, base: Path, data_options: dict[str, Any]) 
     config = apply_overrides(config, [str(s) for s in block.get("set") or []])
     config["data"] = dict(data_options)  # every candidate sees the same input
     config.pop("evaluation", None)
-    build_detector(config)  # unknown model / argument / post-processing step: fail now
-    return Candidate(name, config)
+    detector = build_detector(config)  # unknown model / argument / step: fail now
+    return Candidate(name, config, baseline=detector.baseline)
 
 
 def _check_fusions(candidates: list[Candidate]) -> None:
@@ -170,7 +172,12 @@ def parse_spec(raw: dict[str, Any], base: Path, data: str | Path | None = None) 
     unknown = sorted(set(raw) - set(SPEC_KEYS))
     if unknown:
         raise ConfigError(f"spec: unknown keys {unknown}.{did_you_mean(unknown[0], SPEC_KEYS)}")
-    data_block = dict(raw.get("data") or {})
+    raw_data = raw.get("data") or {}
+    if isinstance(raw_data, str):  # `data: FOLDER_OR_MANIFEST` alone
+        raw_data = {"path": raw_data}
+    if not isinstance(raw_data, dict):
+        raise ConfigError(f"spec: data must be a path or a mapping with path:, got {raw_data!r}")
+    data_block = dict(raw_data)
     path = data if data is not None else data_block.pop("path", None)
     data_block.pop("path", None)
     if path is None:

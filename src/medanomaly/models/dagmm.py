@@ -30,7 +30,8 @@ dimensions collinear, which ruins the reconstructions. What was done to make it 
 On the phantoms the energy is as good as the plain reconstruction error of the same
 autoencoder trained without the energy term (0.99), not better, and it needs more epochs
 (the energy term slows the autoencoder: 0.72-0.99 over seeds at 30 epochs, 0.99 at 50).
-On head CT (``benchmarks/head_ct.py``) it trains stably but is the weakest the UAD slide deck model:
+On head CT (``docs/benchmarks/head_ct.md``) it trains stably but is the weakest model of
+the UAD slide deck:
 energy AUROC 0.68 +- 0.06 under 2 x 5 CV and 0.71 on the fixed split, where the mean
 squared residual of the same network reaches 0.86. The latent code barely separates
 haemorrhage (per-feature AUROC 0.37-0.75), and the energy is two-sided: it also flags

@@ -79,29 +79,48 @@ class PostProcess:
     def map_of(
         self, anomaly_map: np.ndarray, image: np.ndarray, reconstruction: np.ndarray | None
     ) -> np.ndarray:
-        """One case's processed map."""
-        out = np.asarray(anomaly_map, dtype=np.float32)
-        for step in self.steps:
-            out = step.apply(out, image, reconstruction)
+        """One case's processed map (a group step sees the case as its own group)."""
+        return self._case_run(
+            self.steps, np.asarray(anomaly_map, np.float32), image, reconstruction
+        )
+
+    @staticmethod
+    def _case_run(
+        steps: Sequence[Step], out: np.ndarray, image: np.ndarray, recon: np.ndarray | None
+    ) -> np.ndarray:
+        for step in steps:
+            out = (
+                step.apply_group([out], [image])[0]
+                if step.per_group
+                else step.apply(out, image, recon)
+            )
         return out
 
-    def apply(self, result: AnomalyResult, images: Sequence[np.ndarray]) -> AnomalyResult:
+    def apply(
+        self,
+        result: AnomalyResult,
+        images: Sequence[np.ndarray],
+        groups: Sequence[Any] | None = None,
+    ) -> AnomalyResult:
         """The result with processed maps (and scores, with a ``score`` step).
 
         Args:
             result: A detector's result on the cases.
             images: Each case's image ``(C, *spatial)``, in the order of ``result``.
+            groups: Each case's group (patient), for ``group_scale``; ``None``: every case
+                is its own group.
 
         Returns:
             A new result; ``labels`` follow ``result.threshold``.
         """
         if not self.steps:
             return result
-        recon = result.reconstructions
-        maps = [
-            self.map_of(result.maps[i], images[i], None if recon is None else recon[i])
-            for i in range(len(result.scores))
-        ]
+        maps = [np.asarray(m, dtype=np.float32) for m in result.maps]
+        for steps in self._runs():
+            if steps[0].per_group:
+                maps = _by_group(steps[0], maps, images, groups)
+            else:
+                maps = self._case_steps(steps, maps, images, result.reconstructions)
         scores = np.asarray(result.scores, dtype=np.float64)
         if self.scorer is not None:
             scores = np.array(
@@ -112,9 +131,50 @@ class PostProcess:
             scores=scores,
             labels=(scores > result.threshold).astype(np.int64),
             maps=_stack(maps),
-            reconstructions=recon,
+            reconstructions=result.reconstructions,
             threshold=result.threshold,
         )
+
+    def _runs(self) -> list[list[Step]]:
+        """The steps cut into runs of case steps and lone group steps (one image read a run)."""
+        runs: list[list[Step]] = []
+        for step in self.steps:
+            if step.per_group or not runs or runs[-1][0].per_group:
+                runs.append([step])
+            else:
+                runs[-1].append(step)
+        return runs
+
+    def _case_steps(
+        self,
+        steps: list[Step],
+        maps: list[np.ndarray],
+        images: Sequence[np.ndarray],
+        recon: np.ndarray | None,
+    ) -> list[np.ndarray]:
+        return [
+            self._case_run(steps, m, images[i], None if recon is None else recon[i])
+            for i, m in enumerate(maps)
+        ]
+
+
+def _by_group(
+    step: Step,
+    maps: list[np.ndarray],
+    images: Sequence[np.ndarray],
+    groups: Sequence[Any] | None,
+) -> list[np.ndarray]:
+    """A group step applied to each group's maps together."""
+    keys = list(range(len(maps))) if groups is None else [str(g) for g in groups]
+    if len(keys) != len(maps):
+        raise ValueError(f"{len(keys)} groups for {len(maps)} maps")
+    out = list(maps)
+    for key in dict.fromkeys(keys):
+        index = [i for i, k in enumerate(keys) if k == key]
+        processed = step.apply_group([maps[i] for i in index], [images[i] for i in index])
+        for i, m in zip(index, processed, strict=True):
+            out[i] = m
+    return out
 
 
 def _stack(maps: list[np.ndarray]) -> np.ndarray:

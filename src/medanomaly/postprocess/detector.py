@@ -178,7 +178,8 @@ class PostProcessed(BaseDetector):
         result = AnomalyResult(
             result.scores, result.labels, result.maps, result.reconstructions, self.threshold_
         )
-        return self._chain.apply(result, _images(cases))
+        groups = cases.groups if isinstance(cases, ImageSet) else None
+        return self._chain.apply(result, _images(cases), groups)
 
     def score(self, x: Any) -> np.ndarray:
         """Post-processed scores (the inner detector's own scores without a score step)."""

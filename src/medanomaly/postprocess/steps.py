@@ -17,6 +17,10 @@ Steps (LGG benchmark post-processing, after Kascenas et al. 2022 and Meissen et 
   (edges dominate residuals).
 * ``case_scale``: the map divided by its own ``q``-th percentile inside the foreground, so
   that one cut-off suits every case.
+* ``group_scale``: the maps of each group (patient) divided by the ``q``-th percentile of
+  the group's maps inside the foreground: one scale per scan, so that slices of one patient
+  keep their order while one cut-off suits every patient. Cases without a group are their
+  own group.
 * ``score``: the case's score recomputed from the processed map inside the foreground
   (``reduce``: ``percentile`` with ``value``, ``mean`` or ``max``).
 """
@@ -51,11 +55,17 @@ class Step:
 
     name: ClassVar[str] = ""
     sets_score: ClassVar[bool] = False
+    per_group: ClassVar[bool] = False
+    """True for steps that act on a group's maps together (:meth:`apply_group`)."""
 
     def apply(
         self, anomaly_map: np.ndarray, image: np.ndarray, reconstruction: np.ndarray | None
     ) -> np.ndarray:
         """The processed map of one case."""
+        raise NotImplementedError
+
+    def apply_group(self, maps: list[np.ndarray], images: list[np.ndarray]) -> list[np.ndarray]:
+        """The processed maps of one group's cases (steps with ``per_group``)."""
         raise NotImplementedError
 
 
@@ -159,6 +169,25 @@ class CaseScale(Step):
         return (anomaly_map / scale).astype(anomaly_map.dtype) if scale > 0 else anomaly_map
 
 
+@dataclass(frozen=True)
+class GroupScale(Step):
+    """A group's maps divided by the ``q``-th percentile of them all inside the foreground."""
+
+    name: ClassVar[str] = "group_scale"
+    per_group: ClassVar[bool] = True
+    q: float = 75.0
+    threshold: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.q <= 100.0:
+            raise ValueError(f"q must lie in (0, 100], got {self.q}")
+
+    def apply_group(self, maps, images):  # noqa: D102
+        inside = [m[foreground_of(x, self.threshold)] for m, x in zip(maps, images, strict=True)]
+        scale = float(np.percentile(np.concatenate(inside), self.q))
+        return [(m / scale).astype(m.dtype) for m in maps] if scale > 0 else maps
+
+
 REDUCTIONS = ("percentile", "mean", "max")
 
 
@@ -189,5 +218,6 @@ class Score(Step):
 
 
 STEPS: dict[str, type[Step]] = {
-    cls.name: cls for cls in (Positive, Smooth, Median, Foreground, Rim, CaseScale, Score)
+    cls.name: cls
+    for cls in (Positive, Smooth, Median, Foreground, Rim, CaseScale, GroupScale, Score)
 }
