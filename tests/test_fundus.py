@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from scipy import ndimage
 
@@ -12,7 +13,7 @@ from medanomaly.data.loading import InputSpec, load_dataset
 from medanomaly.data.phantoms import make_phantoms
 from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.registry import get_model_class
-from medanomaly.errors import InvalidImageError
+from medanomaly.errors import ConfigError, InvalidImageError
 from medanomaly.image import MedicalImage
 from medanomaly.models.classifier import SupervisedClassifier
 from medanomaly.models.ensemble import Ensemble
@@ -165,6 +166,28 @@ def test_quality_scores_a_brightness_shifted_copy_higher(quality_2d) -> None:
     detector, images = quality_2d
     shifted = np.where(images > 0.05, np.clip(images + 0.25, 0, 1), images).astype(np.float32)
     assert np.all(detector.score(shifted) > detector.score(images))
+
+
+def test_quality_features_keep_one_measure_as_its_absolute_z(quality_2d) -> None:
+    _, images = quality_2d
+    normal = make_phantoms(24, 0, (32, 32), seed=1)
+    engine = {"seed": 0, "val_fraction": 0.25}
+    sharp = get_model(
+        "quality", foreground_threshold=0.05, engine=engine, features=["sharpness_c0"]
+    ).fit(normal)
+    assert sharp.measure_names() == ["sharpness_c0"]
+    assert sharp.get_params()["features"] == ["sharpness_c0"]
+    expected = np.abs(sharp.measures(torch.from_numpy(images))[:, 0] - sharp.center_[0])
+    np.testing.assert_allclose(sharp.score(images), expected / sharp.scale_[0], rtol=1e-6)
+    blurred = ndimage.gaussian_filter(images, sigma=(0, 0, 1.5, 1.5))
+    assert np.all(sharp.score(blurred) > sharp.score(images))
+
+
+def test_quality_features_name_an_unknown_measure() -> None:
+    with pytest.raises(ConfigError, match=r"unknown measure 'sharpnes_c1'.*'sharpness_c1'"):
+        get_model("quality", in_channels=3, features=["sharpnes_c1"])
+    with pytest.raises(ConfigError, match="features is empty"):
+        get_model("quality", features=[])
 
 
 def test_quality_is_a_baseline_and_works_in_3d() -> None:

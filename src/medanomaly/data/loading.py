@@ -187,6 +187,24 @@ def read_manifest(path: str | Path, label_names: dict[str, int] | None = None) -
     return cases
 
 
+def manifest_column(path: str | Path, column: str) -> dict[str, str]:
+    """``{case id: value}`` of one extra column of a manifest (ids as :func:`read_manifest`'s).
+
+    Raises:
+        ConfigError: ``path`` is not a manifest or has no such column.
+    """
+    path = Path(path)
+    if path.suffix.lower() != ".csv":
+        raise ConfigError(f"{path}: column {column!r} needs a CSV manifest, not a folder")
+    with open(path, newline="") as handle:
+        reader = csv.DictReader(handle)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if column not in columns:
+            raise ConfigError(f"{path}: no column {column!r} (found {columns})")
+        rows = [{k.strip(): (v or "").strip() for k, v in raw.items() if k} for raw in reader]
+    return {str(path.parent / row["path"]): row[column] for row in rows}
+
+
 MANIFEST_COLUMNS = ("path", "label", "group", "mask")
 
 

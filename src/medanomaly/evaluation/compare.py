@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from medanomaly.data.loading import LoadReport, list_cases, load_dataset
+from medanomaly.data.loading import LoadReport, list_cases, load_dataset, manifest_column
 from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector, standardisation
 from medanomaly.errors import ConfigError
@@ -74,6 +74,8 @@ class Labelled:
     known: np.ndarray
     foreground: np.ndarray | None
     report: LoadReport
+    subgroups: np.ndarray | None = None
+    """The spec's ``subgroups`` column per case (``None`` without one)."""
 
 
 @dataclass
@@ -100,7 +102,41 @@ def load_labelled(spec: Spec) -> Labelled:
     if spec.pixel:
         _check_pixel(images, known)
         foreground = foreground_masks(images)[0]
-    return Labelled(images, groups, known, foreground, report)
+    subgroups = subgroup_column(spec, images.ids) if spec.subgroups else None
+    return Labelled(images, groups, known, foreground, report, subgroups)
+
+
+def subgroup_column(spec: Spec, ids: list[str]) -> np.ndarray:
+    """The manifest's ``spec.subgroups`` value of every case in ``ids``.
+
+    Raises:
+        ConfigError: No manifest, no such column, or a case without a value.
+    """
+    values = manifest_column(spec.data, str(spec.subgroups))
+    missing = [i for i in ids if not values.get(str(i))]
+    if missing:
+        raise ConfigError(
+            f"{spec.data}: {len(missing)} case(s) have no {spec.subgroups!r} value, e.g. "
+            f"{missing[0]}"
+        )
+    return np.asarray([values[str(i)] for i in ids])
+
+
+def subgroup_aurocs(
+    labels: np.ndarray, scores: np.ndarray, subgroups: np.ndarray
+) -> dict[str, float | None]:
+    """AUROC of the normal cases against the abnormal cases of each subgroup value.
+
+    ``None`` for a value whose abnormal cases or whose normals are absent here.
+    """
+    result: dict[str, float | None] = {}
+    for value in sorted(set(subgroups[labels == 1].tolist())):
+        keep = (labels == 0) | ((labels == 1) & (subgroups == value))
+        ok = 0 < int(np.sum(labels[keep])) < int(keep.sum())
+        result[str(value)] = (
+            float(image_metrics(labels[keep], scores[keep], 0.0)["auroc"]) if ok else None
+        )
+    return result
 
 
 def _check_pixel(images: ImageSet, known: np.ndarray) -> None:
@@ -220,6 +256,10 @@ def evaluate_choice(
     }
     if spec.pixel:
         record.update(_pixel_record(data, split, val, test))
+    if data.subgroups is not None:
+        record["subgroup_auroc"] = subgroup_aurocs(
+            labels[split.test], np.asarray(test.scores), data.subgroups[split.test]
+        )
     return record, test
 
 
@@ -546,6 +586,10 @@ def summarise_candidate(
     keys = [*IMAGE_KEYS, "val_auroc", "val_metric"] + (list(PIXEL_KEYS) if spec.pixel else [])
     row: dict[str, Any] = {"baseline": _is_baseline(spec, candidate, records)}
     row.update({k: summarise([r.get(k) for r in ok]) for k in keys})
+    values = sorted({v for r in ok for v in r.get("subgroup_auroc", {})})
+    row.update(
+        {f"auroc_{v}": summarise([r.get("subgroup_auroc", {}).get(v) for r in ok]) for v in values}
+    )
     row["model"] = "fusion" if candidate.is_fusion else candidate.config["model"]["name"]
     row["seconds"] = float(sum(r.get("seconds", 0.0) for r in ok))
     row["postprocess"] = [r["postprocess"] for r in ok]

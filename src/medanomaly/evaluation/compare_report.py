@@ -50,7 +50,9 @@ def _weights(row: dict[str, Any]) -> str:
 
 def _keys(results: dict[str, Any]) -> list[str]:
     rows = list(results["rows"].values())
-    return [k for k in LEADER_KEYS if any(isinstance(r.get(k), dict) for r in rows)]
+    keys = [k for k in LEADER_KEYS if any(isinstance(r.get(k), dict) for r in rows)]
+    subgroups = sorted({k for r in rows for k in r if k.startswith("auroc_")})
+    return keys[:1] + subgroups + keys[1:]  # per-subgroup AUROC (spec subgroups) after AUROC
 
 
 def _order(results: dict[str, Any]) -> list[str]:

@@ -22,6 +22,8 @@ A spec is YAML::
     postprocess:         # choices searched on the validation part, each a list of steps
       - []
       - [{smooth: {sigma: 1}}]
+    subgroups: kind      # optional: a manifest column; test AUROC of the normals against
+                         # the abnormal cases of each of its values (auroc_<value>)
 
 Every name (model, transform, post-processing step, fusion member) is checked when the spec
 is read, before anything trains. Paths are taken as given, else relative to the spec's folder.
@@ -42,7 +44,7 @@ from medanomaly.transforms.compose import build_transforms
 
 PROTOCOLS = ("kfold", "val_groups", "split_column")
 LEVELS = ("image", "pixel", "both")
-SPEC_KEYS = ("data", "protocol", "level", "threshold", "candidates", "postprocess")
+SPEC_KEYS = ("data", "protocol", "level", "threshold", "candidates", "postprocess", "subgroups")
 CANDIDATE_KEYS = ("config", "set", "fusion", *SECTIONS)
 
 
@@ -102,6 +104,7 @@ class Spec:
     candidates: tuple[Candidate, ...]
     postprocess: tuple[tuple[Any, ...], ...] = ((),)
     source: dict[str, Any] = field(default_factory=dict)
+    subgroups: str | None = None
 
     @property
     def pixel(self) -> bool:
@@ -199,6 +202,9 @@ def parse_spec(raw: dict[str, Any], base: Path, data: str | Path | None = None) 
         raise ConfigError("spec: postprocess must be a list of choices (each a list of steps)")
     for choice in choices:
         PostProcess(choice)
+    subgroups = raw.get("subgroups")
+    if subgroups is not None and not isinstance(subgroups, str):
+        raise ConfigError(f"spec: subgroups names one manifest column, got {subgroups!r}")
     return Spec(
         data=_path(path, base),
         data_options=data_block,
@@ -208,6 +214,7 @@ def parse_spec(raw: dict[str, Any], base: Path, data: str | Path | None = None) 
         candidates=tuple(candidates),
         postprocess=tuple(tuple(c or []) for c in choices),
         source=raw,
+        subgroups=subgroups,
     )
 
 

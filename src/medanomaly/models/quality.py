@@ -17,7 +17,7 @@ from sklearn.covariance import LedoitWolf, MinCovDet
 
 from medanomaly.data.sets import Cases
 from medanomaly.detectors.registry import register
-from medanomaly.errors import check_choice
+from medanomaly.errors import ConfigError, check_choice, did_you_mean
 from medanomaly.models.baselines import SD_FLOOR, StatisticDetector, _chunks
 from medanomaly.training.engine import EngineConfig
 
@@ -63,6 +63,12 @@ class QualityBaseline(StatisticDetector):
         foreground_threshold: Voxels with any channel above it are foreground; ``None``: all.
         threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
         engine: Only ``val_fraction`` and ``seed`` are used (``seed`` also seeds ``mcd``).
+        features: Keep only these measures (names as :meth:`measure_names`, e.g.
+            ``[sharpness_c1]``: the green channel's sharpness alone, whose Mahalanobis
+            distance is then its absolute z-score); ``None``: all.
+
+    Raises:
+        ConfigError: A name in ``features`` is not a measure of ``in_channels`` channels.
     """
 
     def __init__(
@@ -74,23 +80,47 @@ class QualityBaseline(StatisticDetector):
         foreground_threshold: float | None = None,
         threshold_sd: float = 3.0,
         engine: EngineConfig | dict[str, Any] | None = None,
+        features: list[str] | None = None,
     ) -> None:
         super().__init__(spatial_dims, in_channels, foreground_threshold, threshold_sd, engine)
         self.covariance = covariance
         self.value_range = value_range
+        self.features = features
+        self._columns()  # unknown names fail when the detector is built
 
-    def measure_names(self) -> list[str]:
-        """Names of the measures, in the order of :meth:`measures`' columns."""
+    def all_measure_names(self) -> list[str]:
+        """Names of every measure this detector can take, before ``features`` selects."""
         names = [f"{m}_c{c}" for m in PER_CHANNEL for c in range(self.in_channels)]
         return [*names, *GLOBAL]
+
+    def measure_names(self) -> list[str]:
+        """Names of the measures used, in the order of :meth:`measures`' columns."""
+        names = self.all_measure_names()
+        return [names[i] for i in self._columns()]
+
+    def _columns(self) -> list[int]:
+        """Positions of the kept measures among :meth:`all_measure_names`."""
+        names = self.all_measure_names()
+        if self.features is None:
+            return list(range(len(names)))
+        if not self.features:
+            raise ConfigError(f"{self.name}: features is empty; give measure names or leave it out")
+        for feature in self.features:
+            if feature not in names:
+                raise ConfigError(
+                    f"{self.name}: unknown measure {feature!r} for {self.in_channels} "
+                    f"channel(s).{did_you_mean(str(feature), names)}"
+                )
+        return [names.index(feature) for feature in self.features]
 
     def measures(self, x: torch.Tensor) -> np.ndarray:
         """The quality measures ``(B, n_measures)`` of a batch ``(B, C, *spatial)``."""
         images = x.double().numpy()
         inside = self.foreground(x).numpy()
-        return np.stack(
+        table = np.stack(
             [self._measures(image, mask) for image, mask in zip(images, inside, strict=True)]
         )
+        return table[:, self._columns()]
 
     def _measures(self, image: np.ndarray, inside: np.ndarray) -> np.ndarray:
         """Measures of one image ``(C, *spatial)`` inside ``inside``."""
