@@ -14,6 +14,7 @@ A spec is YAML::
       seed: 0
     level: image         # image | pixel | both
     threshold: f1        # image-level threshold rule on each validation part
+    ci: bootstrap        # optional: 95 % stratified bootstrap CI of each fold's test AUROC
     candidates:
       intensity: {config: configs/intensity_head_ct_2d.yaml}
       dae: {config: configs/dae_head_ct_2d.yaml, set: [engine.epochs=20]}
@@ -42,7 +43,8 @@ from medanomaly.transforms.compose import build_transforms
 
 PROTOCOLS = ("kfold", "val_groups", "split_column")
 LEVELS = ("image", "pixel", "both")
-SPEC_KEYS = ("data", "protocol", "level", "threshold", "candidates", "postprocess")
+SPEC_KEYS = ("data", "protocol", "level", "threshold", "ci", "candidates", "postprocess")
+CI_KINDS = ("none", "bootstrap")
 CANDIDATE_KEYS = ("config", "set", "fusion", *SECTIONS)
 
 
@@ -100,6 +102,7 @@ class Spec:
     candidates: tuple[Candidate, ...]
     postprocess: tuple[tuple[Any, ...], ...] = ((),)
     source: dict[str, Any] = field(default_factory=dict)
+    ci: str = "none"
 
     @property
     def pixel(self) -> bool:
@@ -192,6 +195,8 @@ def parse_spec(raw: dict[str, Any], base: Path, data: str | Path | None = None) 
         raise ConfigError("spec: postprocess must be a list of choices (each a list of steps)")
     for choice in choices:
         PostProcess(choice)
+    ci = str(raw.get("ci") or "none")
+    check_choice("spec", "ci", ci, CI_KINDS)
     return Spec(
         data=_path(path, base),
         data_options=data_block,
@@ -201,6 +206,7 @@ def parse_spec(raw: dict[str, Any], base: Path, data: str | Path | None = None) 
         candidates=tuple(candidates),
         postprocess=tuple(tuple(c or []) for c in choices),
         source=raw,
+        ci=ci,
     )
 
 
