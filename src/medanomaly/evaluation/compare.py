@@ -33,7 +33,7 @@ from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector, standardisation
 from medanomaly.errors import ConfigError
 from medanomaly.evaluation.compare_spec import Candidate, Spec, load_spec
-from medanomaly.evaluation.metrics import image_metrics
+from medanomaly.evaluation.metrics import bootstrap_auroc_ci, image_metrics
 from medanomaly.evaluation.pixel import pixel_metrics
 from medanomaly.evaluation.runner import (
     foreground_masks,
@@ -597,8 +597,19 @@ def summarise_candidate(
     if candidate.is_fusion:
         row["weights"] = [r["weights"] for r in ok]
         row["members"] = list(candidate.fusion)
+    if spec.ci == "bootstrap":
+        row["auroc_ci"] = [auroc_ci(r) for r in ok]
     row["errors"] = [{"fold": r["fold"], "error": r["error"]} for r in records if "error" in r]
     return row
+
+
+def auroc_ci(record: dict[str, Any], n_boot: int = 1000) -> list[float | None]:
+    """95 % stratified bootstrap CI ``[low, high]`` of a fold's test AUROC (``ci: bootstrap``).
+
+    Computed from the fold's stored test labels and scores, so a resumed run gets it too.
+    """
+    cases = record["cases"]
+    return list(bootstrap_auroc_ci(cases["label"], cases["score"], n_boot=n_boot))
 
 
 def choose_winner(rows: dict[str, dict[str, Any]]) -> str | None:

@@ -48,6 +48,13 @@ def _weights(row: dict[str, Any]) -> str:
     return ", ".join(f"{m} {v:.2f}" for m, v in zip(members, means, strict=True))
 
 
+def _ci(row: dict[str, Any]) -> str:
+    """Each fold's bootstrap CI of the test AUROC (spec ``ci: bootstrap``)."""
+    return "; ".join(
+        "n/a" if low is None else f"{low:.3f}–{high:.3f}" for low, high in row["auroc_ci"]
+    )
+
+
 def _keys(results: dict[str, Any]) -> list[str]:
     rows = list(results["rows"].values())
     keys = [k for k in LEADER_KEYS if any(isinstance(r.get(k), dict) for r in rows)]
@@ -68,6 +75,7 @@ def _order(results: dict[str, Any]) -> list[str]:
 def results_table(results: dict[str, Any]) -> str:
     """``results.md``: the leaderboard (test folds; ordered by the validation metric)."""
     keys = _keys(results)
+    with_ci = any("auroc_ci" in r for r in results["rows"].values())
     lines = [
         f"# medanomaly compare: {results['data']}",
         "",
@@ -79,8 +87,9 @@ def results_table(results: dict[str, Any]) -> str:
         "",
         "| row | baseline | "
         + " | ".join(keys)
+        + (" | test AUROC 95 % CI" if with_ci else "")
         + " | pooled pixel AUROC / AP / Dice | weights | seconds | errors |",
-        "|---|---|" + "---|" * (len(keys) + 4),
+        "|---|---|" + "---|" * (len(keys) + 4 + with_ci),
     ]
     for name in _order(results):
         row = results["rows"][name]
@@ -93,6 +102,8 @@ def results_table(results: dict[str, Any]) -> str:
             else ""
         )
         cells = [_ms(row.get(k)) for k in keys]
+        if with_ci:
+            cells.append(_ci(row) if "auroc_ci" in row else "")
         lines.append(
             f"| {name}{' (chosen)' if name == results['chosen'] else ''} | "
             f"{'yes' if row['baseline'] else 'no'} | "

@@ -14,6 +14,7 @@ A spec is YAML::
       seed: 0
     level: image         # image | pixel | both
     threshold: f1        # image-level threshold rule on each validation part
+    ci: bootstrap        # optional: 95 % stratified bootstrap CI of each fold's test AUROC
     candidates:
       intensity: {config: configs/intensity_head_ct_2d.yaml}
       dae: {config: configs/dae_head_ct_2d.yaml, set: [engine.epochs=20]}
@@ -44,7 +45,17 @@ from medanomaly.transforms.compose import build_transforms
 
 PROTOCOLS = ("kfold", "val_groups", "split_column")
 LEVELS = ("image", "pixel", "both")
-SPEC_KEYS = ("data", "protocol", "level", "threshold", "candidates", "postprocess", "subgroups")
+SPEC_KEYS = (
+    "data",
+    "protocol",
+    "level",
+    "threshold",
+    "ci",
+    "candidates",
+    "postprocess",
+    "subgroups",
+)
+CI_KINDS = ("none", "bootstrap")
 CANDIDATE_KEYS = ("config", "set", "fusion", *SECTIONS)
 
 
@@ -105,6 +116,7 @@ class Spec:
     postprocess: tuple[tuple[Any, ...], ...] = ((),)
     source: dict[str, Any] = field(default_factory=dict)
     subgroups: str | None = None
+    ci: str = "none"
 
     @property
     def pixel(self) -> bool:
@@ -205,6 +217,8 @@ def parse_spec(raw: dict[str, Any], base: Path, data: str | Path | None = None) 
     subgroups = raw.get("subgroups")
     if subgroups is not None and not isinstance(subgroups, str):
         raise ConfigError(f"spec: subgroups names one manifest column, got {subgroups!r}")
+    ci = str(raw.get("ci") or "none")
+    check_choice("spec", "ci", ci, CI_KINDS)
     return Spec(
         data=_path(path, base),
         data_options=data_block,
@@ -215,6 +229,7 @@ def parse_spec(raw: dict[str, Any], base: Path, data: str | Path | None = None) 
         postprocess=tuple(tuple(c or []) for c in choices),
         source=raw,
         subgroups=subgroups,
+        ci=ci,
     )
 
 
