@@ -286,6 +286,19 @@ class BaseDetector(ABC):
             )
         self.threshold_ = mean_sd_threshold(self.val_scores_, k)
 
+    def calibrate(self, normal: Any) -> BaseDetector:
+        """Relearn ``threshold_`` from held-out normal cases (e.g. after changing the score).
+
+        Args:
+            normal: Normal cases the detector was not fitted on.
+
+        Returns:
+            ``self``, with ``val_scores_`` and ``threshold_`` (mean + ``threshold_sd`` * SD).
+        """
+        self.check_fitted()
+        self._learn_threshold(self.score(normal))
+        return self
+
     def save(self, path: str | Path) -> None:
         """Write the fitted detector to ``path`` atomically (read it back with :meth:`load`)."""
         self.check_fitted()

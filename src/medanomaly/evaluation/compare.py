@@ -17,6 +17,7 @@ is never recomputed, so rerunning the command resumes) and ``best/``.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 import traceback
 from collections import Counter
@@ -30,7 +31,7 @@ from tqdm.auto import tqdm
 
 from medanomaly.data.loading import LoadReport, list_cases, load_dataset, manifest_column
 from medanomaly.data.sets import ImageSet
-from medanomaly.detectors.base import AnomalyResult, BaseDetector, standardisation
+from medanomaly.detectors.base import MODEL_FILE, AnomalyResult, BaseDetector, standardisation
 from medanomaly.errors import ConfigError
 from medanomaly.evaluation.compare_spec import Candidate, Spec, load_spec
 from medanomaly.evaluation.metrics import bootstrap_auroc_ci, image_metrics
@@ -249,7 +250,9 @@ def evaluate_choice(
         "threshold": threshold,
         **{k: image[k] for k in IMAGE_KEYS},
         "val_auroc": image_metrics(labels[split.val], val.scores, threshold)["auroc"],
+        "confusion": image["confusion_matrix"],
         "cases": {
+            "id": [data.images.ids[i] for i in split.test],
             "label": labels[split.test].tolist(),
             "score": np.asarray(test.scores).tolist(),
         },
@@ -368,6 +371,24 @@ class _FoldRunner:
             )
         return self.outputs[name]
 
+    def rescored(self, candidate: Candidate, folder: Path) -> Outputs:
+        """The source candidate's fitted detector with the changed arguments, recalibrated.
+
+        Its default threshold is relearnt from the fold's normal validation cases; it is
+        saved in ``folder`` as a run directory (for fusions and ``OUT/best``).
+        """
+        source = self.spec.candidate(candidate.rescore)
+        detector = BaseDetector.load(_record_path(self.out, self.split, source.name).parent)
+        detector.set_params(**model_changes(source.config, candidate.config))
+        images = self.data.images
+        val = images.subset(self.split.val)
+        detector.calibrate(val.subset(val.labels == 0))
+        detector.write_run_config(folder, candidate.config.get("data"))
+        detector.save(folder / MODEL_FILE)
+        return Outputs(
+            detector.detect(val), detector.detect(images.subset(self.split.test)), detector
+        )
+
     def run(self, candidate: Candidate) -> dict[str, Any]:
         path = _record_path(self.out, self.split, candidate.name)
         if path.exists():
@@ -392,7 +413,10 @@ class _FoldRunner:
             outputs, weights, choice, value = fuse_in_fold(spec, data, split, members)
             extra = {"weights": dict(zip(candidate.fusion, weights, strict=True))}
         else:
-            outputs = fit_candidate(candidate, data, split, folder, spec)
+            if candidate.rescore is not None:
+                outputs = self.rescored(candidate, folder)
+            else:
+                outputs = fit_candidate(candidate, data, split, folder, spec)
             self.outputs[candidate.name] = outputs
             choice, value = choose_postprocess(spec, data, split.val, outputs.val)
             extra = {"epochs": len(outputs.detector.history_)}
@@ -435,7 +459,8 @@ def compare(
     splits = protocol_splits(spec, labelled)
     start_or_resume(out, spec, splits)
     records: dict[str, list[dict[str, Any]]] = {c.name: [] for c in spec.candidates}
-    order = sorted(spec.candidates, key=lambda c: c.is_fusion)  # members first
+    # members and rescore sources first
+    order = sorted(spec.candidates, key=lambda c: (c.is_fusion, c.rescore is not None))
     with tqdm(total=len(splits) * len(order), desc="compare", disable=not progress) as bar:
         for split in splits:
             runner = _FoldRunner(spec, labelled, split, out)
@@ -468,7 +493,9 @@ def compare(
     if winner is not None:
         winner_gallery(spec, labelled, splits[0], out, winner, records[winner][0])
     if refit and winner is not None:
-        results["best"] = refit_best(spec, labelled, rows[winner], winner, out / BEST_DIR)
+        results["best"] = refit_best(
+            spec, labelled, rows[winner], winner, out / BEST_DIR, splits, out
+        )
     write_json(out / RESULTS_FILE, results)
     (out / "results.md").write_text(results_table(results))
     write_compare_report(out, results, records)
@@ -594,6 +621,7 @@ def summarise_candidate(
     row["seconds"] = float(sum(r.get("seconds", 0.0) for r in ok))
     row["postprocess"] = [r["postprocess"] for r in ok]
     row["thresholds"] = [r["threshold"] for r in ok]
+    row["confusion"] = [r.get("confusion") for r in ok]
     if candidate.is_fusion:
         row["weights"] = [r["weights"] for r in ok]
         row["members"] = list(candidate.fusion)
@@ -658,14 +686,45 @@ def pooled_pixel(
     }
 
 
+def model_changes(source: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
+    """The ``model`` arguments of ``config`` that differ from ``source``'s (a rescore's)."""
+    before, after = source["model"], config["model"]
+    return {k: v for k, v in after.items() if k != "name" and before.get(k) != v}
+
+
+def reuse_column_run(
+    out: Path, splits: list[FoldSplit], name: str, postprocess: list[Any], folder: Path
+) -> bool:
+    """With the ``split_column`` protocol, copy the one fold's run of ``name`` to ``folder``.
+
+    That run was fitted on the same training and validation parts that a refit would use;
+    it is reused when the chosen post-processing is empty (nothing to add to the run) and
+    the run directory holds a model. Returns whether it was copied.
+    """
+    source = _record_path(out, splits[0], name).parent
+    if len(splits) != 1 or postprocess or not (source / MODEL_FILE).exists():
+        return False
+    ignore = shutil.ignore_patterns(RECORD_FILE, MAPS_FILE, "error.txt")
+    shutil.copytree(source, folder, ignore=ignore, dirs_exist_ok=True)
+    return True
+
+
 def refit_best(
-    spec: Spec, data: Labelled, row: dict[str, Any], name: str, folder: Path
+    spec: Spec,
+    data: Labelled,
+    row: dict[str, Any],
+    name: str,
+    folder: Path,
+    splits: list[FoldSplit] | None = None,
+    out: Path | None = None,
 ) -> dict[str, Any]:
     """Refit the chosen candidate on all the data's training part into ``folder``.
 
-    The validation part is a grouped share (``protocol.val_fraction``) of all cases; the
-    post-processing is the one chosen in most folds, a fusion's weights their mean over the
-    folds.
+    The validation part is a grouped share (``protocol.val_fraction``) of all cases; with the
+    ``split_column`` protocol it is the column's training and validation parts (never its
+    test part), and the fold's own run is reused where it is the same fit
+    (:func:`reuse_column_run`). The post-processing is the one chosen in most folds, a
+    fusion's weights their mean over the folds.
     """
     candidate = spec.candidate(name)
     choice = Counter(json.dumps(p) for p in row["postprocess"]).most_common(1)[0][0]
@@ -673,9 +732,15 @@ def refit_best(
     config = _best_config(spec, candidate, row, postprocess)
     labels = data.images.labels
     index = np.arange(len(labels))
-    train, val = carve_validation(
-        index, labels, data.groups, spec.protocol.val_fraction, spec.protocol.seed
-    )
+    column = spec.protocol.kind == "split_column" and splits is not None
+    if column and out is not None and reuse_column_run(out, splits, name, postprocess, folder):
+        return {"candidate": name, "run_dir": str(folder), "postprocess": postprocess}
+    if column:
+        train, val = splits[0].train, splits[0].val
+    else:
+        train, val = carve_validation(
+            index, labels, data.groups, spec.protocol.val_fraction, spec.protocol.seed
+        )
     images = data.images
     normal_train = images.subset(train[labels[train] == 0], keep_augment=True)
     fit_run(config, normal_train, folder, val=images.subset(val), resume=True)

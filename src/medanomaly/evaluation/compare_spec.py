@@ -20,6 +20,7 @@ A spec is YAML::
       dae: {config: configs/dae_head_ct_2d.yaml, set: [engine.epochs=20]}
       cae_small: {model: {name: cae, ...}, engine: {...}}
       dae+intensity: {fusion: [dae, intensity]}
+      dae_mse: {rescore: dae, set: [model.foreground_threshold=null]}  # dae's network, re-scored
     postprocess:         # choices searched on the validation part, each a list of steps
       - []
       - [{smooth: {sigma: 1}}]
@@ -32,7 +33,8 @@ is read, before anything trains. Paths are taken as given, else relative to the 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +58,7 @@ SPEC_KEYS = (
     "subgroups",
 )
 CI_KINDS = ("none", "bootstrap")
-CANDIDATE_KEYS = ("config", "set", "fusion", *SECTIONS)
+CANDIDATE_KEYS = ("config", "set", "fusion", "rescore", *SECTIONS)
 
 
 @dataclass(frozen=True)
@@ -89,13 +91,20 @@ class Protocol:
 
 @dataclass(frozen=True)
 class Candidate:
-    """One row of the comparison: a detector config, or a fusion of other candidates."""
+    """One row of the comparison: a detector config, or a fusion of other candidates.
+
+    A ``rescore`` candidate is another candidate's fitted detector with some ``model.*``
+    arguments changed (``set``), e.g. another score of the same network: it is not trained
+    again; its ``config`` is the source's with those changes.
+    """
 
     name: str
     config: dict[str, Any] | None = None
     fusion: tuple[str, ...] = ()
     baseline: bool = False
     """The detector declares itself a no-model baseline (fusions: decided by their weights)."""
+    rescore: str | None = None
+    overrides: tuple[str, ...] = ()
 
     @property
     def is_fusion(self) -> bool:
@@ -147,6 +156,8 @@ def _candidate(name: str, block: Any, base: Path, data_options: dict[str, Any]) 
         if not isinstance(members, list) or len(members) < 2:
             raise ConfigError(f"candidate {name!r}: fusion needs a list of 2+ candidate names")
         return Candidate(name, None, tuple(str(m) for m in members))
+    if "rescore" in block:
+        return _rescore_candidate(name, block)
     config = load_config(_path(block["config"], base)) if "config" in block else {}
     for section in SECTIONS:
         if section in block:
@@ -158,6 +169,43 @@ def _candidate(name: str, block: Any, base: Path, data_options: dict[str, Any]) 
     config.pop("evaluation", None)
     detector = build_detector(config)  # unknown model / argument / step: fail now
     return Candidate(name, config, baseline=detector.baseline)
+
+
+def _rescore_candidate(name: str, block: dict[str, Any]) -> Candidate:
+    extra = sorted(set(block) - {"rescore", "set"})
+    if extra:
+        raise ConfigError(f"candidate {name!r}: a rescore candidate takes only set:, not {extra}")
+    overrides = tuple(str(s) for s in block.get("set") or [])
+    if not overrides or any(not s.startswith("model.") for s in overrides):
+        raise ConfigError(
+            f"candidate {name!r}: rescore needs set: [model.NAME=VALUE, ...] (the arguments "
+            "changed on the fitted detector)"
+        )
+    return Candidate(name, None, rescore=str(block["rescore"]), overrides=overrides)
+
+
+def resolve_rescores(candidates: list[Candidate]) -> list[Candidate]:
+    """Give each ``rescore`` candidate its source's config with its ``set`` changes.
+
+    Raises:
+        ConfigError: The source is unknown, a fusion or itself a rescore; or a changed
+            argument is unknown to the model.
+    """
+    plain = {c.name: c for c in candidates if not c.is_fusion and c.rescore is None}
+    resolved = []
+    for candidate in candidates:
+        if candidate.rescore is not None:
+            source = plain.get(candidate.rescore)
+            if source is None:
+                raise ConfigError(
+                    f"candidate {candidate.name!r}: rescore source {candidate.rescore!r} is not "
+                    f"a model or baseline candidate.{did_you_mean(candidate.rescore, plain)}"
+                )
+            config = apply_overrides(copy.deepcopy(source.config), list(candidate.overrides))
+            baseline = build_detector(config).baseline
+            candidate = replace(candidate, config=config, baseline=baseline)
+        resolved.append(candidate)
+    return resolved
 
 
 def _check_fusions(candidates: list[Candidate]) -> None:
@@ -208,6 +256,7 @@ def parse_spec(raw: dict[str, Any], base: Path, data: str | Path | None = None) 
     if not isinstance(blocks, dict) or not blocks:
         raise ConfigError("spec: candidates must map names to candidate blocks")
     candidates = [_candidate(str(n), b, base, data_block) for n, b in blocks.items()]
+    candidates = resolve_rescores(candidates)
     _check_fusions(candidates)
     choices = raw.get("postprocess") or [[]]
     if not isinstance(choices, list):

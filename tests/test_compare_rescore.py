@@ -1,0 +1,160 @@
+"""``compare`` with a re-scored candidate, the split column and a mean + 3 SD threshold (3D).
+
+What the 3D screening spec (benchmarks/specs/screen3d.yaml) relies on, on 1x16^3 phantoms:
+one network trained once and scored two ways, counts at the threshold, and ``OUT/best`` as
+the split column's own run (its test part never trains).
+"""
+
+import csv
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from medanomaly.cli import main
+from medanomaly.data.phantoms import make_phantoms
+from medanomaly.detectors.base import MODEL_FILE, BaseDetector
+from medanomaly.errors import ConfigError
+from medanomaly.evaluation.compare_spec import parse_spec
+
+SMALL = {
+    "name": "resnet_ae",
+    "spatial_dims": 3,
+    "depth": 10,
+    "channels": [4, 8, 8, 16],
+    "latent_dim": 32,
+    "output_activation": "sigmoid",
+    "foreground_threshold": 0.05,
+}
+ENGINE = {"epochs": 2, "batch_size": 4, "progress": False, "seed": 0}
+SPLITS = ["train"] * 8 + ["val"] * 4 + ["test"] * 4 + ["val"] * 2 + ["test"] * 4
+
+
+def write_volumes(folder):
+    """16 normal + 6 abnormal 1x16^3 phantoms as NIfTI, with a split column."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data = make_phantoms(16, 6, (16, 16, 16), seed=2)
+    rows = []
+    for i, (image, label) in enumerate(zip(data.images, data.labels, strict=True)):
+        path = folder / f"case{i:02d}.nii.gz"
+        nib.save(nib.Nifti1Image(image[0].astype(np.float32), np.eye(4)), path)
+        rows.append([path.name, "abnormal" if label else "normal", f"p{i}", SPLITS[i]])
+    manifest = folder / "manifest.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "group", "split"])
+        writer.writerows(rows)
+    return manifest
+
+
+def _spec(manifest):
+    return {
+        "data": {"path": str(manifest)},
+        "protocol": {"kind": "split_column"},
+        "level": "image",
+        "threshold": "mean_sd:k=3",
+        "candidates": {
+            "intensity": {"model": {"name": "intensity", "spatial_dims": 3, "per_voxel": True}},
+            "masked": {"model": SMALL, "engine": ENGINE},
+            "mse": {"rescore": "masked", "set": ["model.foreground_threshold=null"]},
+        },
+    }
+
+
+@pytest.fixture(scope="module")
+def compared(tmp_path_factory):
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("rescore")
+    manifest = write_volumes(root / "data")
+    spec = root / "spec.yaml"
+    spec.write_text(yaml.safe_dump(_spec(manifest)))
+    out = root / "out"
+    assert main(["compare", "--spec", str(spec), "--out", str(out), "--quiet"]) == 0
+    return root, manifest, out, json.loads((out / "results.json").read_text())
+
+
+def test_rescore_scores_the_same_network_another_way_without_training(compared):
+    root, manifest, out, results = compared
+    fold = out / "folds" / "r1_f1"
+    masked = BaseDetector.load(fold / "masked")
+    mse = BaseDetector.load(fold / "mse")
+    assert mse.foreground_threshold is None and masked.foreground_threshold == 0.05
+    weights = zip(
+        masked.network_.state_dict().values(), mse.network_.state_dict().values(), strict=True
+    )
+    assert all(torch.equal(a, b) for a, b in weights)
+    assert not list((fold / "mse").glob("checkpoint*"))  # never trained
+    rows = results["rows"]
+    assert rows["mse"]["baseline"] is False and rows["mse"]["errors"] == []
+    assert rows["mse"]["auroc"]["folds"] != rows["masked"]["auroc"]["folds"]
+    record = json.loads((fold / "mse" / "record.json").read_text())
+    voxels = np.stack([nib.load(root / "data" / p).get_fdata() for p in _test_paths(manifest)])
+    recon = masked.detect(voxels[:, None].astype(np.float32)).reconstructions
+    expected = np.mean((recon[:, 0] - voxels) ** 2, axis=(1, 2, 3))
+    np.testing.assert_allclose(record["cases"]["score"], expected, rtol=1e-4)
+
+
+def _test_paths(manifest):
+    with open(manifest, newline="") as handle:
+        return [r["path"] for r in csv.DictReader(handle) if r["split"] == "test"]
+
+
+def test_counts_at_the_mean_3sd_threshold_of_validation_normals(compared):
+    _, manifest, out, results = compared
+    fold = out / "folds" / "r1_f1"
+    for name in ("intensity", "masked", "mse"):
+        record = json.loads((fold / name / "record.json").read_text())
+        run = BaseDetector.load(fold / name)
+        normal = np.asarray(run.val_scores_)
+        assert record["threshold"] == pytest.approx(normal.mean() + 3 * normal.std(ddof=1))
+        counts = results["rows"][name]["confusion"][0]
+        assert counts["tp"] + counts["fn"] == 4 and counts["tn"] + counts["fp"] == 4
+        assert len(record["cases"]["id"]) == 8
+        assert all(c.endswith(tuple(_test_paths(manifest))) for c in record["cases"]["id"])
+
+
+def test_best_is_the_split_columns_own_run_and_screen_uses_it(compared):
+    root, _, out, results = compared
+    chosen = results["chosen"]
+    best = out / "best"
+    saved = BaseDetector.load(best)
+    fold_run = BaseDetector.load(out / "folds" / "r1_f1" / chosen)
+    assert saved.threshold_ == pytest.approx(fold_run.threshold_)
+    assert (best / MODEL_FILE).exists() and (best / "config.yaml").exists()
+    screened = root / "screen"
+    folder = str(root / "data")
+    code = main(["screen", "--run", str(best), "--data", folder, "--out", str(screened)])
+    assert code in (0, 1)  # 1: something was flagged
+    assert (screened / "screen.csv").exists()
+
+
+def test_rescore_needs_a_plain_source_and_model_settings(tmp_path):
+    spec = _spec(tmp_path / "manifest.csv")
+    spec["candidates"]["mse"] = {"rescore": "maskd", "set": ["model.foreground_threshold=null"]}
+    with pytest.raises(ConfigError, match="Did you mean .masked."):
+        parse_spec(spec, tmp_path)
+    spec["candidates"]["mse"] = {"rescore": "masked", "set": ["engine.epochs=3"]}
+    with pytest.raises(ConfigError, match="model.NAME=VALUE"):
+        parse_spec(spec, tmp_path)
+    spec["candidates"]["mse"] = {"rescore": "masked", "set": ["model.foreground_treshold=1"]}
+    with pytest.raises(ConfigError, match="foreground_threshold"):
+        parse_spec(spec, tmp_path)
+
+
+@pytest.mark.parametrize(("name", "epochs"), [("screen3d", 80), ("screen3d_quick", 40)])
+def test_the_screen3d_specs_parse(name, epochs):
+    from pathlib import Path
+
+    from medanomaly.evaluation.compare_spec import load_spec
+
+    root = Path(__file__).resolve().parents[1]
+    spec = load_spec(root / "benchmarks" / "specs" / f"{name}.yaml")
+    assert spec.protocol.kind == "split_column" and spec.threshold == "mean_sd:k=3"
+    masked, mse = spec.candidate("resnet_ae_masked_mse"), spec.candidate("resnet_ae_mse")
+    assert masked.config["engine"]["epochs"] == epochs and mse.rescore == masked.name
+    assert mse.config["model"]["foreground_threshold"] is None
+    assert masked.config["model"]["foreground_threshold"] == 0.05
+    assert spec.candidate("intensity").config["model"]["name"] == "intensity"
