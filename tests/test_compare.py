@@ -251,3 +251,28 @@ def test_a_postprocessed_model_is_no_baseline_and_a_postprocessed_baseline_is():
         Path("."),
     )
     assert [c.baseline for c in spec.candidates] == [False, True]
+
+
+def test_results_table_shows_only_the_protocol_settings_in_use_and_no_spread_for_one_split():
+    from medanomaly.evaluation.compare_report import protocol_line, results_table
+
+    line = protocol_line({"kind": "split_column", "folds": 5, "n_val": 4, "level": "image"})
+    assert line == "split_column (level image)"
+    line = protocol_line({"kind": "val_groups", "folds": 5, "repeats": 1, "n_val": 4, "seed": 0})
+    assert line == "val_groups (folds 5, repeats 1, n_val 4, seed 0)"
+    one = {"mean": 0.9, "sd": 0.0, "n": 1, "folds": [0.9]}
+    row = {"baseline": True, "auroc": one, "val_metric": one, "seconds": 1.0, "errors": []}
+    results = {
+        "rows": {"intensity": row},
+        "data": "d.csv",
+        "protocol": {"kind": "split_column"},
+        "n_cases": 3,
+        "n_normal": 2,
+        "n_abnormal": 1,
+        "n_groups": 3,
+        "folds": ["split"],
+        "chosen": "intensity",
+        "selection": "validation AUROC",
+    }
+    table = results_table(results)
+    assert "| 0.900 |" in table and "±" not in table.split("|---")[-1]

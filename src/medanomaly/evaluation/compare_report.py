@@ -37,7 +37,24 @@ LEADER_KEYS = (
 def _ms(value: Any) -> str:
     if not isinstance(value, dict) or value.get("mean") is None:
         return "n/a"
+    if value.get("n") == 1:  # one test part (a split column): no spread to show
+        return f"{value['mean']:.3f}"
     return f"{value['mean']:.3f} ± {value['sd']:.3f}"
+
+
+PROTOCOL_FIELDS = {
+    "kfold": ("folds", "repeats", "val_fraction", "seed"),
+    "val_groups": ("folds", "repeats", "n_val", "seed"),
+    "split_column": (),
+}
+
+
+def protocol_line(protocol: dict[str, Any]) -> str:
+    """The protocol's kind with only the settings it uses, e.g. ``kfold (folds 5, ...)``."""
+    kind = protocol["kind"]
+    used = [f"{k} {protocol[k]}" for k in PROTOCOL_FIELDS.get(kind, ()) if k in protocol]
+    used += [f"{k} {protocol[k]}" for k in ("level", "threshold") if k in protocol]
+    return f"{kind} ({', '.join(used)})"
 
 
 def _weights(row: dict[str, Any]) -> str:
@@ -58,7 +75,9 @@ def _ci(row: dict[str, Any]) -> str:
 def _keys(results: dict[str, Any]) -> list[str]:
     rows = list(results["rows"].values())
     keys = [k for k in LEADER_KEYS if any(isinstance(r.get(k), dict) for r in rows)]
-    subgroups = sorted({k for r in rows for k in r if k.startswith("auroc_")})
+    subgroups = sorted(
+        {k for r in rows for k, v in r.items() if k.startswith("auroc_") and isinstance(v, dict)}
+    )
     return keys[:1] + subgroups + keys[1:]  # per-subgroup AUROC (spec subgroups) after AUROC
 
 
@@ -79,7 +98,7 @@ def results_table(results: dict[str, Any]) -> str:
     lines = [
         f"# medanomaly compare: {results['data']}",
         "",
-        f"Protocol: {results['protocol']}; {results['n_cases']} cases "
+        f"Protocol: {protocol_line(results['protocol'])}; {results['n_cases']} cases "
         f"({results['n_normal']} normal / {results['n_abnormal']} abnormal, "
         f"{results['n_groups']} groups). Test metrics as mean ± SD over "
         f"{len(results['folds'])} fold(s); `val_metric` chose the winner: "
