@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any
 
 import requests
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import results_row  # noqa: E402  (benchmarks/common.py)
@@ -107,21 +106,14 @@ def delete_patient(rest: str, patient: str) -> None:
             session.delete(f"{rest}/patients/{orthanc_id}", timeout=60)
 
 
-def fit_run(out: Path, folders: list[Path]) -> Path:
-    """The no-model intensity baseline fitted on a few of the series."""
-    from medanomaly import get_model
+def fit_intensity_run(out: Path, folders: list[Path]) -> Path:
+    """The no-model intensity baseline fitted on a few of the series (``OUT/run``)."""
     from medanomaly.data.loading import Case, load_cases
-    from medanomaly.detectors.base import CONFIG_FILE
+    from medanomaly.jobs.fit import fit_run
 
-    run = out / "run"
-    run.mkdir(parents=True, exist_ok=True)
-    detector = get_model("intensity", spatial_dims=3)
-    (run / CONFIG_FILE).write_text(
-        yaml.safe_dump({**detector.config(), "data": {"transforms": TRANSFORMS}})
-    )
     train, _ = load_cases([Case(f) for f in folders[:FIT_SERIES]], out, transforms=TRANSFORMS)
-    detector.fit(train, run_dir=run)
-    return run
+    config = {"model": {"name": "intensity", "spatial_dims": 3}, "data": {"transforms": TRANSFORMS}}
+    return fit_run(config, train, out / "run").out
 
 
 # -- the steps (each in its own process) ------------------------------------------------------
@@ -167,7 +159,7 @@ def measure(args: argparse.Namespace, n: int, out: Path, logs: Path) -> dict[str
     work = out / f"n{n}"
     folders = write_series(work / "series", n, args.slices, args.matrix)
     uploaded = upload(args.orthanc, folders)
-    run = None if args.retrieve_only else fit_run(work, folders)
+    run = None if args.retrieve_only else fit_intensity_run(work, folders)
     archive = f"dicomweb+{args.orthanc}/dicom-web/?PatientID=BENCH-{n}"
     steps: dict[str, dict[str, Any]] = {}
     for workers in (1, 2):
