@@ -31,7 +31,8 @@ lint: install
 	$(BIN)/ruff format --check src tests benchmarks
 
 benchmark: install
-	$(BIN)/python benchmarks/head_ct.py
+	$(BIN)/python benchmarks/prepare_head_ct.py --out runs/head_ct
+	$(BIN)/medanomaly compare --spec benchmarks/specs/head_ct.yaml --out runs/compare_head_ct
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
