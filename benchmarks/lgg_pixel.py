@@ -3,7 +3,7 @@
 Data: ``--data DIR`` (default ../shared/data/lgg_mri_2d/kaggle_3m: 30 LGG patients, 1112
 slices 256x256x3 TIFF: pre-contrast, FLAIR, post-contrast; ``*_mask.tif`` FLAIR-abnormality
 masks, 349 slices with tumour), one folder per patient with ``*_N.tif`` and ``*_N_mask.tif``,
-read through ``benchmarks/supervised.py``'s ``lgg_manifest`` and the project's
+read through ``lgg_manifest`` (below) and the project's
 ``load_dataset`` (area resize to ``--size``, lesion masks nearest-neighbour).
 
 Protocols (patient-grouped; a patient is never on two sides):
@@ -91,6 +91,7 @@ import copy
 import csv
 import json
 import logging
+import re
 import shutil
 import sys
 import time
@@ -98,6 +99,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import tifffile
 import torch
 from scipy import ndimage
 from sklearn.metrics import roc_auc_score
@@ -268,10 +270,37 @@ def normalise_volume(images: np.ndarray, region: np.ndarray, scale: str = "media
     return out
 
 
+def lgg_manifest(out: Path, root: Path) -> Path:
+    """``OUT/lgg_manifest.csv``: ``path,label,mask,group`` of the LGG slices of ``root``.
+
+    ``root`` holds one folder per patient with ``*_N.tif`` slices and ``*_N_mask.tif`` masks,
+    as ``kaggle_3m``; label 1 = a non-empty FLAIR-abnormality mask; group = the patient.
+    """
+    root = Path(root)
+    patients = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
+    if not any(any(p.glob("*_mask.tif")) for p in patients):
+        raise FileNotFoundError(
+            f"{root}: no patient folders with *_N.tif / *_N_mask.tif slices (laid out like "
+            "kaggle_3m: one folder per patient)"
+        )
+    manifest = out / "lgg_manifest.csv"
+    with open(manifest, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "mask", "group"])
+        for patient in patients:
+            for mask in sorted(patient.glob("*_mask.tif"), key=_slice_number):
+                image = mask.with_name(mask.name.replace("_mask", ""))
+                label = int(tifffile.imread(mask).any())
+                writer.writerow([image, label, mask, patient.name])
+    return manifest
+
+
+def _slice_number(path: Path) -> int:
+    return int(re.findall(r"_(\d+)(?:_mask)?\.tif$", path.name)[0])
+
+
 def manifest_patients(out: Path, data_dir: Path) -> tuple[Path, list[str]]:
     """The LGG manifest of ``data_dir`` (``OUT/lgg_manifest.csv``) and each slice's patient."""
-    from supervised import lgg_manifest  # benchmarks/supervised.py
-
     manifest = lgg_manifest(out, data_dir)
     with open(manifest, newline="") as handle:
         return manifest, [row["group"] for row in csv.DictReader(handle)]
