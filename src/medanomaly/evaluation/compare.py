@@ -2,16 +2,18 @@
 
 For each fold of the spec's protocol (patient-grouped; see
 :mod:`medanomaly.evaluation.splits`) every candidate is fitted on the normal cases of the
-training part (:func:`medanomaly.jobs.fit.fit_run`). On the **validation part only** it then
-chooses the post-processing (pixel AP at pixel level, else image AUROC), a fusion's weights,
-the image threshold (the spec's rule) and the pixel cut-off (best validation Dice). Only
-then is the test part scored. The candidate with the best mean validation metric is refitted
-on all the data's training part into ``OUT/best`` (a run directory for ``score``,
-``evaluate`` and ``screen``).
+training part (:func:`medanomaly.jobs.fit.fit_run`); a supervised one (its detector declares
+``supervised = True``, e.g. ``vgg_classifier``) on all its labelled cases, normal and
+abnormal. On the **validation part only** it then chooses the post-processing (pixel AP at
+pixel level, else image AUROC), a fusion's weights, the image threshold (the spec's rule) and
+the pixel cut-off (best validation Dice). Only then is the test part scored. The candidate
+with the best mean validation metric is refitted on all the data's training part into
+``OUT/best`` (a run directory for ``score``, ``evaluate`` and ``screen``).
 
-Outputs: ``OUT/results.json`` (``rows``: name -> metrics with ``baseline``), ``results.md``,
-``report.html``, ``folds/<fold>/<candidate>/`` (runs and ``record.json``; a finished record
-is never recomputed, so rerunning the command resumes) and ``best/``.
+Outputs: ``OUT/results.json`` (``rows``: name -> metrics with ``baseline`` and
+``supervised``), ``results.md``, ``report.html``, ``folds/<fold>/<candidate>/`` (runs and
+``record.json``; a finished record is never recomputed, so rerunning the command resumes)
+and ``best/``.
 """
 
 from __future__ import annotations
@@ -290,12 +292,32 @@ def _pixel_record(
     }
 
 
+def is_supervised(spec: Spec, candidate: Candidate) -> bool:
+    """True when the candidate's detector (a fusion: any member's) declares ``supervised``."""
+    if candidate.is_fusion:
+        return any(is_supervised(spec, spec.candidate(m)) for m in candidate.fusion)
+    return candidate.supervised
+
+
+def training_cases(
+    spec: Spec, candidate: Candidate, images: ImageSet, train: np.ndarray
+) -> ImageSet:
+    """What a candidate learns from: all labelled ``train`` cases if supervised, else normals.
+
+    A fusion is refitted as one ensemble on the normals (its members are fitted one by one in
+    the folds).
+    """
+    supervised = not candidate.is_fusion and is_supervised(spec, candidate)
+    keep = train if supervised else train[images.labels[train] == 0]
+    return images.subset(keep, keep_augment=True)
+
+
 def fit_candidate(
     candidate: Candidate, data: Labelled, split: FoldSplit, folder: Path, spec: Spec
 ) -> Outputs:
-    """Fit a candidate on the fold's training normals; its raw validation and test results."""
+    """Fit a candidate on the fold's training cases; its raw validation and test results."""
     images = data.images
-    train = images.subset(split.train[images.labels[split.train] == 0], keep_augment=True)
+    train = training_cases(spec, candidate, images, split.train)
     val = images.subset(split.val)
     detector = fit_run(candidate.config, train, folder, val=val, resume=True).detector
     return Outputs(
@@ -608,10 +630,13 @@ def _is_baseline(spec: Spec, candidate: Candidate, records: list[dict[str, Any]]
 def summarise_candidate(
     spec: Spec, candidate: Candidate, records: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """One ``rows`` entry: ``baseline`` first, then metrics as mean ± SD over the folds."""
+    """One ``rows`` entry: ``baseline``, ``supervised``, then metrics as mean ± SD over folds."""
     ok = [r for r in records if "error" not in r]
     keys = [*IMAGE_KEYS, "val_auroc", "val_metric"] + (list(PIXEL_KEYS) if spec.pixel else [])
-    row: dict[str, Any] = {"baseline": _is_baseline(spec, candidate, records)}
+    row: dict[str, Any] = {
+        "baseline": _is_baseline(spec, candidate, records),
+        "supervised": is_supervised(spec, candidate),
+    }
     row.update({k: summarise([r.get(k) for r in ok]) for k in keys})
     values = sorted({v for r in ok for v in r.get("subgroup_auroc", {})})
     row.update(
@@ -720,6 +745,7 @@ def refit_best(
 ) -> dict[str, Any]:
     """Refit the chosen candidate on all the data's training part into ``folder``.
 
+    The training part's normal cases, or all its labelled cases for a supervised candidate.
     The validation part is a grouped share (``protocol.val_fraction``) of all cases; with the
     ``split_column`` protocol it is the column's training and validation parts (never its
     test part), and the fold's own run is reused where it is the same fit
@@ -742,8 +768,8 @@ def refit_best(
             index, labels, data.groups, spec.protocol.val_fraction, spec.protocol.seed
         )
     images = data.images
-    normal_train = images.subset(train[labels[train] == 0], keep_augment=True)
-    fit_run(config, normal_train, folder, val=images.subset(val), resume=True)
+    cases = training_cases(spec, candidate, images, train)
+    fit_run(config, cases, folder, val=images.subset(val), resume=True)
     return {"candidate": name, "run_dir": str(folder), "postprocess": postprocess}
 
 

@@ -91,6 +91,11 @@ def _order(results: dict[str, Any]) -> list[str]:
     return sorted(rows, key=key)
 
 
+def _label(name: str, row: dict[str, Any]) -> str:
+    """The row's name, marked when it learnt from labelled abnormal cases too."""
+    return f"{name} (supervised)" if row.get("supervised") else name
+
+
 def results_table(results: dict[str, Any]) -> str:
     """``results.md``: the leaderboard (test folds; ordered by the validation metric)."""
     keys = _keys(results)
@@ -124,7 +129,7 @@ def results_table(results: dict[str, Any]) -> str:
         if with_ci:
             cells.append(_ci(row) if "auroc_ci" in row else "")
         lines.append(
-            f"| {name}{' (chosen)' if name == results['chosen'] else ''} | "
+            f"| {_label(name, row)}{' (chosen)' if name == results['chosen'] else ''} | "
             f"{'yes' if row['baseline'] else 'no'} | "
             + " | ".join(cells)
             + f" | {pooled} | {_weights(row)} | "
@@ -184,7 +189,7 @@ def write_compare_report(
     columns = ["row", "baseline", *keys, "weights", "seconds", "failed folds"]
     table_rows = [
         [
-            name,
+            _label(name, results["rows"][name]),
             "yes" if results["rows"][name]["baseline"] else "no",
             *[_ms(results["rows"][name].get(k)) for k in keys],
             _weights(results["rows"][name]),

@@ -103,6 +103,8 @@ class Candidate:
     fusion: tuple[str, ...] = ()
     baseline: bool = False
     """The detector declares itself a no-model baseline (fusions: decided by their weights)."""
+    supervised: bool = False
+    """The detector declares that it learns from normal and abnormal cases."""
     rescore: str | None = None
     overrides: tuple[str, ...] = ()
 
@@ -168,7 +170,7 @@ def _candidate(name: str, block: Any, base: Path, data_options: dict[str, Any]) 
     config["data"] = dict(data_options)  # every candidate sees the same input
     config.pop("evaluation", None)
     detector = build_detector(config)  # unknown model / argument / step: fail now
-    return Candidate(name, config, baseline=detector.baseline)
+    return Candidate(name, config, baseline=detector.baseline, supervised=detector.supervised)
 
 
 def _rescore_candidate(name: str, block: dict[str, Any]) -> Candidate:
@@ -202,8 +204,13 @@ def resolve_rescores(candidates: list[Candidate]) -> list[Candidate]:
                     f"a model or baseline candidate.{did_you_mean(candidate.rescore, plain)}"
                 )
             config = apply_overrides(copy.deepcopy(source.config), list(candidate.overrides))
-            baseline = build_detector(config).baseline
-            candidate = replace(candidate, config=config, baseline=baseline)
+            detector = build_detector(config)
+            candidate = replace(
+                candidate,
+                config=config,
+                baseline=detector.baseline,
+                supervised=detector.supervised,
+            )
         resolved.append(candidate)
     return resolved
 
