@@ -12,12 +12,14 @@ each volume its own group. Then the comparison is one command::
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from preparation import preparation_parser, run_preparation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "adrenal3d" / "adrenalmnist3d_64.npz"
@@ -66,15 +68,9 @@ def _split_arrays(npz: Path, data: np.lib.npyio.NpzFile, split: str) -> tuple[np
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DATA, help="adrenalmnist3d_64.npz")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "adrenal3d")
+    parser = preparation_parser(__doc__, DATA, "adrenal3d")
     args = parser.parse_args(argv)
-    if not args.data.exists():
-        print(f"skipped: {args.data} not found (needs ../shared/data beside the repo)")
-        return 0
-    print(f"wrote {write_volumes(args.data, args.out)}")
-    return 0
+    return run_preparation(write_volumes, args)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,12 @@ own ``group``; ``kind`` (good / bad / outlier) gives the per-kind AUROC of the s
 
 from __future__ import annotations
 
-import argparse
 import csv
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from preparation import preparation_parser, run_preparation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "fundus_quality_drimdb"
@@ -44,15 +46,9 @@ def write_manifest(folder: Path, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "fundus")
+    parser = preparation_parser(__doc__, DATA, "fundus")
     args = parser.parse_args(argv)
-    if not args.data.exists():
-        print(f"skipped: {args.data} not found (needs ../shared/data beside the repo)")
-        return 0
-    print(f"wrote {write_manifest(args.data, args.out)}")
-    return 0
+    return run_preparation(write_manifest, args)
 
 
 if __name__ == "__main__":

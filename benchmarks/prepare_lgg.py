@@ -20,7 +20,6 @@ Writes one ``.npy`` per slice and per mask and ``OUT/manifest.csv``
 
 from __future__ import annotations
 
-import argparse
 import csv
 import re
 import sys
@@ -33,6 +32,9 @@ import torch
 from medanomaly.data.loading import load_dataset
 from medanomaly.data.sets import ImageSet
 from medanomaly.transforms.mask import brain_masks, head_masks
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from preparation import preparation_parser, run_preparation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "lgg_mri_2d" / "kaggle_3m"
@@ -135,16 +137,10 @@ def prepare(data: Path, out: Path, size: int = 64) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DATA)
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "lgg")
+    parser = preparation_parser(__doc__, DATA, "lgg")
     parser.add_argument("--size", type=int, default=64)
     args = parser.parse_args(argv)
-    if not args.data.exists():
-        print(f"skipped: {args.data} not found (needs ../shared/data beside the repo)")
-        return 0
-    print(f"wrote {prepare(args.data, args.out, args.size)}")
-    return 0
+    return run_preparation(prepare, args, size=args.size)
 
 
 if __name__ == "__main__":

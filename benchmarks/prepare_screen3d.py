@@ -31,7 +31,6 @@ writes that folder and ``OUT/manifest.csv`` (``path,label,group,split``):
 
 from __future__ import annotations
 
-import argparse
 import csv
 import os
 import sys
@@ -41,6 +40,9 @@ import nibabel as nib
 import numpy as np
 
 from medanomaly.training.engine import split_indices
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from preparation import preparation_parser, run_preparation  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data"
@@ -203,15 +205,9 @@ def prepare(data: Path, out: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DATA, help="the shared data folder")
-    parser.add_argument("--out", type=Path, default=ROOT / "runs" / "screen3d")
+    parser = preparation_parser(__doc__, DATA, "screen3d")
     args = parser.parse_args(argv)
-    if not (args.data / "ixi_t1_3d").exists():
-        print(f"skipped: {args.data / 'ixi_t1_3d'} not found (needs ../shared/data)")
-        return 0
-    print(f"wrote {prepare(args.data, args.out)}")
-    return 0
+    return run_preparation(prepare, args, needed=args.data / "ixi_t1_3d")
 
 
 if __name__ == "__main__":
