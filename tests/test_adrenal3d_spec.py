@@ -21,8 +21,8 @@ import yaml
 from medanomaly.detectors.base import BaseDetector
 from medanomaly.errors import ConfigError
 from medanomaly.evaluation import youden_threshold
-from medanomaly.evaluation.compare import auroc_ci, compare, load_labelled, protocol_splits
-from medanomaly.evaluation.compare_spec import load_spec, parse_spec
+from medanomaly.model_selection.compare import auroc_ci, compare, load_labelled, protocol_splits
+from medanomaly.model_selection.spec import load_spec, parse_spec
 from medanomaly.postprocess import PostProcess
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,9 +14,9 @@ from medanomaly.cli import main
 from medanomaly.data.phantoms import make_phantoms
 from medanomaly.detectors.base import MODEL_FILE
 from medanomaly.errors import ConfigError
-from medanomaly.evaluation import compare as compare_module
-from medanomaly.evaluation.compare import compare, load_labelled, protocol_splits
-from medanomaly.evaluation.compare_spec import parse_spec
+from medanomaly.model_selection import compare as compare_module
+from medanomaly.model_selection.compare import compare, load_labelled, protocol_splits
+from medanomaly.model_selection.spec import parse_spec
 from medanomaly.models.baselines import IntensityBaseline
 from medanomaly.models.ensemble import Ensemble
 
@@ -231,7 +231,7 @@ SPECS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "specs").gl
 
 @pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
 def test_every_benchmark_spec_parses_and_has_a_no_model_row(path):
-    from medanomaly.evaluation.compare_spec import load_spec
+    from medanomaly.model_selection.spec import load_spec
 
     spec = load_spec(path)
     plain = [c for c in spec.candidates if not c.is_fusion]
@@ -254,7 +254,7 @@ def test_a_postprocessed_model_is_no_baseline_and_a_postprocessed_baseline_is():
 
 
 def test_results_table_shows_only_the_protocol_settings_in_use_and_no_spread_for_one_split():
-    from medanomaly.evaluation.compare_report import protocol_line, results_table
+    from medanomaly.reports.compare import protocol_line, results_table
 
     line = protocol_line({"kind": "split_column", "folds": 5, "n_val": 4, "level": "image"})
     assert line == "split_column (level image)"

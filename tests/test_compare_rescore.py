@@ -18,7 +18,7 @@ from medanomaly.cli import main
 from medanomaly.data.phantoms import make_phantoms
 from medanomaly.detectors.base import MODEL_FILE, BaseDetector
 from medanomaly.errors import ConfigError
-from medanomaly.evaluation.compare_spec import parse_spec
+from medanomaly.model_selection.spec import parse_spec
 
 SMALL = {
     "name": "resnet_ae",
@@ -148,7 +148,7 @@ def test_rescore_needs_a_plain_source_and_model_settings(tmp_path):
 def test_the_screen3d_specs_parse(name, epochs):
     from pathlib import Path
 
-    from medanomaly.evaluation.compare_spec import load_spec
+    from medanomaly.model_selection.spec import load_spec
 
     root = Path(__file__).resolve().parents[1]
     spec = load_spec(root / "benchmarks" / "specs" / f"{name}.yaml")

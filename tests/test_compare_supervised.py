@@ -8,9 +8,9 @@ import pytest
 import torch
 from test_evaluate_cli import write_phantom_manifest
 
-from medanomaly.evaluation import compare as compare_module
-from medanomaly.evaluation.compare import compare, load_labelled, training_cases
-from medanomaly.evaluation.compare_spec import load_spec, parse_spec
+from medanomaly.model_selection import compare as compare_module
+from medanomaly.model_selection.compare import compare, load_labelled, training_cases
+from medanomaly.model_selection.spec import load_spec, parse_spec
 
 VGG = {
     "name": "vgg_classifier",

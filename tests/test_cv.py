@@ -18,7 +18,7 @@ from medanomaly.detectors.base import BaseDetector
 from medanomaly.detectors.deep import DeepDetector
 from medanomaly.errors import ConfigError
 from medanomaly.evaluation import choose_threshold
-from medanomaly.evaluation.cv import cross_validate, make_splits, read_splits, summarise
+from medanomaly.model_selection.cv import cross_validate, make_splits, read_splits, summarise
 
 
 @pytest.fixture(autouse=True)
@@ -147,7 +147,7 @@ def test_resume_skips_finished_folds(tmp_path, fit_calls, monkeypatch):
 
 
 def test_an_interrupted_cv_keeps_its_finished_folds(tmp_path, fit_calls, monkeypatch):
-    import medanomaly.evaluation.cv as cv
+    import medanomaly.model_selection.cv as cv
 
     original = cv.run_fold
 

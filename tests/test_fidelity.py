@@ -8,14 +8,14 @@ import pytest
 import torch
 from scipy import ndimage
 
-from medanomaly.evaluation.fidelity import (
+from medanomaly.metrics.fidelity import (
     anatomical_fidelity,
     dice_overlap,
     overlap_score,
     quality_score,
     softmax_entropy,
 )
-from medanomaly.evaluation.segmentation import train_segmenter
+from medanomaly.metrics.segmentation import train_segmenter
 
 BACKGROUND, DISC, RING = 0, 1, 2
 

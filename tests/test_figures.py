@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medanomaly.evaluation import figures as figs
-from medanomaly.evaluation.figures import _operating_point
+from medanomaly.reports import figures as figs
+from medanomaly.reports.figures import _operating_point
 
 
 def _scores(seed: int = 0, n: int = 60) -> tuple[np.ndarray, np.ndarray]:

@@ -20,8 +20,8 @@ from PIL import Image
 from scipy import ndimage
 
 from medanomaly.errors import ConfigError
-from medanomaly.evaluation.compare import compare, subgroup_aurocs
-from medanomaly.evaluation.compare_spec import load_spec, parse_spec
+from medanomaly.model_selection.compare import compare, subgroup_aurocs
+from medanomaly.model_selection.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 KIND_COUNTS = {"good": 12, "bad": 6, "outlier": 4}

@@ -13,7 +13,7 @@ from sklearn.metrics import (
 )
 
 from medanomaly.evaluation import bootstrap_auroc_ci, image_metrics, predict_abnormal
-from medanomaly.evaluation.metrics import _bootstrap_aurocs
+from medanomaly.metrics.image import _bootstrap_aurocs
 
 
 def _random_case(seed: int, n: int = 300) -> tuple[np.ndarray, np.ndarray]:
@@ -144,7 +144,7 @@ def test_bootstrap_rejects_bad_parameters() -> None:
 def test_bootstrap_chunking_keeps_results_close(monkeypatch) -> None:
     labels, scores = _random_case(9, n=150)
     full = bootstrap_auroc_ci(labels, scores, n_boot=2000, seed=1)
-    monkeypatch.setattr("medanomaly.evaluation.metrics._BOOT_CHUNK_ELEMENTS", 1000)
+    monkeypatch.setattr("medanomaly.metrics.image._BOOT_CHUNK_ELEMENTS", 1000)
     chunked = bootstrap_auroc_ci(labels, scores, n_boot=2000, seed=1)
     assert chunked == bootstrap_auroc_ci(labels, scores, n_boot=2000, seed=1)
     np.testing.assert_allclose(chunked, full, atol=0.02)

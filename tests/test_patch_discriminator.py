@@ -14,7 +14,7 @@ from medanomaly import BaseDetector, get_model
 from medanomaly.data.phantoms import make_phantoms
 from medanomaly.detectors.scoring import patch_starts
 from medanomaly.errors import ConfigError, InvalidImageError
-from medanomaly.evaluation.pixel import pixel_metrics
+from medanomaly.metrics.pixel import pixel_metrics
 from medanomaly.models.patch_discriminator import (
     TripletPatches,
     clip_patch_shape,

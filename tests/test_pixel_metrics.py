@@ -117,7 +117,7 @@ def test_internal_chunking_does_not_change_counts(monkeypatch) -> None:
     scores, gt = _random_volume(4, shape=(8, 16, 16))
     ref = PixelMetricAccumulator(n_bins=500, range=(0.0, 1.3))
     ref.update(scores, gt)
-    monkeypatch.setattr("medanomaly.evaluation.pixel._CHUNK", 100)
+    monkeypatch.setattr("medanomaly.metrics.pixel._CHUNK", 100)
     small = PixelMetricAccumulator(n_bins=500, range=(0.0, 1.3))
     small.update(scores, gt)
     assert np.array_equal(ref.pos_hist, small.pos_hist)
@@ -153,7 +153,7 @@ def test_range_none_first_update_fixes_range_and_clips_later(caplog) -> None:
     acc = PixelMetricAccumulator(n_bins=100)
     acc.update(np.array([0.0, 1.0, 0.5]), np.array([0, 1, 0]))
     assert acc.range == (0.0, 1.0)
-    with caplog.at_level("WARNING", logger="medanomaly.evaluation.pixel"):
+    with caplog.at_level("WARNING", logger="medanomaly.metrics.pixel"):
         acc.update(np.array([2.0, -1.0]), np.array([1, 0]))
     result = acc.compute()
     assert result["n_clipped"] == 2

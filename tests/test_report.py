@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medanomaly.evaluation import figures as figs
-from medanomaly.evaluation.report import Facts, Figure, Figures, Table, Text, render_report
+from medanomaly.reports import figures as figs
+from medanomaly.reports.html import Facts, Figure, Figures, Table, Text, render_report
 
 CHROMIUM = shutil.which("chromium")
 CHROMIUM_FLAGS = (

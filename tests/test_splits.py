@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from medanomaly.errors import ConfigError
-from medanomaly.evaluation.splits import column_splits, make_splits, val_group_splits
+from medanomaly.model_selection.splits import column_splits, make_splits, val_group_splits
 
 
 def _data(n_groups=12, per_group=3, seed=0):

@@ -4,7 +4,8 @@
 :class:`~medanomaly.postprocess.chain.PostProcess` (map steps saved with the run), ``engine:`` onto
 :class:`~medanomaly.training.engine.EngineConfig`, ``data:`` onto
 :func:`medanomaly.data.loading.load_dataset` and the optional ``evaluation:`` onto
-:class:`~medanomaly.evaluation.cv.CVSettings` (``threshold``, ``alpha``, ``val_fraction``, ...).
+:class:`~medanomaly.model_selection.cv.CVSettings` (``threshold``, ``alpha``, ``val_fraction``,
+...).
 """
 
 from __future__ import annotations

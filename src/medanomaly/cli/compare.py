@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     """Run the comparison and print the leaderboard."""
     from tqdm.auto import tqdm
 
-    from medanomaly.evaluation.compare import compare
+    from medanomaly.model_selection.compare import compare
 
     results = compare(
         args.spec,

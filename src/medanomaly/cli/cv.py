@@ -43,8 +43,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Cross-validate and print mean ± SD of the headline metrics."""
     from medanomaly.config import apply_overrides, build_detector, load_config
-    from medanomaly.evaluation.cv import cross_validate
-    from medanomaly.evaluation.runner import METRICS_FILE, REPORT_FILE, summary_line
+    from medanomaly.model_selection.cv import cross_validate
+    from medanomaly.reports.evaluation import summary_line
+    from medanomaly.reports.files import METRICS_FILE, REPORT_FILE
 
     config = apply_overrides(load_config(args.config), args.set)
     build_detector(config)  # a bad model argument stops here, before any fold or file

@@ -58,7 +58,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     """Evaluate and print a one-line summary."""
     from medanomaly.cli._common import job_options, report_map_problems
-    from medanomaly.evaluation.runner import METRICS_FILE, REPORT_FILE, evaluate_run, summary_line
+    from medanomaly.jobs.evaluate import evaluate_run
+    from medanomaly.reports.evaluation import summary_line
+    from medanomaly.reports.files import METRICS_FILE, REPORT_FILE
 
     check_dicom_needs_maps(args)
 

@@ -132,6 +132,10 @@ class LoadReport:
         """One ``path: problem`` line per skipped case."""
         return [f"{path}: {problem}" for path, problem in self.skipped]
 
+    def skipped_records(self) -> list[dict[str, str]]:
+        """The skipped cases as ``{"case", "reason"}`` dicts (for JSON outputs)."""
+        return [{"case": path, "reason": problem} for path, problem in self.skipped]
+
     def warning_lines(self) -> list[str]:
         """One ``path: problem`` line per problem of a kept case."""
         return [f"{path}: {problem}" for path, problem in self.warnings]

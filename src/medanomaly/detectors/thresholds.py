@@ -1,7 +1,7 @@
 """Threshold rules that turn anomaly scores into normal/abnormal decisions.
 
 All rules return a cut-off for the package-wide decision rule **abnormal iff score >
-threshold** (see :mod:`medanomaly.evaluation.metrics`).
+threshold** (see :mod:`medanomaly.metrics.image`).
 
 Rules:
 
@@ -24,11 +24,12 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from medanomaly.errors import did_you_mean
+from medanomaly.errors import ConfigError, did_you_mean
 
 logger = logging.getLogger(__name__)
 
@@ -344,3 +345,97 @@ def choose_threshold(
         f"unknown threshold rule {rule!r}.{did_you_mean(key, THRESHOLD_RULES)} "
         f"Known: {', '.join(THRESHOLD_RULES)}."
     )
+
+
+# -- rules as users spell them (evaluate, cv, screen, compare specs) --------------------------
+LABELLED_RULES = ("youden", "f1")
+
+
+def parse_rule(spec: str | None) -> tuple[str | None, dict[str, float]]:
+    """Split a threshold spec such as ``"mean_sd:k=2"`` into a rule name and parameters.
+
+    Args:
+        spec: ``None`` or ``"run"`` (keep the run's own threshold), or a rule of
+            :data:`~medanomaly.detectors.thresholds.THRESHOLD_RULES`, optionally followed by
+            ``:name=value[,name=value]`` (``k`` for mean_sd, ``q`` for percentile, ``alpha``
+            for conformal).
+
+    Returns:
+        ``(rule, params)``; ``rule`` is ``None`` for the run's own threshold.
+
+    Raises:
+        ConfigError: For an unknown rule or a malformed parameter.
+    """
+    if spec is None or spec.strip().lower() in ("", "run"):
+        return None, {}
+    name, _, raw = spec.partition(":")
+    name = name.strip().lower().replace("-", "_")
+    if name not in THRESHOLD_RULES:
+        raise ConfigError(
+            f"unknown threshold rule {spec!r}; use run or one of {', '.join(THRESHOLD_RULES)}"
+        )
+    params: dict[str, float] = {}
+    for item in filter(None, (p.strip() for p in raw.split(","))):
+        key, sep, value = item.partition("=")
+        try:
+            params[key.strip()] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ConfigError(f"threshold {spec!r}: write parameters as name=number, e.g. k=3")
+    return name, params
+
+
+def rule_threshold(
+    rule: str,
+    params: dict[str, float],
+    labels: np.ndarray,
+    scores: np.ndarray,
+    alpha: float,
+) -> float:
+    """Apply a threshold rule to validation scores.
+
+    ``youden`` and ``f1`` use the labelled scores (falling back to mean + 3·SD of the normal
+    ones when no abnormal case is present); the other rules use the normal scores only.
+
+    Args:
+        rule: Rule name.
+        params: Rule parameters (``alpha`` defaults to ``alpha`` for ``conformal``).
+        labels: Validation labels (1 = abnormal, 0 = normal).
+        scores: Validation scores.
+        alpha: Default false-positive bound of the conformal rule.
+
+    Returns:
+        The cut-off for ``score > threshold``.
+
+    Raises:
+        ConfigError: When the validation scores hold no normal case.
+    """
+    labels = np.asarray(labels)
+    if not np.any(labels == 0):
+        raise ConfigError(f"threshold rule {rule!r}: the validation part holds no normal case")
+    if rule == "conformal":
+        params = {"alpha": alpha, **params}
+    if rule in LABELLED_RULES:
+        return choose_threshold(rule, scores, labels, **params)
+    return choose_threshold(rule, np.asarray(scores)[labels == 0], **params)
+
+
+def describe_rule(rule: str | None, params: dict[str, float], alpha: float) -> str:
+    """A readable name of a rule with its parameters, e.g. ``conformal(alpha=0.05)``."""
+    if rule is None:
+        return "run"
+    if rule == "conformal":
+        params = {"alpha": alpha, **params}
+    args = ",".join(f"{k}={v:g}" for k, v in params.items())
+    return f"{rule}({args})" if args else rule
+
+
+@dataclass(frozen=True)
+class ThresholdChoice:
+    """A threshold, its rule, what it was computed from and how many scores it rests on."""
+
+    value: float
+    rule: str
+    source: str
+    n: int

@@ -1,12 +1,12 @@
-"""Evaluation: image-level metrics, threshold rules and pixel/voxel-level metrics.
+"""Evaluation (compatibility): the public names that lived here before the package was split.
 
-Scores are "higher = more abnormal", labels are 1 = abnormal / 0 = normal, and a case (or
-voxel) is called abnormal iff ``score > threshold`` everywhere in this package.
+The metrics moved to :mod:`medanomaly.metrics`, the threshold rules live in
+:mod:`medanomaly.detectors.thresholds`, the splits, ``cv`` and ``compare`` moved to
+:mod:`medanomaly.model_selection`, the reports and figures to :mod:`medanomaly.reports` and
+``evaluate`` to :mod:`medanomaly.jobs.evaluate`. ``from medanomaly.evaluation import ...``
+keeps working for the names below; new code imports from their homes.
 
-Owns image- and pixel-level metrics, the ``evaluate`` and ``cv`` pipelines, their
-figures and reports, and the anatomical-fidelity scores.
-
-May import: ``jobs``, ``models``, ``outputs``, ``config``, ``detectors`` and the layers below.
+May import: ``metrics``, ``detectors``.
 """
 
 from medanomaly.detectors.thresholds import (
@@ -19,19 +19,18 @@ from medanomaly.detectors.thresholds import (
     percentile_threshold,
     youden_threshold,
 )
-from medanomaly.evaluation.fidelity import (
-    FidelityScores,
-    anatomical_fidelity,
-    overlap_score,
-    quality_score,
-)
-from medanomaly.evaluation.metrics import (
+from medanomaly.metrics import (
     DECISION_RULE,
+    FidelityScores,
+    PixelMetricAccumulator,
+    anatomical_fidelity,
     bootstrap_auroc_ci,
     image_metrics,
+    overlap_score,
+    pixel_metrics,
     predict_abnormal,
+    quality_score,
 )
-from medanomaly.evaluation.pixel import PixelMetricAccumulator, pixel_metrics
 
 __all__ = [
     "DECISION_RULE",

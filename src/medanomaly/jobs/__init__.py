@@ -1,7 +1,10 @@
-"""Jobs that write run directories and outputs: fitting a run (``fit_run``) and scoring one.
+"""Jobs that write run directories and outputs: fit a run, score it, evaluate it.
 
-A job sits above both training (its ranks) and outputs (the tables and maps it writes).
+``fit_run`` (:mod:`~medanomaly.jobs.fit`), scoring (:mod:`~medanomaly.jobs.score`) and
+``evaluate`` (:mod:`~medanomaly.jobs.evaluate`, with its per-rank pass in
+:mod:`~medanomaly.jobs.evaluate_share`). A job sits above training (its ranks), outputs (the
+tables and maps it writes) and reports (the evaluation's report and figures).
 
-May import: ``outputs``, ``models``, ``config``, ``postprocess``, ``detectors`` and everything
-below them.
+May import: ``outputs``, ``models``, ``config``, ``reports``, ``postprocess``, ``metrics``,
+``detectors`` and everything below them.
 """

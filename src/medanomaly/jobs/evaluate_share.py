@@ -5,7 +5,7 @@ the anomaly map, lesion mask and foreground of every case that enters the pixel 
 to a temporary folder (memory holds one chunk), so that the pixel histograms can be binned
 once the score range over *all* ranks is known: the binned metrics are then exactly those
 of one process over the whole set. Rank 0 merges the histograms
-(:meth:`~medanomaly.evaluation.pixel.PixelMetricAccumulator.merge`) and the gallery cases
+(:meth:`~medanomaly.metrics.pixel.PixelMetricAccumulator.merge`) and the gallery cases
 that the other ranks detected.
 """
 
@@ -20,10 +20,11 @@ import numpy as np
 
 from medanomaly.data.loading import list_cases
 from medanomaly.detectors.base import BaseDetector
-from medanomaly.evaluation import figures as figs
-from medanomaly.evaluation.pixel import PixelMetricAccumulator, scan_range
 from medanomaly.jobs.score import in_chunks
+from medanomaly.metrics.blocks import foreground_masks
+from medanomaly.metrics.pixel import PixelMetricAccumulator, scan_range
 from medanomaly.outputs.writers import case_stem
+from medanomaly.reports import figures as figs
 from medanomaly.training.distributed import Ranks, Share, merge_rows
 from medanomaly.viz.case_figure import unique_names
 
@@ -73,12 +74,10 @@ def score_share(
         data: The folder or manifest (which cases have a lesion mask file).
         label_names: The run's extra label names.
         pixel: Some case of the job carries a lesion mask.
-        foreground_threshold: See :func:`medanomaly.evaluation.runner.foreground_masks`.
+        foreground_threshold: See :func:`medanomaly.metrics.blocks.foreground_masks`.
         spill: Temporary folder for the maps, masks and foregrounds.
         chunk: Cases in memory at a time.
     """
-    from medanomaly.evaluation.runner import foreground_masks
-
     with_mask = {str(c.path) for c in list_cases(data, label_names) if c.mask is not None}
     local = LocalPass()
     for index, part in in_chunks(share.cases, chunk):

@@ -240,3 +240,31 @@ def _score_share(
             row = (part.ids[j], int(part.labels[j]), float(scores[j]))
             rows.append((int(share.index[i]), row))
     return rows, written
+
+
+def score_in_chunks(
+    detector: BaseDetector, images: ImageSet, keep_maps: bool, chunk: int = SCORE_CHUNK
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Scores (and optionally float32 maps) of every case, ``chunk`` cases at a time.
+
+    Reconstructions are dropped after each chunk, so memory holds at most the maps.
+
+    Args:
+        detector: A fitted detector.
+        images: The cases.
+        keep_maps: Keep the anomaly maps (needed for pixel metrics).
+        chunk: Cases per call to ``detect``.
+
+    Returns:
+        ``(scores, maps or None)``.
+    """
+    if not keep_maps:
+        return np.asarray(detector.score(images), dtype=np.float64), None
+    scores, maps = [], []
+    for start in range(0, len(images), chunk):
+        part = images.subset(np.arange(start, min(start + chunk, len(images))))
+        result = detector.detect(part)
+        scores.append(np.asarray(result.scores, dtype=np.float64))
+        if keep_maps:
+            maps.append(np.asarray(result.maps, dtype=np.float32))
+    return np.concatenate(scores), (np.concatenate(maps) if keep_maps else None)

@@ -2,7 +2,7 @@
 
 A segmentation network trained on normal anatomy of the same domain (any ``nn.Module``
 returning class logits ``(B, K, *spatial)``, e.g. one made by
-:func:`medanomaly.evaluation.segmentation.train_segmenter`) segments each input image and its
+:func:`medanomaly.metrics.segmentation.train_segmenter`) segments each input image and its
 reconstruction:
 
 - **quality score** = mean per-pixel entropy of the softmax on the *input* minus the same on

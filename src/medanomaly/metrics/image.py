@@ -1,6 +1,6 @@
 """Image-level metrics: one anomaly score and one label per image or volume.
 
-Conventions used throughout :mod:`medanomaly.evaluation`:
+Conventions used throughout :mod:`medanomaly.metrics`:
 
 * Scores are "higher = more abnormal".
 * Labels are ``1`` = abnormal and ``0`` = normal.

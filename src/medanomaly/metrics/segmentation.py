@@ -2,7 +2,7 @@
 
 Kobayashi et al. 2020 measures how faithful reconstructions are with a segmentation network trained
 on
-normal anatomy of the same domain (:mod:`medanomaly.evaluation.fidelity`). Users with
+normal anatomy of the same domain (:mod:`medanomaly.metrics.fidelity`). Users with
 anatomical label maps make one here: MONAI's :class:`~monai.networks.nets.UNet` trained with
 Dice + cross-entropy (:class:`~monai.losses.DiceCELoss`) by the project's
 :class:`~medanomaly.training.engine.Engine` (seeds, devices, mixed precision, progress,

@@ -1,7 +1,7 @@
 """``medanomaly compare``: which detector works on my data, under an honest protocol.
 
 For each fold of the spec's protocol (patient-grouped; see
-:mod:`medanomaly.evaluation.splits`) every candidate is fitted on the normal cases of the
+:mod:`medanomaly.model_selection.splits`) every candidate is fitted on the normal cases of the
 training part (:func:`medanomaly.jobs.fit.fit_run`); a supervised one (its detector declares
 ``supervised = True``, e.g. ``vgg_classifier``) on all its labelled cases, normal and
 abnormal. On the **validation part only** it then chooses the post-processing (pixel AP at
@@ -34,28 +34,23 @@ from tqdm.auto import tqdm
 from medanomaly.data.loading import LoadReport, list_cases, load_dataset, manifest_column
 from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.base import MODEL_FILE, AnomalyResult, BaseDetector, standardisation
+from medanomaly.detectors.thresholds import parse_rule, rule_threshold
 from medanomaly.errors import ConfigError
-from medanomaly.evaluation.compare_spec import Candidate, Spec, load_spec
-from medanomaly.evaluation.metrics import bootstrap_auroc_ci, image_metrics
-from medanomaly.evaluation.pixel import pixel_metrics
-from medanomaly.evaluation.runner import (
-    foreground_masks,
-    json_ready,
-    known_masks,
-    parse_rule,
-    rule_threshold,
-    write_json,
-)
-from medanomaly.evaluation.splits import (
+from medanomaly.jobs.fit import fit_run
+from medanomaly.metrics.blocks import foreground_masks, known_masks
+from medanomaly.metrics.image import bootstrap_auroc_ci, image_metrics
+from medanomaly.metrics.pixel import pixel_metrics
+from medanomaly.model_selection.spec import Candidate, Spec, load_spec
+from medanomaly.model_selection.splits import (
     FoldSplit,
     carve_validation,
     column_splits,
     make_splits,
     val_group_splits,
 )
-from medanomaly.jobs.fit import fit_run
 from medanomaly.models.ensemble import Ensemble, weight_grid
 from medanomaly.postprocess import PostProcess
+from medanomaly.reports.files import json_ready, write_json
 
 RESULTS_FILE = "results.json"
 RECORD_FILE = "record.json"
@@ -471,7 +466,7 @@ def compare(
     Returns:
         The results written to ``OUT/results.json``.
     """
-    from medanomaly.evaluation.compare_report import results_table, write_compare_report
+    from medanomaly.reports.compare import results_table, write_compare_report
 
     out = Path(out)
     if not isinstance(spec, Spec):
@@ -528,8 +523,8 @@ def winner_gallery(
     spec: Spec, data: Labelled, split: FoldSplit, out: Path, name: str, record: dict[str, Any]
 ) -> list[Path]:
     """Input | reconstruction | map of the winner's telling test cases of the first fold."""
-    from medanomaly.evaluation.figures import gallery_indices, save_gallery
-    from medanomaly.evaluation.runner import FIGURES_DIR
+    from medanomaly.reports.figures import gallery_indices, save_gallery
+    from medanomaly.reports.files import FIGURES_DIR
 
     runner = _FoldRunner(spec, data, split, out)
     candidate = spec.candidate(name)

@@ -40,34 +40,32 @@ from medanomaly.config import build_detector
 from medanomaly.data.loading import LoadReport, load_dataset
 from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector
+from medanomaly.detectors.thresholds import describe_rule, parse_rule, rule_threshold
 from medanomaly.errors import ConfigError
-from medanomaly.evaluation import figures as figs
-from medanomaly.evaluation.metrics import image_metrics, predict_abnormal
-from medanomaly.evaluation.report import Facts, Figure, Figures, Table, write_report
-from medanomaly.evaluation.runner import (
-    FIGURES_DIR,
+from medanomaly.io.atomic import atomic_write_text
+from medanomaly.jobs.fit import fit_run
+from medanomaly.jobs.score import score_in_chunks
+from medanomaly.metrics.blocks import (
     IMAGE_KEYS,
+    foreground_masks,
+    image_block,
+    known_masks,
+    pixel_block,
+)
+from medanomaly.metrics.image import image_metrics, predict_abnormal
+from medanomaly.model_selection.splits import FoldSplit, make_splits
+from medanomaly.outputs.writers import write_scores_csv
+from medanomaly.reports import figures as figs
+from medanomaly.reports.evaluation import case_table, summary_line
+from medanomaly.reports.files import (
+    FIGURES_DIR,
     METRICS_FILE,
     REPORT_FILE,
     SCORES_FILE,
-    case_table,
-    describe_rule,
-    foreground_masks,
-    image_block,
     json_ready,
-    known_masks,
-    parse_rule,
-    pixel_block,
-    rule_threshold,
-    score_in_chunks,
-    skipped_list,
-    summary_line,
     write_json,
 )
-from medanomaly.evaluation.splits import FoldSplit, make_splits
-from medanomaly.io.atomic import atomic_write_text
-from medanomaly.jobs.fit import fit_run
-from medanomaly.outputs.writers import write_scores_csv
+from medanomaly.reports.html import Facts, Figure, Figures, Table, write_report
 
 CV_FILE = "cv.json"
 SPLITS_FILE = "splits.csv"
@@ -611,7 +609,7 @@ def _cv_facts(
         "n_cases": len(images),
         "n_normal": int(np.sum(images.labels == 0)),
         "n_abnormal": int(np.sum(images.labels == 1)),
-        "skipped": skipped_list(report),
+        "skipped": report.skipped_records(),
         "data": "<ImageSet>" if isinstance(data, ImageSet) else str(data),
         "model": (config.get("model") or {}).get("name"),
         "folds": [

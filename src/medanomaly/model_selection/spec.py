@@ -63,7 +63,7 @@ CANDIDATE_KEYS = ("config", "set", "fusion", "rescore", *SECTIONS)
 
 @dataclass(frozen=True)
 class Protocol:
-    """How the labelled cases are split (see :mod:`medanomaly.evaluation.splits`).
+    """How the labelled cases are split (see :mod:`medanomaly.model_selection.splits`).
 
     Attributes:
         kind: ``kfold``, ``val_groups`` or ``split_column``.

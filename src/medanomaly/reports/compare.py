@@ -12,8 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import average_precision_score, precision_recall_curve  # noqa: E402
 
-from medanomaly.evaluation import figures as figs  # noqa: E402
-from medanomaly.evaluation.report import (  # noqa: E402
+from medanomaly.reports import figures as figs  # noqa: E402
+from medanomaly.reports.files import FIGURES_DIR, REPORT_FILE  # noqa: E402
+from medanomaly.reports.html import (  # noqa: E402
     Facts,
     Figure,
     Figures,
@@ -21,7 +22,6 @@ from medanomaly.evaluation.report import (  # noqa: E402
     Text,
     write_report,
 )
-from medanomaly.evaluation.runner import FIGURES_DIR, REPORT_FILE  # noqa: E402
 
 LEADER_KEYS = (
     "auroc",

@@ -24,8 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
-from medanomaly.evaluation.metrics import predict_abnormal  # noqa: E402
 from medanomaly.io.atomic import atomic_path  # noqa: E402
+from medanomaly.metrics.image import predict_abnormal  # noqa: E402
 from medanomaly.viz.case_figure import save_case_figure  # noqa: E402
 
 DPI = 90

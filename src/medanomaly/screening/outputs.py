@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medanomaly.evaluation.report import write_report
-from medanomaly.evaluation.runner import write_json
 from medanomaly.io.atomic import atomic_write
+from medanomaly.reports.files import write_json
+from medanomaly.reports.html import write_report
 from medanomaly.screening.files import (
     CSV_FILE,
     GALLERY_DIR,

@@ -11,7 +11,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from medanomaly.evaluation.figures import save_figure  # noqa: E402
+from medanomaly.reports.figures import save_figure  # noqa: E402
 from medanomaly.screening.result import ScreenResult  # noqa: E402
 from medanomaly.screening.size_bias import ERRORS, SIZES  # noqa: E402
 

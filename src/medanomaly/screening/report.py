@@ -6,7 +6,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from medanomaly.evaluation.report import Facts, Figure, Figures, Table, Text
+from medanomaly.reports.html import Facts, Figure, Figures, Table, Text
 from medanomaly.screening.files import GALLERY_DIR
 from medanomaly.screening.result import CSV_COLUMNS, ScreenResult
 from medanomaly.screening.size_bias import ERRORS, SIZES
