@@ -108,7 +108,8 @@ def delete_patient(rest: str, patient: str) -> None:
 
 def fit_intensity_run(out: Path, folders: list[Path]) -> Path:
     """The no-model intensity baseline fitted on a few of the series (``OUT/run``)."""
-    from medanomaly.data.loading import Case, load_cases
+    from medanomaly.data.listing import Case
+    from medanomaly.data.loading import load_cases
     from medanomaly.jobs.fit import fit_run
 
     train, _ = load_cases([Case(f) for f in folders[:FIT_SERIES]], out, transforms=TRANSFORMS)
@@ -125,7 +126,7 @@ def retrieve_step(data: str, folder: str, workers: int) -> dict[str, Any]:
     """
     from concurrent.futures import ProcessPoolExecutor
 
-    from medanomaly.data.loading import list_cases
+    from medanomaly.data.listing import list_cases
     from medanomaly.data.workers import worker_context
 
     with ProcessPoolExecutor(workers, mp_context=worker_context()) as pool:

@@ -24,8 +24,8 @@ sys.path.insert(0, str(ROOT / "tests"))
 from test_evaluate_cli import write_phantom_manifest  # noqa: E402
 
 from medanomaly.model_selection.compare import compare  # noqa: E402
-from medanomaly.model_selection.spec import parse_spec  # noqa: E402
 from medanomaly.model_selection.cv import cross_validate  # noqa: E402
+from medanomaly.model_selection.spec import parse_spec  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,7 +14,8 @@ import medanomaly.data.loading as datasets
 from medanomaly.cli import main
 from medanomaly.data import phantoms
 from medanomaly.data.cache import CACHE_ENV, PreprocessCache, content_digest
-from medanomaly.data.loading import load_dataset, read_manifest, scan_folder
+from medanomaly.data.listing import read_manifest, scan_folder
+from medanomaly.data.loading import load_dataset
 from medanomaly.data.sets import ABNORMAL, NORMAL, UNKNOWN
 from medanomaly.errors import ConfigError, ImageReadError
 from medanomaly.transforms import build_transforms

@@ -24,7 +24,7 @@ import medanomaly.data.loading as loading
 import medanomaly.io.dicomweb as dicomweb
 from medanomaly import get_model
 from medanomaly.cli import main
-from medanomaly.data.loading import list_cases, read_manifest
+from medanomaly.data.listing import list_cases, read_manifest
 from medanomaly.data.phantoms import make_phantoms, write_dicom_series
 from medanomaly.detectors.base import CONFIG_FILE
 from medanomaly.errors import ConfigError

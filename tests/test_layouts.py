@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from medanomaly.cli import main
-from medanomaly.data.loading import list_cases, load_dataset, read_manifest, write_manifest
+from medanomaly.data.listing import list_cases, read_manifest, write_manifest
+from medanomaly.data.loading import load_dataset
 from medanomaly.data.phantoms import write_dicom_slice
 from medanomaly.errors import ImageReadError
 from medanomaly.io import inspect_path

@@ -25,7 +25,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
     from pathlib import Path
 
-    from medanomaly.data.loading import list_cases, write_manifest
+    from medanomaly.data.listing import list_cases, write_manifest
     from medanomaly.errors import ConfigError
 
     out = Path(args.out)

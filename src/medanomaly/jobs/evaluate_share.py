@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from medanomaly.data.loading import list_cases
+from medanomaly.data.listing import list_cases
 from medanomaly.detectors.base import BaseDetector
 from medanomaly.jobs.score import in_chunks
 from medanomaly.metrics.blocks import foreground_masks

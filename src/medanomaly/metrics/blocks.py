@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from medanomaly.data.loading import list_cases
+from medanomaly.data.listing import list_cases
 from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.base import MIN_THRESHOLD_NORMALS
 from medanomaly.metrics.image import bootstrap_auroc_ci, image_metrics

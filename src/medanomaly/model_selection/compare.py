@@ -31,7 +31,8 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from medanomaly.data.loading import LoadReport, list_cases, load_dataset, manifest_column
+from medanomaly.data.listing import list_cases, manifest_column
+from medanomaly.data.loading import LoadReport, load_dataset
 from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.base import MODEL_FILE, AnomalyResult, BaseDetector, standardisation
 from medanomaly.detectors.thresholds import parse_rule, rule_threshold

@@ -207,7 +207,8 @@ def load_share(
     Raises:
         ImageReadError: No rank has a readable case.
     """
-    from medanomaly.data.loading import list_cases, load_cases
+    from medanomaly.data.listing import list_cases
+    from medanomaly.data.loading import load_cases
 
     options = dict(detector.run_config_.get("data") or {})
     label_names = options.pop("label_names", None)
