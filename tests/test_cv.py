@@ -18,7 +18,8 @@ from medanomaly.detectors.base import BaseDetector
 from medanomaly.detectors.deep import DeepDetector
 from medanomaly.errors import ConfigError
 from medanomaly.evaluation import choose_threshold
-from medanomaly.model_selection.cv import cross_validate, make_splits, read_splits, summarise
+from medanomaly.model_selection.cv import cross_validate, make_splits, read_splits
+from medanomaly.model_selection.runs import summarise
 
 
 @pytest.fixture(autouse=True)
@@ -167,7 +168,7 @@ def test_an_interrupted_cv_keeps_its_finished_folds(tmp_path, fit_calls, monkeyp
 
 def test_resume_with_other_settings_is_refused(tmp_path):
     cross_validate(_config(), _set(), tmp_path, folds=2, repeats=1)
-    with pytest.raises(ConfigError, match="different config"):
+    with pytest.raises(ConfigError, match="different settings"):
         cross_validate(_config(), _set(), tmp_path, folds=2, repeats=1, threshold="youden")
 
 

@@ -41,6 +41,7 @@ from medanomaly.jobs.fit import fit_run
 from medanomaly.metrics.blocks import foreground_masks, known_masks
 from medanomaly.metrics.image import bootstrap_auroc_ci, image_metrics
 from medanomaly.metrics.pixel import pixel_metrics
+from medanomaly.model_selection.runs import start_or_resume, summarise
 from medanomaly.model_selection.spec import Candidate, Spec, load_spec
 from medanomaly.model_selection.splits import (
     FoldSplit,
@@ -475,7 +476,7 @@ def compare(
     parse_rule(spec.threshold)
     labelled = load_labelled(spec)
     splits = protocol_splits(spec, labelled)
-    start_or_resume(out, spec, splits)
+    start_or_resume(out, SPEC_FILE, spec_state(spec, splits), "comparison")
     records: dict[str, list[dict[str, Any]]] = {c.name: [] for c in spec.candidates}
     # members and rescore sources first
     order = sorted(spec.candidates, key=lambda c: (c.is_fusion, c.rescore is not None))
@@ -571,27 +572,6 @@ def spec_state(spec: Spec, splits: list[FoldSplit]) -> dict[str, Any]:
     )
 
 
-def start_or_resume(out: Path, spec: Spec, splits: list[FoldSplit]) -> None:
-    """Write ``OUT/spec.json``, or check that an earlier run in ``out`` used the same one.
-
-    Raises:
-        ConfigError: ``out`` holds a comparison of another spec, data or split.
-    """
-    path = out / SPEC_FILE
-    state = json.loads(json.dumps(spec_state(spec, splits)))
-    if path.exists():
-        saved = json.loads(path.read_text())
-        changed = sorted(k for k in state if saved.get(k) != state[k])
-        if changed:
-            raise ConfigError(
-                f"{out} holds a comparison with different {', '.join(changed)}; use a new --out "
-                "folder (or the same spec and data to resume)"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(path, state)
-
-
 def _line(record: dict[str, Any]) -> str:
     if "error" in record:
         return f"{record['fold']} {record['candidate']}: FAILED {record['error']}"
@@ -603,18 +583,6 @@ def _line(record: dict[str, Any]) -> str:
 
 
 # -- aggregation ----------------------------------------------------------------------------
-def summarise(values: list[float | None]) -> dict[str, Any]:
-    """``{"mean", "sd", "n", "folds"}`` over the defined values (sample SD, ddof=1)."""
-    defined = np.array([v for v in values if v is not None], dtype=np.float64)
-    n = int(defined.size)
-    return {
-        "mean": float(defined.mean()) if n else None,
-        "sd": float(defined.std(ddof=1)) if n > 1 else (0.0 if n else None),
-        "n": n,
-        "folds": list(values),
-    }
-
-
 def _is_baseline(spec: Spec, candidate: Candidate, records: list[dict[str, Any]]) -> bool:
     if not candidate.is_fusion:
         return candidate.baseline

@@ -24,6 +24,7 @@ the folds where the metric is defined), ``OUT/splits.csv`` the fold assignment o
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import logging
@@ -53,6 +54,7 @@ from medanomaly.metrics.blocks import (
     pixel_block,
 )
 from medanomaly.metrics.image import image_metrics, predict_abnormal
+from medanomaly.model_selection.runs import start_or_resume, summarise
 from medanomaly.model_selection.splits import FoldSplit, make_splits
 from medanomaly.outputs.writers import write_scores_csv
 from medanomaly.reports import figures as figs
@@ -140,28 +142,11 @@ def read_splits(out: str | Path) -> list[dict[str, str]]:
 
 
 # -- resumable state ------------------------------------------------------------------------
-def _split_key(text: str) -> list[tuple[str, ...]]:
-    """What must match on resume: repeat, fold, part, index and label of every row."""
+def _split_key(text: str) -> str:
+    """Digest of what must match on resume: repeat, fold, part, index and label of every row."""
     rows = csv.reader(io.StringIO(text))
-    return [(r[0], r[1], r[2], r[3], r[6]) for r in rows]
-
-
-def _start_or_resume(out: Path, state: dict[str, Any], split_text: str) -> None:
-    """Write ``cv.json``/``splits.csv``, or check that an existing cv used the same ones."""
-    state_path, splits_path = out / CV_FILE, out / SPLITS_FILE
-    if state_path.exists() and splits_path.exists():
-        saved = json.loads(state_path.read_text())
-        wanted = json.loads(json.dumps(json_ready(state)))  # compare in JSON form
-        same = all(saved.get(k) == wanted[k] for k in ("config", "settings"))
-        if not same or _split_key(splits_path.read_text()) != _split_key(split_text):
-            raise ConfigError(
-                f"{out} holds a cross-validation with a different config, settings or data; "
-                "use a new --out folder (or the same arguments to resume)"
-            )
-        return
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(state_path, state)
-    atomic_write_text(splits_path, split_text)
+    key = "\n".join(",".join((r[0], r[1], r[2], r[3], r[6])) for r in rows)
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 # -- one fold -------------------------------------------------------------------------------
@@ -250,22 +235,6 @@ def run_fold(
 
 
 # -- aggregation ----------------------------------------------------------------------------
-def summarise(values: list[float | None]) -> dict[str, Any]:
-    """``{"mean", "sd", "n", "folds"}`` over the values that are not ``None``.
-
-    ``sd`` is the sample standard deviation (``ddof=1``), 0 for a single value; ``folds``
-    keeps every fold's value in fold order (``None`` where undefined).
-    """
-    defined = np.array([v for v in values if v is not None], dtype=np.float64)
-    n = int(defined.size)
-    return {
-        "mean": float(defined.mean()) if n else None,
-        "sd": float(defined.std(ddof=1)) if n > 1 else (0.0 if n else None),
-        "n": n,
-        "folds": list(values),
-    }
-
-
 def aggregate(records: list[dict[str, Any]]) -> dict[str, Any]:
     """The metric blocks of the cv ``metrics.json`` from the fold records."""
     image: dict[str, Any] = {
@@ -509,8 +478,16 @@ def cross_validate(
         settings.seed,
     )
     model_config = {k: v for k, v in config.items() if k != "evaluation"}
-    state = {"config": model_config, "settings": asdict(settings), "data": str(data)}
-    _start_or_resume(out, state, splits_csv(splits, images, groups))
+    split_text = splits_csv(splits, images, groups)
+    state = {
+        "config": model_config,
+        "settings": asdict(settings),
+        "data": str(data),
+        "splits": _split_key(split_text),
+    }
+    start_or_resume(out, CV_FILE, state, "cross-validation", unchecked=("data",))
+    if not (out / SPLITS_FILE).exists():
+        atomic_write_text(out / SPLITS_FILE, split_text)
     with _default_threshold_unused(parse_rule(settings.threshold)[0] is not None):
         records = [
             _fold(split, images, model_config, settings, out, known, len(splits), echo)
