@@ -19,8 +19,8 @@ import torch
 import yaml
 
 from medanomaly.detectors.base import BaseDetector
+from medanomaly.detectors.thresholds import youden_threshold
 from medanomaly.errors import ConfigError
-from medanomaly.evaluation import youden_threshold
 from medanomaly.model_selection.compare import auroc_ci, compare, load_labelled, protocol_splits
 from medanomaly.model_selection.spec import load_spec, parse_spec
 from medanomaly.postprocess import PostProcess

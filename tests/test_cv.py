@@ -16,8 +16,8 @@ from medanomaly.config import load_config
 from medanomaly.data.phantoms import make_phantoms
 from medanomaly.detectors.base import BaseDetector
 from medanomaly.detectors.deep import DeepDetector
+from medanomaly.detectors.thresholds import choose_threshold
 from medanomaly.errors import ConfigError
-from medanomaly.evaluation import choose_threshold
 from medanomaly.model_selection.cv import cross_validate, make_splits, read_splits
 from medanomaly.model_selection.runs import summarise
 

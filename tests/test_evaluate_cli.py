@@ -14,7 +14,7 @@ from test_report import check_renders
 from medanomaly.cli import main
 from medanomaly.data.phantoms import make_phantoms
 from medanomaly.detectors.base import BaseDetector
-from medanomaly.evaluation import conformal_pvalues, conformal_threshold
+from medanomaly.detectors.thresholds import conformal_pvalues, conformal_threshold
 from medanomaly.outputs.writers import read_scores_csv
 
 IMAGE_KEYS = {

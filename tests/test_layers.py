@@ -63,3 +63,13 @@ def test_public_imports_keep_working():
     )
 
     assert "cae" in list_models()
+
+
+def test_names_of_the_old_evaluation_package_still_import():
+    import medanomaly.detectors.thresholds as thresholds
+    import medanomaly.metrics as metrics
+    from medanomaly import evaluation
+
+    for name in evaluation.__all__:
+        home = metrics if hasattr(metrics, name) else thresholds
+        assert getattr(evaluation, name) is getattr(home, name), name

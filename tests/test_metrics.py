@@ -12,7 +12,7 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from medanomaly.evaluation import bootstrap_auroc_ci, image_metrics, predict_abnormal
+from medanomaly.metrics import bootstrap_auroc_ci, image_metrics, predict_abnormal
 from medanomaly.metrics.image import _bootstrap_aurocs
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from medanomaly.evaluation import PixelMetricAccumulator, pixel_metrics
+from medanomaly.metrics import PixelMetricAccumulator, pixel_metrics
 
 
 def _random_volume(seed: int, shape=(16, 32, 32)) -> tuple[np.ndarray, np.ndarray]:

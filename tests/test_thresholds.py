@@ -5,18 +5,17 @@ import numpy as np
 import pytest
 from sklearn.metrics import f1_score, roc_curve
 
-from medanomaly.evaluation import (
+from medanomaly.detectors.thresholds import (
     THRESHOLD_RULES,
     choose_threshold,
     conformal_pvalues,
     conformal_threshold,
     f1_threshold,
-    image_metrics,
     mean_sd_threshold,
     percentile_threshold,
-    predict_abnormal,
     youden_threshold,
 )
+from medanomaly.metrics import image_metrics, predict_abnormal
 
 
 def _noisy_case(seed: int, n: int = 200) -> tuple[np.ndarray, np.ndarray]:
