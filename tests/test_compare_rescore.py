@@ -1,6 +1,6 @@
 """``compare`` with a re-scored candidate, the split column and a mean + 3 SD threshold (3D).
 
-What the 3D screening spec (benchmarks/specs/screen3d.yaml) relies on, on 1x16^3 phantoms:
+What the 3D screening spec (the built-in screen3d spec) relies on, on 1x16^3 phantoms:
 one network trained once and scored two ways, counts at the threshold, and ``OUT/best`` as
 the split column's own run (its test part never trains).
 """
@@ -146,12 +146,9 @@ def test_rescore_needs_a_plain_source_and_model_settings(tmp_path):
 
 @pytest.mark.parametrize(("name", "epochs"), [("screen3d", 80), ("screen3d_quick", 40)])
 def test_the_screen3d_specs_parse(name, epochs):
-    from pathlib import Path
-
     from medanomaly.model_selection.spec import load_spec
 
-    root = Path(__file__).resolve().parents[1]
-    spec = load_spec(root / "benchmarks" / "specs" / f"{name}.yaml")
+    spec = load_spec(name)
     assert spec.protocol.kind == "split_column" and spec.threshold == "mean_sd:k=3"
     masked, mse = spec.candidate("resnet_ae_masked_mse"), spec.candidate("resnet_ae_mse")
     assert masked.config["engine"]["epochs"] == epochs and mse.rescore == masked.name

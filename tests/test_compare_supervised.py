@@ -1,7 +1,6 @@
 """``medanomaly compare`` with a supervised candidate: it learns from labelled abnormal cases."""
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,8 +79,7 @@ def test_training_cases_keep_abnormal_cases_only_for_supervised_candidates(tmp_p
     ["supervised_head_ct", "supervised_head_ct_quick", "supervised_lgg", "supervised_lgg_quick"],
 )
 def test_the_supervised_benchmark_specs_parse(name):
-    root = Path(__file__).resolve().parents[1]
-    spec = load_spec(root / "benchmarks" / "specs" / f"{name}.yaml")
+    spec = load_spec(name)
     models = [c.config["model"]["name"] for c in spec.candidates]
     assert {"intensity", "cae"} <= set(models)
     for network in ("vgg_classifier", "resnet_classifier"):  # one candidate per learning rate

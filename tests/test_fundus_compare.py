@@ -133,8 +133,7 @@ def test_subgroups_need_a_manifest_column(prepared, tmp_path):
 
 @pytest.mark.parametrize("name", ["fundus_quality", "fundus_quality_128"])
 def test_the_fundus_specs_parse(name):
-    path = ROOT / "benchmarks" / "specs" / f"{name}.yaml"
-    spec = load_spec(path)
+    spec = load_spec(name)
     assert spec.subgroups == "kind" and spec.threshold == "mean_sd:k=3"
     sharpness = spec.candidate("sharpness").config["model"]
     assert sharpness["name"] == "quality" and sharpness["features"] == ["sharpness_c1"]
