@@ -32,7 +32,7 @@ lint: install
 
 benchmark: install
 	$(BIN)/python benchmarks/prepare_head_ct.py --out runs/head_ct
-	$(BIN)/medanomaly compare --spec benchmarks/specs/head_ct.yaml --out runs/compare_head_ct
+	$(BIN)/medanomaly compare --spec head_ct --out runs/compare_head_ct
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache
