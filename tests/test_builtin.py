@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 
 import medanomaly
@@ -128,6 +129,13 @@ def test_a_spec_file_finds_configs_beside_it_and_builtin_ones_by_name(tmp_path, 
     assert loaded.data == folder.resolve() / "data.csv"
     assert loaded.candidate("mine").config["model"]["name"] == "intensity"
     assert loaded.candidate("dae").config["model"]["name"] == "dae"
+
+
+def test_the_version_has_one_home():
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    attr = project["tool"]["setuptools"]["dynamic"]["version"]["attr"]
+    assert attr == "medanomaly._version.__version__"
 
 
 def test_python_m_medanomaly_and_verbose_says_which_file_it_read(tmp_path):
