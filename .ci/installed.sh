@@ -34,6 +34,9 @@ case "$where" in
   "$out"/venv/*) ;;
   *) echo "the fresh venv imports medanomaly from $where, not from its own site-packages"; exit 1 ;;
 esac
+# what lives only in the package data: the built-in configs, found by name from anywhere
+(cd /tmp && "$out/venv/bin/medanomaly" models cae | grep -q quickstart_phantoms_3d) \
+  || { echo "the installed 'medanomaly models cae' names no built-in config"; exit 1; }
 echo "installed the wheel into a fresh venv in $((SECONDS - start)) s"
 
 start=$SECONDS
@@ -51,7 +54,7 @@ for version in 3.10 3.12 3.13; do
   rm -rf "$venv"
   "$python" -m venv "$venv"
   pip=("$venv/bin/pip" install -q --disable-pip-version-check --no-compile)
-  "${pip[@]}" --no-deps "$wheel"
+  "${pip[@]}" --no-deps "$wheel" >>"$out/pip.log" 2>&1 || { tail -20 "$out/pip.log"; exit 1; }
   # the command line imports numpy; constraints.txt pins releases that need Python >= 3.11
   # (pip's complaint about the other dependencies, absent on purpose, goes to the log)
   "${pip[@]}" -c constraints.txt numpy pyyaml >>"$out/pip.log" 2>&1 \
