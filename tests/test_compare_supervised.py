@@ -26,7 +26,7 @@ VGG = {
 def _spec(manifest):
     return {
         "data": {"path": str(manifest), "transforms": [{"min_max": {}}]},
-        "protocol": {"kind": "kfold", "folds": 3, "repeats": 1, "val_fraction": 0.34},
+        "protocol": {"kind": "kfold", "folds": 3, "repeats": 1, "val_fraction": 0.5},
         "level": "image",
         "candidates": {
             "intensity": {"model": {"name": "intensity", "spatial_dims": 2}},
@@ -37,7 +37,7 @@ def _spec(manifest):
 
 def test_a_supervised_candidate_fits_on_normal_and_abnormal_training_cases(tmp_path, monkeypatch):
     torch.set_num_threads(1)
-    manifest = write_phantom_manifest(tmp_path / "data", n_normal=18, n_abnormal=12)
+    manifest = write_phantom_manifest(tmp_path / "data", n_normal=24, n_abnormal=16)
     spec = parse_spec(_spec(manifest), tmp_path)
     seen: dict[str, list[np.ndarray]] = {}
     fit_run = compare_module.fit_run

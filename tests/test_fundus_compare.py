@@ -24,7 +24,7 @@ from medanomaly.model_selection.compare import compare, subgroup_aurocs
 from medanomaly.model_selection.spec import load_spec, parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-KIND_COUNTS = {"good": 12, "bad": 6, "outlier": 4}
+KIND_COUNTS = {"good": 16, "bad": 8, "outlier": 4}
 
 
 def _picture(kind: str, seed: int) -> np.ndarray:
@@ -93,7 +93,7 @@ def _spec(manifest: Path) -> dict:
             "read_options": {"keep_channels": True},
             "transforms": [{"z_score": {"mean": 0.0, "std": 255.0}}],
         },
-        "protocol": {"kind": "kfold", "folds": 2, "repeats": 1, "val_fraction": 0.34},
+        "protocol": {"kind": "kfold", "folds": 2, "repeats": 1, "val_fraction": 0.5},
         "threshold": "mean_sd:k=3",
         "subgroups": "kind",
         "candidates": {
@@ -118,8 +118,8 @@ def test_compare_on_rgb_pictures_reports_auroc_per_kind(prepared):
     assert rows["sharpness"]["auroc_bad"]["mean"] > 0.9  # blur is what sharpness sees
     record = json.loads((out / "folds" / "r1_f1" / "sharpness" / "record.json").read_text())
     assert set(record["subgroup_auroc"]) == {"bad", "outlier"}
-    header = (out / "results.md").read_text().splitlines()[4]
-    assert "| auroc | auroc_bad | auroc_outlier | auprc |" in header
+    header = next(x for x in (out / "results.md").read_text().splitlines() if x.startswith("| row"))
+    assert "| selection | test | gap | auroc | auroc_bad | auroc_outlier | auprc |" in header
 
 
 def test_subgroups_need_a_manifest_column(prepared, tmp_path):
