@@ -40,7 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medanomaly.data.listing import list_cases, manifest_column
-from medanomaly.data.loading import LoadReport, load_dataset
+from medanomaly.data.loading import LoadReport, load_cases
 from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.base import MODEL_FILE, AnomalyResult, BaseDetector, standardisation
 from medanomaly.detectors.thresholds import LABELLED_RULES, parse_rule, rule_threshold
@@ -97,6 +97,8 @@ class Labelled:
     """The spec's ``subgroups`` column per case (``None`` without one)."""
     grouped: bool = True
     """The data names each case's patient (a ``group`` column or patient folders)."""
+    split_column: list[str | None] | None = None
+    """Each case's value in the manifest's ``split`` column (``None`` without the column)."""
 
 
 @dataclass
@@ -111,27 +113,32 @@ class Outputs:
 # -- data and splits ------------------------------------------------------------------------
 def load_labelled(spec: Spec) -> Labelled:
     """Read the spec's data in memory (augmentation attached), labelled cases only."""
-    images, report = load_dataset(spec.data, **{**spec.data_options, "stream": False}, augment=True)
+    options = {k: v for k, v in spec.data_options.items() if k != "label_names"}
+    listed = list_cases(spec.data, spec.data_options.get("label_names"))
+    images, report = load_cases(listed, spec.data, **options, stream=False, augment=True)
     unlabelled = images.labels == -1
     for i in np.flatnonzero(unlabelled):
         report.skipped.append((images.ids[i], "no label (compare needs labelled cases)"))
     if unlabelled.any():
         images = images.subset(~unlabelled, keep_augment=True)
-    grouped = images.groups is not None
+    by_id = {str(c.path): c for c in listed}
+    grouped = all(by_id[i].group for i in images.ids if i in by_id)
     if not grouped:
         log.warning(
             "compare: %s names no patient (no group column): each case is its own group, so "
             "slices of one patient may fall in several parts (results say grouped: false)",
             spec.data,
         )
-    groups = np.asarray(images.groups if grouped else images.ids).astype(str)
+    groups = np.asarray(images.groups if images.groups is not None else images.ids).astype(str)
+    column = [by_id[i].split if i in by_id else None for i in images.ids]
     known = known_masks(spec.data, spec.data_options.get("label_names"), images)
     foreground = None
     if spec.pixel:
         _check_pixel(images, known)
         foreground = foreground_masks(images)[0]
     subgroups = subgroup_column(spec, images.ids) if spec.subgroups else None
-    return Labelled(images, groups, known, foreground, report, subgroups, grouped)
+    split_column = column if any(column) else None
+    return Labelled(images, groups, known, foreground, report, subgroups, grouped, split_column)
 
 
 def subgroup_column(spec: Spec, ids: list[str]) -> np.ndarray:
@@ -185,12 +192,9 @@ def protocol_splits(spec: Spec, data: Labelled) -> list[FoldSplit]:
             part that cannot support the protocol (the message names the fold and counts).
     """
     p, labels = spec.protocol, data.images.labels
-    listed = list_cases(spec.data, spec.data_options.get("label_names"))
-    by_id = {str(c.path): c.split for c in listed}
     if p.kind == "split_column":
-        column = [by_id.get(i) for i in data.images.ids]
-        splits = column_splits(labels, column, data.groups)
-    elif any(by_id.get(i) for i in data.images.ids):
+        splits = column_splits(labels, data.split_column or [None] * len(labels), data.groups)
+    elif data.split_column is not None:
         raise ConfigError(
             f"{spec.data}: the manifest has a split column, which protocol {p.kind!r} would "
             "ignore (its test rows would be trained on); use protocol kind: split_column, or "

@@ -38,7 +38,8 @@ from typing import Any
 import numpy as np
 
 from medanomaly.config import build_detector
-from medanomaly.data.loading import LoadReport, load_dataset
+from medanomaly.data.listing import list_cases, split_parts
+from medanomaly.data.loading import LoadReport, load_cases
 from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector
 from medanomaly.detectors.thresholds import describe_rule, parse_rule, rule_threshold
@@ -68,6 +69,8 @@ from medanomaly.reports.files import (
     write_json,
 )
 from medanomaly.reports.html import Facts, Figure, Figures, Table, write_report
+
+log = logging.getLogger(__name__)
 
 CV_FILE = "cv.json"
 SPLITS_FILE = "splits.csv"
@@ -392,13 +395,27 @@ def _write_cv_report(out: Path, metrics: dict[str, Any], records: list[dict[str,
 # -- driver ---------------------------------------------------------------------------------
 def _load(
     data: str | Path | ImageSet, config: dict[str, Any], strict: bool
-) -> tuple[ImageSet, LoadReport, np.ndarray]:
-    """The labelled cases (augmentation attached) and which have a known lesion mask."""
+) -> tuple[ImageSet, LoadReport, np.ndarray, bool]:
+    """The labelled cases (augmentation attached), their known masks, and if groups are named.
+
+    Returns:
+        ``(images, report, known, grouped)``: ``known`` marks the cases whose lesion mask is
+        known; ``grouped`` says whether the data names each case's patient.
+    """
     if isinstance(data, ImageSet):
-        images, report = data, LoadReport()
+        images, report, grouped = data, LoadReport(), data.groups is not None
     else:  # the folds of a labelled set are cut in memory
-        options = {**(config.get("data") or {}), "stream": False}
-        images, report = load_dataset(data, **options, strict=strict, augment=True)
+        options = dict(config.get("data") or {})
+        listed = list_cases(data, options.pop("label_names", None))
+        if split_parts(listed, data) is not None:
+            raise ConfigError(
+                f"{data}: the manifest has a split column, which the folds of cv would ignore "
+                "(its test rows would be trained on); use fit, which honours it, or compare "
+                "with protocol kind: split_column, or remove the column"
+            )
+        grouped = all(case.group for case in listed)
+        options["stream"] = False
+        images, report = load_cases(listed, data, **options, strict=strict, augment=True)
     unlabelled = images.labels == -1
     for i in np.flatnonzero(unlabelled):
         report.skipped.append((images.ids[i], "no label (cv needs labelled cases)"))
@@ -408,7 +425,7 @@ def _load(
         known = np.ones(len(images), dtype=bool)
     else:
         known = known_masks(data, (config.get("data") or {}).get("label_names"), images)
-    return images, report, known
+    return images, report, known, grouped
 
 
 def _fold_message(record: dict[str, Any], total: int, loaded: bool) -> str:
@@ -467,7 +484,12 @@ def cross_validate(
         val_fraction=val_fraction,
         seed=seed,
     )
-    images, report, known = _load(data, config, strict)
+    images, report, known, grouped = _load(data, config, strict)
+    if not grouped:
+        log.warning(
+            "cv: the data names no patient (no group column): each case is its own group, so "
+            "slices of one patient may fall in several folds (metrics say grouped: false)"
+        )
     groups = np.asarray(images.groups if images.groups is not None else images.ids).astype(str)
     splits = make_splits(
         images.labels,
@@ -495,6 +517,7 @@ def cross_validate(
         ]
     metrics = aggregate(records)
     metrics.update(_cv_facts(settings, images, groups, report, records, data, config))
+    metrics["cv"]["grouped"] = grouped
     _write_cv_report(out, metrics, records)
     write_json(out / METRICS_FILE, metrics)
     return json_ready(metrics)
@@ -576,7 +599,6 @@ def _cv_facts(
             **asdict(settings),
             "threshold_rule": describe_rule(rule, params, settings.alpha),
             "n_groups": int(np.unique(groups).size),
-            "grouped": bool(np.unique(groups).size < len(images)),
             "splitter": "sklearn StratifiedGroupKFold, random_state = seed + repeat",
             "sd": "sample standard deviation (ddof=1) over the folds where defined",
             "model_selection": _model_selection(config),

@@ -23,9 +23,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from medanomaly.data.listing import check_groups_apart, split_part_names
 from medanomaly.errors import ConfigError
-
-SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 
 
 @dataclass(frozen=True)
@@ -63,19 +62,7 @@ def check_grouped(split: FoldSplit, groups: np.ndarray, where: str) -> FoldSplit
         ConfigError: Naming the first such group, both parts and how many groups straddle.
     """
     groups = np.asarray(groups).astype(str)
-    owners: dict[str, str] = {}
-    straddling: list[tuple[str, str, str]] = []
-    for part in PARTS:
-        for group in np.unique(groups[getattr(split, part)]):
-            first = owners.setdefault(str(group), part)
-            if first != part:
-                straddling.append((str(group), first, part))
-    if straddling:
-        group, first, second = straddling[0]
-        raise ConfigError(
-            f"{where}: patient group {group!r} has cases in both {first} and {second} "
-            f"({len(straddling)} group(s) straddle parts); a patient must stay in one part"
-        )
+    check_groups_apart({part: groups[getattr(split, part)] for part in PARTS}, where)
     return split
 
 
@@ -230,14 +217,7 @@ def column_splits(
             (the message names the counts), or a group in two parts (named).
     """
     labels = np.asarray(labels)
-    values = [(v or "").strip().lower() for v in column]
-    bad = sorted({v for v in values if v not in SPLIT_NAMES})
-    if bad:
-        raise ConfigError(
-            f"splits: the split column holds {bad}; use train, val (or validation) and test "
-            f"for every case ({sum(v not in SPLIT_NAMES for v in values)} case(s) left)"
-        )
-    parts = np.array([SPLIT_NAMES[v] for v in values])
+    parts = np.array(split_part_names(column, "splits"))
     split = FoldSplit(0, 0, *(np.flatnonzero(parts == name) for name in ("train", "val", "test")))
     split = _check_parts(split, labels, "splits: the split column")
     if groups is not None:
