@@ -16,6 +16,7 @@ from medanomaly.detectors.base import MODEL_FILE
 from medanomaly.errors import ConfigError
 from medanomaly.model_selection import compare as compare_module
 from medanomaly.model_selection.compare import compare, load_labelled, protocol_splits
+from medanomaly.model_selection.selection import decide_overall
 from medanomaly.model_selection.spec import parse_spec
 from medanomaly.models.baselines import IntensityBaseline
 from medanomaly.models.ensemble import Ensemble
@@ -81,7 +82,20 @@ def test_compare_writes_table_report_and_a_best_run_that_score_reads(compared):
         assert row["seconds"] >= 0 and row["errors"] == []
     weights = rows["cae+intensity"]["weights"]
     assert all(sum(w.values()) == pytest.approx(1.0) for w in weights)
-    assert results["chosen"] in rows
+    records = {
+        name: [
+            json.loads((out / "folds" / f / name.replace("+", "_") / "record.json").read_text())
+            for f in results["folds"]
+        ]
+        for name in rows
+    }
+    levels = {"cae": 1, "cae_ssim": 1, "intensity": 0, "cae+intensity": 2}
+    assert results["chosen"] == decide_overall(records, levels)[0]
+    for row in rows.values():  # the gap is selection minus test, fold by fold
+        gaps = np.subtract(row["selection_metric"]["folds"], row["test_metric"]["folds"])
+        np.testing.assert_allclose(row["gap"]["folds"], gaps)
+        assert row["test_metric"]["folds"] == row["pixel_ap"]["folds"]  # level both: pixel AP
+    assert [d["fold"] for d in results["decisions"]] == ["r1_f1", "r1_f2", "r1_f3"]
     assert "| row | baseline |" in (out / "results.md").read_text()
     html = (out / "report.html").read_text()
     assert "Leaderboard" in html and "ROC" in html and "Precision-recall" in html
@@ -253,6 +267,28 @@ def test_every_benchmark_spec_parses_and_has_a_no_model_row(path):
     spec = load_spec(path)
     plain = [c for c in spec.candidates if not c.is_fusion]
     assert any(compare_module._is_baseline(spec, c, []) for c in plain)
+
+
+QUICK = [p for p in SPECS if p.stem.endswith("_quick")]
+
+
+@pytest.mark.parametrize("path", QUICK, ids=[p.stem for p in QUICK])
+def test_a_quick_spec_is_its_full_spec_made_smaller(path):
+    """Same protocol, level, threshold and data; its rows are rows of the full spec."""
+    from medanomaly.model_selection.spec import load_spec
+
+    quick, full = load_spec(path), load_spec(path.with_name(path.name.replace("_quick", "")))
+    assert {c.name for c in quick.candidates} <= {c.name for c in full.candidates}
+    assert (quick.protocol.kind, quick.level, quick.threshold, quick.data) == (
+        full.protocol.kind,
+        full.level,
+        full.threshold,
+        full.data,
+    )
+    for candidate in quick.candidates:
+        if not candidate.is_fusion:
+            model = full.candidate(candidate.name).config["model"]["name"]
+            assert candidate.config["model"]["name"] == model, candidate.name
 
 
 def test_a_postprocessed_model_is_no_baseline_and_a_postprocessed_baseline_is():

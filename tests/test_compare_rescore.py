@@ -170,19 +170,3 @@ def test_rescore_needs_a_plain_source_and_model_settings(tmp_path):
     spec["candidates"]["mse"] = {"rescore": "masked", "set": ["model.foreground_treshold=1"]}
     with pytest.raises(ConfigError, match="foreground_threshold"):
         parse_spec(spec, tmp_path)
-
-
-@pytest.mark.parametrize(("name", "epochs"), [("screen3d", 80), ("screen3d_quick", 40)])
-def test_the_screen3d_specs_parse(name, epochs):
-    from pathlib import Path
-
-    from medanomaly.model_selection.spec import load_spec
-
-    root = Path(__file__).resolve().parents[1]
-    spec = load_spec(root / "benchmarks" / "specs" / f"{name}.yaml")
-    assert spec.protocol.kind == "split_column" and spec.threshold == "mean_sd:k=3"
-    masked, mse = spec.candidate("resnet_ae_masked_mse"), spec.candidate("resnet_ae_mse")
-    assert masked.config["engine"]["epochs"] == epochs and mse.rescore == masked.name
-    assert mse.config["model"]["foreground_threshold"] is None
-    assert masked.config["model"]["foreground_threshold"] == 0.05
-    assert spec.candidate("intensity").config["model"]["name"] == "intensity"

@@ -21,7 +21,7 @@ from scipy import ndimage
 
 from medanomaly.errors import ConfigError
 from medanomaly.model_selection.compare import compare, subgroup_aurocs
-from medanomaly.model_selection.spec import load_spec, parse_spec
+from medanomaly.model_selection.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 KIND_COUNTS = {"good": 16, "bad": 8, "outlier": 4}
@@ -129,17 +129,6 @@ def test_subgroups_need_a_manifest_column(prepared, tmp_path):
         parse_spec({**spec, "subgroups": ["kind"]}, tmp_path)
     with pytest.raises(ConfigError, match="no column 'grade'"):
         compare(parse_spec({**spec, "subgroups": "grade"}, tmp_path), tmp_path / "out")
-
-
-@pytest.mark.parametrize("name", ["fundus_quality", "fundus_quality_128"])
-def test_the_fundus_specs_parse(name):
-    path = ROOT / "benchmarks" / "specs" / f"{name}.yaml"
-    spec = load_spec(path)
-    assert spec.subgroups == "kind" and spec.threshold == "mean_sd:k=3"
-    sharpness = spec.candidate("sharpness").config["model"]
-    assert sharpness["name"] == "quality" and sharpness["features"] == ["sharpness_c1"]
-    assert name.endswith("128") or spec.candidate("dae+quality").fusion == ("dae", "quality")
-    assert all(c.config is None or c.config["model"]["in_channels"] == 3 for c in spec.candidates)
 
 
 @pytest.mark.realdata
