@@ -49,7 +49,7 @@ from medanomaly.jobs.fit import fit_run
 from medanomaly.metrics.blocks import foreground_masks, known_masks
 from medanomaly.metrics.image import bootstrap_auroc_ci, image_metrics
 from medanomaly.metrics.pixel import case_histograms, pixel_metrics
-from medanomaly.model_selection.runs import start_or_resume, summarise
+from medanomaly.model_selection.runs import default_threshold_unused, start_or_resume, summarise
 from medanomaly.model_selection.selection import (
     N_BOOT,
     ap_replicates,
@@ -664,7 +664,8 @@ def run_folds(
     records: dict[str, list[dict[str, Any]]] = {c.name: [] for c in spec.candidates}
     # members and rescore sources first
     order = sorted(spec.candidates, key=lambda c: (c.is_fusion, c.rescore is not None))
-    with tqdm(total=len(splits) * len(order), desc="compare", disable=not progress) as bar:
+    bar = tqdm(total=len(splits) * len(order), desc="compare", disable=not progress)
+    with bar, default_threshold_unused():  # the spec's rule replaces each fit's own
         for split in splits:
             runner = _FoldRunner(spec, data, split, out)
             for candidate in order:

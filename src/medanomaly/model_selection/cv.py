@@ -29,8 +29,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +54,7 @@ from medanomaly.metrics.blocks import (
     pixel_block,
 )
 from medanomaly.metrics.image import image_metrics, predict_abnormal
-from medanomaly.model_selection.runs import start_or_resume, summarise
+from medanomaly.model_selection.runs import default_threshold_unused, start_or_resume, summarise
 from medanomaly.model_selection.splits import FoldSplit, make_splits
 from medanomaly.outputs.writers import write_scores_csv
 from medanomaly.reports import figures as figs
@@ -510,7 +509,7 @@ def cross_validate(
     start_or_resume(out, CV_FILE, state, "cross-validation", unchecked=("data",))
     if not (out / SPLITS_FILE).exists():
         atomic_write_text(out / SPLITS_FILE, split_text)
-    with _default_threshold_unused(parse_rule(settings.threshold)[0] is not None):
+    with default_threshold_unused(parse_rule(settings.threshold)[0] is not None):
         records = [
             _fold(split, images, model_config, settings, out, known, len(splits), echo)
             for split in splits
@@ -521,27 +520,6 @@ def cross_validate(
     _write_cv_report(out, metrics, records)
     write_json(out / METRICS_FILE, metrics)
     return json_ready(metrics)
-
-
-class _NoDefaultThresholdWarning(logging.Filter):
-    """Drops ``fit``'s warning about its default threshold (the folds use another rule)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "the default threshold" not in record.getMessage()
-
-
-@contextmanager
-def _default_threshold_unused(unused: bool) -> Iterator[None]:
-    """Silence the default-threshold warning of every fold's ``fit`` when ``unused``."""
-    if not unused:
-        yield
-        return
-    logger, quiet = logging.getLogger(BaseDetector.__module__), _NoDefaultThresholdWarning()
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
 
 
 def _fold(
