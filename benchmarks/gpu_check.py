@@ -2,7 +2,7 @@
 
     python benchmarks/gpu_check.py --out gpu_check/      # about 5 minutes on one GPU
 
-1. Every registered model is built from the first config in ``configs/`` that uses it (else
+1. Every registered model is built from the first built-in config that uses it (else
    its defaults), fitted for one short epoch on CUDA with the config's precision (``auto``:
    16-bit mixed on a GPU) on synthetic phantoms at the config's input size (the shape of its
    last ``resize``/``pad``; 64² without one), then scored on the GPU and, after
@@ -36,13 +36,12 @@ import torch
 import yaml
 from scipy.stats import spearmanr
 
-from medanomaly import get_model, list_models
+from medanomaly import builtin, get_model, list_models
 from medanomaly.data.phantoms import make_phantoms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import is_baseline, results_row  # noqa: E402  (benchmarks/common.py)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MIN_SPEARMAN = 0.99
 MAX_RELATIVE_DIFFERENCE = 0.02
 TIMED_SHAPES = ((64, 64), (256, 256), (64, 64, 64))
@@ -51,11 +50,11 @@ TIMED_SHAPES = ((64, 64), (256, 256), (64, 64, 64))
 def model_configs() -> dict[str, dict[str, Any]]:
     """The first config (by file name) of each model, keyed by model name."""
     found: dict[str, dict[str, Any]] = {}
-    for path in sorted(CONFIGS.glob("*.yaml")):
-        config = yaml.safe_load(path.read_text()) or {}
+    for config_name in builtin.names("config"):
+        config = yaml.safe_load(builtin.builtin("config", config_name).read_text()) or {}
         name = (config.get("model") or {}).get("name")
         if name and name not in found:
-            found[name] = {**config, "file": path.name}
+            found[name] = {**config, "file": config_name}
     return found
 
 

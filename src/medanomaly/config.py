@@ -17,6 +17,7 @@ from typing import Any
 
 import yaml
 
+from medanomaly.builtin import resolve
 from medanomaly.detectors.arguments import check_arguments
 from medanomaly.detectors.base import BaseDetector
 from medanomaly.detectors.registry import get_model
@@ -28,10 +29,19 @@ SECTIONS = ("model", "engine", "data", "evaluation", "postprocess")
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config with ``model`` (required), ``engine`` and ``data`` blocks."""
-    path = Path(path)
+    """Read a YAML config with ``model`` (required), ``engine`` and ``data`` blocks.
+
+    Args:
+        path: A YAML file, or the name of a built-in config (``dae_lgg_2d``; see
+            :mod:`medanomaly.builtin`). A file wins over a name.
+
+    Raises:
+        MissingFileError: ``path`` is neither a file nor a built-in name (did-you-mean).
+        ConfigError: The file is not a config.
+    """
+    source = resolve("config", path)
     try:
-        config = yaml.safe_load(path.read_text()) or {}
+        config = yaml.safe_load(source.read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"{path}: cannot read config: {error}") from error
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
@@ -63,7 +73,9 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 
 def check_data_block(data: Any) -> None:
-    """Refuse a ``data:`` block key that :func:`load_dataset` does not take (did-you-mean).
+    """Refuse a ``data:`` block key that ``load_dataset`` does not take (did-you-mean).
+
+    The keys are the arguments of :func:`~medanomaly.data.loading.load_dataset`.
 
     Raises:
         ConfigError: ``data`` is not a mapping or holds an unknown key.

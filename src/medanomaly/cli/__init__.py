@@ -14,7 +14,11 @@
     medanomaly inspect PATH [PATH ...] [--series-uid UID]
     medanomaly manifest FOLDER --out manifest.csv [--force]
     medanomaly demo --out DIR
-    medanomaly models
+    medanomaly models [NAME]
+    medanomaly config list [--specs] | show NAME [--spec]
+
+``--config`` and ``--spec`` take a file or the name of a built-in one (``dae_lgg_2d``,
+``head_ct``); a file wins over a name.
 
 Each module in this package defines ``add_parser(subparsers)``, which registers its
 sub-command and sets ``func``; :data:`COMMANDS` lists them in help order. The modules import
@@ -36,6 +40,7 @@ from collections.abc import Sequence
 from medanomaly._version import __version__
 from medanomaly.cli import (
     compare,
+    configs,
     cv,
     demo,
     evaluate,
@@ -48,7 +53,7 @@ from medanomaly.cli import (
 )
 from medanomaly.errors import MedanomalyError
 
-COMMANDS = (fit, score, screen, evaluate, cv, compare, inspect, manifest, demo, models)
+COMMANDS = (fit, score, screen, evaluate, cv, compare, inspect, manifest, demo, models, configs)
 
 
 def build_parser() -> argparse.ArgumentParser:

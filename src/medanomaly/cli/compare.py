@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -11,7 +12,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "compare",
         help="compare detectors and baselines on labelled data (choices on validation only)",
     )
-    p.add_argument("--spec", required=True, help="YAML spec: data, protocol, candidates")
+    p.add_argument(
+        "--spec",
+        required=True,
+        help="a built-in spec name (medanomaly config list --specs) or a YAML spec file: "
+        "data, protocol, candidates",
+    )
     p.add_argument("--out", required=True, help="output folder (rerun to resume)")
     p.add_argument("--data", help="folder or manifest overriding the spec's data")
     p.add_argument("--no-refit", action="store_true", help="do not write OUT/best")
@@ -24,11 +30,13 @@ def run(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from medanomaly.model_selection.compare import compare
+    from medanomaly.model_selection.spec import load_spec
 
+    spec = load_spec(args.spec, args.data)
+    check_data(spec.data, args.spec)
     results = compare(
-        args.spec,
+        spec,
         args.out,
-        data=args.data,
         refit=not args.no_refit,
         echo=None if args.quiet else tqdm.write,
         progress=not args.quiet,
@@ -50,3 +58,23 @@ def _ms(value: dict) -> str:
     if value.get("mean") is None:
         return "n/a"
     return f"{value['mean']:.3f} ± {value['sd']:.3f}"
+
+
+def check_data(data: Path, spec: str) -> None:
+    """Refuse a spec whose data is missing, saying where a built-in spec's data is looked for.
+
+    Raises:
+        MissingFileError: ``data`` is neither a folder, a manifest nor an archive URL.
+    """
+    from medanomaly.errors import MissingFileError
+    from medanomaly.io.dicomweb import is_dicomweb_url
+
+    if is_dicomweb_url(str(data)) or Path(data).exists():
+        return
+    where = ""
+    if not Path(spec).expanduser().is_file():  # a built-in spec: its data is the user's
+        where = (
+            f" (relative to the current folder; `medanomaly config show --spec {spec}` "
+            "says how to prepare it)"
+        )
+    raise MissingFileError(f"{data}: no such data folder or manifest{where}; or give --data")

@@ -111,9 +111,10 @@ def evaluate_run(
             cut-off counted in ``metrics.json``.
         strict: Raise on the first unreadable case instead of skipping it.
         n_boot: Bootstrap resamples of the AUROC interval.
-        gallery_per_group: Cases per gallery group (see :func:`figures.gallery_indices`).
+        gallery_per_group: Cases per gallery group (see
+            :func:`~medanomaly.reports.figures.gallery_indices`).
         foreground_threshold: Intensity cut-off of the pixel-metric foreground (see
-            :func:`foreground_masks`).
+            :func:`~medanomaly.metrics.blocks.foreground_masks`).
         maps_dir: Folder for every case's anomaly map in the scan's own geometry (see
             :func:`medanomaly.outputs.writers.save_maps`); ``None`` writes none.
         dicom: With ``maps_dir``, also write a DICOM Parametric Map per DICOM volume.

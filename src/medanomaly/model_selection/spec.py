@@ -17,8 +17,8 @@ A spec is YAML::
     threshold: f1        # image-level threshold rule on each validation part
     ci: bootstrap        # optional: 95 % stratified bootstrap CI of each fold's test AUROC
     candidates:
-      intensity: {config: configs/intensity_head_ct_2d.yaml}
-      dae: {config: configs/dae_head_ct_2d.yaml, set: [engine.epochs=20]}
+      intensity: {config: intensity_head_ct_2d}     # a built-in config name, or a file
+      dae: {config: dae_head_ct_2d, set: [engine.epochs=20]}
       cae_small: {model: {name: cae, ...}, engine: {...}}
       dae+intensity: {fusion: [dae, intensity]}
       dae_mse: {rescore: dae, set: [model.foreground_threshold=null]}  # dae's network, re-scored
@@ -29,7 +29,11 @@ A spec is YAML::
                          # the abnormal cases of each of its values (auroc_<value>)
 
 Every name (model, transform, post-processing step, fusion member) is checked when the spec
-is read, before anything trains. Paths are taken as given, else relative to the spec's folder.
+is read, before anything trains. A spec is a file or the name of a built-in spec
+(``head_ct``; ``medanomaly config list --specs``). Paths in a spec file are taken as given,
+else relative to the spec's folder; a built-in spec's data path is relative to the current
+folder (or replaced by ``--data``). A candidate's ``config:`` is a file, else a built-in
+config name (``medanomaly config list``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from typing import Any
 
 import yaml
 
+from medanomaly.builtin import resolve
 from medanomaly.config import SECTIONS, apply_overrides, build_detector, load_config
 from medanomaly.errors import ConfigError, check_choice, did_you_mean
 from medanomaly.postprocess import PostProcess
@@ -316,10 +321,17 @@ def parse_spec(raw: dict[str, Any], base: Path, data: str | Path | None = None) 
 
 
 def load_spec(path: str | Path, data: str | Path | None = None) -> Spec:
-    """Read and check a spec file (see the module docstring)."""
-    path = Path(path)
+    """Read and check a spec file or built-in spec (see the module docstring).
+
+    Raises:
+        MissingFileError: ``path`` is neither a file nor a built-in spec name (did-you-mean).
+        ConfigError: The spec is invalid.
+    """
+    source = resolve("spec", path)
+    file = Path(path).expanduser()
+    base = file.resolve().parent if file.is_file() else Path.cwd()  # built-in: the user's folder
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(source.read_text())
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"{path}: cannot read spec: {error}") from error
-    return parse_spec(raw, path.resolve().parent, data)
+    return parse_spec(raw, base, data)

@@ -153,7 +153,7 @@ class IntroVAE(DeepDetector):
     * ``ssim_weight`` 1 (unstated in the paper); ``prior_samples`` (unstated) = batch size;
     * L_AE and L_REG are sums over voxels and latent dimensions, so the balance of beta
       against m depends on the image size: at a quarter of the paper's pixels, a 4x beta keeps
-      the paper's balance (see ``configs/introvae_lgg_2d.yaml``).
+      the paper's balance (see the config ``introvae_lgg_2d``).
 
     Args:
         spatial_dims: 2 or 3.
