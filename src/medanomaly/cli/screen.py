@@ -62,11 +62,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "dicomweb+http://HOST:PORT/PATH/?FILTERS (QIDO-RS filters, e.g. Modality=CT) to screen",
     )
     p.add_argument("--out", required=True, help="output folder (created)")
-    p.add_argument(
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument(
+        "--threshold",
+        default=None,
+        metavar="RULE",
+        help="flag score > the cut-off of RULE on the run's held-out normal validation scores: "
+        "mean_sd[:k=3] (default), percentile[:q=99], conformal[:alpha=0.05], or run (the "
+        "run's own threshold); spelled as in evaluate, cv and compare specs",
+    )
+    rule.add_argument(
         "--k",
         type=at_least(0.0, float),
-        default=3.0,
-        help="flag score > mean + k*SD of the run's normal validation scores (default: 3)",
+        default=None,
+        help="shorthand for --threshold mean_sd:k=K",
     )
     p.add_argument(
         "--metal-level",
@@ -120,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
         args.run,
         args.data,
         out,
-        k=args.k,
+        threshold=_rule(args),
         metal_level=args.metal_level,
         eps=args.eps,
         min_samples=args.min_samples,
@@ -137,3 +146,10 @@ def run(args: argparse.Namespace) -> int:
     report_map_problems(job.map_problems)
     print(summary_line(job.result, out))
     return 0
+
+
+def _rule(args: argparse.Namespace) -> str:
+    """The threshold rule of ``--threshold`` or ``--k`` (default mean + 3 SD)."""
+    if args.k is not None:
+        return f"mean_sd:k={args.k:g}"
+    return args.threshold or "mean_sd:k=3"

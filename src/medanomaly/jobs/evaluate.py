@@ -31,6 +31,7 @@ from medanomaly.detectors.thresholds import (
     describe_rule,
     parse_rule,
     rule_threshold,
+    run_threshold,
 )
 from medanomaly.errors import ConfigError
 from medanomaly.io.temporary import temporary_folder
@@ -52,25 +53,15 @@ def _evaluate_threshold(
 ) -> ThresholdChoice:
     """The threshold of :func:`evaluate_run` and what it rests on."""
     rule, params = parse_rule(spec)
-    calibration = np.asarray(detector.val_scores_, dtype=np.float64)
-    if rule is None:
-        source = (
-            f"the run's own threshold ({detector.threshold_rule_}; {calibration.size} held-out "
-            "normal validation scores kept)"
-        )
-        return ThresholdChoice(float(detector.threshold_), "run", source, calibration.size)
-    name = describe_rule(rule, params, alpha)
     if rule in LABELLED_RULES:
+        name = describe_rule(rule, params, alpha)
         log.warning("threshold %s is fitted on the evaluated cases themselves (optimistic)", name)
         threshold = rule_threshold(rule, params, labels, scores, alpha)
         source = "the evaluated cases themselves (in-sample, optimistic)"
         return ThresholdChoice(threshold, name, source, int(np.size(labels)))
-    if calibration.size == 0:
-        raise ConfigError(f"threshold {name}: the run holds no validation scores")
-    normal = np.zeros(calibration.size, dtype=np.int64)
-    threshold = rule_threshold(rule, params, normal, calibration, alpha)
-    source = f"the run's {calibration.size} held-out normal validation scores"
-    return ThresholdChoice(threshold, name, source, calibration.size)
+    return run_threshold(
+        spec, detector.threshold_, detector.threshold_rule_, detector.val_scores_, alpha
+    )
 
 
 # -- scoring and metric blocks ----------------------------------------------------------------

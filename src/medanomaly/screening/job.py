@@ -17,7 +17,7 @@ from medanomaly.outputs.guard import Claim, check_apart, claim_outputs, staging_
 from medanomaly.outputs.key_objects import FlaggedSeries, write_key_objects
 from medanomaly.screening.core import (
     DEFAULT_BATCH,
-    DEFAULT_K,
+    DEFAULT_RULE,
     ChunkHook,
     check_settings,
     screen,
@@ -51,7 +51,7 @@ def screen_folder(
     run: str | Path,
     data: str | Path,
     out: str | Path,
-    k: float = DEFAULT_K,
+    threshold: str = DEFAULT_RULE,
     metal_level: float = DEFAULT_METAL_LEVEL,
     eps: float | None = None,
     min_samples: int = DEFAULT_MIN_SAMPLES,
@@ -73,7 +73,7 @@ def screen_folder(
         run: Run directory (or ``model.safetensors``).
         data: Unlabelled folder or manifest.
         out: Output folder.
-        k: Flag score > mean + k·SD of the run's normal validation scores.
+        threshold: The threshold rule (see :func:`medanomaly.screening.core.screen`).
         metal_level: Raw value above which a voxel counts as metal.
         eps: DBSCAN radius (``None``: automatic).
         min_samples: DBSCAN ``min_samples``.
@@ -98,7 +98,18 @@ def screen_folder(
     settings = {"metal_level": metal_level, "eps": eps, "min_samples": min_samples, "batch": batch}
     with claim:
         return _screen_share(
-            run, data, Path(out), maps, claim, ranks, detector, k, strict, target, settings, options
+            run,
+            data,
+            Path(out),
+            maps,
+            claim,
+            ranks,
+            detector,
+            threshold,
+            strict,
+            target,
+            settings,
+            options,
         )
 
 
@@ -110,14 +121,14 @@ def _screen_share(
     claim: Claim,
     ranks: Ranks,
     detector: BaseDetector,
-    k: float,
+    rule: str,
     strict: bool,
     target: MapTarget,
     settings: dict[str, Any],
     options: JobOptions,
 ) -> ScreenJob | None:
     """The body of :func:`screen_folder`, its outputs claimed."""
-    threshold, _ = screen_threshold(detector, k)
+    threshold = screen_threshold(detector, rule).value
     share = load_share(detector, data, ranks, strict, num_workers=options.num_workers)
     problems: list[str] = []
     flagged: list[FlaggedSeries] = []
@@ -128,7 +139,7 @@ def _screen_share(
     result = screen(
         detector,
         share.cases,
-        k=k,
+        threshold=rule,
         **settings,
         skipped=share.skipped,
         ranks=ranks,

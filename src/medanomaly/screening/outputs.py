@@ -110,5 +110,5 @@ def summary_line(result: ScreenResult, out_dir: str | Path) -> str:
     skipped = f", {len(result.skipped)} file(s) skipped" if result.skipped else ""
     return (
         f"screened {len(result)} cases: {len(result.flagged_order)} flagged above threshold "
-        f"{result.threshold:.6g} (mean + {result.k:g}·SD){skipped} -> {out_dir}"
+        f"{result.threshold:.6g} ({result.threshold_rule}){skipped} -> {out_dir}"
     )
