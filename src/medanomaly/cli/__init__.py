@@ -9,6 +9,8 @@
 
     fit, score, screen and evaluate also take [--devices N] [--num-nodes M] [--accelerator A]
     (data-parallel ranks); score, screen and evaluate take [--num-workers W] (first pass).
+    medanomaly export --run RUN --out DIR [--format onnx]
+    medanomaly view OUT [--port P]
     medanomaly cv --config C --data LABELLED --out DIR [--folds 5] [--repeats 2] [--set K=V]
     medanomaly compare --spec SPEC.yaml --out DIR [--data D] [--no-refit]
     medanomaly inspect PATH [PATH ...] [--series-uid UID]
@@ -39,6 +41,7 @@ from medanomaly.cli import (
     cv,
     demo,
     evaluate,
+    export,
     fit,
     inspect,
     manifest,
@@ -48,7 +51,19 @@ from medanomaly.cli import (
 )
 from medanomaly.errors import MedanomalyError
 
-COMMANDS = (fit, score, screen, evaluate, cv, compare, inspect, manifest, demo, models)
+COMMANDS = (
+    fit,
+    score,
+    screen,
+    evaluate,
+    export,
+    cv,
+    compare,
+    inspect,
+    manifest,
+    demo,
+    models,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
