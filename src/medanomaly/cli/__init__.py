@@ -48,6 +48,7 @@ from medanomaly.cli import (
     models,
     score,
     screen,
+    view,
 )
 from medanomaly.errors import MedanomalyError
 
@@ -63,6 +64,7 @@ COMMANDS = (
     manifest,
     demo,
     models,
+    view,
 )
 
 
