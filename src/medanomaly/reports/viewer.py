@@ -131,7 +131,7 @@ def viewer_html(block: Viewer) -> str:
 <label>opacity <input id='mv-opacity' type='range' min='0' max='1' step='0.05' value='0.7'>
 </label>
 <label>threshold <input id='mv-threshold' type='range' min='{low!r}' max='{top!r}'
- step='{(top - low) / 1000!r}' value='{start!r}'> <output id='mv-threshold-value'>{start:.4g}
+ step='any' value='{start!r}'> <output id='mv-threshold-value'>{start:.4g}
 </output></label>
 <label id='mv-planes-label'>planes <select id='mv-planes'><option value='multi'>three planes
 </option><option value='axial'>axial</option><option value='coronal'>coronal</option>
