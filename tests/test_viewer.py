@@ -1,4 +1,4 @@
-"""The report's viewer in headless Chromium: the map over its lesion, the threshold, loopback only."""
+"""The report viewer in headless Chromium: map over its lesion, threshold slider, loopback only."""
 
 from __future__ import annotations
 
