@@ -37,6 +37,13 @@ from medanomaly.outputs.writers import case_stem
 from medanomaly.reports.viewer import CASES_DIR
 
 _SCAN, _MAP, _OUTLINE = "scan", "map", "outline"
+DISPLAY_VOXELS = 2**22
+"""Most voxels of a volume in the viewer: larger ones are shown resampled (linear) to this.
+
+The browser draws every layer of the open case into a volume texture whenever the threshold
+moves; without a GPU (software WebGL) that costs about a second per 10 million voxels and
+layer, so a 240x240x155 scan is shown at about 190x190x120 (the map, made on the model's
+coarser grid, loses nothing)."""
 
 
 @dataclass
@@ -53,6 +60,7 @@ class ViewerVolumes:
     read_options: Mapping[str, Any] = field(default_factory=dict)
     masks: Mapping[str, str | Path | None] = field(default_factory=dict)
     entries: list[dict[str, Any]] = field(default_factory=list)
+    max_voxels: int = DISPLAY_VOXELS
 
     def write(
         self, part: Any, result: AnomalyResult, indices: Sequence[int]
@@ -79,9 +87,11 @@ class ViewerVolumes:
             if volumes is None:
                 lesion = None if part.masks is None else np.asarray(part.masks[j])
                 volumes = _model_volumes(part.images[j], np.asarray(result.maps[j]), lesion)
+            volumes, shrink = _display_size(volumes, self.max_voxels)
             files = {}
             for kind, (array, affine) in volumes.items():
                 name = f"{stem}_{kind}.nii.gz"
+                array = outline(array > 0) if kind == _OUTLINE else array
                 _write_nifti(folder / name, array, affine, outline_mask=kind == _OUTLINE)
                 files[kind] = f"{CASES_DIR}/{name}"
             values = volumes[_MAP][0]
@@ -98,6 +108,7 @@ class ViewerVolumes:
                     "grid": "model" if grid is None or "scan" not in files else "source",
                     "map_min": float(values.min()) if values.size else 0.0,
                     "map_max": float(values.max()) if values.size else 0.0,
+                    "display_scale": shrink,
                     **files,
                 }
             )
@@ -122,14 +133,14 @@ class ViewerVolumes:
         if scan.ndim == 2:
             volumes = {_SCAN: _picture(scan), _MAP: _picture(values)}
             if mask is not None and mask.shape == scan.shape:
-                volumes[_OUTLINE] = _picture(outline(mask))
+                volumes[_OUTLINE] = _picture(mask)
             return volumes
         volumes = {
             _SCAN: (scan, np.asarray(image.affine)),
             _MAP: (values, np.asarray(grid.affine)),
         }
         if mask is not None and mask.shape == scan.shape:
-            volumes[_OUTLINE] = (outline(mask), np.asarray(image.affine))
+            volumes[_OUTLINE] = (mask, np.asarray(image.affine))
         return volumes
 
 
@@ -163,12 +174,35 @@ def _model_volumes(
     if scan.ndim == 2:
         volumes = {_SCAN: _picture(scan), _MAP: _picture(model_map)}
         if lesion is not None and lesion.any():
-            volumes[_OUTLINE] = _picture(outline(lesion > 0))
+            volumes[_OUTLINE] = _picture(lesion > 0)
         return volumes
     volumes = {_SCAN: (scan, np.eye(4)), _MAP: (model_map, np.eye(4))}
     if lesion is not None and lesion.any():
-        volumes[_OUTLINE] = (outline(lesion > 0), np.eye(4))
+        volumes[_OUTLINE] = (lesion > 0, np.eye(4))
     return volumes
+
+
+def _display_size(
+    volumes: dict[str, tuple[np.ndarray, np.ndarray]], max_voxels: int
+) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], float]:
+    """The volumes resampled to at most ``max_voxels`` each, and the scale (1: unchanged).
+
+    Scan and map are resampled linearly, the label mask by nearest neighbour (its outline is
+    drawn afterwards); each affine follows its volume, so they stay in place in the world.
+    """
+    largest = max(a.size for a, _ in volumes.values())
+    if largest <= max_voxels:
+        return volumes, 1.0
+    scale = (max_voxels / largest) ** (1 / 3)
+    resized = {}
+    for kind, (array, affine) in volumes.items():
+        shape = np.maximum(1, np.round(np.asarray(array.shape) * scale)).astype(int)
+        steps = (np.asarray(array.shape) - 1) / np.maximum(shape - 1, 1)
+        order = 0 if kind == _OUTLINE else 1  # the mask stays a mask
+        values = ndimage.zoom(np.asarray(array, np.float32), shape / array.shape, order=order)
+        moved = np.asarray(affine, np.float64) @ np.diag([*steps, 1.0])
+        resized[kind] = (values, moved)
+    return resized, float(scale)
 
 
 def _picture(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -83,8 +83,25 @@
 
   function layout(entry) {
     nv.opts.crosshairWidth = entry.dims === 3 ? 1 : 0;
-    nv.setSliceType(sliceType(entry));
+    nv.opts.sliceType = sliceType(entry);
     document.getElementById("mv-planes-label").hidden = entry.dims !== 3;
+  }
+
+  // The case's volumes in place of the open ones, drawn into textures once: NiiVue redraws
+  // every layer for each volume added or removed, which without a GPU costs seconds.
+  function replaceVolumes(options) {
+    return Promise.all(options.map(function (o) { return niivue.NVImage.loadFromUrl(o); }))
+      .then(function (images) {
+        var update = nv.updateGLVolume;
+        nv.updateGLVolume = function () {};
+        try {
+          while (nv.volumes.length) { nv.removeVolume(nv.volumes[nv.volumes.length - 1]); }
+          images.forEach(function (image) { nv.addVolume(image); });
+        } finally {
+          nv.updateGLVolume = update;
+        }
+        nv.updateGLVolume();
+      });
   }
 
   function open(k) {
@@ -107,11 +124,13 @@
     if (entry.outline) {
       volumes.push({ url: "viewer/" + entry.outline, colormap: "green", cal_min: 0.5, cal_max: 1 });
     }
-    var loading = nv.loadVolumes(volumes).then(function () {
+    layout(entry);
+    var loading = replaceVolumes(volumes).then(function () {
       if (current !== k) { return; }
-      layout(entry);
-      applyThreshold();
+      shown.textContent = Number(threshold.value).toPrecision(4);
       nv.drawScene();
+      // reading one pixel waits for the drawing itself, so that data-open-ms is honest
+      nv.gl.readPixels(0, 0, 1, 1, nv.gl.RGBA, nv.gl.UNSIGNED_BYTE, new Uint8Array(4));
       root.setAttribute("data-case", entry.id);
       root.setAttribute("data-open-ms", String(Math.round(performance.now() - started)));
       root.setAttribute("data-state", "ready");
@@ -126,6 +145,7 @@
       crosshairColor: [0.3, 0.8, 1.0, 0.5],
       crosshairWidth: 1,
       show3Dcrosshair: false,
+      multiplanarShowRender: 0, // no volume rendering tile: slow in software WebGL, not needed
       isColorbar: false,
       logLevel: "error",
       loadingText: ""
@@ -146,7 +166,7 @@
         if (nv.volumes.length > 1) { nv.setColormap(nv.volumes[1].id, colormap.value); }
       });
       planes.addEventListener("change", function () {
-        if (current >= 0) { layout(cases[current]); nv.drawScene(); }
+        if (current >= 0) { layout(cases[current]); nv.setSliceType(nv.opts.sliceType); }
       });
       var wanted = new URLSearchParams(location.search).get("case");
       var first = 0;
