@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from medanomaly.viz.case_figure import unique_names
+
 STATIC = Path(__file__).resolve().parent / "static"
 """The vendored NiiVue bundle, its licence and version, and ``viewer.js``."""
 STATIC_FILES = ("niivue.umd.js", "viewer.js", "NIIVUE_LICENSE.txt", "NIIVUE_VERSION.txt")
@@ -98,6 +100,8 @@ def viewer_html(block: Viewer) -> str:
     if not block.cases:
         return ""
     cases = ordered(block.cases)
+    names = unique_names([c["id"] for c in cases])
+    cases = [{**c, "name": name} for c, name in zip(cases, names, strict=True)]
     start, why = start_threshold(cases, block.threshold)
     low = min(0.0, min(c["map_min"] for c in cases))
     high = max(c["map_max"] for c in cases)
