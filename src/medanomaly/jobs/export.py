@@ -128,10 +128,16 @@ def _write_graph(torch_onnx: Any, graph: Any, shape: tuple[int, ...], path: Path
     example = torch.rand((2, *shape), generator=torch.Generator().manual_seed(0))
     batch = torch.export.Dim("batch")
     log.info("exporting the scoring graph for images %s", shape)
-    with warnings.catch_warnings():  # torch.export's deprecation notices are not the user's
-        warnings.simplefilter("ignore", FutureWarning)
-        warnings.simplefilter("ignore", DeprecationWarning)
-        _export(torch_onnx, graph, example, batch, path)
+    exporter_log = logging.getLogger("torch.onnx")
+    level = exporter_log.level
+    exporter_log.setLevel(logging.ERROR)  # "torchvision is not installed": not the user's concern
+    try:
+        with warnings.catch_warnings():  # torch.export's deprecation notices neither
+            warnings.simplefilter("ignore", FutureWarning)
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _export(torch_onnx, graph, example, batch, path)
+    finally:
+        exporter_log.setLevel(level)
 
 
 def _export(torch_onnx: Any, graph: Any, example: Any, batch: Any, path: Path) -> None:
