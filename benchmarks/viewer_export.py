@@ -117,6 +117,9 @@ def write_config(path: Path, model: dict[str, Any], transforms: list[Any], **dat
 # -- parts --------------------------------------------------------------------------------
 
 
+DISPLAY: dict[str, int] = {}  # --display-voxels N: the viewer's cap (default: its own)
+
+
 def viewer_open(out: Path) -> dict[str, Any]:
     """Open BraTS cases in a report's viewer; milliseconds per open."""
     from browser import Browser
@@ -145,7 +148,9 @@ def viewer_open(out: Path) -> dict[str, Any]:
     result = detector.detect(cases)
     report = out / "brats_report"
     volumes = ViewerVolumes(
-        report / VIEWER_DIR, masks={str(c / flair): c / "OTMultiClass.nii.gz" for c in test}
+        report / VIEWER_DIR,
+        masks={str(c / flair): c / "OTMultiClass.nii.gz" for c in test},
+        **({"max_voxels": DISPLAY["voxels"]} if DISPLAY else {}),
     )
     entries = volumes.write(cases, result, list(range(len(cases))))
     install_static(report / VIEWER_DIR)
@@ -180,6 +185,7 @@ def viewer_open(out: Path) -> dict[str, Any]:
     shape = nib.load(test[0] / flair).shape
     return {
         "case_shape": list(shape),
+        "display_shape": list(nib.load(report / VIEWER_DIR / entries[0]["scan"]).shape),
         "case_files_bytes": folder_bytes(report / VIEWER_DIR / "cases") // len(test),
         **timings,
     }
@@ -375,7 +381,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=ROOT / "runs" / "viewer_export")
     parser.add_argument("--part", choices=[*PARTS, "all"], default="all")
+    parser.add_argument("--display-voxels", type=int, help="the viewer's voxel cap (open)")
     args = parser.parse_args()
+    if args.display_voxels:
+        DISPLAY["voxels"] = args.display_voxels
     if not DATA.is_dir():
         sys.exit(f"viewer_export: real data not found at {DATA}")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -28,9 +28,13 @@ def main() -> None:
     args = parser.parse_args()
     server, url = serve_in_background(args.report)
     try:
-        with Browser(1200, 1000) as browser:
+        with Browser(1200, 900) as browser:
             browser.open(url)
             browser.wait_for("document.getElementById('mv').dataset.state === 'ready'")
+            browser.evaluate("document.querySelector('#mv .mv-layout').scrollIntoView()")
+            browser.evaluate(
+                "new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))"
+            )
             box = browser.evaluate(
                 "(() => { const r = document.querySelector('#mv .mv-layout')"
                 ".getBoundingClientRect(); return {x: r.left + scrollX, y: r.top + scrollY,"

@@ -154,6 +154,7 @@ class Browser:
         params: dict[str, Any] = {"format": "png"}
         if clip is not None:
             params["clip"] = {**clip, "scale": 1}
+            params["captureBeyondViewport"] = True
         data = base64.b64decode(self.send("Page.captureScreenshot", **params)["data"])
         return Image.open(io.BytesIO(data)).convert("RGB")
 

@@ -37,13 +37,14 @@ from medanomaly.outputs.writers import case_stem
 from medanomaly.reports.viewer import CASES_DIR
 
 _SCAN, _MAP, _OUTLINE = "scan", "map", "outline"
-DISPLAY_VOXELS = 2**22
+DISPLAY_VOXELS = 2**21
 """Most voxels of a volume in the viewer: larger ones are shown resampled (linear) to this.
 
-The browser draws every layer of the open case into a volume texture whenever the threshold
-moves; without a GPU (software WebGL) that costs about a second per 10 million voxels and
-layer, so a 240x240x155 scan is shown at about 190x190x120 (the map, made on the model's
-coarser grid, loses nothing)."""
+The browser draws every layer of the open case into a volume texture when a case opens and
+whenever the threshold moves; without a GPU (software WebGL, as in headless Chromium) that
+costs about 0.3 s of CPU per million voxels for the three layers, so a 240x240x155 scan is
+shown at 148x148x96 (benchmarks/viewer_export.py --part open). The map, made on the model's
+coarser grid, loses nothing; the full-resolution scan is the source file."""
 
 
 @dataclass
@@ -94,7 +95,7 @@ class ViewerVolumes:
                 array = outline(array > 0) if kind == _OUTLINE else array
                 _write_nifti(folder / name, array, affine, outline_mask=kind == _OUTLINE)
                 files[kind] = f"{CASES_DIR}/{name}"
-            values = volumes[_MAP][0]
+            values, map_affine = volumes[_MAP]
             score = float(result.scores[j])
             found.append(
                 {
@@ -109,6 +110,7 @@ class ViewerVolumes:
                     "map_min": float(values.min()) if values.size else 0.0,
                     "map_max": float(values.max()) if values.size else 0.0,
                     "display_scale": shrink,
+                    "peak_mm": _peak(values, map_affine),
                     **files,
                 }
             )
@@ -203,6 +205,15 @@ def _display_size(
         moved = np.asarray(affine, np.float64) @ np.diag([*steps, 1.0])
         resized[kind] = (values, moved)
     return resized, float(scale)
+
+
+def _peak(values: np.ndarray, affine: np.ndarray) -> list[float]:
+    """World position (mm) of the map's largest value: where the viewer opens a volume."""
+    if not values.size:
+        return [0.0, 0.0, 0.0]
+    index = np.unravel_index(int(np.argmax(values)), values.shape)
+    padded = [*index, *([0] * (3 - len(index)))][:3]
+    return [float(v) for v in (np.asarray(affine) @ np.array([*padded, 1.0]))[:3]]
 
 
 def _picture(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

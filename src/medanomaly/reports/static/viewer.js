@@ -82,7 +82,7 @@
   }
 
   function layout(entry) {
-    nv.opts.crosshairWidth = entry.dims === 3 ? 1 : 0;
+    nv.opts.crosshairWidth = entry.dims === 3 ? 0.4 : 0;
     nv.opts.sliceType = sliceType(entry);
     document.getElementById("mv-planes-label").hidden = entry.dims !== 3;
   }
@@ -128,6 +128,9 @@
     var loading = replaceVolumes(volumes).then(function () {
       if (current !== k) { return; }
       shown.textContent = Number(threshold.value).toPrecision(4);
+      if (entry.dims === 3 && entry.peak_mm) {  // open the planes through the map's peak
+        nv.scene.crosshairPos = nv.mm2frac(entry.peak_mm);
+      }
       nv.drawScene();
       // reading one pixel waits for the drawing itself, so that data-open-ms is honest
       nv.gl.readPixels(0, 0, 1, 1, nv.gl.RGBA, nv.gl.UNSIGNED_BYTE, new Uint8Array(4));
@@ -142,8 +145,9 @@
   function start() {
     nv = new niivue.Niivue({
       backColor: [0, 0, 0, 1],
-      crosshairColor: [0.3, 0.8, 1.0, 0.5],
-      crosshairWidth: 1,
+      crosshairColor: [0.3, 0.8, 1.0, 0.6],
+      crosshairWidth: 0.4,
+      crosshairWidthUnit: "percent", // thin whatever the voxel size
       show3Dcrosshair: false,
       multiplanarShowRender: 0, // no volume rendering tile: slow in software WebGL, not needed
       isColorbar: false,
