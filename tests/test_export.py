@@ -80,6 +80,7 @@ def test_an_export_scores_and_maps_as_the_run(tmp_path, name):
     np.testing.assert_allclose(found.scores, expected.scores, rtol=1e-5, atol=1e-6)
     assert np.array_equal(found.labels, expected.labels)
     assert exported.threshold_ == detector.threshold_
+    assert exported.threshold_rule_ == detector.threshold_rule_
 
 
 def test_the_export_describes_preprocessing_threshold_model_and_source(tmp_path):
@@ -89,7 +90,8 @@ def test_the_export_describes_preprocessing_threshold_model_and_source(tmp_path)
     assert description["graph"]["inputs"]["image"]["shape"] == ["batch", 1, 32, 32]
     assert description["input"] == {"spatial_dims": 2, "channels": 1, "shape": [1, 32, 32]}
     assert description["threshold"]["value"] == detector.threshold_
-    assert description["threshold"]["rule"] == "mean_sd" and description["threshold"]["k"] == 3.0
+    assert description["threshold"]["rule"] == "mean_sd(k=3)" == detector.threshold_rule_
+    assert description["threshold"]["k"] == 3.0
     assert description["threshold"]["n"] == len(detector.val_scores_) > 0
     assert description["model"]["name"] == "cae"
     assert description["model"]["reference"] == "the UAD slide deck"

@@ -101,6 +101,7 @@ class ExportedDetector(BaseDetector):
         self.in_channels = int(description["input"]["channels"])
         self.input_shape_ = tuple(int(n) for n in description["input"]["shape"])
         self.threshold_ = float(description["threshold"]["value"])
+        self.threshold_rule_ = str(description["threshold"]["rule"])
         self.val_scores_ = np.asarray(description["threshold"]["val_scores"], dtype=np.float64)
         self.history_ = []
         self.run_config_ = {

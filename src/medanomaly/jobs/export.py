@@ -229,14 +229,11 @@ def export_description(
         "skipped when scoring",
         "threshold": {
             "value": float(detector.threshold_),
-            "rule": "mean_sd" if k is not None else "run",
+            "rule": detector.threshold_rule_,
             "k": k,
             "n": int(calibration.size),
-            "text": (
-                f"mean + {k:g}·SD of {calibration.size} held-out normal validation scores"
-                if k is not None
-                else "the run's own threshold"
-            ),
+            "text": f"{detector.threshold_rule_}, from a run whose {calibration.size} held-out "
+            "normal validation scores are kept in val_scores",
             "decision": "flagged iff score > threshold",
             "val_scores": calibration.tolist(),
         },
