@@ -11,7 +11,7 @@ TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint docs benchmark clean
+.PHONY: install demo test lint docs benchmark clean update-viewer
 
 install: $(STAMP)
 
@@ -37,6 +37,16 @@ lint: install
 benchmark: install
 	$(BIN)/python benchmarks/prepare_head_ct.py --out runs/head_ct
 	$(BIN)/medanomaly compare --spec head_ct --out runs/compare_head_ct
+
+# The report viewer's NiiVue bundle (src/medanomaly/reports/static/README.md): npm pack, no node_modules.
+NIIVUE ?= 0.69.0
+STATIC := src/medanomaly/reports/static
+update-viewer:
+	tmp=$$(mktemp -d) && cd $$tmp && npm pack --silent @niivue/niivue@$(NIIVUE) >/dev/null \
+	  && tar xzf niivue-niivue-$(NIIVUE).tgz package/dist/niivue.umd.js \
+	  && cp package/dist/niivue.umd.js $(CURDIR)/$(STATIC)/niivue.umd.js && rm -rf $$tmp
+	printf '@niivue/niivue %s\nfile: package/dist/niivue.umd.js of `npm pack @niivue/niivue@%s`\nsha256: %s\n' \
+	  $(NIIVUE) $(NIIVUE) $$(sha256sum $(STATIC)/niivue.umd.js | cut -d' ' -f1) > $(STATIC)/NIIVUE_VERSION.txt
 
 clean:
 	rm -rf $(VENV) demo_out .pytest_cache site dist

@@ -48,3 +48,8 @@ def test_quick_start_runs_as_shown(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert list((tmp_path / "maps").glob("*_map.nii.gz")), "no maps in the scans' geometry"
     assert (tmp_path / "eval" / "report.html").exists()
+    assert list((tmp_path / "eval" / "viewer" / "cases").glob("*_map.nii.gz"))
+    by_run = (tmp_path / "scores.csv").read_text().splitlines()
+    by_export = (tmp_path / "s.csv").read_text().splitlines()
+    flags = [[row.split(",")[3] for row in rows[1:]] for rows in (by_run, by_export)]
+    assert flags[0] == flags[1] and len(flags[0]) == 12, "the export flags otherwise"

@@ -9,6 +9,8 @@
 
     fit, score, screen and evaluate also take [--devices N] [--num-nodes M] [--accelerator A]
     (data-parallel ranks); score, screen and evaluate take [--num-workers W] (first pass).
+    medanomaly export --run RUN --out DIR [--format onnx]
+    medanomaly view OUT [--port P]
     medanomaly cv --config C --data LABELLED --out DIR [--folds 5] [--repeats 2] [--set K=V]
     medanomaly compare --spec SPEC.yaml --out DIR [--data D] [--no-refit]
     medanomaly inspect PATH [PATH ...] [--series-uid UID]
@@ -44,16 +46,32 @@ from medanomaly.cli import (
     cv,
     demo,
     evaluate,
+    export,
     fit,
     inspect,
     manifest,
     models,
     score,
     screen,
+    view,
 )
 from medanomaly.errors import MedanomalyError
 
-COMMANDS = (fit, score, screen, evaluate, cv, compare, inspect, manifest, demo, models, configs)
+COMMANDS = (
+    fit,
+    score,
+    screen,
+    evaluate,
+    export,
+    cv,
+    compare,
+    inspect,
+    manifest,
+    demo,
+    models,
+    view,
+    configs,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

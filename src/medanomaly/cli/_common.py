@@ -190,3 +190,14 @@ def report_lines(
     from medanomaly.data.loading import LoadReport
 
     report_skipped(LoadReport(skipped=list(skipped), warnings=list(warnings)), out)
+
+
+def add_viewer_argument(parser: argparse.ArgumentParser) -> None:
+    """``--no-viewer``: leave each case's scan and map out of the report's viewer."""
+    parser.add_argument(
+        "--no-viewer",
+        dest="viewer",
+        action="store_false",
+        help="write no viewer volumes (OUT/viewer/: each case's scan and map for the report's "
+        "interactive viewer, opened with medanomaly view OUT)",
+    )

@@ -9,6 +9,7 @@ from medanomaly.cli._common import (
     add_archive_arguments,
     add_device_arguments,
     add_dicom_argument,
+    add_viewer_argument,
     archive_settings,
     at_least,
     check_dicom_needs_maps,
@@ -107,6 +108,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--maps", help="folder for every case's anomaly map in the scan's geometry (see score)"
     )
     add_dicom_argument(p)
+    add_viewer_argument(p)
     add_archive_arguments(p)
     p.add_argument(
         "--strict",
@@ -139,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         options=job_options(args),
         strict=args.strict,
         store=store,
+        viewer=args.viewer,
     )
     if job is None:  # another rank: rank 0 reports
         return 0

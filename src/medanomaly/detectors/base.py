@@ -37,6 +37,8 @@ MODEL_FILE = "model.safetensors"
 LEGACY_MODEL_FILE = "model.pt"
 """What medanomaly before 0.2 saved: a pickle, loaded only when trusted."""
 CONFIG_FILE = "config.yaml"
+EXPORT_FILE = "medanomaly_export.json"
+"""What marks an export folder (``medanomaly export``; see :mod:`medanomaly.detectors.exported`)."""
 INFERENCE_VOXELS = 2**20
 MIN_THRESHOLD_NORMALS = 20
 """Fewer held-out normal scores than this make ``fit`` warn about its default threshold."""
@@ -92,6 +94,9 @@ class BaseDetector(ABC):
         streams: Fits on a streamed set a batch at a time, without reading it whole.
         foreground_threshold: Intensity above which a voxel is foreground for masked
             scores, or ``None`` where the model has no such rule.
+        exportable: Its scoring (score and map of a batch) is one graph of tensor operations,
+            which ``medanomaly export`` writes as ONNX (:meth:`scoring_graph`).
+        export_refusal: Why not, where :attr:`exportable` is false (one line for the user).
         threshold_: Image-level decision threshold learned by ``fit`` (score > threshold_
             means abnormal); by default mean + ``threshold_sd`` * SD of the scores of held-out
             normal validation images (the outlier rule of Hjohlman 2022).
@@ -110,6 +115,8 @@ class BaseDetector(ABC):
     has_latent: ClassVar[bool] = False
     scores_any_size: ClassVar[bool] = False
     streams: ClassVar[bool] = True
+    exportable: ClassVar[bool] = False
+    export_refusal: ClassVar[str] = "its scoring is not written as one graph of tensor operations"
     foreground_threshold: float | None = None
     spatial_dims: int
     in_channels: int = 1
@@ -150,6 +157,18 @@ class BaseDetector(ABC):
     def embed(self, x: Any) -> np.ndarray:
         """Latent vectors ``(N, D)`` of images; only where :attr:`has_latent` is true."""
         raise NotImplementedError(f"{type(self).__name__} has no latent space (has_latent)")
+
+    def scoring_graph(self) -> nn.Module:
+        """The fitted scoring as a module: images ``(B, C, *spatial)`` -> scores, maps.
+
+        Only where :attr:`exportable` is true; its outputs equal :meth:`detect`'s scores and
+        maps (up to float rounding), so that an ONNX export of it scores as this detector does.
+
+        Raises:
+            ConfigError: The detector is not exportable (:attr:`export_refusal` says why).
+        """
+        name = self.name or type(self).__name__
+        raise ConfigError(f"{name} cannot be exported: {self.export_refusal}")
 
     def anomaly_map(self, x: Any) -> np.ndarray:
         """Voxel-wise anomaly map ``(N, *spatial)`` on the input grid."""
@@ -213,6 +232,9 @@ class BaseDetector(ABC):
     def load(cls, path: str | Path, trust_pickle: bool | None = None) -> BaseDetector:
         """Load a saved detector: a ``model.safetensors`` file or a run directory holding one.
 
+        An export folder (``medanomaly export``) gives an
+        :class:`~medanomaly.detectors.exported.ExportedDetector`, scored by ONNX Runtime.
+
         Args:
             path: The model file or run directory.
             trust_pickle: Also load a legacy pickle ``model.pt``, which can run code; ``None``
@@ -225,6 +247,10 @@ class BaseDetector(ABC):
         from medanomaly.detectors.registry import get_model_class
 
         path = Path(path)
+        if path.is_dir() and (path / EXPORT_FILE).is_file():  # an ONNX export
+            from medanomaly.detectors.exported import ExportedDetector
+
+            return ExportedDetector(path)
         if path.is_dir():
             legacy = path / LEGACY_MODEL_FILE
             saved_file = path / MODEL_FILE

@@ -421,6 +421,13 @@ class DeepDetector(BaseDetector):
             vectors[index] = vector
         return vectors
 
+    def scoring_graph(self) -> nn.Module:
+        """The fitted network with its scoring: images -> ``(scores, maps)`` (see the base)."""
+        self.check_fitted()
+        if not self.exportable:
+            return super().scoring_graph()
+        return ScoringGraph(self)
+
     # -- persistence ----------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
         """The resolved config: ``{model: {name, ...params}, engine: {...}}``."""
@@ -456,6 +463,28 @@ class DeepDetector(BaseDetector):
         self.history_ = saved.get("history", [])
         self.run_config_ = saved.get("config", {})
         self.map_scale_ = saved.get("map_scale")
+
+
+class ScoringGraph(nn.Module):
+    """A fitted detector's :meth:`DeepDetector.evaluate` and ``map_score`` as one module.
+
+    What :meth:`DeepDetector.detect` computes for a batch, without the batching, so that
+    ``torch.onnx.export`` writes it as one graph: ``forward(images) -> (scores, maps)``.
+    """
+
+    def __init__(self, detector: DeepDetector) -> None:
+        super().__init__()
+        self.detector = detector
+        self.network = detector.network_
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores ``(B,)`` and maps ``(B, *spatial)`` of a batch."""
+        scores, maps, _ = self.detector.evaluate(self.network, images)
+        scoring = self.detector.map_scoring
+        if scoring is not None:
+            maps = scoring.transform(maps, self.detector.map_scale_)
+            scores = scoring.reduce_maps(maps)
+        return scores.float(), maps.float()
 
 
 def inference_network(network: nn.Module, spatial_dims: int) -> nn.Module:

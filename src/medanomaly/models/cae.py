@@ -40,6 +40,8 @@ class CAE(DeepDetector):
             score.
     """
 
+    exportable = True
+
     has_latent = True
 
     def __init__(

@@ -252,6 +252,8 @@ class DAGMM(DeepDetector):
         engine: Training settings.
     """
 
+    export_refusal = "its energy needs a Cholesky factorisation, which ONNX has no operator for"
+
     def __init__(
         self,
         spatial_dims: int = 2,

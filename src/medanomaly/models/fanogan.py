@@ -169,6 +169,8 @@ class FAnoGAN(DeepDetector):
             score.
     """
 
+    exportable = True
+
     def __init__(
         self,
         spatial_dims: int = 2,

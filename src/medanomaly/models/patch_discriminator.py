@@ -364,6 +364,8 @@ class PatchDiscriminator(BaseDetector):
             reconstructor's (an ``engine`` entry in its block is merged onto them).
     """
 
+    export_refusal = "it compares patch embeddings of the image and its reconstruction in NumPy"
+
     streams = False  # reads its training set into memory to cut triplet patches
 
     def __init__(

@@ -232,6 +232,8 @@ class SSAE(DeepDetector):
             score.
     """
 
+    exportable = True
+
     def __init__(
         self,
         spatial_dims: int = 2,
