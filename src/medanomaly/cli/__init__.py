@@ -12,7 +12,7 @@
     medanomaly export --run RUN --out DIR [--format onnx]
     medanomaly view OUT [--port P]
     medanomaly cv --config C --data LABELLED --out DIR [--folds 5] [--repeats 2] [--set K=V]
-    medanomaly compare --spec SPEC.yaml --out DIR [--data D] [--no-refit]
+    medanomaly compare [--spec SPEC] --data D --out DIR [--print-spec] [--set K=V] [--no-refit]
     medanomaly inspect PATH [PATH ...] [--series-uid UID]
     medanomaly manifest FOLDER --out manifest.csv [--force]
     medanomaly demo --out DIR
@@ -85,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)
+    for command in sub.choices.values():  # -v also after the sub-command
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log more"
+        )
     return parser
 
 

@@ -160,7 +160,13 @@ def _path(value: str | Path, base: Path) -> Path:
     return base / path
 
 
-def _candidate(name: str, block: Any, base: Path, data_options: dict[str, Any]) -> Candidate:
+def _candidate(
+    name: str,
+    block: Any,
+    base: Path,
+    data_options: dict[str, Any],
+    overrides: tuple[str, ...] = (),
+) -> Candidate:
     if not isinstance(block, dict):
         raise ConfigError(f"candidate {name!r}: give a mapping (config:, model:, fusion:)")
     unknown = sorted(set(block) - set(CANDIDATE_KEYS))
@@ -180,7 +186,7 @@ def _candidate(name: str, block: Any, base: Path, data_options: dict[str, Any]) 
             config[section] = block[section]
     if "model" not in config:
         raise ConfigError(f"candidate {name!r}: give config: FILE or a model: block")
-    config = apply_overrides(config, [str(s) for s in block.get("set") or []])
+    config = apply_overrides(config, [*(str(s) for s in block.get("set") or []), *overrides])
     config["data"] = dict(data_options)  # every candidate sees the same input
     config.pop("evaluation", None)
     if _names_encoder_run(config["model"]):
@@ -257,13 +263,20 @@ def _check_fusions(candidates: list[Candidate]) -> None:
                 )
 
 
-def parse_spec(raw: dict[str, Any], base: Path, data: str | Path | None = None) -> Spec:
+def parse_spec(
+    raw: dict[str, Any],
+    base: Path,
+    data: str | Path | None = None,
+    overrides: tuple[str, ...] = (),
+) -> Spec:
     """Check a spec (as read from YAML) and resolve its paths and candidates.
 
     Args:
         raw: The spec.
         base: Folder of the spec file (relative paths are tried against it).
         data: Overrides ``data.path`` (any folder or manifest laid out alike).
+        overrides: ``section.key=value`` changes applied to every candidate that has a config
+            (after its own ``set``), e.g. ``engine.epochs=5`` (``compare --set``).
 
     Raises:
         ConfigError: On anything unknown or inconsistent (with a did-you-mean hint).
@@ -293,7 +306,13 @@ def parse_spec(raw: dict[str, Any], base: Path, data: str | Path | None = None) 
     blocks = raw.get("candidates") or {}
     if not isinstance(blocks, dict) or not blocks:
         raise ConfigError("spec: candidates must map names to candidate blocks")
-    candidates = [_candidate(str(n), b, base, data_block) for n, b in blocks.items()]
+    if any(item.split(".", 1)[0] == "data" for item in overrides):
+        raise ConfigError(
+            "compare --set: every candidate reads the spec's data block; change it there"
+        )
+    candidates = [
+        _candidate(str(n), b, base, data_block, tuple(overrides)) for n, b in blocks.items()
+    ]
     candidates = resolve_rescores(candidates)
     _check_fusions(candidates)
     choices = raw.get("postprocess") or [[]]
@@ -320,7 +339,9 @@ def parse_spec(raw: dict[str, Any], base: Path, data: str | Path | None = None) 
     )
 
 
-def load_spec(path: str | Path, data: str | Path | None = None) -> Spec:
+def load_spec(
+    path: str | Path, data: str | Path | None = None, overrides: tuple[str, ...] = ()
+) -> Spec:
     """Read and check a spec file or built-in spec (see the module docstring).
 
     Raises:
@@ -334,4 +355,4 @@ def load_spec(path: str | Path, data: str | Path | None = None) -> Spec:
         raw = yaml.safe_load(source.read_text())
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"{path}: cannot read spec: {error}") from error
-    return parse_spec(raw, base, data)
+    return parse_spec(raw, base, data, overrides)
