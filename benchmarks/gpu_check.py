@@ -4,7 +4,7 @@
 
 1. Every registered model is built from the first config in ``configs/`` that uses it (else
    its defaults), fitted for one short epoch on CUDA with the config's precision (``auto``:
-   16-bit mixed on a GPU) on synthetic phantoms at the config's input size (the shape of its
+   bf16 mixed on a GPU with bf16, else 16-bit mixed) on synthetic phantoms at the config's input size (the shape of its
    last ``resize``/``pad``; 64² without one), then scored on the GPU and, after
    ``detector.to("cpu")``, on the CPU. The two score vectors must agree: Spearman rank
    correlation >= 0.99 and maximum relative difference <= 2 % (cuDNN's TF32 convolutions

@@ -66,7 +66,7 @@ from medanomaly.evaluation.runner import (
 )
 from medanomaly.evaluation.splits import FoldSplit, make_splits
 from medanomaly.io.atomic import atomic_write_text
-from medanomaly.jobs.fit import fit_run
+from medanomaly.jobs.fit import check_precision, fit_run
 from medanomaly.outputs.writers import write_scores_csv
 
 CV_FILE = "cv.json"
@@ -484,7 +484,7 @@ def cross_validate(
         alpha: Level of the conformal rule.
         val_fraction: Share of the training folds used for validation.
         seed: Seed of the splits.
-        strict: Raise on the first unreadable case.
+        strict: Raise on the first unreadable case, and on a precision this machine lacks.
         echo: Called with one progress line per fold (e.g. ``print``).
 
     Returns:
@@ -500,6 +500,8 @@ def cross_validate(
         val_fraction=val_fraction,
         seed=seed,
     )
+    if strict:
+        check_precision(config)
     images, report, known = _load(data, config, strict)
     groups = np.asarray(images.groups if images.groups is not None else images.ids).astype(str)
     splits = make_splits(

@@ -16,6 +16,7 @@ from medanomaly.config import build_detector
 from medanomaly.data.loading import LoadReport, load_dataset
 from medanomaly.data.sets import Cases
 from medanomaly.detectors.base import CONFIG_FILE, BaseDetector
+from medanomaly.training.engine import EngineConfig, resolve_precision
 
 
 @dataclass
@@ -47,6 +48,17 @@ def _load(
     return load_dataset(data, **options, strict=strict, expect=detector.input_spec(), augment=True)
 
 
+def check_precision(config: dict[str, Any]) -> None:
+    """Refuse an ``engine.precision`` this machine cannot run (``--strict``).
+
+    Without ``--strict`` training falls back to 32-bit with one warning instead.
+
+    Raises:
+        ConfigError: E.g. ``bf16-mixed`` on a CPU without AVX512-BF16 or AMX.
+    """
+    resolve_precision(EngineConfig.from_any(config.get("engine")), strict=True)
+
+
 def fit_run(
     config: dict[str, Any],
     data: str | Path | Cases,
@@ -64,13 +76,15 @@ def fit_run(
         out: The run directory (``config.yaml``, ``model.safetensors``, checkpoints).
         val: Validation folder, manifest or cases (``None``: held out from ``data``).
         resume: Continue an interrupted run in ``out`` (its ``config.yaml`` is kept).
-        strict: Raise on the first unreadable case.
+        strict: Raise on the first unreadable case, and on a precision this machine lacks.
 
     Returns:
         The fitted detector, the run directory and what was skipped.
     """
     out = Path(out)
     detector = build_detector(config)
+    if strict:
+        check_precision(config)
     train, train_report = _load(data, config, detector, strict)
     val_report = LoadReport()
     if isinstance(val, str | Path):

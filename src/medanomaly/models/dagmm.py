@@ -351,9 +351,10 @@ class DAGMM(DeepDetector):
         device = next(self.network_.parameters()).device
         features, gammas = [], []
         self.network_.eval()
+        network = self.scoring_network()  # the features scoring will see
         with torch.no_grad():
             for batch in DataLoader(images, batch_size=self.engine_config.batch_size):
-                _, f, gamma = self.network_(batch.to(device))
+                _, f, gamma = network(batch.to(device))
                 features.append(f.double().cpu())
                 gammas.append(gamma.double().cpu())
         phi, mu, cov = gmm_parameters(torch.cat(features), torch.cat(gammas), self.cov_eps)
