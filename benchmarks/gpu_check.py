@@ -4,11 +4,11 @@
 
 1. Every registered model is built from the first built-in config that uses it (else
    its defaults), fitted for one short epoch on CUDA with the config's precision (``auto``:
-   16-bit mixed on a GPU) on synthetic phantoms at the config's input size (the shape of its
-   last ``resize``/``pad``; 64² without one), then scored on the GPU and, after
-   ``detector.to("cpu")``, on the CPU. The two score vectors must agree: Spearman rank
-   correlation >= 0.99 and maximum relative difference <= 2 % (cuDNN's TF32 convolutions
-   round differently from the CPU's float32).
+   bf16 mixed on a GPU with bf16, else 16-bit mixed) on synthetic phantoms at the config's
+   input size (the shape of its last ``resize``/``pad``; 64² without one), then scored on
+   the GPU and, after ``detector.to("cpu")``, on the CPU. The two score vectors must agree:
+   Spearman rank correlation >= 0.99 and maximum relative difference <= 2 % (cuDNN's TF32
+   convolutions round differently from the CPU's float32).
 2. ``fit`` and ``score`` of the ``cae`` are timed at 64², 256² and 64³ and reported as
    images/s and as a share of the GPU's float32 and float16 matrix-multiply peaks measured in
    the same run.

@@ -19,7 +19,7 @@ import yaml
 
 from medanomaly.builtin import resolve
 from medanomaly.detectors.arguments import check_arguments
-from medanomaly.detectors.base import BaseDetector
+from medanomaly.detectors.base import RESOLVED_KEY, BaseDetector
 from medanomaly.detectors.registry import get_model
 from medanomaly.errors import ConfigError, did_you_mean
 from medanomaly.postprocess import PostProcessed
@@ -46,7 +46,8 @@ def load_config(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: cannot read config: {error}") from error
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise ConfigError(f"{path}: a config needs a 'model:' block with at least 'name:'")
-    unknown = sorted(set(config) - set(SECTIONS) - {"version"})
+    # a run's config.yaml also holds its version and what ``auto`` settings resolved to
+    unknown = sorted(set(config) - set(SECTIONS) - {"version", RESOLVED_KEY})
     if unknown:
         raise ConfigError(f"{path}: unknown top-level keys {unknown}; use {', '.join(SECTIONS)}")
     return config

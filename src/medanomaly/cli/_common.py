@@ -55,7 +55,11 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a config value, e.g. --set engine.epochs=5",
     )
-    parser.add_argument("--strict", action="store_true", help="stop on the first unreadable image")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop on the first unreadable image (and on an engine.precision the machine lacks)",
+    )
 
 
 def report_skipped(report: LoadReport, out: Path | None) -> None:

@@ -39,6 +39,8 @@ LEGACY_MODEL_FILE = "model.pt"
 CONFIG_FILE = "config.yaml"
 EXPORT_FILE = "medanomaly_export.json"
 """What marks an export folder (``medanomaly export``; see :mod:`medanomaly.detectors.exported`)."""
+RESOLVED_KEY = "resolved"
+"""Top-level ``config.yaml`` block of what ``auto`` settings resolved to (read, never given)."""
 INFERENCE_VOXELS = 2**20
 MIN_THRESHOLD_NORMALS = 20
 """Fewer held-out normal scores than this make ``fit`` warn about its default threshold."""
@@ -277,10 +279,23 @@ class BaseDetector(ABC):
             The config as written.
         """
         config = {**self.config(), "data": dict(data or {}), "version": __version__}
+        config.update(self._resolved_block())
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
         return config
+
+    def resolved_settings(self) -> dict[str, Any]:
+        """What ``auto`` settings resolve to on this machine (e.g. ``precision``); ``{}``: none.
+
+        The run's ``config.yaml`` records them under ``resolved:``, beside the settings as
+        given, so that the config still maps one-to-one onto the constructor arguments.
+        """
+        return {}
+
+    def _resolved_block(self) -> dict[str, Any]:
+        resolved = self.resolved_settings()
+        return {RESOLVED_KEY: resolved} if resolved else {}
 
     def _run_config(self, run_dir: str | Path | None) -> dict[str, Any]:
         """The run's full config: ``run_dir/config.yaml`` if a caller wrote one, else ours.
@@ -288,7 +303,7 @@ class BaseDetector(ABC):
         Without a run directory nothing is written and the detector's own config is returned.
         """
         if run_dir is None:
-            return {**self.config(), "version": __version__}
+            return {**self.config(), "version": __version__, **self._resolved_block()}
         path = Path(run_dir) / CONFIG_FILE
         if path.exists():
             return yaml.safe_load(path.read_text())

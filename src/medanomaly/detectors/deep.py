@@ -33,6 +33,8 @@ from medanomaly.training.engine import (
     EngineConfig,
     TrainingData,
     TrainingTask,
+    resolve_precision,
+    scoring_network,
     seeded,
     split_indices,
 )
@@ -276,7 +278,7 @@ class DeepDetector(BaseDetector):
                 "them on one grid: add a 'resize' step or leave map_score's standardise off"
             )
         moments = RunningMoments()
-        network = self.network_ if network is None else network
+        network = self.scoring_network(network)
         for _, batch in self._batches(normal, network):
             moments.add(self.evaluate(network, batch)[1].float().cpu().numpy())
         self.map_scale_ = scoring.scale(moments.mean, moments.sd)
@@ -341,7 +343,7 @@ class DeepDetector(BaseDetector):
             raw: The model's own scores and maps, without ``map_score``.
             network: Evaluate this network (default the fitted ``network_``).
         """
-        network = self.network_ if network is None else network
+        network = self.scoring_network(network)
         cases = as_cases(x, self.spatial_dims)
         self._check_scoring_shape(cases)
         scores = np.zeros(len(cases), dtype=np.float64)
@@ -364,6 +366,18 @@ class DeepDetector(BaseDetector):
         if not with_maps:
             return scores, None, None
         return scores, _assemble(maps, len(cases)), _assemble(recons, len(cases))
+
+    def scoring_network(self, network: nn.Module | None = None) -> nn.Module:
+        """``network`` (default the fitted ``network_``) as scoring runs it.
+
+        Under bf16 autocast where ``engine.precision`` resolves to ``bf16-mixed`` on the
+        device that scores (:func:`~medanomaly.training.engine.scoring_network`).
+        """
+        return scoring_network(self.network_ if network is None else network, self.engine_config)
+
+    def resolved_settings(self) -> dict[str, Any]:
+        """The precision ``engine.precision`` resolves to for training on this machine."""
+        return {"precision": resolve_precision(self.engine_config)}
 
     def _batches(
         self, cases: Cases, network: nn.Module
@@ -413,8 +427,9 @@ class DeepDetector(BaseDetector):
         cases = as_cases(x, self.spatial_dims)
         self._check_scoring_shape(cases)
         vectors = np.zeros((len(cases), 0))
-        for index, batch in self._batches(cases, self.network_):
-            vector = self.latent(self.network_, batch)
+        network = self.scoring_network()
+        for index, batch in self._batches(cases, network):
+            vector = self.latent(network, batch)
             vector = vector.float().flatten(1).cpu().numpy().astype(np.float64)
             if vectors.shape[1] != vector.shape[1]:
                 vectors = np.zeros((len(cases), vector.shape[1]))
