@@ -293,6 +293,19 @@ class BaseDetector(ABC):
         """
         return {}
 
+    def record_resolved(self, run_dir: str | Path) -> None:
+        """Write what this fit resolved (e.g. the epoch monitor) into the run's ``config.yaml``.
+
+        The block is replaced as a whole; the settings as given are left as they are.
+        """
+        path = Path(run_dir) / CONFIG_FILE
+        if not path.exists():
+            return
+        config = yaml.safe_load(path.read_text())
+        config.update(self._resolved_block())
+        atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
+        self.run_config_ = config
+
     def _resolved_block(self) -> dict[str, Any]:
         resolved = self.resolved_settings()
         return {RESOLVED_KEY: resolved} if resolved else {}

@@ -22,6 +22,7 @@ from medanomaly.data.sets import Cases, ImageSet, as_cases
 from medanomaly.detectors.base import (
     INFERENCE_VOXELS,
     MODEL_FILE,
+    RESOLVED_KEY,
     AnomalyResult,
     BaseDetector,
     yaml_plain,
@@ -61,6 +62,9 @@ class DeepDetector(BaseDetector):
             form,
             e.g. ``{smooth: 5, reduce: top}``); ``None`` keeps the model's score.
     """
+
+    epoch_monitor_: str | None = None
+    """What ranked the epochs of the fit, in words (``resolved: epoch_monitor`` in config.yaml)."""
 
     def __init__(
         self,
@@ -138,12 +142,14 @@ class DeepDetector(BaseDetector):
         self.run_config_ = self._run_config(run_dir)
         engine = Engine(cfg)
         self.history_ = self.train_network(engine, network, data, run_dir, resume)
+        self.epoch_monitor_ = engine.monitor_used
         self.is_main_process_ = engine.is_global_zero
         self.network_ = inference_network(network, self.spatial_dims)
         self.input_shape_ = input_shape
         self._fit_map_statistics(data.train)
         self._set_threshold(data.val_normal if len(data.val_normal) else data.train)
         if run_dir is not None and self.is_main_process_:
+            self.record_resolved(run_dir)
             self.save(Path(run_dir) / MODEL_FILE)
         return self
 
@@ -376,8 +382,15 @@ class DeepDetector(BaseDetector):
         return scoring_network(self.network_ if network is None else network, self.engine_config)
 
     def resolved_settings(self) -> dict[str, Any]:
-        """The precision ``engine.precision`` resolves to for training on this machine."""
-        return {"precision": resolve_precision(self.engine_config)}
+        """What ``auto`` settings resolve to here: the precision and, once fitted, the monitor.
+
+        ``engine.monitor: val_auroc`` falls back to ``val_loss`` with too few abnormal
+        validation images (see :func:`medanomaly.training.engine.epoch_monitor`).
+        """
+        resolved: dict[str, Any] = {"precision": resolve_precision(self.engine_config)}
+        if self.epoch_monitor_ is not None:
+            resolved["epoch_monitor"] = self.epoch_monitor_
+        return resolved
 
     def _batches(
         self, cases: Cases, network: nn.Module
@@ -477,6 +490,7 @@ class DeepDetector(BaseDetector):
         self._restore_threshold(saved)
         self.history_ = saved.get("history", [])
         self.run_config_ = saved.get("config", {})
+        self.epoch_monitor_ = (self.run_config_.get(RESOLVED_KEY) or {}).get("epoch_monitor")
         self.map_scale_ = saved.get("map_scale")
 
 

@@ -589,7 +589,10 @@ class _FoldRunner:
             self.outputs[candidate.name] = outputs
             tune = outputs.val.take(_positions(split, split.tune))
             choice, value = choose_postprocess(spec, data, split.tune, tune)
-            extra = {"epochs": len(outputs.detector.history_)}
+            extra = {
+                "epochs": len(outputs.detector.history_),
+                "epoch_monitor": outputs.detector.resolved_settings().get("epoch_monitor"),
+            }
         record, _ = evaluate_choice(spec, data, split, outputs, choice)
         return {**record, **extra, "choice": choice, "tune_metric": value}
 

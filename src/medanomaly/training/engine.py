@@ -68,7 +68,9 @@ class EngineConfig:
             end: ``val_loss`` (loss on the normal validation images, lower is better) or
             ``val_auroc`` (image AUROC of the scores on a labelled validation set, higher is
             better, ties broken by the lower validation loss; the UAD slide deck's model selection).
-            Without abnormal validation images ``val_auroc`` falls back to ``val_loss``.
+            With fewer than :data:`MIN_AUROC_MONITOR_ABNORMAL` abnormal validation images
+            ``val_auroc`` falls back to ``val_loss`` (one warning; the run's ``config.yaml``
+            says which ranked the epochs, under ``resolved: epoch_monitor``).
         val_fraction: Share of the normal training images held out for validation when no
             validation set is given.
         val_min: Hold out at least this many normal images when the set holds three times as
@@ -324,16 +326,42 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+MIN_AUROC_MONITOR_ABNORMAL = 20
+"""Fewest abnormal validation images for ranking epochs by their AUROC. With a handful, the
+epoch is picked by a few cases' noise (and the validation figure then carries that choice's
+optimism), so the normals' validation loss ranks the epochs instead."""
+
+
+def epoch_monitor(asked: str, n_abnormal: int) -> tuple[str, str]:
+    """What ranks the epochs, given what was asked and the abnormal validation images.
+
+    Returns:
+        ``(monitor, in words)``, e.g. ``("val_loss", "val_loss (val_auroc asked, but ...)")``.
+    """
+    if asked != "val_auroc":
+        return asked, asked
+    if n_abnormal >= MIN_AUROC_MONITOR_ABNORMAL:
+        return asked, f"val_auroc on {n_abnormal} abnormal validation images"
+    return "val_loss", (
+        f"val_loss (val_auroc asked, but {n_abnormal} abnormal validation images are fewer "
+        f"than {MIN_AUROC_MONITOR_ABNORMAL})"
+    )
+
+
 class Engine:
     """Owns the training loop: optimiser, epochs, early stopping, history and checkpoints.
 
     Args:
         config: The training settings.
+
+    Attributes:
+        monitor_used: What ranked the epochs of the last :meth:`fit`, in words.
     """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.is_global_zero = True
+        self.monitor_used = config.monitor
 
     def fit(
         self,
@@ -380,8 +408,10 @@ class Engine:
         if fabric.world_size > 1 and fabric.device.type == "cuda":
             nn.SyncBatchNorm.convert_sync_batchnorm(network)
         optimizers = (task.optimizers or self._default_optimizers)(network)
-        if cfg.monitor == "val_auroc" and task.keep_best and data.val_abnormal is None:
-            log.warning("monitor val_auroc needs abnormal validation images; using val_loss")
+        n_abnormal = 0 if data.val_abnormal is None else len(data.val_abnormal)
+        monitor, self.monitor_used = epoch_monitor(cfg.monitor, n_abnormal)
+        if monitor != cfg.monitor and task.keep_best:
+            log.warning("engine: epochs ranked by %s", self.monitor_used)
         state = _RunState(best_state=_cpu_state(network))
         checkpoint_path = Path(run_dir) / stage_file(CHECKPOINT_NAME, stage) if run_dir else None
         if resume and checkpoint_path is not None and checkpoint_path.exists():
@@ -405,7 +435,7 @@ class Engine:
                 task.epoch_start(state.epoch, optimizers)
             with float32_small_convolutions(network, bf16_on_cpu):
                 row = self._run_epoch(fabric, model, optimizers, task, loaders, state.epoch)
-            state.record(row, network, cfg.patience, cfg.monitor)
+            state.record(row, network, cfg.patience, monitor)
             if checkpoint_path is not None and fabric.is_global_zero:
                 state.save(checkpoint_path, network, optimizers, extra_state)
                 _write_history(Path(run_dir) / stage_file(HISTORY_NAME, stage), state.history)
