@@ -55,11 +55,17 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a config value, e.g. --set engine.epochs=5",
     )
-    parser.add_argument(
-        "--strict",
-        action="store_true",
-        help="stop on the first unreadable image (and on an engine.precision the machine lacks)",
+    add_strict_argument(
+        parser, "stop on the first unreadable image (and on an engine.precision the machine lacks)"
     )
+
+
+def add_strict_argument(
+    parser: argparse.ArgumentParser,
+    help_text: str = "stop at the first unreadable image, before writing anything (exit 2)",
+) -> None:
+    """``--strict``: the first unreadable image stops the command instead of being skipped."""
+    parser.add_argument("--strict", action="store_true", help=help_text)
 
 
 def report_skipped(report: LoadReport, out: Path | None) -> None:

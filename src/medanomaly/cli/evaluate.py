@@ -8,6 +8,7 @@ from pathlib import Path
 from medanomaly.cli._common import (
     add_device_arguments,
     add_dicom_argument,
+    add_strict_argument,
     add_viewer_argument,
     check_dicom_needs_maps,
     in_open_unit,
@@ -52,7 +53,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_dicom_argument(p)
     add_viewer_argument(p)
-    p.add_argument("--strict", action="store_true", help="stop on the first unreadable image")
+    add_strict_argument(p, "stop on the first unreadable image")
     add_device_arguments(p)
     p.set_defaults(func=run)
 

@@ -9,6 +9,7 @@ from medanomaly.cli._common import (
     add_archive_arguments,
     add_device_arguments,
     add_dicom_argument,
+    add_strict_argument,
     add_viewer_argument,
     archive_settings,
     at_least,
@@ -110,11 +111,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_dicom_argument(p)
     add_viewer_argument(p)
     add_archive_arguments(p)
-    p.add_argument(
-        "--strict",
-        action="store_true",
-        help="stop at the first unreadable image, before writing anything (exit 2)",
-    )
+    add_strict_argument(p)
     add_device_arguments(p)
     p.set_defaults(func=run)
 
