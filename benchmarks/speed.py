@@ -1,6 +1,6 @@
 """Speed: training and scoring throughput in float32 and in ``engine.precision: auto``.
 
-    .venv/bin/python benchmarks/speed.py --out runs/speed      # about 12 minutes on 2 cores
+    .venv/bin/python benchmarks/speed.py --out runs/speed      # about 15 minutes on 2 shared cores
 
 For ``cae``, ``vae``, ``dae`` and ``fanogan`` at 64² and 128² and for ``resnet_ae`` at 32³
 (each built from its head CT / 3D screening config, on synthetic phantoms from
