@@ -48,6 +48,13 @@ def tiny2d():
 
 
 @pytest.fixture(scope="session")
+def tiny2d_unseen():
+    """Other phantoms like ``tiny2d`` (8 normal + 6 abnormal), for validating and scoring
+    models fitted on ``tiny2d.normal`` without their training images."""
+    return make_phantoms(8, 6, (32, 32), seed=1)
+
+
+@pytest.fixture(scope="session")
 def tiny3d():
     """8 normal + 4 abnormal 1x16x16x16 phantoms."""
     return make_phantoms(8, 4, (16, 16, 16), seed=0)

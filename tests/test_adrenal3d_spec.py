@@ -95,16 +95,6 @@ def test_unknown_ci_gets_a_hint(tmp_path):
         parse_spec(raw, tmp_path)
 
 
-@pytest.mark.parametrize("name", ["adrenal3d", "adrenal3d_quick"])
-def test_benchmark_specs_parse(name):
-    spec = load_spec(ROOT / "benchmarks" / "specs" / f"{name}.yaml")
-    assert spec.protocol.kind == "split_column" and spec.threshold == "youden"
-    assert spec.ci == "bootstrap"
-    assert {"volume", "thickness", "vae32_dt", "vae32_dt+thickness"} <= {
-        c.name for c in spec.candidates
-    }
-
-
 @pytest.fixture(scope="module")
 def adrenal_like(tmp_path_factory):
     """``compare`` over a spec shaped like benchmarks/specs/adrenal3d.yaml, on 16³ blobs."""

@@ -12,6 +12,7 @@ from PIL import Image
 from medanomaly.cli import main
 from medanomaly.data.phantoms import make_phantoms
 from medanomaly.detectors.base import BaseDetector
+from medanomaly.detectors.thresholds import conformal_pvalues
 
 
 def _write_pngs(folder, images):
@@ -90,8 +91,10 @@ def test_fit_then_score(png_data, capsys):
     rows = list(csv.DictReader(scores.open()))
     assert len(rows) == 8
     assert {r["label"] for r in rows} == {"0", "1"}
-    assert all(np.isfinite(float(r["score"])) for r in rows)
-    assert all(0 < float(r["p_value"]) <= 1 for r in rows)
+    scores = np.array([float(r["score"]) for r in rows])
+    assert np.isfinite(scores).all()
+    expected = conformal_pvalues(BaseDetector.load(run).val_scores_, scores)
+    np.testing.assert_allclose([float(r["p_value"]) for r in rows], expected, rtol=1e-5)
     maps = png_data / "maps"
     assert len(list(maps.glob("*.npy"))) == 8  # model grid
     assert len(list(maps.glob("*_overlay.png"))) == 8  # the image's own size

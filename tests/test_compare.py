@@ -16,6 +16,7 @@ from medanomaly.detectors.base import MODEL_FILE
 from medanomaly.errors import ConfigError
 from medanomaly.model_selection import compare as compare_module
 from medanomaly.model_selection.compare import compare, load_labelled, protocol_splits
+from medanomaly.model_selection.selection import decide_overall
 from medanomaly.model_selection.spec import parse_spec
 from medanomaly.models.baselines import IntensityBaseline
 from medanomaly.models.ensemble import Ensemble
@@ -34,7 +35,7 @@ def _spec(manifest, candidates, level="both", folds=3, **protocol):
             "kind": "kfold",
             "folds": folds,
             "repeats": 1,
-            "val_fraction": 0.34,
+            "val_fraction": 0.5,
             **protocol,
         },
         "level": level,
@@ -55,7 +56,7 @@ def _baselines():
 def compared(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("compare")
-    manifest = write_phantom_manifest(root / "data", n_normal=24, n_abnormal=12, per_group=2)
+    manifest = write_phantom_manifest(root / "data", n_normal=32, n_abnormal=16, per_group=2)
     candidates = {
         "cae": CAE,
         "cae_ssim": {**CAE, "model": {**CAE["model"], "residual": "ssim"}},
@@ -81,7 +82,20 @@ def test_compare_writes_table_report_and_a_best_run_that_score_reads(compared):
         assert row["seconds"] >= 0 and row["errors"] == []
     weights = rows["cae+intensity"]["weights"]
     assert all(sum(w.values()) == pytest.approx(1.0) for w in weights)
-    assert results["chosen"] in rows
+    records = {
+        name: [
+            json.loads((out / "folds" / f / name.replace("+", "_") / "record.json").read_text())
+            for f in results["folds"]
+        ]
+        for name in rows
+    }
+    levels = {"cae": 1, "cae_ssim": 1, "intensity": 0, "cae+intensity": 2}
+    assert results["chosen"] == decide_overall(records, levels)[0]
+    for row in rows.values():  # the gap is selection minus test, fold by fold
+        gaps = np.subtract(row["selection_metric"]["folds"], row["test_metric"]["folds"])
+        np.testing.assert_allclose(row["gap"]["folds"], gaps)
+        assert row["test_metric"]["folds"] == row["pixel_ap"]["folds"]  # level both: pixel AP
+    assert [d["fold"] for d in results["decisions"]] == ["r1_f1", "r1_f2", "r1_f3"]
     assert "| row | baseline |" in (out / "results.md").read_text()
     html = (out / "report.html").read_text()
     assert "Leaderboard" in html and "ROC" in html and "Precision-recall" in html
@@ -90,7 +104,7 @@ def test_compare_writes_table_report_and_a_best_run_that_score_reads(compared):
     scores = root / "scores.csv"
     assert main(["score", "--run", str(best), "--data", str(manifest), "--out", str(scores)]) == 0
     with open(scores, newline="") as handle:
-        assert len(list(csv.DictReader(handle))) == 36
+        assert len(list(csv.DictReader(handle))) == 48
 
 
 def test_rerunning_resumes_without_refitting(compared):
@@ -118,36 +132,53 @@ def _poisoned_manifest(root, manifest, test_ids):
     return manifest
 
 
+def _poisonable_candidates():
+    """No-model rows, a model that stops early, and a fusion whose weights are tuned."""
+    stopping = {**CAE, "engine": {**CAE["engine"], "epochs": 8, "patience": 1, "lr": 0.05}}
+    return {**_baselines(), "cae": stopping, "cae+intensity": {"fusion": ["cae", "intensity"]}}
+
+
 def test_a_poisoned_test_fold_changes_no_choice(tmp_path):
-    clean = write_phantom_manifest(tmp_path / "clean" / "data", 24, 12, per_group=2)
-    spec = _spec(clean, _baselines())
+    torch.set_num_threads(1)
+    clean = write_phantom_manifest(tmp_path / "clean" / "data", 32, 16, per_group=2)
+    spec = _spec(clean, _poisonable_candidates())
     first = compare(parse_spec(spec, tmp_path), tmp_path / "clean_out", refit=False, progress=False)
     # fold 1's test cases, from the splits the protocol makes
     parsed = parse_spec(spec, tmp_path)
     data = load_labelled(parsed)
     test_cases = [data.images.ids[i] for i in protocol_splits(parsed, data)[0].test]
-    poisoned = write_phantom_manifest(tmp_path / "bad" / "data", 24, 12, per_group=2)
+    poisoned = write_phantom_manifest(tmp_path / "bad" / "data", 32, 16, per_group=2)
     names = {c.rsplit("/", 1)[-1] for c in test_cases}
     _poisoned_manifest(tmp_path / "bad", poisoned, sorted(names))
     second = compare(
-        parse_spec(_spec(poisoned, _baselines()), tmp_path),
+        parse_spec(_spec(poisoned, _poisonable_candidates()), tmp_path),
         tmp_path / "bad_out",
         refit=False,
         progress=False,
     )
-    choice_keys = ("postprocess", "threshold", "pixel_cutoff", "val_metric", "weights", "choice")
-    for name in ("intensity", "intensity_voxel", "fused"):
+    choice_keys = (
+        "postprocess",
+        "threshold",
+        "pixel_cutoff",
+        "tune_metric",
+        "selection_metric",
+        "selection_boot",
+        "weights",
+        "choice",
+        "epochs",
+    )
+    for name in ("intensity", "intensity_voxel", "fused", "cae", "cae_intensity"):
         a = json.loads((tmp_path / "clean_out/folds/r1_f1" / name / "record.json").read_text())
         b = json.loads((tmp_path / "bad_out/folds/r1_f1" / name / "record.json").read_text())
         assert {k: a.get(k) for k in choice_keys} == {k: b.get(k) for k in choice_keys}, name
         assert a["cases"]["score"] != b["cases"]["score"]  # the poison did reach the test fold
-    assert (
-        first["rows"]["fused"]["auroc"]["folds"][0] != second["rows"]["fused"]["auroc"]["folds"][0]
-    )
+    cae = json.loads((tmp_path / "clean_out/folds/r1_f1/cae/record.json").read_text())
+    assert cae["epochs"] < 8  # early stopping did choose, on the tuning half
+    assert first["decisions"][0] == second["decisions"][0]  # fold 1 chose alike
 
 
 def test_a_candidate_failing_in_one_fold_is_reported_and_the_others_finish(tmp_path, monkeypatch):
-    manifest = write_phantom_manifest(tmp_path / "data", 24, 12, per_group=2)
+    manifest = write_phantom_manifest(tmp_path / "data", 32, 16, per_group=2)
     real = compare_module.fit_candidate
 
     def failing(candidate, data, split, folder, spec):
@@ -238,6 +269,28 @@ def test_every_benchmark_spec_parses_and_has_a_no_model_row(path):
     assert any(compare_module._is_baseline(spec, c, []) for c in plain)
 
 
+QUICK = [p for p in SPECS if p.stem.endswith("_quick")]
+
+
+@pytest.mark.parametrize("path", QUICK, ids=[p.stem for p in QUICK])
+def test_a_quick_spec_is_its_full_spec_made_smaller(path):
+    """Same protocol, level, threshold and data; its rows are rows of the full spec."""
+    from medanomaly.model_selection.spec import load_spec
+
+    quick, full = load_spec(path), load_spec(path.with_name(path.name.replace("_quick", "")))
+    assert {c.name for c in quick.candidates} <= {c.name for c in full.candidates}
+    assert (quick.protocol.kind, quick.level, quick.threshold, quick.data) == (
+        full.protocol.kind,
+        full.level,
+        full.threshold,
+        full.data,
+    )
+    for candidate in quick.candidates:
+        if not candidate.is_fusion:
+            model = full.candidate(candidate.name).config["model"]["name"]
+            assert candidate.config["model"]["name"] == model, candidate.name
+
+
 def test_a_postprocessed_model_is_no_baseline_and_a_postprocessed_baseline_is():
     spec = parse_spec(
         {
@@ -261,18 +314,31 @@ def test_results_table_shows_only_the_protocol_settings_in_use_and_no_spread_for
     line = protocol_line({"kind": "val_groups", "folds": 5, "repeats": 1, "n_val": 4, "seed": 0})
     assert line == "val_groups (folds 5, repeats 1, n_val 4, seed 0)"
     one = {"mean": 0.9, "sd": 0.0, "n": 1, "folds": [0.9]}
-    row = {"baseline": True, "auroc": one, "val_metric": one, "seconds": 1.0, "errors": []}
+    gap = {"mean": 0.05, "sd": 0.0, "n": 1, "folds": [0.05]}
+    row = {"baseline": True, "auroc": one, "selection_metric": one, "test_metric": one}
+    row.update(gap=gap, seconds=1.0, errors=[])
+    step = {"challenger": "dae", "incumbent": "intensity", "advantage": 0.01, "se": 0.02}
     results = {
         "rows": {"intensity": row},
         "data": "d.csv",
         "protocol": {"kind": "split_column"},
+        "grouped": False,
         "n_cases": 3,
         "n_normal": 2,
         "n_abnormal": 1,
         "n_groups": 3,
         "folds": ["split"],
         "chosen": "intensity",
-        "selection": "validation AUROC",
+        "selection": {
+            "metric": "image AUROC",
+            "rule": "one SE",
+            "steps": [{**step, "replaced": False}],
+        },
+        "decisions": [{"fold": "split", "chosen": "intensity", "steps": []}],
+        "per_fold_choice": {"chosen": ["intensity"], "test_metric": one},
     }
     table = results_table(results)
-    assert "| 0.900 |" in table and "±" not in table.split("|---")[-1]
+    leaderboard = table.split("|---")[-1]
+    assert "| 0.900 | 0.900 | 0.050 |" in leaderboard and "±" not in leaderboard
+    assert "Not grouped" in table
+    assert "dae did not replace intensity: advantage +0.010, one SE 0.020" in table

@@ -7,6 +7,7 @@ the split column's own run (its test part never trains).
 
 import csv
 import json
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
@@ -16,7 +17,7 @@ import yaml
 
 from medanomaly.cli import main
 from medanomaly.data.phantoms import make_phantoms
-from medanomaly.detectors.base import MODEL_FILE, BaseDetector
+from medanomaly.detectors.base import BaseDetector
 from medanomaly.errors import ConfigError
 from medanomaly.model_selection.spec import parse_spec
 
@@ -102,13 +103,25 @@ def _test_paths(manifest):
         return [r["path"] for r in csv.DictReader(handle) if r["split"] == "test"]
 
 
-def test_counts_at_the_mean_3sd_threshold_of_validation_normals(compared):
-    _, manifest, out, results = compared
+def _part_paths(manifest, part):
+    with open(manifest, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    return [(r["path"], r["label"]) for r in rows if r["split"] == part]
+
+
+def _volumes(root, paths):
+    arrays = [nib.load(root / "data" / p).get_fdata() for p in paths]
+    return np.stack(arrays)[:, None].astype(np.float32)
+
+
+def test_counts_at_the_mean_3sd_threshold_of_all_validation_normals(compared):
+    root, manifest, out, results = compared
     fold = out / "folds" / "r1_f1"
+    normal_val = [p for p, label in _part_paths(manifest, "val") if label == "normal"]
     for name in ("intensity", "masked", "mse"):
         record = json.loads((fold / name / "record.json").read_text())
-        run = BaseDetector.load(fold / name)
-        normal = np.asarray(run.val_scores_)
+        normal = BaseDetector.load(fold / name).score(_volumes(root, normal_val))
+        assert normal.size == 4  # both halves of the validation part
         assert record["threshold"] == pytest.approx(normal.mean() + 3 * normal.std(ddof=1))
         counts = results["rows"][name]["confusion"][0]
         assert counts["tp"] + counts["fn"] == 4 and counts["tn"] + counts["fp"] == 4
@@ -116,19 +129,34 @@ def test_counts_at_the_mean_3sd_threshold_of_validation_normals(compared):
         assert all(c.endswith(tuple(_test_paths(manifest))) for c in record["cases"]["id"])
 
 
-def test_best_is_the_split_columns_own_run_and_screen_uses_it(compared):
-    root, _, out, results = compared
+def test_best_is_the_split_columns_own_run_and_flags_what_the_record_says(compared):
+    root, manifest, out, results = compared
     chosen = results["chosen"]
     best = out / "best"
+    record = json.loads((out / "folds" / "r1_f1" / chosen / "record.json").read_text())
     saved = BaseDetector.load(best)
-    fold_run = BaseDetector.load(out / "folds" / "r1_f1" / chosen)
-    assert saved.threshold_ == pytest.approx(fold_run.threshold_)
-    assert (best / MODEL_FILE).exists() and (best / "config.yaml").exists()
+    assert saved.threshold_ == pytest.approx(record["threshold"])
+    assert saved.threshold_rule_ == "mean_sd:k=3 on 6 validation cases"
+    assert results["best"]["flags"]["flag"] == record["cases"]["flag"]
+    test = root / "test.csv"
+    with open(test, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label"])
+        writer.writerows(
+            [[str(root / "data" / p), label] for p, label in _part_paths(manifest, "test")]
+        )
+    scores = root / "best_scores.csv"
+    assert main(["score", "--run", str(best), "--data", str(test), "--out", str(scores)]) == 0
+    with open(scores, newline="") as handle:
+        flags = {Path(r["id"]).name: int(r["prediction"]) for r in csv.DictReader(handle)}
+    assert [flags[Path(i).name] for i in record["cases"]["id"]] == record["cases"]["flag"]
     screened = root / "screen"
-    folder = str(root / "data")
-    code = main(["screen", "--run", str(best), "--data", folder, "--out", str(screened)])
-    assert code in (0, 1)  # 1: something was flagged
-    assert (screened / "screen.csv").exists()
+    code = main(
+        ["screen", "--run", str(best), "--data", str(root / "data"), "--out", str(screened)]
+    )
+    assert code == 0  # screen exits 0 whether or not it flags anything
+    with open(screened / "screen.csv", newline="") as handle:
+        assert len(list(csv.DictReader(handle))) == len(SPLITS)
 
 
 def test_rescore_needs_a_plain_source_and_model_settings(tmp_path):
@@ -142,19 +170,3 @@ def test_rescore_needs_a_plain_source_and_model_settings(tmp_path):
     spec["candidates"]["mse"] = {"rescore": "masked", "set": ["model.foreground_treshold=1"]}
     with pytest.raises(ConfigError, match="foreground_threshold"):
         parse_spec(spec, tmp_path)
-
-
-@pytest.mark.parametrize(("name", "epochs"), [("screen3d", 80), ("screen3d_quick", 40)])
-def test_the_screen3d_specs_parse(name, epochs):
-    from pathlib import Path
-
-    from medanomaly.model_selection.spec import load_spec
-
-    root = Path(__file__).resolve().parents[1]
-    spec = load_spec(root / "benchmarks" / "specs" / f"{name}.yaml")
-    assert spec.protocol.kind == "split_column" and spec.threshold == "mean_sd:k=3"
-    masked, mse = spec.candidate("resnet_ae_masked_mse"), spec.candidate("resnet_ae_mse")
-    assert masked.config["engine"]["epochs"] == epochs and mse.rescore == masked.name
-    assert mse.config["model"]["foreground_threshold"] is None
-    assert masked.config["model"]["foreground_threshold"] == 0.05
-    assert spec.candidate("intensity").config["model"]["name"] == "intensity"

@@ -13,18 +13,18 @@ MEMBERS = [{"name": "cae"}, {"name": "cae", "residual": "ssim", "engine": {"seed
 
 
 @pytest.fixture(scope="module")
-def fitted(tiny2d, tmp_path_factory):
+def fitted(tiny2d, tiny2d_unseen, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("ensemble")
     engine = {"epochs": 3, "batch_size": 8, "progress": False}
     detector = get_model("ensemble", members=MEMBERS, engine=engine)
-    return detector.fit(tiny2d.normal, val=tiny2d, run_dir=run_dir), run_dir
+    return detector.fit(tiny2d.normal, val=tiny2d_unseen, run_dir=run_dir), run_dir
 
 
-def test_score_is_the_mean_of_the_members_standardised_scores(fitted, tiny2d):
+def test_score_is_the_mean_of_the_members_standardised_scores(fitted, tiny2d, tiny2d_unseen):
     detector, _ = fitted
     z = []
     for member, (mean, sd) in zip(detector.members_, detector.score_stats_, strict=True):
-        normal_scores = member.score(tiny2d.normal)
+        normal_scores = member.score(tiny2d_unseen.normal)  # the held-out normals
         assert mean == pytest.approx(normal_scores.mean())
         assert sd == pytest.approx(normal_scores.std(ddof=1))
         z.append((member.score(tiny2d) - mean) / sd)
@@ -40,12 +40,12 @@ def test_members_inherit_the_shared_engine_and_keep_their_overrides(fitted):
     assert second.residual == "ssim"
 
 
-def test_each_member_keeps_its_run_and_resume_loads_finished_members(fitted, tiny2d):
+def test_each_member_keeps_its_run_and_resume_loads_finished_members(fitted, tiny2d, tiny2d_unseen):
     detector, run_dir = fitted
     assert (run_dir / "member_1_cae" / "model.safetensors").exists()
     assert (run_dir / "member_2_cae" / "model.safetensors").exists()
     again = get_model("ensemble", members=MEMBERS, engine=detector.engine)
-    again.fit(tiny2d.normal, val=tiny2d, run_dir=run_dir, resume=True)
+    again.fit(tiny2d.normal, val=tiny2d_unseen, run_dir=run_dir, resume=True)
     np.testing.assert_allclose(again.score(tiny2d), detector.score(tiny2d), rtol=1e-6)
     loaded = BaseDetector.load(run_dir)
     np.testing.assert_allclose(loaded.score(tiny2d), detector.score(tiny2d), rtol=1e-6)

@@ -103,7 +103,6 @@ def test_bootstrap_ci_contains_point_estimate_and_is_deterministic() -> None:
     point = roc_auc_score(labels, scores)
     low, high = bootstrap_auroc_ci(labels, scores, n_boot=1000, alpha=0.05, seed=7)
     assert low < point < high
-    assert 0.0 <= low < high <= 1.0
     assert bootstrap_auroc_ci(labels, scores, n_boot=1000, alpha=0.05, seed=7) == (low, high)
     assert bootstrap_auroc_ci(labels, scores, n_boot=1000, alpha=0.05, seed=8) != (low, high)
     narrow = bootstrap_auroc_ci(labels, scores, n_boot=1000, alpha=0.5, seed=7)

@@ -56,22 +56,26 @@ def test_map_scoring_rejects_bad_settings():
         MapScoring.from_any({"smoth": 3})
 
 
-def test_cae_with_map_scoring_detects_phantom_lesions_and_round_trips(tiny2d, tmp_path):
+def test_cae_with_map_scoring_detects_phantom_lesions_and_round_trips(
+    tiny2d, tiny2d_unseen, tmp_path
+):
     engine = {"epochs": 15, "batch_size": 4, "progress": False}
     detector = get_model("cae", map_score={"smooth": 3}, engine=engine).fit(tiny2d.normal)
     assert detector.map_scale_.shape == (32, 32)
-    result = detector.detect(tiny2d)
-    assert roc_auc_score(tiny2d.labels, result.scores) > 0.9
-    np.testing.assert_allclose(result.scores, detector.score(tiny2d), rtol=1e-5)
+    result = detector.detect(tiny2d_unseen)  # none of these trained the model
+    # measured on these unseen phantoms with engine seeds 0, 1, 2: 0.875, 0.958, 0.979
+    assert roc_auc_score(tiny2d_unseen.labels, result.scores) > 0.8
+    np.testing.assert_allclose(result.scores, detector.score(tiny2d_unseen), rtol=1e-5)
     detector.save(tmp_path / "model.safetensors")
     loaded = BaseDetector.load(tmp_path / "model.safetensors")
-    np.testing.assert_allclose(loaded.score(tiny2d), result.scores, rtol=1e-5)
+    np.testing.assert_allclose(loaded.score(tiny2d_unseen), result.scores, rtol=1e-5)
 
 
-def test_validation_auroc_is_measured_on_the_map_score(tiny2d):
+def test_validation_auroc_is_measured_on_the_map_score(tiny2d, tiny2d_unseen):
     engine = {"epochs": 4, "batch_size": 4, "progress": False, "monitor": "val_auroc"}
     detector = get_model("cae", map_score={"smooth": 3}, engine=engine)
-    detector.fit(tiny2d.normal, val=tiny2d)
+    detector.fit(tiny2d.normal, val=tiny2d_unseen)
     best = max(row["val_auroc"] for row in detector.history_)
     # the kept epoch's final scores (scale recomputed from the same weights) give that AUROC
-    assert roc_auc_score(tiny2d.labels, detector.score(tiny2d)) == pytest.approx(best, abs=1e-9)
+    scores = detector.score(tiny2d_unseen)
+    assert roc_auc_score(tiny2d_unseen.labels, scores) == pytest.approx(best, abs=1e-9)

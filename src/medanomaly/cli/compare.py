@@ -33,14 +33,20 @@ def run(args: argparse.Namespace) -> int:
         echo=None if args.quiet else tqdm.write,
         progress=not args.quiet,
     )
+    metric = results["selection"]["metric"]
     for name, row in results["rows"].items():
-        auroc = row["auroc"]["mean"]
-        text = "n/a" if auroc is None else f"{auroc:.3f} ± {row['auroc']['sd']:.3f}"
-        extra = ""
-        if row.get("dice_at_val_threshold", {}).get("mean") is not None:
-            extra = f", Dice {row['dice_at_val_threshold']['mean']:.3f}"
         flag = " (baseline)" if row["baseline"] else ""
-        print(f"{name}{flag}: AUROC {text}{extra}; {row['seconds']:.0f} s")
-    print(f"chosen on validation: {results['chosen']}")
+        figures = f"selection {_ms(row['selection_metric'])}, test {_ms(row['test_metric'])}"
+        print(f"{name}{flag}: {figures} {metric}; {row['seconds']:.0f} s")
     print(f"results: {args.out}/results.json, {args.out}/report.html")
+    if results["chosen"] is None:
+        print("no candidate finished every fold; nothing chosen (see the errors in results.md)")
+        return 1
+    print(f"chosen on validation: {results['chosen']}")
     return 0
+
+
+def _ms(value: dict) -> str:
+    if value.get("mean") is None:
+        return "n/a"
+    return f"{value['mean']:.3f} ± {value['sd']:.3f}"

@@ -263,3 +263,66 @@ def list_cases(
     if source.suffix.lower() == ".csv":
         return read_manifest(source, label_names)
     return scan_folder(source, label_names)
+
+
+SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
+"""The values of a manifest's ``split`` column and the part each one names."""
+
+
+def check_groups_apart(groups_by_part: dict[str, Sequence[str]], where: str) -> None:
+    """Refuse parts that share a patient group.
+
+    Args:
+        groups_by_part: The group of every case of each part (``train``, ``val``, ``test``).
+        where: What is being split, for the error.
+
+    Raises:
+        ConfigError: Naming the first shared group, both parts and how many groups straddle.
+    """
+    owners: dict[str, str] = {}
+    straddling: list[tuple[str, str, str]] = []
+    for part, groups in groups_by_part.items():
+        for group in sorted({str(g) for g in groups}):
+            first = owners.setdefault(group, part)
+            if first != part:
+                straddling.append((group, first, part))
+    if straddling:
+        group, first, second = straddling[0]
+        raise ConfigError(
+            f"{where}: patient group {group!r} has cases in both {first} and {second} "
+            f"({len(straddling)} group(s) straddle parts); a patient must stay in one part"
+        )
+
+
+def split_part_names(values: Sequence[str | None], where: str) -> list[str]:
+    """The part (``train``, ``val``, ``test``) each ``split`` value names.
+
+    Raises:
+        ConfigError: A missing or unknown value (with the count of such cases).
+    """
+    cleaned = [(v or "").strip().lower() for v in values]
+    bad = sorted({v for v in cleaned if v not in SPLIT_NAMES})
+    if bad:
+        raise ConfigError(
+            f"{where}: the split column holds {bad}; use train, val (or validation) and "
+            f"test for every case ({sum(v not in SPLIT_NAMES for v in cleaned)} case(s) left)"
+        )
+    return [SPLIT_NAMES[v] for v in cleaned]
+
+
+def split_parts(cases: Sequence[Case], source: str | Path) -> dict[str, list[Case]] | None:
+    """The cases of a manifest's ``split`` column by part, or ``None`` when no case has one.
+
+    Raises:
+        ConfigError: A case without a split or with an unknown one (with the count), or a
+            patient group in two parts (named).
+    """
+    if not any(case.split for case in cases):
+        return None
+    names = split_part_names([case.split for case in cases], str(source))
+    parts: dict[str, list[Case]] = {"train": [], "val": [], "test": []}
+    for case, name in zip(cases, names, strict=True):
+        parts[name].append(case)
+    groups = {part: [c.group or str(c.path) for c in found] for part, found in parts.items()}
+    check_groups_apart(groups, f"{source}: the split column")
+    return parts

@@ -68,7 +68,7 @@ class AnomalyResult:
         return AnomalyResult(
             scores=self.scores[index],
             labels=self.labels[index],
-            maps=self.maps[index],
+            maps=self.maps[index] if self.maps.size else self.maps,
             reconstructions=None if self.reconstructions is None else self.reconstructions[index],
             threshold=self.threshold,
         )
@@ -95,6 +95,8 @@ class BaseDetector(ABC):
         threshold_: Image-level decision threshold learned by ``fit`` (score > threshold_
             means abnormal); by default mean + ``threshold_sd`` * SD of the scores of held-out
             normal validation images (the outlier rule of Hjohlman 2022).
+        threshold_rule_: How ``threshold_`` was learnt, e.g. ``mean_sd(k=3)`` or, for the
+            run ``compare`` chose, the spec's rule (``f1 on 48 validation cases``).
         val_scores_: Those held-out normal scores, kept for other threshold rules.
         history_: One dict of losses per training epoch (empty for a detector that does not
             train).
@@ -113,6 +115,7 @@ class BaseDetector(ABC):
     in_channels: int = 1
 
     threshold_: float
+    threshold_rule_: str = "mean_sd(k=3)"
     val_scores_: np.ndarray
     history_: list[dict[str, float]]
     run_config_: dict[str, Any]
@@ -285,6 +288,35 @@ class BaseDetector(ABC):
                 MIN_THRESHOLD_NORMALS,
             )
         self.threshold_ = mean_sd_threshold(self.val_scores_, k)
+        self.threshold_rule_ = f"mean_sd(k={k:g})"
+
+    def set_threshold(self, value: float, rule: str) -> BaseDetector:
+        """Replace ``threshold_`` by one learnt elsewhere, saying how (kept by :meth:`save`).
+
+        Args:
+            value: The cut-off (abnormal iff score > value).
+            rule: How it was learnt, in words (e.g. ``f1 on 48 validation cases``).
+
+        Returns:
+            ``self``.
+        """
+        self.check_fitted()
+        self.threshold_, self.threshold_rule_ = float(value), rule
+        return self
+
+    def _threshold_state(self) -> dict[str, Any]:
+        """The threshold part of :meth:`saved_state` (every detector saves it alike)."""
+        return {
+            "threshold": self.threshold_,
+            "threshold_rule": self.threshold_rule_,
+            "val_scores": np.asarray(self.val_scores_).tolist(),
+        }
+
+    def _restore_threshold(self, saved: dict[str, Any]) -> None:
+        """Set the threshold state written by :meth:`_threshold_state`."""
+        self.threshold_ = float(saved["threshold"])
+        self.threshold_rule_ = str(saved.get("threshold_rule", type(self).threshold_rule_))
+        self.val_scores_ = np.asarray(saved["val_scores"], dtype=np.float64)
 
     def calibrate(self, normal: Any) -> BaseDetector:
         """Relearn ``threshold_`` from held-out normal cases (e.g. after changing the score).

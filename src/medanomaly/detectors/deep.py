@@ -441,8 +441,7 @@ class DeepDetector(BaseDetector):
             "version": __version__,
             "state_dict": {k: v.cpu() for k, v in self.network_.state_dict().items()},
             "input_shape": list(self.input_shape_),
-            "threshold": self.threshold_,
-            "val_scores": np.asarray(self.val_scores_).tolist(),
+            **self._threshold_state(),
             "history": getattr(self, "history_", []),
             "map_scale": getattr(self, "map_scale_", None),
         }
@@ -453,8 +452,7 @@ class DeepDetector(BaseDetector):
         network.load_state_dict(saved["state_dict"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.network_ = inference_network(network.to(device), self.spatial_dims)
-        self.threshold_ = float(saved["threshold"])
-        self.val_scores_ = np.asarray(saved["val_scores"], dtype=np.float64)
+        self._restore_threshold(saved)
         self.history_ = saved.get("history", [])
         self.run_config_ = saved.get("config", {})
         self.map_scale_ = saved.get("map_scale")

@@ -54,12 +54,9 @@ def _evaluate_threshold(
     rule, params = parse_rule(spec)
     calibration = np.asarray(detector.val_scores_, dtype=np.float64)
     if rule is None:
-        k = detector.get_params().get("threshold_sd")
         source = (
-            f"the run's own threshold: mean + {k:g}·SD of its {calibration.size} held-out "
-            "normal validation scores"
-            if k is not None
-            else "the run's own threshold"
+            f"the run's own threshold ({detector.threshold_rule_}; {calibration.size} held-out "
+            "normal validation scores kept)"
         )
         return ThresholdChoice(float(detector.threshold_), "run", source, calibration.size)
     name = describe_rule(rule, params, alpha)

@@ -8,14 +8,18 @@ usable as it is by ``score``, ``evaluate`` and ``screen``.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medanomaly.config import build_detector
-from medanomaly.data.loading import LoadReport, load_dataset
+from medanomaly.data.listing import Case, list_cases, split_parts
+from medanomaly.data.loading import LoadReport, load_cases, load_dataset
 from medanomaly.data.sets import Cases
 from medanomaly.detectors.base import CONFIG_FILE, BaseDetector
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -38,13 +42,42 @@ class FittedRun:
 
 
 def _load(
-    data: str | Path | Cases, config: dict[str, Any], detector: BaseDetector, strict: bool
+    data: str | Path | Cases,
+    config: dict[str, Any],
+    detector: BaseDetector,
+    strict: bool,
+    cases: list[Case] | None = None,
+    augment: bool = True,
 ) -> tuple[Cases, LoadReport]:
     if not isinstance(data, str | Path):
         return data, LoadReport()
     # streamed unless the config says otherwise: memory holds batches, never the set
     options = {"stream": True, **(config.get("data") or {})}
-    return load_dataset(data, **options, strict=strict, expect=detector.input_spec(), augment=True)
+    expect = detector.input_spec()
+    if cases is None:
+        return load_dataset(data, **options, strict=strict, expect=expect, augment=augment)
+    options.pop("label_names", None)
+    return load_cases(cases, data, **options, strict=strict, expect=expect, augment=augment)
+
+
+def _split_column(
+    data: str | Path | Cases, config: dict[str, Any], val: Any
+) -> dict[str, list[Case]] | None:
+    """The manifest's ``split`` parts, if it has the column; its test rows never train."""
+    if not isinstance(data, str | Path):
+        return None
+    label_names = (config.get("data") or {}).get("label_names")
+    parts = split_parts(list_cases(data, label_names), data)
+    if parts is not None:
+        log.info(
+            "fit: %s has a split column: training on its %d train rows%s; its %d test rows "
+            "are left out",
+            data,
+            len(parts["train"]),
+            "" if val is not None else f", validating on its {len(parts['val'])} val rows",
+            len(parts["test"]),
+        )
+    return parts
 
 
 def fit_run(
@@ -60,7 +93,9 @@ def fit_run(
     Args:
         config: ``model``/``engine``/``data`` (and optional ``postprocess``) blocks.
         data: Training folder or manifest (read with the config's ``data`` block, with its
-            random transforms as augmentation), or cases already loaded.
+            random transforms as augmentation), or cases already loaded. A manifest with a
+            ``split`` column trains on its ``train`` rows, validates on its ``val`` rows
+            (unless ``val`` is given) and never reads its ``test`` rows.
         out: The run directory (``config.yaml``, ``model.safetensors``, checkpoints).
         val: Validation folder, manifest or cases (``None``: held out from ``data``).
         resume: Continue an interrupted run in ``out`` (its ``config.yaml`` is kept).
@@ -71,9 +106,12 @@ def fit_run(
     """
     out = Path(out)
     detector = build_detector(config)
-    train, train_report = _load(data, config, detector, strict)
+    parts = _split_column(data, config, val)
+    train, train_report = _load(data, config, detector, strict, parts and parts["train"])
     val_report = LoadReport()
-    if isinstance(val, str | Path):
+    if parts is not None and val is None and parts["val"]:
+        val, val_report = _load(data, config, detector, strict, parts["val"], augment=False)
+    elif isinstance(val, str | Path):
         options = {"stream": True, **(config.get("data") or {})}
         val, val_report = load_dataset(val, **options, strict=strict, expect=detector.input_spec())
     if not (resume and (out / CONFIG_FILE).exists()):

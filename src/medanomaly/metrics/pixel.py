@@ -320,6 +320,39 @@ def scan_range(
     return None if lo > hi else (lo, hi)
 
 
+def histogram_average_precision(pos_hist: np.ndarray, neg_hist: np.ndarray) -> float | None:
+    """Binned average precision of lesion / non-lesion histograms (``None`` without lesion)."""
+    if int(np.sum(pos_hist)) == 0:
+        return None
+    return _average_precision(np.asarray(pos_hist), np.asarray(neg_hist))
+
+
+def case_histograms(
+    maps: Sequence[np.ndarray] | np.ndarray,
+    masks: Sequence[np.ndarray] | np.ndarray,
+    foreground: Sequence[np.ndarray] | np.ndarray,
+    n_bins: int = DEFAULT_N_BINS,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each case's lesion and non-lesion voxel histograms over one binning of all cases.
+
+    Summing the rows of any subset of cases gives that subset's pooled histograms, so pixel
+    metrics of bootstrap resamples of cases cost a sum each.
+
+    Returns:
+        ``(pos, neg)``, each ``(n_cases, n_bins)`` int64 (zeros without foreground voxels).
+    """
+    pos = np.zeros((len(maps), n_bins), dtype=np.int64)
+    neg = np.zeros((len(maps), n_bins), dtype=np.int64)
+    found = scan_range(list(maps), list(foreground))
+    if found is None:
+        return pos, neg
+    accumulator = PixelMetricAccumulator(n_bins, range=found)
+    for i, (score_map, mask, fg) in enumerate(zip(maps, masks, foreground, strict=True)):
+        scores, gt, keep = _align(score_map, mask, fg)
+        pos[i], neg[i] = accumulator._histograms(scores, gt, keep)
+    return pos, neg
+
+
 def pixel_metrics(
     maps: Sequence[np.ndarray] | np.ndarray,
     masks: Sequence[np.ndarray] | np.ndarray,

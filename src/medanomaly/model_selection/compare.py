@@ -4,21 +4,29 @@ For each fold of the spec's protocol (patient-grouped; see
 :mod:`medanomaly.model_selection.splits`) every candidate is fitted on the normal cases of the
 training part (:func:`medanomaly.jobs.fit.fit_run`); a supervised one (its detector declares
 ``supervised = True``, e.g. ``vgg_classifier``) on all its labelled cases, normal and
-abnormal. On the **validation part only** it then chooses the post-processing (pixel AP at
-pixel level, else image AUROC), a fusion's weights, the image threshold (the spec's rule) and
-the pixel cut-off (best validation Dice). Only then is the test part scored. The candidate
-with the best mean validation metric is refitted on all the data's training part into
-``OUT/best`` (a run directory for ``score``, ``evaluate`` and ``screen``).
+abnormal. The validation part is halved by groups (:mod:`medanomaly.model_selection.selection`):
 
-Outputs: ``OUT/results.json`` (``rows``: name -> metrics with ``baseline`` and
-``supervised``), ``results.md``, ``report.html``, ``folds/<fold>/<candidate>/`` (runs and
-``record.json``; a finished record is never recomputed, so rerunning the command resumes)
-and ``best/``.
+* the **tuning half** chooses the epoch (the engine's validation set), the post-processing
+  (pixel AP at pixel level, else image AUROC) and a fusion's weights;
+* the **selection half** scores each tuned candidate once: the *selection figure*, on which
+  the one-standard-error rule chooses between candidates, per fold and over all folds;
+* the image threshold (the spec's rule) and the pixel cut-off (best Dice) are learnt on the
+  whole validation part: they do not enter the selection figure.
+
+Only then is the test part scored. The candidate chosen over all folds is refitted on all the
+data's training part into ``OUT/best`` (a run directory for ``score``, ``evaluate`` and
+``screen``), with the spec's threshold rule learnt on its own validation part.
+
+Outputs: ``OUT/results.json`` (``rows``: name -> selection, test and gap figures with
+``baseline`` and ``supervised``; ``decisions``: each fold's choice), ``results.md``,
+``report.html``, ``folds/<fold>/<candidate>/`` (runs and ``record.json``; a finished record is
+never recomputed, so rerunning the command resumes) and ``best/``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 import traceback
@@ -32,16 +40,24 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from medanomaly.data.listing import list_cases, manifest_column
-from medanomaly.data.loading import LoadReport, load_dataset
+from medanomaly.data.loading import LoadReport, load_cases
 from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.base import MODEL_FILE, AnomalyResult, BaseDetector, standardisation
-from medanomaly.detectors.thresholds import parse_rule, rule_threshold
+from medanomaly.detectors.thresholds import LABELLED_RULES, parse_rule, rule_threshold
 from medanomaly.errors import ConfigError
 from medanomaly.jobs.fit import fit_run
 from medanomaly.metrics.blocks import foreground_masks, known_masks
 from medanomaly.metrics.image import bootstrap_auroc_ci, image_metrics
-from medanomaly.metrics.pixel import pixel_metrics
-from medanomaly.model_selection.runs import start_or_resume, summarise
+from medanomaly.metrics.pixel import case_histograms, pixel_metrics
+from medanomaly.model_selection.runs import default_threshold_unused, start_or_resume, summarise
+from medanomaly.model_selection.selection import (
+    N_BOOT,
+    ap_replicates,
+    auroc_replicates,
+    decide_fold,
+    decide_overall,
+    resamples,
+)
 from medanomaly.model_selection.spec import Candidate, Spec, load_spec
 from medanomaly.model_selection.splits import (
     FoldSplit,
@@ -49,18 +65,21 @@ from medanomaly.model_selection.splits import (
     column_splits,
     make_splits,
     val_group_splits,
+    with_selection_half,
 )
 from medanomaly.models.ensemble import Ensemble, weight_grid
 from medanomaly.postprocess import PostProcess
 from medanomaly.reports.files import json_ready, write_json
 
+log = logging.getLogger(__name__)
+
 RESULTS_FILE = "results.json"
 RECORD_FILE = "record.json"
-MAPS_FILE = "test_maps.npy"
 SPEC_FILE = "spec.json"
 BEST_DIR = "best"
 IMAGE_KEYS = ("auroc", "auprc", "f1", "sensitivity", "specificity")
 PIXEL_KEYS = ("pixel_auroc", "pixel_ap", "dice_at_val_threshold")
+SELECTION_KEYS = ("selection_metric", "test_metric", "tune_metric")
 
 Echo = Callable[[str], None]
 
@@ -76,6 +95,10 @@ class Labelled:
     report: LoadReport
     subgroups: np.ndarray | None = None
     """The spec's ``subgroups`` column per case (``None`` without one)."""
+    grouped: bool = True
+    """The data names each case's patient (a ``group`` column or patient folders)."""
+    split_column: list[str | None] | None = None
+    """Each case's value in the manifest's ``split`` column (``None`` without the column)."""
 
 
 @dataclass
@@ -90,20 +113,32 @@ class Outputs:
 # -- data and splits ------------------------------------------------------------------------
 def load_labelled(spec: Spec) -> Labelled:
     """Read the spec's data in memory (augmentation attached), labelled cases only."""
-    images, report = load_dataset(spec.data, **{**spec.data_options, "stream": False}, augment=True)
+    options = {k: v for k, v in spec.data_options.items() if k != "label_names"}
+    listed = list_cases(spec.data, spec.data_options.get("label_names"))
+    images, report = load_cases(listed, spec.data, **options, stream=False, augment=True)
     unlabelled = images.labels == -1
     for i in np.flatnonzero(unlabelled):
         report.skipped.append((images.ids[i], "no label (compare needs labelled cases)"))
     if unlabelled.any():
         images = images.subset(~unlabelled, keep_augment=True)
+    by_id = {str(c.path): c for c in listed}
+    grouped = all(by_id[i].group for i in images.ids if i in by_id)
+    if not grouped:
+        log.warning(
+            "compare: %s names no patient (no group column): each case is its own group, so "
+            "slices of one patient may fall in several parts (results say grouped: false)",
+            spec.data,
+        )
     groups = np.asarray(images.groups if images.groups is not None else images.ids).astype(str)
+    column = [by_id[i].split if i in by_id else None for i in images.ids]
     known = known_masks(spec.data, spec.data_options.get("label_names"), images)
     foreground = None
     if spec.pixel:
         _check_pixel(images, known)
         foreground = foreground_masks(images)[0]
     subgroups = subgroup_column(spec, images.ids) if spec.subgroups else None
-    return Labelled(images, groups, known, foreground, report, subgroups)
+    split_column = column if any(column) else None
+    return Labelled(images, groups, known, foreground, report, subgroups, grouped, split_column)
 
 
 def subgroup_column(spec: Spec, ids: list[str]) -> np.ndarray:
@@ -150,14 +185,73 @@ def _check_pixel(images: ImageSet, known: np.ndarray) -> None:
 
 
 def protocol_splits(spec: Spec, data: Labelled) -> list[FoldSplit]:
-    """The spec's folds (errors naming the counts come before any training)."""
+    """The spec's folds, each with its selection half, checked before anything trains.
+
+    Raises:
+        ConfigError: A group in two parts, a ``split`` column under another protocol, or a
+            part that cannot support the protocol (the message names the fold and counts).
+    """
     p, labels = spec.protocol, data.images.labels
     if p.kind == "split_column":
-        by_id = {str(c.path): c.split for c in list_cases(spec.data)}
-        return column_splits(labels, [by_id.get(i) for i in data.images.ids])
-    if p.kind == "val_groups":
-        return val_group_splits(labels, data.groups, p.folds, p.n_val, p.repeats, p.seed)
-    return make_splits(labels, data.groups, p.folds, p.repeats, p.val_fraction, p.seed)
+        splits = column_splits(labels, data.split_column or [None] * len(labels), data.groups)
+    elif data.split_column is not None:
+        raise ConfigError(
+            f"{spec.data}: the manifest has a split column, which protocol {p.kind!r} would "
+            "ignore (its test rows would be trained on); use protocol kind: split_column, or "
+            "remove the column"
+        )
+    elif p.kind == "val_groups":
+        splits = val_group_splits(labels, data.groups, p.folds, p.n_val, p.repeats, p.seed)
+    else:
+        splits = make_splits(labels, data.groups, p.folds, p.repeats, p.val_fraction, p.seed)
+    splits = [
+        with_selection_half(s, labels, data.groups, p.select_fraction, p.seed * 1000 + i)
+        for i, s in enumerate(splits)
+    ]
+    for split in splits:
+        check_parts(spec, data, split)
+    return splits
+
+
+def _counts(data: Labelled, index: np.ndarray) -> tuple[int, int, int]:
+    """Normal, abnormal and abnormal-with-a-known-mask cases at ``index``."""
+    labels = data.images.labels[index]
+    masked = int(np.sum(data.known[index] & (labels == 1))) if data.known is not None else 0
+    return int(np.sum(labels == 0)), int(np.sum(labels == 1)), masked
+
+
+def check_parts(spec: Spec, data: Labelled, split: FoldSplit) -> None:
+    """Refuse a fold whose parts cannot support the spec (before any candidate trains).
+
+    The tuning and selection halves each need normal cases and, for the metric they rank by,
+    abnormal ones (image AUROC) or abnormal cases with a lesion mask (pixel AP); the test
+    part needs both classes; a labelled threshold rule needs both in the validation part.
+
+    Raises:
+        ConfigError: Naming the fold, the part and its counts.
+    """
+    need = "abnormal cases with a lesion mask" if spec.pixel else "abnormal cases"
+    parts = {"tuning half": split.tune, "selection half": split.select, "test part": split.test}
+    for part, index in parts.items():
+        normal, abnormal, masked = _counts(data, index)
+        in_validation = part != "test part"
+        wanted = masked if spec.pixel and in_validation else abnormal
+        least = 2 if part == "tuning half" else 1
+        if normal < least or wanted < 1:
+            where = f"the {part} of its validation part" if in_validation else "its test part"
+            raise ConfigError(
+                f"compare: fold {split.name}: {where} holds {normal} normal and {abnormal} "
+                f"abnormal case(s) ({masked} with a lesion mask); it needs at least {least} "
+                f"normal and 1 of the {need if in_validation else 'abnormal cases'} (give the "
+                "validation part more groups with val_fraction or n_val, or use fewer folds)"
+            )
+    rule = parse_rule(spec.threshold)[0]
+    normal, abnormal, _ = _counts(data, split.val)
+    if rule in LABELLED_RULES and abnormal == 0:
+        raise ConfigError(
+            f"compare: fold {split.name}: threshold {spec.threshold} needs abnormal validation "
+            f"cases, the validation part holds {normal} normal and none abnormal"
+        )
 
 
 # -- choices on validation ------------------------------------------------------------------
@@ -166,23 +260,46 @@ def _pixel_index(data: Labelled, index: np.ndarray) -> np.ndarray:
     return np.flatnonzero(data.known[index])
 
 
+def _pixel_parts(
+    data: Labelled, index: np.ndarray, result: AnomalyResult
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Maps, lesion masks and foregrounds of the cases at ``index`` whose mask is known."""
+    keep = _pixel_index(data, index)
+    return result.maps[keep], data.images.masks[index][keep], data.foreground[index][keep]
+
+
 def validation_metric(
     spec: Spec, data: Labelled, index: np.ndarray, result: AnomalyResult
 ) -> float:
-    """The metric choices are made on: pixel AP (pixel levels), else image AUROC."""
+    """The metric choices are made on: pixel AP (pixel levels), else image AUROC.
+
+    Raises:
+        ConfigError: The cases hold a single class, or no lesion voxel in the foreground.
+    """
     if spec.pixel:
-        keep = _pixel_index(data, index)
-        block = pixel_metrics(
-            result.maps[keep],
-            data.images.masks[index][keep],
-            data.foreground[index][keep],
-            per_image=False,
-        )
-        return block["average_precision"] or 0.0
+        block = pixel_metrics(*_pixel_parts(data, index, result), per_image=False)
+        if block["average_precision"] is None:
+            raise ConfigError(
+                f"compare: {len(index)} validation case(s) hold no lesion voxel inside the "
+                "foreground; pixel AP is undefined (check the masks and the foreground rule)"
+            )
+        return float(block["average_precision"])
     labels = data.images.labels[index]
     if len(set(labels.tolist())) < 2:
         raise ConfigError("compare: a validation part holds a single class; cannot choose")
     return float(image_metrics(labels, result.scores, 0.0)["auroc"])
+
+
+def selection_replicates(
+    spec: Spec, data: Labelled, index: np.ndarray, result: AnomalyResult, key: str
+) -> list[float]:
+    """Bootstrap replicates of the selection figure (resamples shared by a fold's candidates)."""
+    if spec.pixel:
+        maps, masks, foreground = _pixel_parts(data, index, result)
+        draws = resamples(data.images.labels[index][_pixel_index(data, index)], N_BOOT, key)
+        return ap_replicates(*case_histograms(maps, masks, foreground), draws).tolist()
+    labels = data.images.labels[index]
+    return auroc_replicates(labels, result.scores, resamples(labels, N_BOOT, key)).tolist()
 
 
 def _processed(
@@ -192,11 +309,18 @@ def _processed(
 
 
 def choose_postprocess(
-    spec: Spec, data: Labelled, val: np.ndarray, result: AnomalyResult
+    spec: Spec, data: Labelled, index: np.ndarray, result: AnomalyResult
 ) -> tuple[int, float]:
-    """Index of the post-processing choice with the best validation metric, and the metric."""
+    """Index of the post-processing choice with the best metric on ``index``, and the metric.
+
+    Args:
+        spec: The spec (its ``postprocess`` choices).
+        data: The labelled cases.
+        index: The cases ``result`` holds (a fold's tuning half).
+        result: Their raw result.
+    """
     values = [
-        validation_metric(spec, data, val, _processed(PostProcess(c), result, data, val))
+        validation_metric(spec, data, index, _processed(PostProcess(c), result, data, index))
         for c in spec.postprocess
     ]
     best = int(np.argmax(values))  # ties: the first (simplest) choice
@@ -230,6 +354,11 @@ def _threshold(spec: Spec, labels: np.ndarray, scores: np.ndarray) -> float:
     return rule_threshold(rule, params, labels, scores, 0.05)
 
 
+def _positions(split: FoldSplit, part: np.ndarray) -> np.ndarray:
+    """Positions of ``part``'s cases within the fold's validation part."""
+    return np.flatnonzero(np.isin(split.val, part))
+
+
 def evaluate_choice(
     spec: Spec,
     data: Labelled,
@@ -237,27 +366,35 @@ def evaluate_choice(
     outputs: Outputs,
     choice: int,
 ) -> tuple[dict[str, Any], AnomalyResult]:
-    """Apply a post-processing choice; threshold and cut-off on validation; test metrics."""
+    """Apply a tuned post-processing choice; selection and test figures; the thresholds.
+
+    The selection figure (and its bootstrap replicates) comes from the selection half; the
+    image threshold and the pixel cut-off from the whole validation part.
+    """
     chain = PostProcess(spec.postprocess[choice])
     val = _processed(chain, outputs.val, data, split.val)
     test = _processed(chain, outputs.test, data, split.test)
     labels = data.images.labels
     threshold = _threshold(spec, labels[split.val], val.scores)
     image = image_metrics(labels[split.test], test.scores, threshold)
+    select = val.take(_positions(split, split.select))
     record: dict[str, Any] = {
         "postprocess": list(spec.postprocess[choice]),
         "threshold": threshold,
         **{k: image[k] for k in IMAGE_KEYS},
-        "val_auroc": image_metrics(labels[split.val], val.scores, threshold)["auroc"],
+        "selection_metric": validation_metric(spec, data, split.select, select),
+        "selection_boot": selection_replicates(spec, data, split.select, select, split.name),
         "confusion": image["confusion_matrix"],
         "cases": {
             "id": [data.images.ids[i] for i in split.test],
             "label": labels[split.test].tolist(),
             "score": np.asarray(test.scores).tolist(),
+            "flag": (np.asarray(test.scores) > threshold).astype(int).tolist(),
         },
     }
     if spec.pixel:
         record.update(_pixel_record(data, split, val, test))
+    record["test_metric"] = record["pixel_ap"] if spec.pixel else record["auroc"]
     if data.subgroups is not None:
         record["subgroup_auroc"] = subgroup_aurocs(
             labels[split.test], np.asarray(test.scores), data.subgroups[split.test]
@@ -268,20 +405,13 @@ def evaluate_choice(
 def _pixel_record(
     data: Labelled, split: FoldSplit, val: AnomalyResult, test: AnomalyResult
 ) -> dict[str, Any]:
-    masks, fg = data.images.masks, data.foreground
-    v = _pixel_index(data, split.val)
-    val_block = pixel_metrics(val.maps[v], masks[split.val][v], fg[split.val][v], per_image=False)
+    val_block = pixel_metrics(*_pixel_parts(data, split.val, val), per_image=False)
     cutoff = val_block["best_dice_threshold"]
-    t = _pixel_index(data, split.test)
-    test_block = pixel_metrics(
-        test.maps[t], masks[split.test][t], fg[split.test][t], per_image=False
-    )
-    counts = dice_counts(
-        test.maps[t], masks[split.test][t], fg[split.test][t], np.inf if cutoff is None else cutoff
-    )
+    test_parts = _pixel_parts(data, split.test, test)
+    test_block = pixel_metrics(*test_parts, per_image=False)
+    counts = dice_counts(*test_parts, np.inf if cutoff is None else cutoff)
     return {
         "pixel_cutoff": cutoff,
-        "val_pixel_ap": val_block["average_precision"],
         "pixel_auroc": test_block["auroc"],
         "pixel_ap": test_block["average_precision"],
         "dice_at_val_threshold": dice_of(counts),
@@ -312,13 +442,13 @@ def training_cases(
 def fit_candidate(
     candidate: Candidate, data: Labelled, split: FoldSplit, folder: Path, spec: Spec
 ) -> Outputs:
-    """Fit a candidate on the fold's training cases; its raw validation and test results."""
+    """Fit a candidate (epochs ranked on the tuning half); raw validation and test results."""
     images = data.images
     train = training_cases(spec, candidate, images, split.train)
-    val = images.subset(split.val)
-    detector = fit_run(candidate.config, train, folder, val=val, resume=True).detector
+    tune = images.subset(split.tune)
+    detector = fit_run(candidate.config, train, folder, val=tune, resume=True).detector
     return Outputs(
-        val=detector.detect(val),
+        val=detector.detect(images.subset(split.val)),
         test=detector.detect(images.subset(split.test)),
         detector=detector,
     )
@@ -340,16 +470,23 @@ def fused(results: list[AnomalyResult], stats: list, weights: tuple[float, ...])
     return AnomalyResult(scores, np.zeros(len(scores), np.int64), maps, recon, 0.0)
 
 
+def member_stats(data: Labelled, split: FoldSplit, members: list[Outputs]) -> list:
+    """Each member's standardisation, from the normal cases of the tuning half."""
+    tune = _positions(split, split.tune)
+    normal = data.images.labels[split.val][tune] == 0
+    return [_stats(m.val.take(tune), normal) for m in members]
+
+
 def fuse_in_fold(
     spec: Spec, data: Labelled, split: FoldSplit, members: list[Outputs]
 ) -> tuple[Outputs, tuple[float, ...], int, float]:
-    """Choose weights and post-processing jointly on validation; the fused outputs."""
-    normal = data.images.labels[split.val] == 0
-    stats = [_stats(m.val, normal) for m in members]
+    """Choose weights and post-processing jointly on the tuning half; the fused outputs."""
+    stats = member_stats(data, split, members)
+    tune = _positions(split, split.tune)
     best: tuple[float, float, tuple[float, ...], int] | None = None
     for weights in weight_grid(len(members)):
-        val = fused([m.val for m in members], stats, weights)
-        choice, value = choose_postprocess(spec, data, split.val, val)
+        val = fused([m.val.take(tune) for m in members], stats, weights)
+        choice, value = choose_postprocess(spec, data, split.tune, val)
         key = (value, -float(np.ptp(weights)))
         if best is None or key > best[:2]:
             best = (*key, weights, choice)
@@ -400,12 +537,14 @@ class _FoldRunner:
         detector = BaseDetector.load(_record_path(self.out, self.split, source.name).parent)
         detector.set_params(**model_changes(source.config, candidate.config))
         images = self.data.images
-        val = images.subset(self.split.val)
-        detector.calibrate(val.subset(val.labels == 0))
+        tune = images.subset(self.split.tune)
+        detector.calibrate(tune.subset(tune.labels == 0))
         detector.write_run_config(folder, candidate.config.get("data"))
         detector.save(folder / MODEL_FILE)
         return Outputs(
-            detector.detect(val), detector.detect(images.subset(self.split.test)), detector
+            detector.detect(images.subset(self.split.val)),
+            detector.detect(images.subset(self.split.test)),
+            detector,
         )
 
     def run(self, candidate: Candidate) -> dict[str, Any]:
@@ -437,14 +576,11 @@ class _FoldRunner:
             else:
                 outputs = fit_candidate(candidate, data, split, folder, spec)
             self.outputs[candidate.name] = outputs
-            choice, value = choose_postprocess(spec, data, split.val, outputs.val)
+            tune = outputs.val.take(_positions(split, split.tune))
+            choice, value = choose_postprocess(spec, data, split.tune, tune)
             extra = {"epochs": len(outputs.detector.history_)}
-        record, test = evaluate_choice(spec, data, split, outputs, choice)
-        if spec.pixel:  # kept for the pooled pixel metrics, in units of the fold's cut-off
-            folder.mkdir(parents=True, exist_ok=True)
-            cutoff = record["pixel_cutoff"] if record["pixel_cutoff"] is not None else 0.0
-            np.save(folder / MAPS_FILE, (np.asarray(test.maps) - cutoff).astype(np.float32))
-        return {**record, **extra, "choice": choice, "val_metric": value}
+        record, _ = evaluate_choice(spec, data, split, outputs, choice)
+        return {**record, **extra, "choice": choice, "tune_metric": value}
 
 
 def compare(
@@ -466,7 +602,8 @@ def compare(
         progress: Show a progress bar over folds x candidates.
 
     Returns:
-        The results written to ``OUT/results.json``.
+        The results written to ``OUT/results.json`` (``chosen`` is ``None`` when no candidate
+        finished every fold).
     """
     from medanomaly.reports.compare import results_table, write_compare_report
 
@@ -477,12 +614,60 @@ def compare(
     labelled = load_labelled(spec)
     splits = protocol_splits(spec, labelled)
     start_or_resume(out, SPEC_FILE, spec_state(spec, splits), "comparison")
+    records = run_folds(spec, labelled, splits, out, echo, progress)
+    levels = {c.name: complexity(spec, c) for c in spec.candidates}
+    decisions = [
+        {"fold": split.name, **decide_fold({n: rs[i] for n, rs in records.items()}, levels)}
+        for i, split in enumerate(splits)
+    ]
+    rows = {c.name: summarise_candidate(spec, c, records[c.name]) for c in spec.candidates}
+    winner, steps = decide_overall(records, levels)
+    results = {
+        "rows": rows,
+        "chosen": winner,
+        "selection": {
+            "metric": "pixel AP" if spec.pixel else "image AUROC",
+            "rule": "one standard error over the folds; no-model < single model < fusion",
+            "steps": steps,
+        },
+        "decisions": decisions,
+        "per_fold_choice": per_fold_choice(decisions, records),
+        "protocol": {**spec.protocol.__dict__, "level": spec.level, "threshold": spec.threshold},
+        "grouped": labelled.grouped,
+        "n_cases": len(labelled.images),
+        "n_normal": int(np.sum(labelled.images.labels == 0)),
+        "n_abnormal": int(np.sum(labelled.images.labels == 1)),
+        "n_groups": int(np.unique(labelled.groups).size),
+        "folds": [s.name for s in splits],
+        "skipped": labelled.report.skipped_records(),
+        "data": str(spec.data),
+    }
+    if winner is not None:
+        winner_gallery(spec, labelled, splits[0], out, winner, records[winner][0])
+    if refit and winner is not None:
+        results["best"] = refit_best(spec, labelled, rows[winner], winner, out, splits)
+    write_json(out / RESULTS_FILE, results)
+    (out / "results.md").write_text(results_table(results))
+    write_compare_report(out, results, records)
+    return json_ready(results)
+
+
+def run_folds(
+    spec: Spec,
+    data: Labelled,
+    splits: list[FoldSplit],
+    out: Path,
+    echo: Echo | None,
+    progress: bool,
+) -> dict[str, list[dict[str, Any]]]:
+    """Every candidate's record in every fold (finished records are read back, not rerun)."""
     records: dict[str, list[dict[str, Any]]] = {c.name: [] for c in spec.candidates}
     # members and rescore sources first
     order = sorted(spec.candidates, key=lambda c: (c.is_fusion, c.rescore is not None))
-    with tqdm(total=len(splits) * len(order), desc="compare", disable=not progress) as bar:
+    bar = tqdm(total=len(splits) * len(order), desc="compare", disable=not progress)
+    with bar, default_threshold_unused():  # the spec's rule replaces each fit's own
         for split in splits:
-            runner = _FoldRunner(spec, labelled, split, out)
+            runner = _FoldRunner(spec, data, split, out)
             for candidate in order:
                 bar.set_postfix_str(f"{split.name} {candidate.name}")
                 record = runner.run(candidate)
@@ -490,35 +675,30 @@ def compare(
                 bar.update()
                 if echo is not None:
                     echo(_line(record))
-    rows = {c.name: summarise_candidate(spec, c, records[c.name]) for c in spec.candidates}
-    winner = choose_winner(rows)
-    results = {
-        "rows": rows,
-        "chosen": winner,
-        "selection": "highest mean validation metric over the folds "
-        + ("(pixel AP)" if spec.pixel else "(image AUROC)"),
-        "protocol": {**spec.protocol.__dict__, "level": spec.level, "threshold": spec.threshold},
-        "n_cases": len(labelled.images),
-        "n_normal": int(np.sum(labelled.images.labels == 0)),
-        "n_abnormal": int(np.sum(labelled.images.labels == 1)),
-        "n_groups": int(np.unique(labelled.groups).size),
-        "folds": [s.name for s in splits],
-        "skipped": [{"case": c, "reason": r} for c, r in labelled.report.skipped],
-        "data": str(spec.data),
-    }
-    if spec.pixel:
-        for name, row in rows.items():
-            row.update(pooled_pixel(records[name], splits, labelled, out, name))
-    if winner is not None:
-        winner_gallery(spec, labelled, splits[0], out, winner, records[winner][0])
-    if refit and winner is not None:
-        results["best"] = refit_best(
-            spec, labelled, rows[winner], winner, out / BEST_DIR, splits, out
-        )
-    write_json(out / RESULTS_FILE, results)
-    (out / "results.md").write_text(results_table(results))
-    write_compare_report(out, results, records)
-    return json_ready(results)
+    return records
+
+
+def complexity(spec: Spec, candidate: Candidate) -> int:
+    """0 for a no-model candidate, 1 for a single model, 2 for a fusion."""
+    if candidate.is_fusion:
+        return 2
+    return 0 if candidate.baseline else 1
+
+
+def per_fold_choice(
+    decisions: list[dict[str, Any]], records: dict[str, list[dict[str, Any]]]
+) -> dict[str, Any]:
+    """The test figure of what each fold chose on its own selection half.
+
+    This is the honest estimate of the whole procedure (tuning, then choosing by the rule):
+    no row of the table is picked by looking at test figures.
+    """
+    chosen = [d["chosen"] for d in decisions]
+    values = [
+        None if name is None else records[name][i].get("test_metric")
+        for i, name in enumerate(chosen)
+    ]
+    return {"chosen": chosen, "test_metric": summarise(values)}
 
 
 def winner_gallery(
@@ -532,8 +712,7 @@ def winner_gallery(
     candidate = spec.candidate(name)
     if candidate.is_fusion:
         members = [runner.member(m) for m in candidate.fusion]
-        normal = data.images.labels[split.val] == 0
-        stats = [_stats(m.val, normal) for m in members]
+        stats = member_stats(data, split, members)
         weights = tuple(record["weights"][m] for m in candidate.fusion)
         test = fused([m.test for m in members], stats, weights)
     else:
@@ -567,7 +746,10 @@ def spec_state(spec: Spec, splits: list[FoldSplit]) -> dict[str, Any]:
             "threshold": spec.threshold,
             "candidates": {c.name: c.config or {"fusion": list(c.fusion)} for c in spec.candidates},
             "postprocess": [list(c) for c in spec.postprocess],
-            "splits": {s.name: [s.train.tolist(), s.val.tolist(), s.test.tolist()] for s in splits},
+            "splits": {
+                s.name: [s.train.tolist(), s.tune.tolist(), s.select.tolist(), s.test.tolist()]
+                for s in splits
+            },
         }
     )
 
@@ -579,6 +761,7 @@ def _line(record: dict[str, Any]) -> str:
     text = f"AUROC {auroc:.3f}" if auroc is not None else "AUROC n/a"
     if "dice_at_val_threshold" in record and record["dice_at_val_threshold"] is not None:
         text += f", Dice {record['dice_at_val_threshold']:.3f}"
+    text += f", selection {record['selection_metric']:.3f}"
     return f"{record['fold']} {record['candidate']}: {text} ({record.get('seconds', 0):.0f} s)"
 
 
@@ -594,14 +777,20 @@ def _is_baseline(spec: Spec, candidate: Candidate, records: list[dict[str, Any]]
 def summarise_candidate(
     spec: Spec, candidate: Candidate, records: list[dict[str, Any]]
 ) -> dict[str, Any]:
-    """One ``rows`` entry: ``baseline``, ``supervised``, then metrics as mean ± SD over folds."""
+    """One ``rows`` entry: flags, then selection, test and gap figures as mean ± SD over folds.
+
+    ``gap`` is the selection figure minus the test figure of the same metric, fold by fold:
+    how optimistic the figure the choice rested on was.
+    """
     ok = [r for r in records if "error" not in r]
-    keys = [*IMAGE_KEYS, "val_auroc", "val_metric"] + (list(PIXEL_KEYS) if spec.pixel else [])
+    keys = [*SELECTION_KEYS, *IMAGE_KEYS] + (list(PIXEL_KEYS) if spec.pixel else [])
     row: dict[str, Any] = {
         "baseline": _is_baseline(spec, candidate, records),
         "supervised": is_supervised(spec, candidate),
+        "level": complexity(spec, candidate),
     }
     row.update({k: summarise([r.get(k) for r in ok]) for k in keys})
+    row["gap"] = summarise([_gap(r) for r in ok])
     values = sorted({v for r in ok for v in r.get("subgroup_auroc", {})})
     row.update(
         {f"auroc_{v}": summarise([r.get("subgroup_auroc", {}).get(v) for r in ok]) for v in values}
@@ -611,6 +800,8 @@ def summarise_candidate(
     row["postprocess"] = [r["postprocess"] for r in ok]
     row["thresholds"] = [r["threshold"] for r in ok]
     row["confusion"] = [r.get("confusion") for r in ok]
+    if spec.pixel:
+        row["pooled_dice_at_val_threshold"] = pooled_dice(ok)
     if candidate.is_fusion:
         row["weights"] = [r["weights"] for r in ok]
         row["members"] = list(candidate.fusion)
@@ -618,6 +809,11 @@ def summarise_candidate(
         row["auroc_ci"] = [auroc_ci(r) for r in ok]
     row["errors"] = [{"fold": r["fold"], "error": r["error"]} for r in records if "error" in r]
     return row
+
+
+def _gap(record: dict[str, Any]) -> float | None:
+    test = record.get("test_metric")
+    return None if test is None else record["selection_metric"] - test
 
 
 def auroc_ci(record: dict[str, Any], n_boot: int = 1000) -> list[float | None]:
@@ -629,50 +825,16 @@ def auroc_ci(record: dict[str, Any], n_boot: int = 1000) -> list[float | None]:
     return list(bootstrap_auroc_ci(cases["label"], cases["score"], n_boot=n_boot))
 
 
-def choose_winner(rows: dict[str, dict[str, Any]]) -> str | None:
-    """The candidate without failed folds whose mean validation metric is highest."""
-    complete = {n: r for n, r in rows.items() if not r["errors"] and r["val_metric"]["n"]}
-    if not complete:
-        return None
-    return max(complete, key=lambda n: complete[n]["val_metric"]["mean"])
+def pooled_dice(records: list[dict[str, Any]]) -> float | None:
+    """Dice over the test folds of the first repeat, each fold flagged at its own cut-off.
 
-
-def pooled_pixel(
-    records: list[dict[str, Any]],
-    splits: list[FoldSplit],
-    data: Labelled,
-    out: Path,
-    name: str,
-) -> dict[str, Any]:
-    """Pixel metrics pooled over the test folds of the first repeat (each case once).
-
-    Each fold's maps are shifted by its validation cut-off (the folds' models have their own
-    scales), so that 0 is every fold's cut-off; Dice at the validation cut-off sums each
-    fold's voxel counts at its own cut-off.
+    Voxel counts add up across folds whatever each fold's map scale, so this pooled figure
+    is sound; pooled pixel AUROC and AP are not reported, since they would rank voxels of
+    differently scaled fold models against each other (the rows give their mean over folds).
     """
-    done = [
-        (split, r)
-        for split, r in zip(splits, records, strict=True)
-        if "error" not in r and split.repeat == 0
-    ]
-    if not done:
-        return {}
-    total = {k: sum(r["dice_counts"][k] for _, r in done) for k in ("tp", "fp", "fn")}
-    maps, masks, foreground = [], [], []
-    for split, _ in done:
-        keep = _pixel_index(data, split.test)
-        maps.append(np.load(_record_path(out, split, name).parent / MAPS_FILE)[keep])
-        masks.append(data.images.masks[split.test][keep])
-        foreground.append(data.foreground[split.test][keep])
-    block = pixel_metrics(
-        np.concatenate(maps), np.concatenate(masks), np.concatenate(foreground), per_image=False
-    )
-    return {
-        "pooled_pixel_auroc": block["auroc"],
-        "pooled_pixel_ap": block["average_precision"],
-        "pooled_dice_at_val_threshold": dice_of(total),
-        "pooled_dice_counts": total,
-    }
+    first = [r for r in records if r["fold"].startswith("r1_")]
+    total = {k: sum(r["dice_counts"][k] for r in first) for k in ("tp", "fp", "fn")}
+    return dice_of(total) if first else None
 
 
 def model_changes(source: dict[str, Any], config: dict[str, Any]) -> dict[str, Any]:
@@ -686,14 +848,15 @@ def reuse_column_run(
 ) -> bool:
     """With the ``split_column`` protocol, copy the one fold's run of ``name`` to ``folder``.
 
-    That run was fitted on the same training and validation parts that a refit would use;
-    it is reused when the chosen post-processing is empty (nothing to add to the run) and
-    the run directory holds a model. Returns whether it was copied.
+    That run was fitted on the same training part that a refit would use, with its epoch
+    ranked on the column's tuning half; it is reused when the chosen post-processing is
+    empty (nothing to add to the run) and the run directory holds a model. Returns whether
+    it was copied.
     """
     source = _record_path(out, splits[0], name).parent
     if len(splits) != 1 or postprocess or not (source / MODEL_FILE).exists():
         return False
-    ignore = shutil.ignore_patterns(RECORD_FILE, MAPS_FILE, "error.txt")
+    ignore = shutil.ignore_patterns(RECORD_FILE, "error.txt")
     shutil.copytree(source, folder, ignore=ignore, dirs_exist_ok=True)
     return True
 
@@ -703,38 +866,59 @@ def refit_best(
     data: Labelled,
     row: dict[str, Any],
     name: str,
-    folder: Path,
-    splits: list[FoldSplit] | None = None,
-    out: Path | None = None,
+    out: Path,
+    splits: list[FoldSplit],
 ) -> dict[str, Any]:
-    """Refit the chosen candidate on all the data's training part into ``folder``.
+    """Refit the chosen candidate on all the data's training part into ``OUT/best``.
 
     The training part's normal cases, or all its labelled cases for a supervised candidate.
     The validation part is a grouped share (``protocol.val_fraction``) of all cases; with the
-    ``split_column`` protocol it is the column's training and validation parts (never its
-    test part), and the fold's own run is reused where it is the same fit
-    (:func:`reuse_column_run`). The post-processing is the one chosen in most folds, a
-    fusion's weights their mean over the folds.
+    ``split_column`` protocol it is the column's validation part (never its test part), and
+    the fold's own run is reused where it is the same fit (:func:`reuse_column_run`). The
+    post-processing is the one chosen in most folds, a fusion's weights their mean over the
+    folds. The threshold is the spec's rule learnt on that validation part, so
+    ``score --run OUT/best`` flags what the returned ``flags`` say for the last fold's test
+    cases (for ``split_column`` the fold's own record).
     """
+    folder = out / BEST_DIR
     candidate = spec.candidate(name)
     choice = Counter(json.dumps(p) for p in row["postprocess"]).most_common(1)[0][0]
     postprocess = json.loads(choice)
-    config = _best_config(spec, candidate, row, postprocess)
     labels = data.images.labels
-    index = np.arange(len(labels))
-    column = spec.protocol.kind == "split_column" and splits is not None
-    if column and out is not None and reuse_column_run(out, splits, name, postprocess, folder):
-        return {"candidate": name, "run_dir": str(folder), "postprocess": postprocess}
+    column = spec.protocol.kind == "split_column"
     if column:
         train, val = splits[0].train, splits[0].val
+        tune = splits[0].tune
     else:
+        index = np.arange(len(labels))
         train, val = carve_validation(
             index, labels, data.groups, spec.protocol.val_fraction, spec.protocol.seed
         )
+        tune = val
     images = data.images
-    cases = training_cases(spec, candidate, images, train)
-    fit_run(config, cases, folder, val=images.subset(val), resume=True)
-    return {"candidate": name, "run_dir": str(folder), "postprocess": postprocess}
+    if not (column and reuse_column_run(out, splits, name, postprocess, folder)):
+        config = _best_config(spec, candidate, row, postprocess)
+        cases = training_cases(spec, candidate, images, train)
+        fit_run(config, cases, folder, val=images.subset(tune), resume=True)
+    detector = BaseDetector.load(folder)
+    scores = detector.score(images.subset(val))
+    threshold = _threshold(spec, labels[val], scores)
+    rule = f"{spec.threshold} on {len(val)} validation cases"
+    detector.set_threshold(threshold, rule).save(folder / MODEL_FILE)
+    last = splits[-1]
+    flags = BaseDetector.load(folder).predict(images.subset(last.test))
+    return {
+        "candidate": name,
+        "run_dir": str(folder),
+        "postprocess": postprocess,
+        "threshold": threshold,
+        "threshold_rule": rule,
+        "flags": {
+            "fold": last.name,
+            "id": [images.ids[i] for i in last.test],
+            "flag": np.asarray(flags).astype(int).tolist(),
+        },
+    }
 
 
 def _best_config(

@@ -29,8 +29,7 @@ import io
 import json
 import logging
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,8 @@ from typing import Any
 import numpy as np
 
 from medanomaly.config import build_detector
-from medanomaly.data.loading import LoadReport, load_dataset
+from medanomaly.data.listing import list_cases, split_parts
+from medanomaly.data.loading import LoadReport, load_cases
 from medanomaly.data.sets import ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector
 from medanomaly.detectors.thresholds import describe_rule, parse_rule, rule_threshold
@@ -54,7 +54,7 @@ from medanomaly.metrics.blocks import (
     pixel_block,
 )
 from medanomaly.metrics.image import image_metrics, predict_abnormal
-from medanomaly.model_selection.runs import start_or_resume, summarise
+from medanomaly.model_selection.runs import default_threshold_unused, start_or_resume, summarise
 from medanomaly.model_selection.splits import FoldSplit, make_splits
 from medanomaly.outputs.writers import write_scores_csv
 from medanomaly.reports import figures as figs
@@ -68,6 +68,8 @@ from medanomaly.reports.files import (
     write_json,
 )
 from medanomaly.reports.html import Facts, Figure, Figures, Table, write_report
+
+log = logging.getLogger(__name__)
 
 CV_FILE = "cv.json"
 SPLITS_FILE = "splits.csv"
@@ -392,13 +394,27 @@ def _write_cv_report(out: Path, metrics: dict[str, Any], records: list[dict[str,
 # -- driver ---------------------------------------------------------------------------------
 def _load(
     data: str | Path | ImageSet, config: dict[str, Any], strict: bool
-) -> tuple[ImageSet, LoadReport, np.ndarray]:
-    """The labelled cases (augmentation attached) and which have a known lesion mask."""
+) -> tuple[ImageSet, LoadReport, np.ndarray, bool]:
+    """The labelled cases (augmentation attached), their known masks, and if groups are named.
+
+    Returns:
+        ``(images, report, known, grouped)``: ``known`` marks the cases whose lesion mask is
+        known; ``grouped`` says whether the data names each case's patient.
+    """
     if isinstance(data, ImageSet):
-        images, report = data, LoadReport()
+        images, report, grouped = data, LoadReport(), data.groups is not None
     else:  # the folds of a labelled set are cut in memory
-        options = {**(config.get("data") or {}), "stream": False}
-        images, report = load_dataset(data, **options, strict=strict, augment=True)
+        options = dict(config.get("data") or {})
+        listed = list_cases(data, options.pop("label_names", None))
+        if split_parts(listed, data) is not None:
+            raise ConfigError(
+                f"{data}: the manifest has a split column, which the folds of cv would ignore "
+                "(its test rows would be trained on); use fit, which honours it, or compare "
+                "with protocol kind: split_column, or remove the column"
+            )
+        grouped = all(case.group for case in listed)
+        options["stream"] = False
+        images, report = load_cases(listed, data, **options, strict=strict, augment=True)
     unlabelled = images.labels == -1
     for i in np.flatnonzero(unlabelled):
         report.skipped.append((images.ids[i], "no label (cv needs labelled cases)"))
@@ -408,7 +424,7 @@ def _load(
         known = np.ones(len(images), dtype=bool)
     else:
         known = known_masks(data, (config.get("data") or {}).get("label_names"), images)
-    return images, report, known
+    return images, report, known, grouped
 
 
 def _fold_message(record: dict[str, Any], total: int, loaded: bool) -> str:
@@ -467,7 +483,12 @@ def cross_validate(
         val_fraction=val_fraction,
         seed=seed,
     )
-    images, report, known = _load(data, config, strict)
+    images, report, known, grouped = _load(data, config, strict)
+    if not grouped:
+        log.warning(
+            "cv: the data names no patient (no group column): each case is its own group, so "
+            "slices of one patient may fall in several folds (metrics say grouped: false)"
+        )
     groups = np.asarray(images.groups if images.groups is not None else images.ids).astype(str)
     splits = make_splits(
         images.labels,
@@ -488,37 +509,17 @@ def cross_validate(
     start_or_resume(out, CV_FILE, state, "cross-validation", unchecked=("data",))
     if not (out / SPLITS_FILE).exists():
         atomic_write_text(out / SPLITS_FILE, split_text)
-    with _default_threshold_unused(parse_rule(settings.threshold)[0] is not None):
+    with default_threshold_unused(parse_rule(settings.threshold)[0] is not None):
         records = [
             _fold(split, images, model_config, settings, out, known, len(splits), echo)
             for split in splits
         ]
     metrics = aggregate(records)
     metrics.update(_cv_facts(settings, images, groups, report, records, data, config))
+    metrics["cv"]["grouped"] = grouped
     _write_cv_report(out, metrics, records)
     write_json(out / METRICS_FILE, metrics)
     return json_ready(metrics)
-
-
-class _NoDefaultThresholdWarning(logging.Filter):
-    """Drops ``fit``'s warning about its default threshold (the folds use another rule)."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "the default threshold" not in record.getMessage()
-
-
-@contextmanager
-def _default_threshold_unused(unused: bool) -> Iterator[None]:
-    """Silence the default-threshold warning of every fold's ``fit`` when ``unused``."""
-    if not unused:
-        yield
-        return
-    logger, quiet = logging.getLogger(BaseDetector.__module__), _NoDefaultThresholdWarning()
-    logger.addFilter(quiet)
-    try:
-        yield
-    finally:
-        logger.removeFilter(quiet)
 
 
 def _fold(
@@ -576,7 +577,6 @@ def _cv_facts(
             **asdict(settings),
             "threshold_rule": describe_rule(rule, params, settings.alpha),
             "n_groups": int(np.unique(groups).size),
-            "grouped": bool(np.unique(groups).size < len(images)),
             "splitter": "sklearn StratifiedGroupKFold, random_state = seed + repeat",
             "sd": "sample standard deviation (ddof=1) over the folds where defined",
             "model_selection": _model_selection(config),

@@ -1,14 +1,17 @@
-"""What ``cv`` and ``compare`` share: a metric summarised over folds, and the resume check."""
+"""What ``cv`` and ``compare`` share: a metric over folds, the resume check, a quiet fit."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import logging
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from medanomaly.detectors.base import BaseDetector
 from medanomaly.errors import ConfigError
 from medanomaly.reports.files import json_ready, write_json
 
@@ -61,3 +64,24 @@ def start_or_resume(
         return
     out.mkdir(parents=True, exist_ok=True)
     write_json(path, wanted)
+
+
+class _NoDefaultThresholdWarning(logging.Filter):
+    """Drops ``fit``'s warning about its default threshold (the folds use another rule)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "the default threshold" not in record.getMessage()
+
+
+@contextmanager
+def default_threshold_unused(unused: bool = True) -> Iterator[None]:
+    """Silence the default-threshold warning of every fold's ``fit`` when ``unused``."""
+    if not unused:
+        yield
+        return
+    logger, quiet = logging.getLogger(BaseDetector.__module__), _NoDefaultThresholdWarning()
+    logger.addFilter(quiet)
+    try:
+        yield
+    finally:
+        logger.removeFilter(quiet)

@@ -12,6 +12,7 @@ A spec is YAML::
       repeats: 2
       val_fraction: 0.2
       seed: 0
+      select_fraction: 0.5   # share of each validation part that only chooses the winner
     level: image         # image | pixel | both
     threshold: f1        # image-level threshold rule on each validation part
     ci: bootstrap        # optional: 95 % stratified bootstrap CI of each fold's test AUROC
@@ -72,6 +73,9 @@ class Protocol:
         val_fraction: Share of a training part held out for validation (``kfold``).
         n_val: Validation groups drawn from a training part (``val_groups``).
         seed: Seed of the splits.
+        select_fraction: Share of each validation part (by groups) that only chooses
+            between candidates; the rest tunes them (see
+            :mod:`medanomaly.model_selection.selection`).
     """
 
     kind: str = "kfold"
@@ -80,6 +84,7 @@ class Protocol:
     val_fraction: float = 0.2
     n_val: int = 4
     seed: int = 0
+    select_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         check_choice("protocol", "kind", self.kind, PROTOCOLS)
@@ -87,6 +92,10 @@ class Protocol:
             raise ConfigError(f"protocol: need folds >= 2 and repeats >= 1, got {self.folds}")
         if not 0.0 < self.val_fraction < 1.0:
             raise ConfigError(f"protocol: val_fraction must lie in (0, 1), got {self.val_fraction}")
+        if not 0.0 < self.select_fraction < 1.0:
+            raise ConfigError(
+                f"protocol: select_fraction must lie in (0, 1), got {self.select_fraction}"
+            )
 
 
 @dataclass(frozen=True)
@@ -169,8 +178,25 @@ def _candidate(name: str, block: Any, base: Path, data_options: dict[str, Any]) 
     config = apply_overrides(config, [str(s) for s in block.get("set") or []])
     config["data"] = dict(data_options)  # every candidate sees the same input
     config.pop("evaluation", None)
+    if _names_encoder_run(config["model"]):
+        raise ConfigError(
+            f"candidate {name!r}: encoder_run reuses an encoder fitted outside the folds, on "
+            "cases that may be in their test parts; inside compare give the encoder's model "
+            "block instead, so that it is fitted in each fold"
+        )
     detector = build_detector(config)  # unknown model / argument / step: fail now
     return Candidate(name, config, baseline=detector.baseline, supervised=detector.supervised)
+
+
+def _names_encoder_run(block: Any) -> bool:
+    """True when a model block, or one nested in it, sets ``encoder_run``."""
+    if isinstance(block, dict):
+        if block.get("encoder_run") is not None:
+            return True
+        return any(_names_encoder_run(v) for v in block.values())
+    if isinstance(block, list):
+        return any(_names_encoder_run(v) for v in block)
+    return False
 
 
 def _rescore_candidate(name: str, block: dict[str, Any]) -> Candidate:

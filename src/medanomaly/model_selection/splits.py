@@ -8,20 +8,23 @@ indices into a labelled set; a patient group is never on two sides):
 * :func:`val_group_splits`: grouped k-fold with ``n_val`` validation groups drawn from
   inside each training part (the LGG protocol).
 * :func:`column_splits`: the manifest's ``split`` column (``train``, ``val``, ``test``).
+
+Every protocol ends in :func:`check_grouped`, which refuses a split that puts one group in two
+parts. ``compare`` then halves each validation part by groups (:func:`with_selection_half`):
+one half tunes a candidate, the other chooses between candidates.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold
 
+from medanomaly.data.listing import check_groups_apart, split_part_names
 from medanomaly.errors import ConfigError
-
-SPLIT_NAMES = {"train": "train", "val": "val", "validation": "val", "test": "test"}
 
 
 @dataclass(frozen=True)
@@ -33,11 +36,34 @@ class FoldSplit:
     train: np.ndarray
     val: np.ndarray
     test: np.ndarray
+    select: np.ndarray | None = None
+    """The validation cases that only choose between candidates (``None``: no such half)."""
 
     @property
     def name(self) -> str:
         """Folder name, e.g. ``r1_f3`` (1-based)."""
         return f"r{self.repeat + 1}_f{self.fold + 1}"
+
+    @property
+    def tune(self) -> np.ndarray:
+        """The validation cases that tune a candidate (all of them without a selection half)."""
+        if self.select is None:
+            return self.val
+        return np.setdiff1d(self.val, self.select)
+
+
+PARTS = ("train", "val", "test")
+
+
+def check_grouped(split: FoldSplit, groups: np.ndarray, where: str) -> FoldSplit:
+    """Return ``split`` unless a patient group has cases in two of its parts.
+
+    Raises:
+        ConfigError: Naming the first such group, both parts and how many groups straddle.
+    """
+    groups = np.asarray(groups).astype(str)
+    check_groups_apart({part: groups[getattr(split, part)] for part in PARTS}, where)
+    return split
 
 
 # -- splitting ------------------------------------------------------------------------------
@@ -113,7 +139,8 @@ def make_splits(
                     f"cv: repeat {repeat + 1} fold {fold + 1} has no normal case to train or "
                     "validate on; use fewer folds or a larger val_fraction"
                 )
-            splits.append(FoldSplit(repeat, fold, train, val, np.sort(test)))
+            split = FoldSplit(repeat, fold, train, val, np.sort(test))
+            splits.append(check_grouped(split, groups, f"cv: repeat {repeat + 1} fold {fold + 1}"))
     return splits
 
 
@@ -170,27 +197,49 @@ def val_group_splits(
             split = FoldSplit(
                 repeat, fold, np.sort(train[~is_val]), np.sort(train[is_val]), np.sort(test)
             )
-            splits.append(
-                _check_parts(split, labels, f"splits: repeat {repeat + 1} fold {fold + 1}")
-            )
+            where = f"splits: repeat {repeat + 1} fold {fold + 1}"
+            splits.append(check_grouped(_check_parts(split, labels, where), groups, where))
     return splits
 
 
-def column_splits(labels: np.ndarray, column: Sequence[str | None]) -> list[FoldSplit]:
+def column_splits(
+    labels: np.ndarray, column: Sequence[str | None], groups: np.ndarray | None = None
+) -> list[FoldSplit]:
     """One split from the manifest's ``split`` column (``train``, ``val``/``validation``, ``test``).
 
+    Args:
+        labels: 0/1 per case.
+        column: The ``split`` value of every case.
+        groups: Patient id per case; a group with cases in two parts is refused.
+
     Raises:
-        ConfigError: A case without a split or with an unknown one, or a part without normals
-            (the message names the counts).
+        ConfigError: A case without a split or with an unknown one, a part without normals
+            (the message names the counts), or a group in two parts (named).
     """
     labels = np.asarray(labels)
-    values = [(v or "").strip().lower() for v in column]
-    bad = sorted({v for v in values if v not in SPLIT_NAMES})
-    if bad:
-        raise ConfigError(
-            f"splits: the split column holds {bad}; use train, val (or validation) and test "
-            f"for every case ({sum(v not in SPLIT_NAMES for v in values)} case(s) left)"
-        )
-    parts = np.array([SPLIT_NAMES[v] for v in values])
+    parts = np.array(split_part_names(column, "splits"))
     split = FoldSplit(0, 0, *(np.flatnonzero(parts == name) for name in ("train", "val", "test")))
-    return [_check_parts(split, labels, "splits: the split column")]
+    split = _check_parts(split, labels, "splits: the split column")
+    if groups is not None:
+        check_grouped(split, groups, "splits: the split column")
+    return [split]
+
+
+def with_selection_half(
+    split: FoldSplit, labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int
+) -> FoldSplit:
+    """``split`` with ``select``: a grouped, stratified share of its validation part.
+
+    The rest of the validation part (``split.tune``) tunes each candidate; ``select`` only
+    scores the tuned candidates for the choice between them.
+
+    Raises:
+        ConfigError: The validation part has a single patient group.
+    """
+    if np.unique(np.asarray(groups)[split.val]).size < 2:
+        raise ConfigError(
+            f"compare: fold {split.name}'s validation part holds a single patient group; it "
+            "cannot be halved into a tuning and a selection part (use more validation groups)"
+        )
+    tune, select = carve_validation(split.val, labels, groups, fraction, seed)
+    return replace(split, select=select)

@@ -212,16 +212,14 @@ class StatisticDetector(BaseDetector):
             "version": __version__,
             "statistics": {k: np.asarray(v) for k, v in self.statistics().items()},
             "input_shape": list(self.input_shape_),
-            "threshold": self.threshold_,
-            "val_scores": np.asarray(self.val_scores_).tolist(),
+            **self._threshold_state(),
         }
 
     def _restore(self, saved: dict[str, Any]) -> None:
         for name, value in saved["statistics"].items():
             setattr(self, name, np.asarray(value))
         self.input_shape_ = tuple(saved["input_shape"])
-        self.threshold_ = float(saved["threshold"])
-        self.val_scores_ = np.asarray(saved["val_scores"], dtype=np.float64)
+        self._restore_threshold(saved)
         self.history_ = []
         self.run_config_ = saved.get("config", {})
 

@@ -386,6 +386,7 @@ class SupervisedClassifier(DeepDetector):
         images = images.normal if isinstance(images, ImageSet) else images
         self.val_scores_ = self._run(images, with_maps=False)[0] if len(images) else np.zeros(0)
         self.threshold_ = float(self.threshold)
+        self.threshold_rule_ = f"fixed probability {self.threshold:g}"
 
     # -- inference ------------------------------------------------------------------------
     def _probability(self, network: nn.Module, images: torch.Tensor) -> torch.Tensor:

@@ -308,8 +308,7 @@ class Ensemble(BaseDetector):
             "score_stats": self.score_stats_,
             "map_stats": self.map_stats_,
             "weights": list(self.weights_),
-            "threshold": self.threshold_,
-            "val_scores": np.asarray(self.val_scores_).tolist(),
+            **self._threshold_state(),
         }
 
     def _restore(self, saved: dict[str, Any]) -> None:
@@ -322,7 +321,6 @@ class Ensemble(BaseDetector):
         self.map_stats_ = [tuple(s) for s in saved["map_stats"]]
         n = len(self.members_)
         self.weights_ = tuple(saved.get("weights") or (1.0 / n,) * n)
-        self.threshold_ = float(saved["threshold"])
-        self.val_scores_ = np.asarray(saved["val_scores"], dtype=np.float64)
+        self._restore_threshold(saved)
         self.history_ = self.members_[0].history_
         self.run_config_ = saved.get("config", {})

@@ -250,8 +250,7 @@ class LatentDensity(BaseDetector):
             "encoder": self.encoder_.saved_state(),
             "density": density,
             "stats": self.stats_,
-            "threshold": self.threshold_,
-            "val_scores": np.asarray(self.val_scores_).tolist(),
+            **self._threshold_state(),
         }
 
     def _restore(self, saved: dict[str, Any]) -> None:
@@ -264,8 +263,7 @@ class LatentDensity(BaseDetector):
             self.latent_mean_ = np.asarray(density["mean"])
             self.latent_precision_ = np.asarray(density["precision"])
         self.stats_ = {k: tuple(v) for k, v in saved["stats"].items()}
-        self.threshold_ = float(saved["threshold"])
-        self.val_scores_ = np.asarray(saved["val_scores"], dtype=np.float64)
+        self._restore_threshold(saved)
         self.history_ = self.encoder_.history_
         self.run_config_ = saved.get("config", {})
 

@@ -813,8 +813,7 @@ class PatchDiscriminator(BaseDetector):
             "input_shape": list(self.input_shape_),
             "patch_shape": list(self.patch_shape_),
             "stride": list(self.stride_),
-            "threshold": self.threshold_,
-            "val_scores": np.asarray(self.val_scores_).tolist(),
+            **self._threshold_state(),
             "history": getattr(self, "history_", []),
         }
 
@@ -830,8 +829,7 @@ class PatchDiscriminator(BaseDetector):
         network.load_state_dict(saved["state_dict"])
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.network_ = inference_network(network.to(device), self.spatial_dims)
-        self.threshold_ = float(saved["threshold"])
-        self.val_scores_ = np.asarray(saved["val_scores"], dtype=np.float64)
+        self._restore_threshold(saved)
         self.history_ = saved.get("history", [])
         self.run_config_ = saved.get("config", {})
 

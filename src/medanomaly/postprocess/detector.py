@@ -158,6 +158,7 @@ class PostProcessed(BaseDetector):
         if self._chain.scorer is None:
             self.val_scores_ = np.asarray(self._inner.val_scores_, dtype=np.float64)
             self.threshold_ = float(self._inner.threshold_)
+            self.threshold_rule_ = self._inner.threshold_rule_
             return
         source = as_cases(val if val is not None else train, self.spatial_dims)
         if val is None:
@@ -206,16 +207,14 @@ class PostProcessed(BaseDetector):
             "config": self.run_config_,
             "version": __version__,
             "inner": self._inner.saved_state(),
-            "threshold": self.threshold_,
-            "val_scores": np.asarray(self.val_scores_).tolist(),
+            **self._threshold_state(),
         }
 
     def _restore(self, saved: dict[str, Any]) -> None:
         state = saved["inner"]
         self._inner = get_model_class(state["model"])(**state["params"])
         self._inner._restore(state)
-        self.threshold_ = float(saved["threshold"])
-        self.val_scores_ = np.asarray(saved["val_scores"], dtype=np.float64)
+        self._restore_threshold(saved)
         self.run_config_ = saved.get("config", {})
 
 

@@ -24,14 +24,17 @@ from medanomaly.reports.html import (  # noqa: E402
 )
 
 LEADER_KEYS = (
+    "selection_metric",
+    "test_metric",
+    "gap",
     "auroc",
     "auprc",
     "f1",
     "pixel_auroc",
     "pixel_ap",
     "dice_at_val_threshold",
-    "val_metric",
 )
+HEADERS = {"selection_metric": "selection", "test_metric": "test", "gap": "gap"}
 
 
 def _ms(value: Any) -> str:
@@ -43,9 +46,9 @@ def _ms(value: Any) -> str:
 
 
 PROTOCOL_FIELDS = {
-    "kfold": ("folds", "repeats", "val_fraction", "seed"),
-    "val_groups": ("folds", "repeats", "n_val", "seed"),
-    "split_column": (),
+    "kfold": ("folds", "repeats", "val_fraction", "select_fraction", "seed"),
+    "val_groups": ("folds", "repeats", "n_val", "select_fraction", "seed"),
+    "split_column": ("select_fraction",),
 }
 
 
@@ -78,14 +81,15 @@ def _keys(results: dict[str, Any]) -> list[str]:
     subgroups = sorted(
         {k for r in rows for k, v in r.items() if k.startswith("auroc_") and isinstance(v, dict)}
     )
-    return keys[:1] + subgroups + keys[1:]  # per-subgroup AUROC (spec subgroups) after AUROC
+    at = keys.index("auroc") + 1 if "auroc" in keys else len(keys)
+    return keys[:at] + subgroups + keys[at:]  # per-subgroup AUROC (spec subgroups) after AUROC
 
 
 def _order(results: dict[str, Any]) -> list[str]:
     rows = results["rows"]
 
     def key(name: str) -> float:
-        value = rows[name]["val_metric"]["mean"]
+        value = rows[name]["selection_metric"]["mean"]
         return -(value if value is not None else -np.inf)
 
     return sorted(rows, key=key)
@@ -96,43 +100,67 @@ def _label(name: str, row: dict[str, Any]) -> str:
     return f"{name} (supervised)" if row.get("supervised") else name
 
 
+def _steps(steps: list[dict[str, Any]]) -> list[str]:
+    """The one-standard-error decisions in words, one per step."""
+    return [
+        f"{s['challenger']} {'replaced' if s['replaced'] else 'did not replace'} "
+        f"{s['incumbent']}: advantage {s['advantage']:+.3f}, one SE {s['se']:.3f}"
+        for s in steps
+    ]
+
+
+def _fold_choices(results: dict[str, Any]) -> str:
+    per_fold = results["per_fold_choice"]
+    chosen = ", ".join(f"{d['fold']} {d['chosen'] or 'none'}" for d in results["decisions"])
+    return (
+        f"Each fold's own choice on its selection half: {chosen}; their test "
+        f"{results['selection']['metric']}: {_ms(per_fold['test_metric'])} (the honest "
+        "estimate of tuning and choosing together)."
+    )
+
+
 def results_table(results: dict[str, Any]) -> str:
-    """``results.md``: the leaderboard (test folds; ordered by the validation metric)."""
+    """``results.md``: the leaderboard (test folds; ordered by the selection figure)."""
     keys = _keys(results)
     with_ci = any("auroc_ci" in r for r in results["rows"].values())
+    pooled = any("pooled_dice_at_val_threshold" in r for r in results["rows"].values())
+    metric = results["selection"]["metric"]
+    grouped = "" if results["grouped"] else " **Not grouped**: the data names no patient."
     lines = [
         f"# medanomaly compare: {results['data']}",
         "",
         f"Protocol: {protocol_line(results['protocol'])}; {results['n_cases']} cases "
         f"({results['n_normal']} normal / {results['n_abnormal']} abnormal, "
-        f"{results['n_groups']} groups). Test metrics as mean ± SD over "
-        f"{len(results['folds'])} fold(s); `val_metric` chose the winner: "
-        f"**{results['chosen']}** ({results['selection']}).",
+        f"{results['n_groups']} groups).{grouped} Figures are mean ± SD over "
+        f"{len(results['folds'])} fold(s). `selection` is the {metric} on each validation "
+        f"part's selection half, after tuning on the other half; `test` the same metric on "
+        "the test folds; `gap` = selection - test. Chosen by the one-standard-error rule "
+        f"(no-model < single model < fusion): **{results['chosen']}**.",
+        "",
+        *[f"- {line}" for line in _steps(results["selection"]["steps"])],
+        "",
+        _fold_choices(results),
         "",
         "| row | baseline | "
-        + " | ".join(keys)
+        + " | ".join(HEADERS.get(k, k) for k in keys)
         + (" | test AUROC 95 % CI" if with_ci else "")
-        + " | pooled pixel AUROC / AP / Dice | weights | seconds | errors |",
-        "|---|---|" + "---|" * (len(keys) + 4 + with_ci),
+        + (" | pooled Dice" if pooled else "")
+        + " | weights | seconds | errors |",
+        "|---|---|" + "---|" * (len(keys) + 3 + with_ci + pooled),
     ]
     for name in _order(results):
         row = results["rows"][name]
-        pooled = (
-            "/".join(
-                f"{row[k]:.3f}" if row.get(k) is not None else "n/a"
-                for k in ("pooled_pixel_auroc", "pooled_pixel_ap", "pooled_dice_at_val_threshold")
-            )
-            if "pooled_pixel_ap" in row
-            else ""
-        )
         cells = [_ms(row.get(k)) for k in keys]
         if with_ci:
             cells.append(_ci(row) if "auroc_ci" in row else "")
+        if pooled:
+            value = row.get("pooled_dice_at_val_threshold")
+            cells.append("n/a" if value is None else f"{value:.3f}")
         lines.append(
             f"| {_label(name, row)}{' (chosen)' if name == results['chosen'] else ''} | "
             f"{'yes' if row['baseline'] else 'no'} | "
             + " | ".join(cells)
-            + f" | {pooled} | {_weights(row)} | "
+            + f" | {_weights(row)} | "
             f"{row['seconds']:.0f} | {len(row['errors'])} |"
         )
     errors = [(n, e) for n, r in results["rows"].items() for e in r["errors"]]
@@ -186,7 +214,8 @@ def write_compare_report(
     folder = out / FIGURES_DIR
     order = _order(results)
     keys = _keys(results)
-    columns = ["row", "baseline", *keys, "weights", "seconds", "failed folds"]
+    columns = ["row", "baseline", *(HEADERS.get(k, k) for k in keys), "weights", "seconds"]
+    columns.append("failed folds")
     table_rows = [
         [
             _label(name, results["rows"][name]),
@@ -231,8 +260,11 @@ def write_compare_report(
     best = results.get("best") or {}
     facts = [
         ("chosen on validation", results["chosen"]),
-        ("selection", results["selection"]),
-        ("protocol", str(results["protocol"])),
+        ("selection", f"{results['selection']['metric']}, {results['selection']['rule']}"),
+        *(("decision", line) for line in _steps(results["selection"]["steps"])),
+        ("each fold's own choice", _fold_choices(results)),
+        ("grouped by patient", "yes" if results["grouped"] else "no"),
+        ("protocol", protocol_line(results["protocol"])),
         ("cases", f"{results['n_normal']} normal / {results['n_abnormal']} abnormal"),
         ("groups", results["n_groups"]),
         ("best run", best.get("run_dir", "not refitted")),
@@ -248,8 +280,11 @@ def write_compare_report(
         ),
         Text(
             "Protocol",
-            "Every choice (epoch, post-processing, fusion weights, threshold, pixel cut-off, "
-            "the winner) was made on validation parts; test folds only gave the numbers.",
+            "Each validation part is halved by patient groups: the tuning half chose the "
+            "epoch, the post-processing and a fusion's weights; the selection half only "
+            "scored the tuned candidates, and the winner was chosen on those figures by the "
+            "one-standard-error rule. Thresholds and pixel cut-offs come from the whole "
+            "validation part. Test folds only gave the numbers.",
         ),
     ]
     return write_report(out / REPORT_FILE, "medanomaly compare", blocks, str(results["data"]))
