@@ -1,11 +1,11 @@
-r"""Denoising diffusion model as an anomaly detector (Ho et al. 2020; Wyatt et al. 2022).
+"""Denoising diffusion model as an anomaly detector (Ho et al. 2020; Wyatt et al. 2022).
 
 A diffusion model learns, on normal images only, to predict the noise that was mixed into
 an image at any level ``t`` of a noise schedule (MONAI's ``DiffusionModelUNet`` and
 ``DDPMScheduler``). To score an image it is noised part of the way, to level ``t0``, and
 denoised back in ``ddim_steps`` deterministic DDIM steps (Song et al. 2021): the model can only
 bring back what normal anatomy looks like, so it "heals" a lesion, and the anomaly map is
-the residual \\|x - x̂\\| inside the foreground (eroded, median-filtered as for ``dae``).
+the residual |x - x̂| inside the foreground (eroded, median-filtered as for ``dae``).
 
 Choices the literature made, all arguments here:
 
@@ -56,11 +56,20 @@ from medanomaly.training.engine import EngineConfig
 CPU_CHANNELS = (16, 32, 64, 64)
 """Widths of the CPU-sized network (Wyatt et al. 2022 and Behrendt et al. 2023: 128 and up)."""
 SCHEDULES = ("linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine")
+PREDICTIONS = ("epsilon", "sample")
+LOSSES = ("l2", "l1")
 
 
 @register("ddpm")
 class DiffusionDetector(DeepDetector):
-    r"""Diffusion model healing noised images; the map is the residual of the healed image.
+    """Diffusion model healing noised images; the map is the residual of the healed image.
+
+    Trained on normal images to predict the noise mixed in at random levels; to score, an
+    image is noised to ``t0`` and healed back in ``ddim_steps`` deterministic DDIM steps; the
+    map is |x - x̂| averaged over every ``t0`` and noise draw, kept inside the eroded
+    foreground and median-filtered; the score is its 99th percentile (``score_reduce``).
+    Scoring costs ``len(t0) * noise_draws * ddim_steps`` network calls per image (times the
+    patches with ``patched``).
 
     Args:
         spatial_dims: 2 or 3.
@@ -80,6 +89,10 @@ class DiffusionDetector(DeepDetector):
         noise_octaves: Simplex octaves (Wyatt et al.: 6; octaves finer than 2 voxels per cycle
             are left out).
         noise_persistence: Weight ratio of successive simplex octaves (Wyatt et al.: 0.8).
+        prediction: What the network predicts: ``epsilon``, the noise (Ho et al. 2020), or
+            ``sample``, the clean image (Behrendt et al. 2023); healing uses either.
+        loss_norm: Training loss of that prediction: ``l2`` (Ho et al. 2020) or ``l1`` (Behrendt
+            et al. 2023).
         train_t_max: Train on levels 1 to this (``None``: every level); scoring never goes above
             the largest ``t0``, so a smaller model may spend its capacity there.
         t0: Level (0 to ``timesteps``) the image is noised to before denoising, or a list of
@@ -95,7 +108,7 @@ class DiffusionDetector(DeepDetector):
             read and the score taken); ``None``: every voxel.
         erode: The map is kept only inside the foreground eroded by this many voxels.
         median_size: Width of the median filter of the map; ``None``: 5 in 2D, 3 in 3D.
-        residual: ``abs`` (\\|x - x̂\\|), ``positive`` (only what is brighter than the healed
+        residual: ``abs`` (|x - x̂|), ``positive`` (only what is brighter than the healed
             image) or ``negative``.
         score_reduce: Image score from the map inside the eroded foreground: ``percentile``,
             ``top``, ``sum``, ``mean`` or ``max``.
@@ -122,6 +135,8 @@ class DiffusionDetector(DeepDetector):
         noise_grid: int | None = None,
         noise_octaves: int = SIMPLEX_OCTAVES,
         noise_persistence: float = SIMPLEX_PERSISTENCE,
+        prediction: str = "epsilon",
+        loss_norm: str = "l2",
         train_t_max: int | None = None,
         t0: int | Sequence[int] = 250,
         ddim_steps: int = 5,
@@ -150,6 +165,8 @@ class DiffusionDetector(DeepDetector):
         self.noise_grid = noise_grid
         self.noise_octaves = noise_octaves
         self.noise_persistence = noise_persistence
+        self.prediction = prediction
+        self.loss_norm = loss_norm
         self.train_t_max = train_t_max
         self.t0 = t0
         self.ddim_steps = ddim_steps
@@ -194,6 +211,8 @@ class DiffusionDetector(DeepDetector):
     def _check_settings(self) -> None:
         check_choice(self.name, "noise", self.noise, NOISE_KINDS)
         check_choice(self.name, "schedule", self.schedule, SCHEDULES)
+        check_choice(self.name, "prediction", self.prediction, PREDICTIONS)
+        check_choice(self.name, "loss_norm", self.loss_norm, LOSSES)
         check_choice(self.name, "score_reduce", self.score_reduce, SCORE_REDUCTIONS)
         check_choice(self.name, "residual", self.residual, SIGNED_RESIDUALS)
         bad = [t for t in self.t0_levels if not 0 <= t <= self.timesteps]
@@ -228,10 +247,10 @@ class DiffusionDetector(DeepDetector):
         """Cumulative signal share of each level ``(timesteps + 1,)``; level 0 is the image."""
         return _alphas_bar(int(self.timesteps), self.schedule).to(device)
 
-    def predict_noise(
+    def network_output(
         self, network: nn.Module, x: torch.Tensor, levels: torch.Tensor
     ) -> torch.Tensor:
-        """The network's noise estimate (float32) for ``x`` at ``levels`` ``(B,)`` (1 and up).
+        """The network's prediction (float32) for ``x`` at ``levels`` ``(B,)`` (1 and up).
 
         Images whose sides are not multiples of :attr:`size_multiple` are padded (edge
         values) for the network and cropped back.
@@ -259,11 +278,12 @@ class DiffusionDetector(DeepDetector):
 
     # -- training -------------------------------------------------------------------------
     def loss(self, network: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        """Squared error of the predicted noise at random levels (Ho et al. 2020).
+        """Error of the prediction (noise or clean image) at random levels (Ho et al. 2020).
 
-        With ``patched`` only one random patch per image is noised and the loss is taken
-        inside it. In eval mode (the validation loss) the levels and the noise come from a
-        generator seeded with ``noise_seed``, so that epochs are compared on the same draws.
+        With ``patched`` one patch of the scoring grid per image is noised and the loss is
+        taken inside it (Behrendt et al. 2023). In eval mode (the validation loss) the levels,
+        the noise and the patches come from a generator seeded with ``noise_seed``, so that
+        epochs are compared on the same draws.
         """
         clean = x.float()
         generator = None
@@ -273,12 +293,15 @@ class DiffusionDetector(DeepDetector):
         levels = torch.randint(1, top + 1, (len(x),), generator=generator, device=x.device)
         noise = self.draw_noise(clean, generator)
         noisy = self.noised(clean, noise, levels)
+        target = noise if self.prediction == "epsilon" else clean
+        if self.patched:
+            inside = self.random_patches(clean, generator)
+            noisy = torch.where(inside, noisy, clean)
+        error = self.network_output(network, noisy, levels) - target
+        error = error.abs() if self.loss_norm == "l1" else error.pow(2)
         if not self.patched:
-            return (self.predict_noise(network, noisy, levels) - noise).pow(2).mean()
-        inside = self.random_patches(clean, generator)
-        noisy = torch.where(inside, noisy, clean)
-        error = (self.predict_noise(network, noisy, levels) - noise).pow(2) * inside
-        return error.sum() / (inside.sum() * x.shape[1]).clamp_min(1)
+            return error.mean()
+        return (error * inside).sum() / (inside.sum() * x.shape[1]).clamp_min(1)
 
     def noised(
         self, clean: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor
@@ -294,18 +317,10 @@ class DiffusionDetector(DeepDetector):
         return [-(-side // 2) for side in spatial]
 
     def random_patches(self, x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """One patch per image at a random position, as a bool mask ``(B, 1, *spatial)``."""
-        spatial = x.shape[2:]
-        inside = torch.zeros((len(x), 1, *spatial), dtype=torch.bool, device=x.device)
-        sides = self.patch_side(spatial)
-        starts = [
-            torch.randint(0, n - p + 1, (len(x),), generator=generator, device=x.device).tolist()
-            for n, p in zip(spatial, sides, strict=True)
-        ]
-        for image, corner in enumerate(zip(*starts, strict=True)):
-            box = tuple(slice(c, c + p) for c, p in zip(corner, sides, strict=True))
-            inside[(image, 0, *box)] = True
-        return inside
+        """One patch of the scoring grid per image, drawn at random: masks ``(B, 1, *spatial)``."""
+        grid = torch.cat(patch_grid(x.shape[2:], self.patch_side(x.shape[2:]), x.device))
+        drawn = torch.randint(0, len(grid), (len(x),), generator=generator, device=x.device)
+        return grid[drawn]
 
     # -- scoring --------------------------------------------------------------------------
     def evaluate(
@@ -383,12 +398,24 @@ class DiffusionDetector(DeepDetector):
         path = ddim_levels(level, int(self.ddim_steps))
         for now, after in itertools.pairwise(path):
             levels = torch.full((batch,), now, device=clean.device)
-            eps = self.predict_noise(network, sample, levels)
-            estimate = (sample - (1 - alphas[now]).sqrt() * eps) / alphas[now].sqrt()
+            output = self.network_output(network, sample, levels)
+            eps, estimate = self.noise_and_image(sample, output, alphas[now])
             sample = alphas[after].sqrt() * estimate + (1 - alphas[after]).sqrt() * eps
             if inside is not None:
                 sample = torch.where(inside, sample, clean)
         return sample
+
+    def noise_and_image(
+        self, sample: torch.Tensor, output: torch.Tensor, alpha: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The noise and the clean image that ``sample`` at ``ᾱ = alpha`` holds, by the network.
+
+        One of them is the network's ``output`` (``prediction``), the other follows from
+        ``sample = sqrt(ᾱ) x + sqrt(1 - ᾱ) ε``.
+        """
+        if self.prediction == "epsilon":
+            return output, (sample - (1 - alpha).sqrt() * output) / alpha.sqrt()
+        return (sample - alpha.sqrt() * output) / (1 - alpha).sqrt(), output
 
 
 def ddim_levels(t0: int, steps: int) -> list[int]:
