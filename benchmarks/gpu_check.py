@@ -2,13 +2,13 @@
 
     python benchmarks/gpu_check.py --out gpu_check/      # about 5 minutes on one GPU
 
-1. Every registered model is built from the first config in ``configs/`` that uses it (else
+1. Every registered model is built from the first built-in config that uses it (else
    its defaults), fitted for one short epoch on CUDA with the config's precision (``auto``:
-   16-bit mixed on a GPU) on synthetic phantoms at the config's input size (the shape of its
-   last ``resize``/``pad``; 64² without one), then scored on the GPU and, after
-   ``detector.to("cpu")``, on the CPU. The two score vectors must agree: Spearman rank
-   correlation >= 0.99 and maximum relative difference <= 2 % (cuDNN's TF32 convolutions
-   round differently from the CPU's float32).
+   bf16 mixed on a GPU with bf16, else 16-bit mixed) on synthetic phantoms at the config's
+   input size (the shape of its last ``resize``/``pad``; 64² without one), then scored on
+   the GPU and, after ``detector.to("cpu")``, on the CPU. The two score vectors must agree:
+   Spearman rank correlation >= 0.99 and maximum relative difference <= 2 % (cuDNN's TF32
+   convolutions round differently from the CPU's float32).
 2. ``fit`` and ``score`` of the ``cae`` are timed at 64², 256² and 64³ and reported as
    images/s and as a share of the GPU's float32 and float16 matrix-multiply peaks measured in
    the same run.
@@ -36,13 +36,12 @@ import torch
 import yaml
 from scipy.stats import spearmanr
 
-from medanomaly import get_model, list_models
+from medanomaly import builtin, get_model, list_models
 from medanomaly.data.phantoms import make_phantoms
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import is_baseline, results_row  # noqa: E402  (benchmarks/common.py)
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MIN_SPEARMAN = 0.99
 MAX_RELATIVE_DIFFERENCE = 0.02
 TIMED_SHAPES = ((64, 64), (256, 256), (64, 64, 64))
@@ -51,11 +50,11 @@ TIMED_SHAPES = ((64, 64), (256, 256), (64, 64, 64))
 def model_configs() -> dict[str, dict[str, Any]]:
     """The first config (by file name) of each model, keyed by model name."""
     found: dict[str, dict[str, Any]] = {}
-    for path in sorted(CONFIGS.glob("*.yaml")):
-        config = yaml.safe_load(path.read_text()) or {}
+    for config_name in builtin.names("config"):
+        config = yaml.safe_load(builtin.builtin("config", config_name).read_text()) or {}
         name = (config.get("model") or {}).get("name")
         if name and name not in found:
-            found[name] = {**config, "file": path.name}
+            found[name] = {**config, "file": config_name}
     return found
 
 

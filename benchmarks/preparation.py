@@ -1,7 +1,8 @@
 """What every ``prepare_*.py`` shares: its command line and the skip when data are absent.
 
 Each data-preparation script turns a data set of ``../shared/data`` into a manifest that a
-spec in ``benchmarks/specs/`` reads; ``--data`` points it at any folder laid out alike.
+built-in spec (``medanomaly compare --spec NAME``) reads from the current folder; ``--data``
+points it at any folder laid out alike.
 """
 
 from __future__ import annotations

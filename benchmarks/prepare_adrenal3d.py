@@ -7,7 +7,7 @@ per volume (float32 in [0, 1], ``(64, 64, 64)``, key ``image``) and ``OUT/manife
 each volume its own group. Then the comparison is one command::
 
     .venv/bin/python benchmarks/prepare_adrenal3d.py --out runs/adrenal3d
-    medanomaly compare --spec benchmarks/specs/adrenal3d.yaml --out runs/compare_adrenal3d
+    medanomaly compare --spec adrenal3d --out runs/compare_adrenal3d
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ own ``group``; ``kind`` (good / bad / outlier) gives the per-kind AUROC of the s
 ``subgroups: kind``. Then the comparison is one command::
 
     .venv/bin/python benchmarks/prepare_fundus.py --out runs/fundus
-    medanomaly compare --spec benchmarks/specs/fundus_quality.yaml --out runs/compare_fundus
+    medanomaly compare --spec fundus_quality --out runs/compare_fundus
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Writes ``path,label,group`` for ../shared/data/head_ct_hemorrhage (100 normal id
 comparison is one command::
 
     .venv/bin/python benchmarks/prepare_head_ct.py --out runs/head_ct
-    medanomaly compare --spec benchmarks/specs/head_ct.yaml --out runs/compare_head_ct
+    medanomaly compare --spec head_ct --out runs/compare_head_ct
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ Writes one ``.npy`` per slice and per mask and ``OUT/manifest.csv``
 (``path,label,mask,group``; label 1 = a non-empty mask; group = patient). Then::
 
     .venv/bin/python benchmarks/prepare_lgg.py --out runs/lgg
-    medanomaly compare --spec benchmarks/specs/lgg_pixel.yaml --out runs/compare_lgg
+    medanomaly compare --spec lgg_pixel --out runs/compare_lgg
 
 ``--data DIR`` takes any folder laid out like ``kaggle_3m``.
 """

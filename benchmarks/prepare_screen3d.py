@@ -25,7 +25,7 @@ writes that folder and ``OUT/manifest.csv`` (``path,label,group,split``):
 ``group`` is the subject (an altered volume keeps its source's). Then::
 
     .venv/bin/python benchmarks/prepare_screen3d.py --out runs/screen3d
-    medanomaly compare --spec benchmarks/specs/screen3d.yaml --out runs/compare_screen3d
+    medanomaly compare --spec screen3d --out runs/compare_screen3d
     medanomaly screen --run runs/compare_screen3d/best --data runs/screen3d/screen --out S
 """
 

@@ -305,7 +305,7 @@ def sliding_windows(shape: tuple[int, ...], patch: list[int], overlap: float) ->
 
 
 def seed004_flops() -> dict[str, float]:
-    """FLOPs of Hjohlman's (2022) model (``configs/resnet_ae_ccta_3d_seed004.yaml``), counted on
+    """FLOPs of Hjohlman's (2022) model (built-in config ``resnet_ae_ccta_3d_seed004``), counted on
     meta.
 
     Training: one 64^3 patch forward and backward; scoring: a whole 87 x 87 x 273 volume by
@@ -315,9 +315,9 @@ def seed004_flops() -> dict[str, float]:
     from torch.utils.flop_counter import FlopCounterMode
 
     from medanomaly import get_model
+    from medanomaly.config import load_config
 
-    config = Path(__file__).resolve().parents[1] / "configs" / "resnet_ae_ccta_3d_seed004.yaml"
-    model = yaml.safe_load(config.read_text())["model"]
+    model = load_config("resnet_ae_ccta_3d_seed004")["model"]
     detector = get_model(**model)
     patch = (1, *model["patch_size"])
     with torch.device("meta"):

@@ -55,6 +55,12 @@ def tiny2d_unseen():
 
 
 @pytest.fixture(scope="session")
+def tiny2d_val20():
+    """A validation set with 20 abnormal phantoms: enough for ``monitor: val_auroc``."""
+    return make_phantoms(8, 20, (32, 32), seed=2)
+
+
+@pytest.fixture(scope="session")
 def tiny3d():
     """8 normal + 4 abnormal 1x16x16x16 phantoms."""
     return make_phantoms(8, 4, (16, 16, 16), seed=0)

@@ -97,7 +97,7 @@ def test_unknown_ci_gets_a_hint(tmp_path):
 
 @pytest.fixture(scope="module")
 def adrenal_like(tmp_path_factory):
-    """``compare`` over a spec shaped like benchmarks/specs/adrenal3d.yaml, on 16³ blobs."""
+    """``compare`` over a spec shaped like the built-in adrenal3d spec, on 16³ blobs."""
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("adrenal")
     manifest = _prepare().write_volumes(_fake_npz(root / "fake.npz"), root / "data")
@@ -109,9 +109,9 @@ def adrenal_like(tmp_path_factory):
         "threshold": "youden",
         "ci": "bootstrap",
         "candidates": {
-            "volume": {"config": str(ROOT / "configs" / "volume_adrenal_3d.yaml")},
-            "thickness": {"config": str(ROOT / "configs" / "thickness_adrenal_3d.yaml")},
-            "vae": {"config": str(ROOT / "configs" / "vae_dt_adrenal_3d.yaml"), "set": vae_set},
+            "volume": {"config": "volume_adrenal_3d"},
+            "thickness": {"config": "thickness_adrenal_3d"},
+            "vae": {"config": "vae_dt_adrenal_3d", "set": vae_set},
             "thickness+volume": {"fusion": ["thickness", "volume"]},
             "vae+thickness": {"fusion": ["vae", "thickness"]},
         },

@@ -10,6 +10,7 @@ import torch
 import yaml
 from test_evaluate_cli import write_phantom_manifest
 
+from medanomaly import builtin
 from medanomaly.cli import main
 from medanomaly.data.phantoms import make_phantoms
 from medanomaly.detectors.base import MODEL_FILE
@@ -257,27 +258,27 @@ def test_fusion_with_a_zero_weight_equals_the_other_member_alone():
     assert sum(chosen.weights_) == pytest.approx(1.0) and len(chosen.weights_) == 2
 
 
-SPECS = sorted((Path(__file__).resolve().parents[1] / "benchmarks" / "specs").glob("*.yaml"))
+SPECS = builtin.names("spec")
 
 
-@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
-def test_every_benchmark_spec_parses_and_has_a_no_model_row(path):
+@pytest.mark.parametrize("name", SPECS)
+def test_every_benchmark_spec_parses_and_has_a_no_model_row(name):
     from medanomaly.model_selection.spec import load_spec
 
-    spec = load_spec(path)
+    spec = load_spec(name)
     plain = [c for c in spec.candidates if not c.is_fusion]
     assert any(compare_module._is_baseline(spec, c, []) for c in plain)
 
 
-QUICK = [p for p in SPECS if p.stem.endswith("_quick")]
+QUICK = [name for name in SPECS if name.endswith("_quick")]
 
 
-@pytest.mark.parametrize("path", QUICK, ids=[p.stem for p in QUICK])
-def test_a_quick_spec_is_its_full_spec_made_smaller(path):
+@pytest.mark.parametrize("name", QUICK)
+def test_a_quick_spec_is_its_full_spec_made_smaller(name):
     """Same protocol, level, threshold and data; its rows are rows of the full spec."""
     from medanomaly.model_selection.spec import load_spec
 
-    quick, full = load_spec(path), load_spec(path.with_name(path.name.replace("_quick", "")))
+    quick, full = load_spec(name), load_spec(name.removesuffix("_quick"))
     assert {c.name for c in quick.candidates} <= {c.name for c in full.candidates}
     assert (quick.protocol.kind, quick.level, quick.threshold, quick.data) == (
         full.protocol.kind,

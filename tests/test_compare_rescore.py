@@ -1,6 +1,6 @@
 """``compare`` with a re-scored candidate, the split column and a mean + 3 SD threshold (3D).
 
-What the 3D screening spec (benchmarks/specs/screen3d.yaml) relies on, on 1x16^3 phantoms:
+What the 3D screening spec (the built-in screen3d spec) relies on, on 1x16^3 phantoms:
 one network trained once and scored two ways, counts at the threshold, and ``OUT/best`` as
 the split column's own run (its test part never trains).
 """

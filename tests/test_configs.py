@@ -1,4 +1,4 @@
-"""Every YAML in configs/ builds its detector and transforms; the Hjohlman 2022 pipeline works."""
+"""Every built-in config builds its detector and transforms; the Hjohlman 2022 pipeline works."""
 
 from __future__ import annotations
 
@@ -8,21 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from medanomaly import builtin
 from medanomaly.config import build_detector, load_config
 from medanomaly.data.loading import load_dataset
 from medanomaly.transforms import build_transforms
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
-SEED_004 = Path(__file__).resolve().parents[1] / "configs" / "resnet_ae_ccta_3d_seed004.yaml"
+CONFIGS = builtin.names("config")
+SEED_004 = "resnet_ae_ccta_3d_seed004"
 
 
 def test_configs_are_found() -> None:
     assert SEED_004 in CONFIGS and len(CONFIGS) >= 3
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
-def test_config_builds_detector_and_transforms(path: Path) -> None:
-    config = load_config(path)
+@pytest.mark.parametrize("name", CONFIGS)
+def test_config_builds_detector_and_transforms(name: str) -> None:
+    config = load_config(name)
     detector = build_detector(config)
     data = config.get("data") or {}
     assert set(data) <= set(inspect.signature(load_dataset).parameters) - {"source"}

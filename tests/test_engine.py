@@ -7,9 +7,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 import torch
+import yaml
 from sklearn.metrics import roc_auc_score
 
-from medanomaly import EngineConfig, get_model
+from medanomaly import BaseDetector, EngineConfig, get_model
 from medanomaly.data.loading import ArrayAugment
 from medanomaly.errors import ConfigError
 from medanomaly.training.engine import Engine, read_history, split_indices
@@ -89,20 +90,37 @@ def test_early_stopping_keeps_the_weights_of_the_best_epoch(tiny2d, monkeypatch)
     assert last_differs, "the last epoch's weights were kept"
 
 
-def test_monitor_val_auroc_keeps_the_epoch_with_the_best_validation_auroc(tiny2d):
+def test_monitor_val_auroc_keeps_the_epoch_with_the_best_validation_auroc(tiny2d, tiny2d_val20):
     engine = {"epochs": 6, "patience": None, "monitor": "val_auroc", "progress": False}
-    detector = get_model("cae", engine=engine).fit(tiny2d.normal, val=tiny2d)
+    detector = get_model("cae", engine=engine).fit(tiny2d.normal, val=tiny2d_val20)
     aurocs = [row["val_auroc"] for row in detector.history_]
-    kept = roc_auc_score(tiny2d.labels, detector.score(tiny2d))
+    kept = roc_auc_score(tiny2d_val20.labels, detector.score(tiny2d_val20))
     assert kept == pytest.approx(max(aurocs), abs=1e-9)
     assert len(set(aurocs)) > 1, "AUROC constant over epochs: the test shows nothing"
+    assert detector.epoch_monitor_ == "val_auroc on 20 abnormal validation images"
 
 
 def test_monitor_val_auroc_without_abnormal_images_falls_back_to_the_loss(tiny2d, caplog):
     engine = {"epochs": 2, "monitor": "val_auroc", "progress": False}
     detector = get_model("cae", engine=engine).fit(tiny2d.normal)
-    assert "using val_loss" in caplog.text
+    assert "val_auroc asked, but 0 abnormal validation images" in caplog.text
     assert all("val_auroc" not in row for row in detector.history_)
+
+
+def test_a_handful_of_abnormal_images_ranks_epochs_by_the_loss_and_the_run_says_so(
+    tiny2d, tmp_path, caplog
+):
+    engine = {"epochs": 6, "patience": None, "monitor": "val_auroc", "progress": False}
+    detector = get_model("cae", engine=engine).fit(tiny2d.normal, val=tiny2d, run_dir=tmp_path)
+    assert "6 abnormal validation images are fewer than 20" in caplog.text
+    losses = [row["val_loss"] for row in detector.history_]
+    aurocs = [row["val_auroc"] for row in detector.history_]  # still drawn, never ranked by
+    kept = roc_auc_score(tiny2d.labels, detector.score(tiny2d))
+    assert int(np.argmin(losses)) != int(np.argmax(aurocs)) or len(set(aurocs)) == 1
+    assert kept == pytest.approx(aurocs[int(np.argmin(losses))], abs=1e-9)
+    resolved = yaml.safe_load((tmp_path / "config.yaml").read_text())["resolved"]
+    assert resolved["epoch_monitor"].startswith("val_loss (val_auroc asked, but 6 abnormal")
+    assert BaseDetector.load(tmp_path).run_config_["resolved"] == resolved
 
 
 def test_engine_config_rejects_unknown_keys():

@@ -154,6 +154,29 @@ def test_report_and_figures_are_written(evaluated):
     assert "table class='sortable'" in page and "broken.npy" in page
 
 
+def test_the_viewer_holds_every_case_flagged_first_with_its_outline(evaluated, fitted):
+    cases = evaluated / "viewer" / "cases"
+    assert len(list(cases.glob("*_scan.nii.gz"))) == 18 == len(list(cases.glob("*_map.nii.gz")))
+    assert len(list(cases.glob("*_outline.nii.gz"))) == 6  # the abnormal cases' lesion masks
+    page = (evaluated / "report.html").read_text()
+    entries = json.loads(page.split("id='mv-cases'>")[1].split("</script>")[0])
+    threshold = BaseDetector.load(fitted[2]).threshold_
+    assert [e["flagged"] for e in entries] == [e["score"] > threshold for e in entries]
+    flags = [e["flagged"] for e in entries]
+    assert flags == sorted(flags, reverse=True)  # flagged first
+    for flagged in (True, False):
+        scores = [e["score"] for e in entries if e["flagged"] == flagged]
+        assert scores == sorted(scores, reverse=True)
+    assert all(e["grid"] == "source" for e in entries)  # as read from the .npy files
+    assert (evaluated / "viewer" / "niivue.umd.js").stat().st_size > 1_000_000
+
+
+def test_no_viewer_writes_none(fitted):
+    code, out = _evaluate(fitted, "eval_no_viewer", "--no-viewer")
+    assert code == 0 and not (out / "viewer").exists()
+    assert "id='mv'" not in (out / "report.html").read_text()
+
+
 def test_evaluate_report_renders_in_headless_chromium(evaluated, tmp_path):
     check_renders(evaluated / "report.html", tmp_path)
 

@@ -23,7 +23,7 @@ def test_models_name_prints_arguments_defaults_and_configs(capsys) -> None:
     out = capsys.readouterr().out
     assert "latent_channels: int, default 16" in out
     assert "channels: a list of int, default (32, 64, 128, 256)" in out
-    assert "input: 2D or 3D" in out and "configs/cae_head_ct_2d.yaml" in out
+    assert "input: 2D or 3D" in out and "cae_head_ct_2d" in out
 
 
 def test_every_argument_of_every_model_is_described() -> None:

@@ -71,11 +71,28 @@ def test_cae_with_map_scoring_detects_phantom_lesions_and_round_trips(
     np.testing.assert_allclose(loaded.score(tiny2d_unseen), result.scores, rtol=1e-5)
 
 
-def test_validation_auroc_is_measured_on_the_map_score(tiny2d, tiny2d_unseen):
+def test_validation_auroc_is_measured_on_the_map_score(tiny2d, tiny2d_val20):
     engine = {"epochs": 4, "batch_size": 4, "progress": False, "monitor": "val_auroc"}
     detector = get_model("cae", map_score={"smooth": 3}, engine=engine)
-    detector.fit(tiny2d.normal, val=tiny2d_unseen)
+    detector.fit(tiny2d.normal, val=tiny2d_val20)
     best = max(row["val_auroc"] for row in detector.history_)
     # the kept epoch's final scores (scale recomputed from the same weights) give that AUROC
-    scores = detector.score(tiny2d_unseen)
-    assert roc_auc_score(tiny2d_unseen.labels, scores) == pytest.approx(best, abs=1e-9)
+    scores = detector.score(tiny2d_val20)
+    assert roc_auc_score(tiny2d_val20.labels, scores) == pytest.approx(best, abs=1e-9)
+
+
+def test_masked_percentile_equals_torch_quantile_of_each_foreground():
+    """One batched computation (ONNX-exportable) gives exactly the per-image quantiles."""
+    from medanomaly.detectors.scoring import masked_percentile
+
+    generator = torch.Generator().manual_seed(0)
+    maps = torch.randn(6, 9, 7, generator=generator)
+    foreground = torch.rand(6, 9, 7, generator=generator) > 0.6
+    foreground[0] = False  # an empty foreground counts as every voxel
+    foreground[1] = False
+    foreground[1, 4, 3] = True  # one voxel
+    for q in (0.0, 37.5, 50.0, 99.0, 100.0):
+        found = masked_percentile(maps, foreground, q)
+        rows = [maps[0].flatten(), *(m[f] for m, f in zip(maps[1:], foreground[1:], strict=True))]
+        expected = torch.stack([torch.quantile(r.double(), q / 100) for r in rows]).float()
+        assert torch.equal(found, expected), q

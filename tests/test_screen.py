@@ -141,7 +141,7 @@ def test_screen_flags_planted_outliers(screen_setup, tmp_path, monkeypatch, caps
     assert all(r["cluster"].lstrip("-").isdigit() for r in rows)
 
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["n_cases"] == 14 and summary["k"] == 3.0
+    assert summary["n_cases"] == 14 and summary["threshold_rule"] == "mean_sd(k=3)"
     assert set(OUTLIERS) <= {
         i.split("/")[-1].removesuffix(".nii.gz") for i in summary["flagged_ids"]
     }
@@ -173,7 +173,8 @@ def test_screen_without_latent_and_strict(screen_setup, tmp_path, monkeypatch):
     assert not (out / "screen.csv").exists()
     assert main([*args, "--k", "2"]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["dbscan"] is None and summary["umap"] is None and summary["k"] == 2.0
+    assert summary["dbscan"] is None and summary["umap"] is None
+    assert summary["threshold_rule"] == "mean_sd(k=2)"
     assert any("no latent space" in note for note in summary["notes"])
     assert not (out / "umap_score.png").exists() and (out / "size_bias.png").exists()
     assert all(r["cluster"] == "" for r in _read_csv(out / "screen.csv"))
@@ -189,6 +190,7 @@ class _NoEmbed:
 
     def __init__(self, inner, val_scores):
         self.inner, self.val_scores_ = inner, val_scores
+        self.threshold_, self.threshold_rule_ = inner.threshold_, inner.threshold_rule_
 
     def detect(self, x):
         return self.inner.detect(x)
@@ -206,6 +208,21 @@ def test_screen_api_with_a_detector_without_embed(screen_setup):
     assert {name.removesuffix(".nii.gz") for name in ranked} == set(OUTLIERS)
     with pytest.raises(ConfigError, match="no held-out normal validation scores"):
         screen(_NoEmbed(detector, []), images)
+
+
+def test_screen_spells_threshold_rules_as_evaluate_does(screen_setup, tmp_path, capsys):
+    _, run, unlabelled = screen_setup
+    detector = BaseDetector.load(run)
+    images, _ = load_dataset(unlabelled, **DATA_CFG)
+    own = screen(_NoEmbed(detector, detector.val_scores_), images, threshold="run")
+    assert own.threshold == detector.threshold_ and own.threshold_rule == "run"
+    high = screen(_NoEmbed(detector, detector.val_scores_), images, threshold="percentile:q=50")
+    assert high.threshold == pytest.approx(np.percentile(detector.val_scores_, 50))
+    assert high.threshold_rule == "percentile(q=50)"
+    args = ["screen", "--run", str(run), "--data", str(unlabelled), "--out", str(tmp_path / "o")]
+    assert main([*args, "--threshold", "f1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "needs labelled cases" in err[0]
 
 
 def test_screen_refuses_bad_settings(screen_setup, tmp_path, capsys):

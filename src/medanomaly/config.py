@@ -17,8 +17,9 @@ from typing import Any
 
 import yaml
 
+from medanomaly.builtin import resolve
 from medanomaly.detectors.arguments import check_arguments
-from medanomaly.detectors.base import BaseDetector
+from medanomaly.detectors.base import RESOLVED_KEY, BaseDetector
 from medanomaly.detectors.registry import get_model
 from medanomaly.errors import ConfigError, did_you_mean
 from medanomaly.postprocess import PostProcessed
@@ -28,15 +29,25 @@ SECTIONS = ("model", "engine", "data", "evaluation", "postprocess")
 
 
 def load_config(path: str | Path) -> dict[str, Any]:
-    """Read a YAML config with ``model`` (required), ``engine`` and ``data`` blocks."""
-    path = Path(path)
+    """Read a YAML config with ``model`` (required), ``engine`` and ``data`` blocks.
+
+    Args:
+        path: A YAML file, or the name of a built-in config (``dae_lgg_2d``; see
+            :mod:`medanomaly.builtin`). A file wins over a name.
+
+    Raises:
+        MissingFileError: ``path`` is neither a file nor a built-in name (did-you-mean).
+        ConfigError: The file is not a config.
+    """
+    source = resolve("config", path)
     try:
-        config = yaml.safe_load(path.read_text()) or {}
+        config = yaml.safe_load(source.read_text()) or {}
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"{path}: cannot read config: {error}") from error
     if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
         raise ConfigError(f"{path}: a config needs a 'model:' block with at least 'name:'")
-    unknown = sorted(set(config) - set(SECTIONS) - {"version"})
+    # a run's config.yaml also holds its version and what ``auto`` settings resolved to
+    unknown = sorted(set(config) - set(SECTIONS) - {"version", RESOLVED_KEY})
     if unknown:
         raise ConfigError(f"{path}: unknown top-level keys {unknown}; use {', '.join(SECTIONS)}")
     return config
@@ -63,7 +74,9 @@ def apply_overrides(config: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 
 def check_data_block(data: Any) -> None:
-    """Refuse a ``data:`` block key that :func:`load_dataset` does not take (did-you-mean).
+    """Refuse a ``data:`` block key that ``load_dataset`` does not take (did-you-mean).
+
+    The keys are the arguments of :func:`~medanomaly.data.loading.load_dataset`.
 
     Raises:
         ConfigError: ``data`` is not a mapping or holds an unknown key.

@@ -9,12 +9,18 @@
 
     fit, score, screen and evaluate also take [--devices N] [--num-nodes M] [--accelerator A]
     (data-parallel ranks); score, screen and evaluate take [--num-workers W] (first pass).
+    medanomaly export --run RUN --out DIR [--format onnx]
+    medanomaly view OUT [--port P]
     medanomaly cv --config C --data LABELLED --out DIR [--folds 5] [--repeats 2] [--set K=V]
-    medanomaly compare --spec SPEC.yaml --out DIR [--data D] [--no-refit]
+    medanomaly compare [--spec SPEC] --data D --out DIR [--print-spec] [--set K=V] [--no-refit]
     medanomaly inspect PATH [PATH ...] [--series-uid UID]
     medanomaly manifest FOLDER --out manifest.csv [--force]
     medanomaly demo --out DIR
-    medanomaly models
+    medanomaly models [NAME]
+    medanomaly config list [--specs] | show NAME [--spec]
+
+``--config`` and ``--spec`` take a file or the name of a built-in one (``dae_lgg_2d``,
+``head_ct``); a file wins over a name.
 
 Each module in this package defines ``add_parser(subparsers)``, which registers its
 sub-command and sets ``func``; :data:`COMMANDS` lists them in help order. The modules import
@@ -36,19 +42,36 @@ from collections.abc import Sequence
 from medanomaly._version import __version__
 from medanomaly.cli import (
     compare,
+    configs,
     cv,
     demo,
     evaluate,
+    export,
     fit,
     inspect,
     manifest,
     models,
     score,
     screen,
+    view,
 )
 from medanomaly.errors import MedanomalyError
 
-COMMANDS = (fit, score, screen, evaluate, cv, compare, inspect, manifest, demo, models)
+COMMANDS = (
+    fit,
+    score,
+    screen,
+    evaluate,
+    export,
+    cv,
+    compare,
+    inspect,
+    manifest,
+    demo,
+    models,
+    view,
+    configs,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in COMMANDS:
         command.add_parser(sub)
+    for command in sub.choices.values():  # -v also after the sub-command
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log more"
+        )
     return parser
 
 

@@ -55,7 +55,11 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SECTION.KEY=VALUE",
         help="override a config value, e.g. --set engine.epochs=5",
     )
-    parser.add_argument("--strict", action="store_true", help="stop on the first unreadable image")
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="stop on the first unreadable image (and on an engine.precision the machine lacks)",
+    )
 
 
 def report_skipped(report: LoadReport, out: Path | None) -> None:
@@ -190,3 +194,14 @@ def report_lines(
     from medanomaly.data.loading import LoadReport
 
     report_skipped(LoadReport(skipped=list(skipped), warnings=list(warnings)), out)
+
+
+def add_viewer_argument(parser: argparse.ArgumentParser) -> None:
+    """``--no-viewer``: leave each case's scan and map out of the report's viewer."""
+    parser.add_argument(
+        "--no-viewer",
+        dest="viewer",
+        action="store_false",
+        help="write no viewer volumes (OUT/viewer/: each case's scan and map for the report's "
+        "interactive viewer, opened with medanomaly view OUT)",
+    )

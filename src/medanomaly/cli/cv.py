@@ -12,7 +12,12 @@ from medanomaly.cli._common import add_override_arguments, at_least, in_open_uni
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``cv``."""
     p = sub.add_parser("cv", help="repeated grouped stratified k-fold cross-validation")
-    p.add_argument("--config", required=True, help="YAML with model/engine/data blocks")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="a built-in config name (medanomaly config list) or a YAML file with "
+        "model/engine/data blocks",
+    )
     p.add_argument("--data", required=True, help="labelled folder or CSV manifest")
     p.add_argument("--out", required=True, help="output folder; rerun the same command to resume")
     p.add_argument(

@@ -8,6 +8,7 @@ from pathlib import Path
 from medanomaly.cli._common import (
     add_device_arguments,
     add_dicom_argument,
+    add_viewer_argument,
     check_dicom_needs_maps,
     in_open_unit,
 )
@@ -50,6 +51,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--maps", help="folder for every case's anomaly map in the scan's geometry (see score)"
     )
     add_dicom_argument(p)
+    add_viewer_argument(p)
     p.add_argument("--strict", action="store_true", help="stop on the first unreadable image")
     add_device_arguments(p)
     p.set_defaults(func=run)
@@ -75,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
         maps_dir=args.maps,
         dicom=args.dicom,
         options=job_options(args),
+        viewer=args.viewer,
     )
     if metrics is None:  # another rank: rank 0 reports
         return 0
@@ -95,4 +98,6 @@ def run(args: argparse.Namespace) -> int:
         print(f"skipped {len(metrics['skipped'])} unreadable case(s): listed in {METRICS_FILE}")
     out = Path(args.out)
     print(f"wrote {out / METRICS_FILE}, {out / 'scores.csv'}, {out / REPORT_FILE}")
+    if args.viewer:
+        print(f"the report's viewer: medanomaly view {out}")
     return 0

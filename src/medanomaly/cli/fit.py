@@ -14,7 +14,12 @@ from medanomaly.cli._common import add_override_arguments, add_trust_argument, a
 def add_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``fit``."""
     p = sub.add_parser("fit", help="train a detector on normal images")
-    p.add_argument("--config", required=True, help="YAML with model/engine/data blocks")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="a built-in config name (medanomaly config list) or a YAML file with "
+        "model/engine/data blocks",
+    )
     p.add_argument("--data", required=True, help="folder or CSV manifest of training images")
     p.add_argument("--val", help="validation folder/manifest (normal, optionally abnormal)")
     p.add_argument("--out", required=True, help="run directory")

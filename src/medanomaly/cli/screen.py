@@ -9,6 +9,7 @@ from medanomaly.cli._common import (
     add_archive_arguments,
     add_device_arguments,
     add_dicom_argument,
+    add_viewer_argument,
     archive_settings,
     at_least,
     check_dicom_needs_maps,
@@ -62,11 +63,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "dicomweb+http://HOST:PORT/PATH/?FILTERS (QIDO-RS filters, e.g. Modality=CT) to screen",
     )
     p.add_argument("--out", required=True, help="output folder (created)")
-    p.add_argument(
+    rule = p.add_mutually_exclusive_group()
+    rule.add_argument(
+        "--threshold",
+        default=None,
+        metavar="RULE",
+        help="flag score > the cut-off of RULE on the run's held-out normal validation scores: "
+        "mean_sd[:k=3] (default), percentile[:q=99], conformal[:alpha=0.05], or run (the "
+        "run's own threshold); spelled as in evaluate, cv and compare specs",
+    )
+    rule.add_argument(
         "--k",
         type=at_least(0.0, float),
-        default=3.0,
-        help="flag score > mean + k*SD of the run's normal validation scores (default: 3)",
+        default=None,
+        help="shorthand for --threshold mean_sd:k=K",
     )
     p.add_argument(
         "--metal-level",
@@ -98,6 +108,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--maps", help="folder for every case's anomaly map in the scan's geometry (see score)"
     )
     add_dicom_argument(p)
+    add_viewer_argument(p)
     add_archive_arguments(p)
     p.add_argument(
         "--strict",
@@ -120,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         args.run,
         args.data,
         out,
-        k=args.k,
+        threshold=_rule(args),
         metal_level=args.metal_level,
         eps=args.eps,
         min_samples=args.min_samples,
@@ -130,6 +141,7 @@ def run(args: argparse.Namespace) -> int:
         options=job_options(args),
         strict=args.strict,
         store=store,
+        viewer=args.viewer,
     )
     if job is None:  # another rank: rank 0 reports
         return 0
@@ -137,3 +149,10 @@ def run(args: argparse.Namespace) -> int:
     report_map_problems(job.map_problems)
     print(summary_line(job.result, out))
     return 0
+
+
+def _rule(args: argparse.Namespace) -> str:
+    """The threshold rule of ``--threshold`` or ``--k`` (default mean + 3 SD)."""
+    if args.k is not None:
+        return f"mean_sd:k={args.k:g}"
+    return args.threshold or "mean_sd:k=3"

@@ -9,8 +9,8 @@
   they are masks (``*_mask*``, ``*seg*``, ``*mask*``) are not cases: ``X_mask.ext`` is the
   lesion mask of ``X.ext``, and a single ``*seg*`` file is the mask of every image beside it.
 
-:func:`folder_entries` describes a folder as :class:`Entry` rows; ``medanomaly manifest`` writes
-them out as an editable CSV manifest.
+:func:`~medanomaly.data.listing.list_cases` lists a folder's cases by these layouts;
+``medanomaly manifest`` writes them out as an editable CSV manifest.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ from typing import Any
 
 from medanomaly.data.layouts import holds_patient_folders, is_series_folder, patient_entries
 from medanomaly.data.sets import ABNORMAL, NORMAL, UNKNOWN
-from medanomaly.errors import ConfigError, ImageReadError
+from medanomaly.errors import ConfigError, ImageReadError, MissingFileError
 from medanomaly.io import IMAGE_SUFFIXES, image_suffix
 from medanomaly.io.atomic import atomic_write
 from medanomaly.io.dicom import is_dicom_file
@@ -71,6 +71,8 @@ def read_manifest(path: str | Path, label_names: dict[str, int] | None = None) -
     """
     path = Path(path)
     names = {**DEFAULT_LABEL_NAMES, **(label_names or {})}
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such manifest")
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
         columns = [c.strip() for c in reader.fieldnames or []]
@@ -112,6 +114,8 @@ def manifest_column(path: str | Path, column: str) -> dict[str, str]:
     path = Path(path)
     if path.suffix.lower() != ".csv":
         raise ConfigError(f"{path}: column {column!r} needs a CSV manifest, not a folder")
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such manifest")
     with open(path, newline="") as handle:
         reader = csv.DictReader(handle)
         columns = [c.strip() for c in reader.fieldnames or []]

@@ -37,6 +37,10 @@ MODEL_FILE = "model.safetensors"
 LEGACY_MODEL_FILE = "model.pt"
 """What medanomaly before 0.2 saved: a pickle, loaded only when trusted."""
 CONFIG_FILE = "config.yaml"
+EXPORT_FILE = "medanomaly_export.json"
+"""What marks an export folder (``medanomaly export``; see :mod:`medanomaly.detectors.exported`)."""
+RESOLVED_KEY = "resolved"
+"""Top-level ``config.yaml`` block of what ``auto`` settings resolved to (read, never given)."""
 INFERENCE_VOXELS = 2**20
 MIN_THRESHOLD_NORMALS = 20
 """Fewer held-out normal scores than this make ``fit`` warn about its default threshold."""
@@ -92,6 +96,9 @@ class BaseDetector(ABC):
         streams: Fits on a streamed set a batch at a time, without reading it whole.
         foreground_threshold: Intensity above which a voxel is foreground for masked
             scores, or ``None`` where the model has no such rule.
+        exportable: Its scoring (score and map of a batch) is one graph of tensor operations,
+            which ``medanomaly export`` writes as ONNX (:meth:`scoring_graph`).
+        export_refusal: Why not, where :attr:`exportable` is false (one line for the user).
         threshold_: Image-level decision threshold learned by ``fit`` (score > threshold_
             means abnormal); by default mean + ``threshold_sd`` * SD of the scores of held-out
             normal validation images (the outlier rule of Hjohlman 2022).
@@ -110,6 +117,8 @@ class BaseDetector(ABC):
     has_latent: ClassVar[bool] = False
     scores_any_size: ClassVar[bool] = False
     streams: ClassVar[bool] = True
+    exportable: ClassVar[bool] = False
+    export_refusal: ClassVar[str] = "its scoring is not written as one graph of tensor operations"
     foreground_threshold: float | None = None
     spatial_dims: int
     in_channels: int = 1
@@ -150,6 +159,18 @@ class BaseDetector(ABC):
     def embed(self, x: Any) -> np.ndarray:
         """Latent vectors ``(N, D)`` of images; only where :attr:`has_latent` is true."""
         raise NotImplementedError(f"{type(self).__name__} has no latent space (has_latent)")
+
+    def scoring_graph(self) -> nn.Module:
+        """The fitted scoring as a module: images ``(B, C, *spatial)`` -> scores, maps.
+
+        Only where :attr:`exportable` is true; its outputs equal :meth:`detect`'s scores and
+        maps (up to float rounding), so that an ONNX export of it scores as this detector does.
+
+        Raises:
+            ConfigError: The detector is not exportable (:attr:`export_refusal` says why).
+        """
+        name = self.name or type(self).__name__
+        raise ConfigError(f"{name} cannot be exported: {self.export_refusal}")
 
     def anomaly_map(self, x: Any) -> np.ndarray:
         """Voxel-wise anomaly map ``(N, *spatial)`` on the input grid."""
@@ -213,6 +234,9 @@ class BaseDetector(ABC):
     def load(cls, path: str | Path, trust_pickle: bool | None = None) -> BaseDetector:
         """Load a saved detector: a ``model.safetensors`` file or a run directory holding one.
 
+        An export folder (``medanomaly export``) gives an
+        :class:`~medanomaly.detectors.exported.ExportedDetector`, scored by ONNX Runtime.
+
         Args:
             path: The model file or run directory.
             trust_pickle: Also load a legacy pickle ``model.pt``, which can run code; ``None``
@@ -225,6 +249,10 @@ class BaseDetector(ABC):
         from medanomaly.detectors.registry import get_model_class
 
         path = Path(path)
+        if path.is_dir() and (path / EXPORT_FILE).is_file():  # an ONNX export
+            from medanomaly.detectors.exported import ExportedDetector
+
+            return ExportedDetector(path)
         if path.is_dir():
             legacy = path / LEGACY_MODEL_FILE
             saved_file = path / MODEL_FILE
@@ -251,10 +279,36 @@ class BaseDetector(ABC):
             The config as written.
         """
         config = {**self.config(), "data": dict(data or {}), "version": __version__}
+        config.update(self._resolved_block())
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / CONFIG_FILE, yaml.safe_dump(config, sort_keys=False))
         return config
+
+    def resolved_settings(self) -> dict[str, Any]:
+        """What ``auto`` settings resolve to on this machine (e.g. ``precision``); ``{}``: none.
+
+        The run's ``config.yaml`` records them under ``resolved:``, beside the settings as
+        given, so that the config still maps one-to-one onto the constructor arguments.
+        """
+        return {}
+
+    def record_resolved(self, run_dir: str | Path) -> None:
+        """Write what this fit resolved (e.g. the epoch monitor) into the run's ``config.yaml``.
+
+        The block is replaced as a whole; the settings as given are left as they are.
+        """
+        path = Path(run_dir) / CONFIG_FILE
+        if not path.exists():
+            return
+        config = yaml.safe_load(path.read_text())
+        config.update(self._resolved_block())
+        atomic_write_text(path, yaml.safe_dump(config, sort_keys=False))
+        self.run_config_ = config
+
+    def _resolved_block(self) -> dict[str, Any]:
+        resolved = self.resolved_settings()
+        return {RESOLVED_KEY: resolved} if resolved else {}
 
     def _run_config(self, run_dir: str | Path | None) -> dict[str, Any]:
         """The run's full config: ``run_dir/config.yaml`` if a caller wrote one, else ours.
@@ -262,7 +316,7 @@ class BaseDetector(ABC):
         Without a run directory nothing is written and the detector's own config is returned.
         """
         if run_dir is None:
-            return {**self.config(), "version": __version__}
+            return {**self.config(), "version": __version__, **self._resolved_block()}
         path = Path(run_dir) / CONFIG_FILE
         if path.exists():
             return yaml.safe_load(path.read_text())

@@ -22,6 +22,7 @@ from medanomaly.data.sets import Cases, ImageSet, as_cases
 from medanomaly.detectors.base import (
     INFERENCE_VOXELS,
     MODEL_FILE,
+    RESOLVED_KEY,
     AnomalyResult,
     BaseDetector,
     yaml_plain,
@@ -33,6 +34,8 @@ from medanomaly.training.engine import (
     EngineConfig,
     TrainingData,
     TrainingTask,
+    resolve_precision,
+    scoring_network,
     seeded,
     split_indices,
 )
@@ -59,6 +62,9 @@ class DeepDetector(BaseDetector):
             form,
             e.g. ``{smooth: 5, reduce: top}``); ``None`` keeps the model's score.
     """
+
+    epoch_monitor_: str | None = None
+    """What ranked the epochs of the fit, in words (``resolved: epoch_monitor`` in config.yaml)."""
 
     def __init__(
         self,
@@ -136,12 +142,14 @@ class DeepDetector(BaseDetector):
         self.run_config_ = self._run_config(run_dir)
         engine = Engine(cfg)
         self.history_ = self.train_network(engine, network, data, run_dir, resume)
+        self.epoch_monitor_ = engine.monitor_used
         self.is_main_process_ = engine.is_global_zero
         self.network_ = inference_network(network, self.spatial_dims)
         self.input_shape_ = input_shape
         self._fit_map_statistics(data.train)
         self._set_threshold(data.val_normal if len(data.val_normal) else data.train)
         if run_dir is not None and self.is_main_process_:
+            self.record_resolved(run_dir)
             self.save(Path(run_dir) / MODEL_FILE)
         return self
 
@@ -276,7 +284,7 @@ class DeepDetector(BaseDetector):
                 "them on one grid: add a 'resize' step or leave map_score's standardise off"
             )
         moments = RunningMoments()
-        network = self.network_ if network is None else network
+        network = self.scoring_network(network)
         for _, batch in self._batches(normal, network):
             moments.add(self.evaluate(network, batch)[1].float().cpu().numpy())
         self.map_scale_ = scoring.scale(moments.mean, moments.sd)
@@ -341,7 +349,7 @@ class DeepDetector(BaseDetector):
             raw: The model's own scores and maps, without ``map_score``.
             network: Evaluate this network (default the fitted ``network_``).
         """
-        network = self.network_ if network is None else network
+        network = self.scoring_network(network)
         cases = as_cases(x, self.spatial_dims)
         self._check_scoring_shape(cases)
         scores = np.zeros(len(cases), dtype=np.float64)
@@ -364,6 +372,25 @@ class DeepDetector(BaseDetector):
         if not with_maps:
             return scores, None, None
         return scores, _assemble(maps, len(cases)), _assemble(recons, len(cases))
+
+    def scoring_network(self, network: nn.Module | None = None) -> nn.Module:
+        """``network`` (default the fitted ``network_``) as scoring runs it.
+
+        Under bf16 autocast where ``engine.precision`` resolves to ``bf16-mixed`` on the
+        device that scores (:func:`~medanomaly.training.engine.scoring_network`).
+        """
+        return scoring_network(self.network_ if network is None else network, self.engine_config)
+
+    def resolved_settings(self) -> dict[str, Any]:
+        """What ``auto`` settings resolve to here: the precision and, once fitted, the monitor.
+
+        ``engine.monitor: val_auroc`` falls back to ``val_loss`` with too few abnormal
+        validation images (see :func:`medanomaly.training.engine.epoch_monitor`).
+        """
+        resolved: dict[str, Any] = {"precision": resolve_precision(self.engine_config)}
+        if self.epoch_monitor_ is not None:
+            resolved["epoch_monitor"] = self.epoch_monitor_
+        return resolved
 
     def _batches(
         self, cases: Cases, network: nn.Module
@@ -413,13 +440,21 @@ class DeepDetector(BaseDetector):
         cases = as_cases(x, self.spatial_dims)
         self._check_scoring_shape(cases)
         vectors = np.zeros((len(cases), 0))
-        for index, batch in self._batches(cases, self.network_):
-            vector = self.latent(self.network_, batch)
+        network = self.scoring_network()
+        for index, batch in self._batches(cases, network):
+            vector = self.latent(network, batch)
             vector = vector.float().flatten(1).cpu().numpy().astype(np.float64)
             if vectors.shape[1] != vector.shape[1]:
                 vectors = np.zeros((len(cases), vector.shape[1]))
             vectors[index] = vector
         return vectors
+
+    def scoring_graph(self) -> nn.Module:
+        """The fitted network with its scoring: images -> ``(scores, maps)`` (see the base)."""
+        self.check_fitted()
+        if not self.exportable:
+            return super().scoring_graph()
+        return ScoringGraph(self)
 
     # -- persistence ----------------------------------------------------------------------
     def config(self) -> dict[str, Any]:
@@ -455,7 +490,30 @@ class DeepDetector(BaseDetector):
         self._restore_threshold(saved)
         self.history_ = saved.get("history", [])
         self.run_config_ = saved.get("config", {})
+        self.epoch_monitor_ = (self.run_config_.get(RESOLVED_KEY) or {}).get("epoch_monitor")
         self.map_scale_ = saved.get("map_scale")
+
+
+class ScoringGraph(nn.Module):
+    """A fitted detector's :meth:`DeepDetector.evaluate` and ``map_score`` as one module.
+
+    What :meth:`DeepDetector.detect` computes for a batch, without the batching, so that
+    ``torch.onnx.export`` writes it as one graph: ``forward(images) -> (scores, maps)``.
+    """
+
+    def __init__(self, detector: DeepDetector) -> None:
+        super().__init__()
+        self.detector = detector
+        self.network = detector.network_
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores ``(B,)`` and maps ``(B, *spatial)`` of a batch."""
+        scores, maps, _ = self.detector.evaluate(self.network, images)
+        scoring = self.detector.map_scoring
+        if scoring is not None:
+            maps = scoring.transform(maps, self.detector.map_scale_)
+            scores = scoring.reduce_maps(maps)
+        return scores.float(), maps.float()
 
 
 def inference_network(network: nn.Module, spatial_dims: int) -> nn.Module:

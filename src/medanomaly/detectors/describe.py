@@ -2,7 +2,7 @@
 
 Everything comes from the code itself: the class docstring (summary and ``Args:``), the
 constructor's signature (types and defaults), the module docstring (the reference) and the
-repository's ``configs/`` folder (the configs that use the model).
+built-in configs shipped with the package (those that use the model).
 """
 
 from __future__ import annotations
@@ -13,15 +13,12 @@ import sys
 import textwrap
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 
 import yaml
 
+from medanomaly import builtin
 from medanomaly.detectors.arguments import type_text
 from medanomaly.detectors.registry import get_model_class
-
-CONFIG_DIR = Path(__file__).resolve().parents[3] / "configs"
-"""The repository's starter configs (absent when installed without the repository)."""
 
 _ROLE = re.compile(r":[a-z]+:`~?([^`<]+?)(?:\s*<[^>]*>)?`")
 _PARENTHESIS = re.compile(r"\(([^()]+)\)")
@@ -124,18 +121,16 @@ def dimensions(name: str) -> str:
     return f"2D or 3D (spatial_dims: 2 or 3; default {default})"
 
 
-def configs_using(name: str, folder: Path = CONFIG_DIR) -> list[str]:
-    """The starter configs whose ``model.name`` is ``name``."""
-    if not folder.is_dir():
-        return []
+def configs_using(name: str) -> list[str]:
+    """The built-in configs (``--config NAME``) whose ``model.name`` is ``name``."""
     found = []
-    for path in sorted(folder.glob("*.yaml")):
+    for config_name in builtin.names("config"):
         try:
-            config = yaml.safe_load(path.read_text()) or {}
+            config = yaml.safe_load(builtin.builtin("config", config_name).read_text()) or {}
         except (OSError, yaml.YAMLError):
             continue
         if isinstance(config, dict) and (config.get("model") or {}).get("name") == name:
-            found.append(f"configs/{path.name}")
+            found.append(config_name)
     return found
 
 
@@ -156,5 +151,5 @@ def describe(name: str, width: int = 100) -> str:
             lines += textwrap.wrap(arg.description, width, initial_indent=" " * 6,
                                    subsequent_indent=" " * 6)  # fmt: skip
     using = configs_using(name)
-    lines += ["", "configs: " + (", ".join(using) if using else "none in configs/")]
+    lines += ["", "built-in configs (--config NAME): " + (", ".join(using) if using else "none")]
     return "\n".join(lines)

@@ -133,9 +133,11 @@ def grad_cam(
             (gradients,) = torch.autograd.grad(target(logits).sum(), activations)
     finally:
         handle.remove()
+    # float32 maps also from a network run under bf16 autocast
+    activations, gradients = activations.detach().float(), gradients.float()
     axes = tuple(range(2, activations.ndim))
     weights = gradients.mean(dim=axes, keepdim=True)
-    cam = torch.relu((weights * activations).sum(dim=1, keepdim=True)).detach()
+    cam = torch.relu((weights * activations).sum(dim=1, keepdim=True))
     spatial = tuple(images.shape[2:])
     cam = functional.interpolate(
         cam.float(), size=spatial, mode=_INTERPOLATION[len(spatial)], align_corners=False

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib
 import pkgutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from medanomaly.detectors.arguments import check_arguments
@@ -23,7 +23,7 @@ _MODELS_IMPORTED = False
 T = TypeVar("T")
 
 
-def register(name: str):
+def register(name: str) -> Callable[[type[T]], type[T]]:
     """Class decorator that registers a detector under ``name`` (lower case, unique).
 
     Args:

@@ -439,3 +439,46 @@ class ThresholdChoice:
     rule: str
     source: str
     n: int
+
+
+def run_threshold(
+    spec: str | None,
+    own: float,
+    own_rule: str,
+    calibration: ArrayLike,
+    alpha: float = 0.05,
+) -> ThresholdChoice:
+    """A threshold that needs no labels: the run's own, or a rule on its held-out normals.
+
+    Args:
+        spec: ``None`` or ``"run"`` for the run's own threshold, else a normal-only rule
+            (``mean_sd[:k=..]``, ``percentile[:q=..]``, ``conformal[:alpha=..]``).
+        own: The run's own threshold (``threshold_``).
+        own_rule: How the run learnt it (``threshold_rule_``).
+        calibration: The run's held-out normal validation scores (``val_scores_``).
+        alpha: Default level of ``conformal``.
+
+    Raises:
+        ConfigError: A labelled rule (it needs labels), an unknown rule, or no held-out
+            scores for a rule that needs them.
+    """
+    rule, params = parse_rule(spec)
+    calibration = np.asarray(calibration, dtype=np.float64)
+    if rule is None:
+        source = (
+            f"the run's own threshold ({own_rule}; {calibration.size} held-out normal "
+            "validation scores kept)"
+        )
+        return ThresholdChoice(float(own), "run", source, calibration.size)
+    name = describe_rule(rule, params, alpha)
+    if rule in LABELLED_RULES:
+        raise ConfigError(
+            f"threshold {name} needs labelled cases; without labels use run, mean_sd[:k=..], "
+            "percentile[:q=..] or conformal[:alpha=..]"
+        )
+    if calibration.size == 0:
+        raise ConfigError(f"threshold {name}: the run holds no held-out normal validation scores")
+    normal = np.zeros(calibration.size, dtype=np.int64)
+    value = rule_threshold(rule, params, normal, calibration, alpha)
+    source = f"the run's {calibration.size} held-out normal validation scores"
+    return ThresholdChoice(value, name, source, calibration.size)

@@ -31,6 +31,7 @@ from medanomaly.detectors.thresholds import (
     describe_rule,
     parse_rule,
     rule_threshold,
+    run_threshold,
 )
 from medanomaly.errors import ConfigError
 from medanomaly.io.temporary import temporary_folder
@@ -39,9 +40,11 @@ from medanomaly.jobs.score import SCORE_CHUNK, JobOptions, start_job
 from medanomaly.metrics.blocks import image_block, pixel_summary
 from medanomaly.metrics.image import predict_abnormal
 from medanomaly.outputs.guard import Claim, check_apart, claim_outputs, staging_folder
+from medanomaly.outputs.viewer import flag_entries, viewer_volumes
 from medanomaly.outputs.writers import save_maps_in_chunks, write_scores_csv
 from medanomaly.reports.evaluation import evaluation_figures, write_evaluation_report
 from medanomaly.reports.files import FIGURES_DIR, METRICS_FILE, SCORES_FILE, json_ready, write_json
+from medanomaly.reports.viewer import VIEWER_DIR, install_static
 from medanomaly.training.distributed import load_share
 
 log = logging.getLogger(__name__)
@@ -52,25 +55,15 @@ def _evaluate_threshold(
 ) -> ThresholdChoice:
     """The threshold of :func:`evaluate_run` and what it rests on."""
     rule, params = parse_rule(spec)
-    calibration = np.asarray(detector.val_scores_, dtype=np.float64)
-    if rule is None:
-        source = (
-            f"the run's own threshold ({detector.threshold_rule_}; {calibration.size} held-out "
-            "normal validation scores kept)"
-        )
-        return ThresholdChoice(float(detector.threshold_), "run", source, calibration.size)
-    name = describe_rule(rule, params, alpha)
     if rule in LABELLED_RULES:
+        name = describe_rule(rule, params, alpha)
         log.warning("threshold %s is fitted on the evaluated cases themselves (optimistic)", name)
         threshold = rule_threshold(rule, params, labels, scores, alpha)
         source = "the evaluated cases themselves (in-sample, optimistic)"
         return ThresholdChoice(threshold, name, source, int(np.size(labels)))
-    if calibration.size == 0:
-        raise ConfigError(f"threshold {name}: the run holds no validation scores")
-    normal = np.zeros(calibration.size, dtype=np.int64)
-    threshold = rule_threshold(rule, params, normal, calibration, alpha)
-    source = f"the run's {calibration.size} held-out normal validation scores"
-    return ThresholdChoice(threshold, name, source, calibration.size)
+    return run_threshold(
+        spec, detector.threshold_, detector.threshold_rule_, detector.val_scores_, alpha
+    )
 
 
 # -- scoring and metric blocks ----------------------------------------------------------------
@@ -93,6 +86,7 @@ def evaluate_run(
     dicom: bool = False,
     options: JobOptions | None = None,
     chunk: int = SCORE_CHUNK,
+    viewer: bool = True,
 ) -> dict[str, Any] | None:
     """Score labelled data with a trained run and write metrics, scores and a report.
 
@@ -111,14 +105,17 @@ def evaluate_run(
             cut-off counted in ``metrics.json``.
         strict: Raise on the first unreadable case instead of skipping it.
         n_boot: Bootstrap resamples of the AUROC interval.
-        gallery_per_group: Cases per gallery group (see :func:`figures.gallery_indices`).
+        gallery_per_group: Cases per gallery group (see
+            :func:`~medanomaly.reports.figures.gallery_indices`).
         foreground_threshold: Intensity cut-off of the pixel-metric foreground (see
-            :func:`foreground_masks`).
+            :func:`~medanomaly.metrics.blocks.foreground_masks`).
         maps_dir: Folder for every case's anomaly map in the scan's own geometry (see
             :func:`medanomaly.outputs.writers.save_maps`); ``None`` writes none.
         dicom: With ``maps_dir``, also write a DICOM Parametric Map per DICOM volume.
         options: Devices and workers (default: one process).
         chunk: Cases read into memory at a time.
+        viewer: Write every case's scan and map into ``OUT/viewer/`` for the report's
+            interactive viewer (:mod:`medanomaly.outputs.viewer`; ``medanomaly view OUT``).
 
     Returns:
         The metrics written to ``metrics.json`` (on rank 0; ``None`` on the other ranks);
@@ -129,11 +126,14 @@ def evaluate_run(
     check_apart(data, out, maps_dir)
     ranks, detector = start_job(run_dir, options)
     main = ranks.is_main
-    claim = claim_outputs(folders=[out], staged=[maps_dir], command="evaluate") if main else Claim()
+    viewer_dir = out / VIEWER_DIR if viewer else None
+    staged = [maps_dir, viewer_dir]
+    claim = claim_outputs(folders=[out], staged=staged, command="evaluate") if main else Claim()
     try:
         share = load_share(detector, data, ranks, strict, options.num_workers)
         label_names = (detector.run_config_.get("data") or {}).get("label_names")
         pixel = any(ranks.all_gather(bool(share.cases.has_masks)))
+        volumes = None if viewer_dir is None else viewer_volumes(detector, data, viewer_dir)
         with temporary_folder("evaluate") as spill:
             parts = ranks.together(  # every rank's pass, on every rank; one failing stops all
                 lambda: job.score_share(
@@ -145,6 +145,7 @@ def evaluate_run(
                     foreground_threshold,
                     Path(spill),
                     chunk,
+                    volumes,
                 )
             )
             local, scored = parts[ranks.rank], job.merged(parts, share.n_cases)
@@ -175,9 +176,22 @@ def evaluate_run(
         if every_problem is None:
             return None
         sources = {"run": str(run_dir), "data": str(data)}
+        cases = flag_entries([entry for part in parts for entry in part.viewer], choice.value)
         metrics = _write_evaluation(
-            out, detector, scored, choice, found, gallery, share.skipped, alpha, n_boot, sources
+            out,
+            detector,
+            scored,
+            choice,
+            found,
+            (gallery, cases),
+            share.skipped,
+            alpha,
+            n_boot,
+            sources,
         )
+        if viewer_dir is not None:
+            install_static(staging_folder(viewer_dir))
+            claim.commit(viewer_dir)
         if maps_dir is not None:
             claim.commit(maps_dir)
             metrics["map_problems"] = [line for part in every_problem for line in part]
@@ -201,7 +215,7 @@ def _write_evaluation(
     scored: job.Scored,
     choice: ThresholdChoice,
     found: tuple[dict[str, Any], str] | None,
-    gallery: list[Path],
+    pictures: tuple[list[Path], list[dict[str, Any]]],
     skipped: list[tuple[str, str]],
     alpha: float,
     n_boot: int,
@@ -246,7 +260,10 @@ def _write_evaluation(
         detector.history_, labels[labelled], scores[labelled], block, out / FIGURES_DIR
     )
     cases = (scored.ids, labels, scores)
-    write_evaluation_report(out, metrics, made, gallery, cases, predictions, extra)
+    gallery, viewer_cases = pictures
+    write_evaluation_report(
+        out, metrics, made, gallery, cases, predictions, extra, viewer_cases=viewer_cases
+    )
     return metrics
 
 

@@ -23,6 +23,7 @@ from medanomaly.detectors.base import BaseDetector
 from medanomaly.jobs.score import in_chunks
 from medanomaly.metrics.blocks import foreground_masks
 from medanomaly.metrics.pixel import PixelMetricAccumulator, scan_range
+from medanomaly.outputs.viewer import ViewerVolumes
 from medanomaly.outputs.writers import case_stem
 from medanomaly.reports import figures as figs
 from medanomaly.training.distributed import Ranks, Share, merge_rows
@@ -51,6 +52,7 @@ class LocalPass:
     """What one rank found: its rows, and the cases it spilled for the pixel metrics."""
 
     rows: list[tuple[int, tuple[str, int, float, bool]]] = field(default_factory=list)
+    viewer: list[dict[str, Any]] = field(default_factory=list)
     spilled: list[int] = field(default_factory=list)
     range: tuple[float, float] | None = None
     foreground_rule: str = ""
@@ -65,6 +67,7 @@ def score_share(
     foreground_threshold: float | None,
     spill: Path,
     chunk: int,
+    volumes: ViewerVolumes | None = None,
 ) -> LocalPass:
     """Score this rank's cases; with ``pixel``, spill what the pixel metrics need.
 
@@ -77,15 +80,19 @@ def score_share(
         foreground_threshold: See :func:`medanomaly.metrics.blocks.foreground_masks`.
         spill: Temporary folder for the maps, masks and foregrounds.
         chunk: Cases in memory at a time.
+        volumes: Writes each case's scan and map for the report's viewer (``None``: none).
     """
     with_mask = {str(c.path) for c in list_cases(data, label_names) if c.mask is not None}
     local = LocalPass()
     for index, part in in_chunks(share.cases, chunk):
         known = np.array([i in with_mask for i in part.ids]) | (part.labels == 0)
         include = known & (part.labels != -1) & pixel
-        if pixel:
+        if pixel or volumes is not None:
             result = detector.detect(part)
             scores = np.asarray(result.scores, dtype=np.float64)
+            if volumes is not None:
+                local.viewer += volumes.write(part, result, share.index[index])
+        if pixel:
             fg, local.foreground_rule = foreground_masks(part, foreground_threshold)
             masks = part.masks if part.masks is not None else np.zeros_like(fg)
             for j in np.flatnonzero(include):
@@ -93,7 +100,7 @@ def score_share(
                 _spill(spill, position, result.maps[j], masks[j], fg[j])
                 local.range = _widest(local.range, scan_range([result.maps[j]], [fg[j]]))
                 local.spilled.append(position)
-        else:
+        elif volumes is None:
             scores = np.asarray(detector.score(part), dtype=np.float64)
         for j, i in enumerate(index):
             row = (part.ids[j], int(part.labels[j]), float(scores[j]), bool(include[j]))

@@ -18,6 +18,7 @@ from medanomaly.data.listing import Case, list_cases, split_parts
 from medanomaly.data.loading import LoadReport, load_cases, load_dataset
 from medanomaly.data.sets import Cases
 from medanomaly.detectors.base import CONFIG_FILE, BaseDetector
+from medanomaly.training.engine import EngineConfig, resolve_precision
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +81,17 @@ def _split_column(
     return parts
 
 
+def check_precision(config: dict[str, Any]) -> None:
+    """Refuse an ``engine.precision`` this machine cannot run (``--strict``).
+
+    Without ``--strict`` training falls back to 32-bit with one warning instead.
+
+    Raises:
+        ConfigError: E.g. ``bf16-mixed`` on a CPU without AVX512-BF16 or AMX.
+    """
+    resolve_precision(EngineConfig.from_any(config.get("engine")), strict=True)
+
+
 def fit_run(
     config: dict[str, Any],
     data: str | Path | Cases,
@@ -99,13 +111,15 @@ def fit_run(
         out: The run directory (``config.yaml``, ``model.safetensors``, checkpoints).
         val: Validation folder, manifest or cases (``None``: held out from ``data``).
         resume: Continue an interrupted run in ``out`` (its ``config.yaml`` is kept).
-        strict: Raise on the first unreadable case.
+        strict: Raise on the first unreadable case, and on a precision this machine lacks.
 
     Returns:
         The fitted detector, the run directory and what was skipped.
     """
     out = Path(out)
     detector = build_detector(config)
+    if strict:
+        check_precision(config)
     parts = _split_column(data, config, val)
     train, train_report = _load(data, config, detector, strict, parts and parts["train"])
     val_report = LoadReport()

@@ -111,11 +111,22 @@ class Outputs:
 
 
 # -- data and splits ------------------------------------------------------------------------
-def load_labelled(spec: Spec) -> Labelled:
-    """Read the spec's data in memory (augmentation attached), labelled cases only."""
+def load_labelled(spec: Spec, strict: bool = False, num_workers: int | None = None) -> Labelled:
+    """Read the spec's data in memory (augmentation attached), labelled cases only.
+
+    Args:
+        spec: The spec (its data block).
+        strict: Raise on the first unreadable case instead of skipping it.
+        num_workers: Worker processes of the first pass (``None``: the data block's, else
+            the cores available).
+    """
     options = {k: v for k, v in spec.data_options.items() if k != "label_names"}
+    if num_workers is not None:
+        options["num_workers"] = num_workers
     listed = list_cases(spec.data, spec.data_options.get("label_names"))
-    images, report = load_cases(listed, spec.data, **options, stream=False, augment=True)
+    images, report = load_cases(
+        listed, spec.data, **options, stream=False, augment=True, strict=strict
+    )
     unlabelled = images.labels == -1
     for i in np.flatnonzero(unlabelled):
         report.skipped.append((images.ids[i], "no label (compare needs labelled cases)"))
@@ -578,7 +589,10 @@ class _FoldRunner:
             self.outputs[candidate.name] = outputs
             tune = outputs.val.take(_positions(split, split.tune))
             choice, value = choose_postprocess(spec, data, split.tune, tune)
-            extra = {"epochs": len(outputs.detector.history_)}
+            extra = {
+                "epochs": len(outputs.detector.history_),
+                "epoch_monitor": outputs.detector.resolved_settings().get("epoch_monitor"),
+            }
         record, _ = evaluate_choice(spec, data, split, outputs, choice)
         return {**record, **extra, "choice": choice, "tune_metric": value}
 
@@ -590,16 +604,20 @@ def compare(
     refit: bool = True,
     echo: Echo | None = None,
     progress: bool = True,
+    strict: bool = False,
+    num_workers: int | None = None,
 ) -> dict[str, Any]:
     """Run a comparison; write ``results.json``, ``results.md``, ``report.html`` and ``best/``.
 
     Args:
-        spec: A :class:`Spec` or the path of a spec file.
+        spec: A :class:`Spec`, the path of a spec file or a built-in spec name.
         out: Output folder; rerunning with the same arguments resumes.
         data: Overrides the spec's data (a folder or manifest laid out alike).
         refit: Refit the candidate chosen on validation into ``OUT/best``.
         echo: Called with one line per finished candidate-fold.
         progress: Show a progress bar over folds x candidates.
+        strict: Raise on the first unreadable case instead of skipping it.
+        num_workers: Worker processes of the first pass over the data.
 
     Returns:
         The results written to ``OUT/results.json`` (``chosen`` is ``None`` when no candidate
@@ -611,7 +629,7 @@ def compare(
     if not isinstance(spec, Spec):
         spec = load_spec(spec, data)
     parse_rule(spec.threshold)
-    labelled = load_labelled(spec)
+    labelled = load_labelled(spec, strict, num_workers)
     splits = protocol_splits(spec, labelled)
     start_or_resume(out, SPEC_FILE, spec_state(spec, splits), "comparison")
     records = run_folds(spec, labelled, splits, out, echo, progress)

@@ -44,7 +44,7 @@ from medanomaly.detectors.base import AnomalyResult, BaseDetector
 from medanomaly.detectors.thresholds import describe_rule, parse_rule, rule_threshold
 from medanomaly.errors import ConfigError
 from medanomaly.io.atomic import atomic_write_text
-from medanomaly.jobs.fit import fit_run
+from medanomaly.jobs.fit import check_precision, fit_run
 from medanomaly.jobs.score import score_in_chunks
 from medanomaly.metrics.blocks import (
     IMAGE_KEYS,
@@ -467,7 +467,7 @@ def cross_validate(
         alpha: Level of the conformal rule.
         val_fraction: Share of the training folds used for validation.
         seed: Seed of the splits.
-        strict: Raise on the first unreadable case.
+        strict: Raise on the first unreadable case, and on a precision this machine lacks.
         echo: Called with one progress line per fold (e.g. ``print``).
 
     Returns:
@@ -483,6 +483,8 @@ def cross_validate(
         val_fraction=val_fraction,
         seed=seed,
     )
+    if strict:
+        check_precision(config)
     images, report, known, grouped = _load(data, config, strict)
     if not grouped:
         log.warning(

@@ -17,8 +17,8 @@ A spec is YAML::
     threshold: f1        # image-level threshold rule on each validation part
     ci: bootstrap        # optional: 95 % stratified bootstrap CI of each fold's test AUROC
     candidates:
-      intensity: {config: configs/intensity_head_ct_2d.yaml}
-      dae: {config: configs/dae_head_ct_2d.yaml, set: [engine.epochs=20]}
+      intensity: {config: intensity_head_ct_2d}     # a built-in config name, or a file
+      dae: {config: dae_head_ct_2d, set: [engine.epochs=20]}
       cae_small: {model: {name: cae, ...}, engine: {...}}
       dae+intensity: {fusion: [dae, intensity]}
       dae_mse: {rescore: dae, set: [model.foreground_threshold=null]}  # dae's network, re-scored
@@ -29,7 +29,11 @@ A spec is YAML::
                          # the abnormal cases of each of its values (auroc_<value>)
 
 Every name (model, transform, post-processing step, fusion member) is checked when the spec
-is read, before anything trains. Paths are taken as given, else relative to the spec's folder.
+is read, before anything trains. A spec is a file or the name of a built-in spec
+(``head_ct``; ``medanomaly config list --specs``). Paths in a spec file are taken as given,
+else relative to the spec's folder; a built-in spec's data path is relative to the current
+folder (or replaced by ``--data``). A candidate's ``config:`` is a file, else a built-in
+config name (``medanomaly config list``).
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ from typing import Any
 
 import yaml
 
+from medanomaly.builtin import resolve
 from medanomaly.config import SECTIONS, apply_overrides, build_detector, load_config
 from medanomaly.errors import ConfigError, check_choice, did_you_mean
 from medanomaly.postprocess import PostProcess
@@ -155,7 +160,13 @@ def _path(value: str | Path, base: Path) -> Path:
     return base / path
 
 
-def _candidate(name: str, block: Any, base: Path, data_options: dict[str, Any]) -> Candidate:
+def _candidate(
+    name: str,
+    block: Any,
+    base: Path,
+    data_options: dict[str, Any],
+    overrides: tuple[str, ...] = (),
+) -> Candidate:
     if not isinstance(block, dict):
         raise ConfigError(f"candidate {name!r}: give a mapping (config:, model:, fusion:)")
     unknown = sorted(set(block) - set(CANDIDATE_KEYS))
@@ -175,7 +186,7 @@ def _candidate(name: str, block: Any, base: Path, data_options: dict[str, Any]) 
             config[section] = block[section]
     if "model" not in config:
         raise ConfigError(f"candidate {name!r}: give config: FILE or a model: block")
-    config = apply_overrides(config, [str(s) for s in block.get("set") or []])
+    config = apply_overrides(config, [*(str(s) for s in block.get("set") or []), *overrides])
     config["data"] = dict(data_options)  # every candidate sees the same input
     config.pop("evaluation", None)
     if _names_encoder_run(config["model"]):
@@ -252,13 +263,20 @@ def _check_fusions(candidates: list[Candidate]) -> None:
                 )
 
 
-def parse_spec(raw: dict[str, Any], base: Path, data: str | Path | None = None) -> Spec:
+def parse_spec(
+    raw: dict[str, Any],
+    base: Path,
+    data: str | Path | None = None,
+    overrides: tuple[str, ...] = (),
+) -> Spec:
     """Check a spec (as read from YAML) and resolve its paths and candidates.
 
     Args:
         raw: The spec.
         base: Folder of the spec file (relative paths are tried against it).
         data: Overrides ``data.path`` (any folder or manifest laid out alike).
+        overrides: ``section.key=value`` changes applied to every candidate that has a config
+            (after its own ``set``), e.g. ``engine.epochs=5`` (``compare --set``).
 
     Raises:
         ConfigError: On anything unknown or inconsistent (with a did-you-mean hint).
@@ -288,7 +306,13 @@ def parse_spec(raw: dict[str, Any], base: Path, data: str | Path | None = None) 
     blocks = raw.get("candidates") or {}
     if not isinstance(blocks, dict) or not blocks:
         raise ConfigError("spec: candidates must map names to candidate blocks")
-    candidates = [_candidate(str(n), b, base, data_block) for n, b in blocks.items()]
+    if any(item.split(".", 1)[0] == "data" for item in overrides):
+        raise ConfigError(
+            "compare --set: every candidate reads the spec's data block; change it there"
+        )
+    candidates = [
+        _candidate(str(n), b, base, data_block, tuple(overrides)) for n, b in blocks.items()
+    ]
     candidates = resolve_rescores(candidates)
     _check_fusions(candidates)
     choices = raw.get("postprocess") or [[]]
@@ -315,11 +339,20 @@ def parse_spec(raw: dict[str, Any], base: Path, data: str | Path | None = None) 
     )
 
 
-def load_spec(path: str | Path, data: str | Path | None = None) -> Spec:
-    """Read and check a spec file (see the module docstring)."""
-    path = Path(path)
+def load_spec(
+    path: str | Path, data: str | Path | None = None, overrides: tuple[str, ...] = ()
+) -> Spec:
+    """Read and check a spec file or built-in spec (see the module docstring).
+
+    Raises:
+        MissingFileError: ``path`` is neither a file nor a built-in spec name (did-you-mean).
+        ConfigError: The spec is invalid.
+    """
+    source = resolve("spec", path)
+    file = Path(path).expanduser()
+    base = file.resolve().parent if file.is_file() else Path.cwd()  # built-in: the user's folder
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(source.read_text())
     except (OSError, yaml.YAMLError) as error:
         raise ConfigError(f"{path}: cannot read spec: {error}") from error
-    return parse_spec(raw, path.resolve().parent, data)
+    return parse_spec(raw, base, data, overrides)

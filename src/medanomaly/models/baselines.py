@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
 from medanomaly._version import __version__
 from medanomaly.data.sets import Cases, ImageSet, as_cases
@@ -63,6 +64,7 @@ class StatisticDetector(BaseDetector):
     """
 
     baseline: ClassVar[bool] = True
+    exportable: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -191,6 +193,13 @@ class StatisticDetector(BaseDetector):
         scores = [self.evaluate(batch)[0].double().numpy() for batch in self._batches(x)]
         return np.concatenate(scores) if scores else np.zeros(0)
 
+    def scoring_graph(self) -> nn.Module:
+        """The statistics and the scoring as one module: images -> ``(scores, maps)``."""
+        self.check_fitted()
+        if not self.exportable:
+            return super().scoring_graph()
+        return _StatisticGraph(self)
+
     def foreground(self, x: torch.Tensor) -> torch.Tensor:
         """Foreground voxels ``(B, *spatial)`` of a batch."""
         return foreground_mask(x, self.foreground_threshold)
@@ -222,6 +231,19 @@ class StatisticDetector(BaseDetector):
         self._restore_threshold(saved)
         self.history_ = []
         self.run_config_ = saved.get("config", {})
+
+
+class _StatisticGraph(nn.Module):
+    """:meth:`StatisticDetector.evaluate` as a module (its statistics become constants)."""
+
+    def __init__(self, detector: StatisticDetector) -> None:
+        super().__init__()
+        self.detector = detector
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores ``(B,)`` and maps ``(B, *spatial)`` of a batch."""
+        scores, maps = self.detector.evaluate(images)
+        return scores.float(), maps.float()
 
 
 def _directed(values: torch.Tensor, direction: str) -> torch.Tensor:

@@ -41,6 +41,8 @@ class CAE(DeepDetector):
             score.
     """
 
+    exportable = True
+
     has_latent = True
 
     def __init__(

@@ -186,6 +186,8 @@ class SupervisedClassifier(DeepDetector):
         class_weights_: The cross-entropy weights ``[normal, abnormal]`` used in training.
     """
 
+    export_refusal = "its maps (Grad-CAM, occlusion) need gradients or many passes per image"
+
     supervised: ClassVar[bool] = True
     streams: ClassVar[bool] = False  # reads its labelled training set into memory
 

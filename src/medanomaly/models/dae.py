@@ -72,6 +72,8 @@ class DenoisingAE(DeepDetector):
             :class:`~medanomaly.detectors.scoring.MapScoring`); ``None`` keeps ``score_reduce``.
     """
 
+    exportable = True
+
     scores_any_size = True  # fully convolutional: scores cases of any size, each at its own
 
     def __init__(

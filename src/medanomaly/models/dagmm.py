@@ -208,7 +208,6 @@ class DAGMMNetwork(nn.Module):
             nn.Tanh(),
             nn.Dropout(dropout),
             nn.Linear(hidden_dim, n_components),
-            nn.Softmax(dim=1),
         )
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,7 +215,10 @@ class DAGMMNetwork(nn.Module):
         reconstruction, z = self.compression(x)
         features = torch.cat([z.float(), reconstruction_features(x, reconstruction)], dim=1)
         features = self.standardise(features)
-        return reconstruction, features, self.estimation(features)
+        # memberships in float32 under autocast too: the mixture weights are their means
+        # and must sum to 1 (bf16 memberships missed by 1e-4)
+        memberships = torch.softmax(self.estimation(features).float(), dim=1)
+        return reconstruction, features, memberships
 
 
 @register("dagmm")
@@ -251,6 +253,8 @@ class DAGMM(DeepDetector):
         threshold_sd: ``k`` of the default threshold mean + k * SD of normal validation scores.
         engine: Training settings.
     """
+
+    export_refusal = "its energy needs a Cholesky factorisation, which ONNX has no operator for"
 
     def __init__(
         self,
@@ -351,9 +355,10 @@ class DAGMM(DeepDetector):
         device = next(self.network_.parameters()).device
         features, gammas = [], []
         self.network_.eval()
+        network = self.scoring_network()  # the features scoring will see
         with torch.no_grad():
             for batch in DataLoader(images, batch_size=self.engine_config.batch_size):
-                _, f, gamma = self.network_(batch.to(device))
+                _, f, gamma = network(batch.to(device))
                 features.append(f.double().cpu())
                 gammas.append(gamma.double().cpu())
         phi, mu, cov = gmm_parameters(torch.cat(features), torch.cat(gammas), self.cov_eps)

@@ -110,6 +110,8 @@ class Ensemble(BaseDetector):
             merged onto them).
     """
 
+    export_refusal = "it scores its members one by one; export each member instead"
+
     def __init__(
         self,
         members: Sequence[Mapping[str, Any]] | None = None,

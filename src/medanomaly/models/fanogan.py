@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from medanomaly.detectors.deep import DeepDetector
+from medanomaly.detectors.latent_search import unwrap
 from medanomaly.detectors.registry import register
 from medanomaly.detectors.scoring import per_image_mean, residual_map
 from medanomaly.nets import layers
@@ -137,11 +138,20 @@ class FAnoGANNetwork(nn.Module):
 
 
 def gradient_penalty(network: nn.Module, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
-    """WGAN-GP penalty: (||grad_x D(x_hat)|| - 1)^2 on random interpolates of real and fake."""
+    """WGAN-GP penalty: (||grad_x D(x_hat)|| - 1)^2 on random interpolates of real and fake.
+
+    The penalty runs the plain critic in float32, also in a mixed-precision run: it
+    differentiates the critic twice (``create_graph``), which Lightning Fabric refuses
+    through its wrapped outputs (every backward must pass ``fabric.backward``), and a 16-bit
+    input gradient would need the loss scale that only the outer backward gets (PyTorch's
+    AMP examples scale the inner gradient of a gradient penalty for that reason).
+    """
+    real, fake = real.float(), fake.float()
     shape = (len(real),) + (1,) * (real.dim() - 1)
     eps = torch.rand(shape, device=real.device, dtype=real.dtype)
     mixed = (eps * real + (1 - eps) * fake).requires_grad_(True)
-    score, _ = network(mixed, "critic")
+    with torch.autocast(real.device.type, enabled=False):
+        score, _ = unwrap(network)(mixed, "critic")
     (grad,) = torch.autograd.grad(score.sum(), mixed, create_graph=True)
     return ((grad.flatten(1).norm(dim=1) - 1.0) ** 2).mean()
 
@@ -168,6 +178,8 @@ class FAnoGAN(DeepDetector):
             :class:`~medanomaly.detectors.scoring.MapScoring`); ``None`` keeps the model's own
             score.
     """
+
+    exportable = True
 
     def __init__(
         self,

@@ -97,6 +97,8 @@ class ForeignPatchInterpolation(DeepDetector):
             ``score_reduce``.
     """
 
+    exportable = True
+
     scores_any_size = True  # fully convolutional: scores cases of any size, each at its own
 
     def __init__(

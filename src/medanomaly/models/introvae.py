@@ -153,7 +153,7 @@ class IntroVAE(DeepDetector):
     * ``ssim_weight`` 1 (unstated in the paper); ``prior_samples`` (unstated) = batch size;
     * L_AE and L_REG are sums over voxels and latent dimensions, so the balance of beta
       against m depends on the image size: at a quarter of the paper's pixels, a 4x beta keeps
-      the paper's balance (see ``configs/introvae_lgg_2d.yaml``).
+      the paper's balance (see the config ``introvae_lgg_2d``).
 
     Args:
         spatial_dims: 2 or 3.
@@ -183,6 +183,13 @@ class IntroVAE(DeepDetector):
             :class:`~medanomaly.detectors.scoring.MapScoring`); ``None`` keeps the model's own
             score.
     """
+
+    @property
+    def exportable(self) -> bool:  # type: ignore[override]
+        """Without a latent search: the search is an optimisation per image, not a graph."""
+        return not self.latent_steps
+
+    export_refusal = "its latent representation search (latent_steps) optimises each image"
 
     has_latent = True
 

@@ -68,6 +68,8 @@ class LatentDensity(BaseDetector):
         engine: Training settings of the encoder (and the validation hold-out).
     """
 
+    export_refusal = "its latent density is a scikit-learn model (a Gaussian or a mixture)"
+
     def __init__(
         self,
         encoder: Mapping[str, Any] | None = None,

@@ -78,6 +78,8 @@ from medanomaly.training.engine import (
     EngineConfig,
     TrainingData,
     TrainingTask,
+    resolve_precision,
+    scoring_network,
     seeded,
     split_indices,
 )
@@ -363,6 +365,8 @@ class PatchDiscriminator(BaseDetector):
         engine: Training settings of the embedding network, and the base of the
             reconstructor's (an ``engine`` entry in its block is merged onto them).
     """
+
+    export_refusal = "it compares patch embeddings of the image and its reconstruction in NumPy"
 
     streams = False  # reads its training set into memory to cut triplet patches
 
@@ -785,14 +789,19 @@ class PatchDiscriminator(BaseDetector):
         step = max(1, PATCH_VOXELS_PER_BATCH // max(flat[0].numel(), 1))
         distances = []
         self.network_.eval()
+        network = scoring_network(self.network_, self.engine_config)
         with torch.inference_mode():
             for start in range(0, len(flat), step):
-                a = self.network_(flat[start : start + step]).float()
-                b = self.network_(flat_recon[start : start + step]).float()
+                a = network(flat[start : start + step]).float()
+                b = network(flat_recon[start : start + step]).float()
                 distances.append(torch.linalg.vector_norm(a - b, dim=1))
         return torch.cat(distances).view(batch, positions)
 
     # -- persistence ------------------------------------------------------------------------
+    def resolved_settings(self) -> dict[str, Any]:
+        """The precision the embedding network trains in on this machine."""
+        return {"precision": resolve_precision(self.engine_config)}
+
     def config(self) -> dict[str, Any]:
         """The resolved config: ``{model: {name, reconstructor, ...}, engine: {...}}``."""
         params = {k: yaml_plain(v) for k, v in self.get_params().items() if k != "engine"}

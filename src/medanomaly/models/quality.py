@@ -71,6 +71,9 @@ class QualityBaseline(StatisticDetector):
         ConfigError: A name in ``features`` is not a measure of ``in_channels`` channels.
     """
 
+    exportable = False
+    export_refusal = "its image-quality measures and their Mahalanobis distance run in NumPy"
+
     def __init__(
         self,
         spatial_dims: int = 2,

@@ -84,8 +84,14 @@ class ResNetAE(DeepDetector):
         self.patch_reduce = patch_reduce
 
     has_latent = True
+    export_refusal = "with patch_size it scores by a sliding window over volumes of any size"
 
     # -- shapes ---------------------------------------------------------------------------
+    @property
+    def exportable(self) -> bool:  # type: ignore[override]
+        """Whole volumes only: the sliding window of ``patch_size`` is not one graph."""
+        return self.patch is None
+
     @property
     def scores_any_size(self) -> bool:  # type: ignore[override]
         """With ``patch_size``, volumes of any size are scored by sliding window."""

@@ -2,7 +2,7 @@
 
 The image is split into a Laplacian pyramid; every scale has its own small convolutional
 autoencoder; the reconstruction is the collapsed pyramid of the reconstructed scales.
-Head CT (``configs/ssae_head_ct_2d.yaml``, ``benchmarks/specs/head_ct.yaml``): AUROC 0.73 +- 0.06
+Head CT (config ``ssae_head_ct_2d``, spec ``head_ct``): AUROC 0.73 +- 0.06
 under 2 x 5 CV (the UAD slide deck: 0.81 +- 0.08; the CAE here: 0.75 +- 0.06), 0.77-0.78 on the
 fixed split.
 """
@@ -231,6 +231,8 @@ class SSAE(DeepDetector):
             :class:`~medanomaly.detectors.scoring.MapScoring`); ``None`` keeps the model's own
             score.
     """
+
+    exportable = True
 
     def __init__(
         self,

@@ -48,6 +48,13 @@ class VAE(DeepDetector):
         latent_lr: Learning rate of that search (Kobayashi et al. 2020: 1e-3).
     """
 
+    @property
+    def exportable(self) -> bool:  # type: ignore[override]
+        """Without a latent search: the search is an optimisation per image, not a graph."""
+        return not self.latent_steps
+
+    export_refusal = "its latent representation search (latent_steps) optimises each image"
+
     has_latent = True
 
     def __init__(

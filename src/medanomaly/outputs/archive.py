@@ -9,10 +9,11 @@ a resumed run) replaces the stored map rather than adding a second one.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from medanomaly.detectors.base import LEGACY_MODEL_FILE, MODEL_FILE
+from medanomaly.detectors.base import EXPORT_FILE, LEGACY_MODEL_FILE, MODEL_FILE
 from medanomaly.errors import ConfigError
 from medanomaly.io.dicomweb import Archive, check_access, store_instances
 
@@ -21,8 +22,14 @@ _CHUNK = 1 << 20
 
 
 def run_identity(run: str | Path) -> str:
-    """A digest of a run's model file (the one in a run folder, or the file given)."""
+    """A digest of a run's model file (the one in a run folder, or the file given).
+
+    An export folder (``medanomaly export``) is identified by its source run's digest, so that
+    the maps it writes replace those of the run it came from.
+    """
     path = Path(run)
+    if path.is_dir() and (path / EXPORT_FILE).is_file():
+        return str(json.loads((path / EXPORT_FILE).read_text())["source_run"]["digest"])
     if path.is_dir():
         saved = path / MODEL_FILE
         path = saved if saved.exists() else path / LEGACY_MODEL_FILE

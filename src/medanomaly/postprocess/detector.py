@@ -134,6 +134,10 @@ class PostProcessed(BaseDetector):
         """As the inner detector."""
         return self._inner.input_shape_
 
+    def resolved_settings(self) -> dict[str, Any]:
+        """As the inner detector."""
+        return self._inner.resolved_settings()
+
     def embed(self, x: Any) -> np.ndarray:
         """The inner detector's latent vectors."""
         return self._inner.embed(x)

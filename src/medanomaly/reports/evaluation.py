@@ -12,6 +12,7 @@ from medanomaly.metrics.blocks import IMAGE_KEYS
 from medanomaly.reports import figures as figs
 from medanomaly.reports.files import REPORT_FILE
 from medanomaly.reports.html import Facts, Figure, Figures, Table, Text, write_report
+from medanomaly.reports.viewer import Viewer
 
 
 def _outcome(label: int, prediction: int) -> str:
@@ -149,6 +150,7 @@ def write_evaluation_report(
     cases: tuple[list[str], np.ndarray, np.ndarray],
     predictions: np.ndarray,
     extra: dict[str, np.ndarray],
+    viewer_cases: Sequence[dict[str, Any]] = (),
 ) -> Path:
     """Write ``report.html`` of an evaluation.
 
@@ -160,6 +162,7 @@ def write_evaluation_report(
         cases: ``(ids, labels, scores)`` of every case.
         predictions: 0/1 per case.
         extra: More per-case columns (p-values, pixel metrics).
+        viewer_cases: The cases of the interactive viewer (``OUT/viewer/``; none: no viewer).
 
     Returns:
         The report's path.
@@ -169,6 +172,15 @@ def write_evaluation_report(
     if "pixel" in metrics:
         blocks.append(pixel_facts(metrics["pixel"]))
     blocks.append(Figures("Figures", made))
+    if viewer_cases:
+        blocks.append(
+            Viewer(
+                "Viewer: each scan with its anomaly map",
+                viewer_cases,
+                threshold=float(metrics["image"]["threshold"]),
+                note="Flagged cases first, then by score; click a case to load it.",
+            )
+        )
     blocks.append(
         Figures(
             "Gallery: input | reconstruction | difference map",

@@ -6,8 +6,11 @@ forbids loading anything from elsewhere, so it reads the same offline, attached 
 or archived next to ``metrics.json``.
 
 A report is a list of blocks, drawn in order: :class:`Facts` (a key/value list),
-:class:`Table` (sortable by clicking a header), :class:`Figures` (a grid of PNGs) and
-:class:`Text` (a paragraph).
+:class:`Table` (sortable by clicking a header), :class:`Figures` (a grid of PNGs),
+:class:`Text` (a paragraph) and :class:`~medanomaly.reports.viewer.Viewer` (the scans with
+their maps in NiiVue). A report with a viewer also loads ``viewer/*.js`` and each case's
+volumes from its own folder when served (``medanomaly view``); its policy still forbids
+anything from elsewhere.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from typing import Any
 
 from medanomaly._version import __version__
 from medanomaly.io.atomic import atomic_write_text
+from medanomaly.reports.viewer import VIEWER_CSP, VIEWER_STYLE, Viewer, viewer_html
 
 _CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
 
@@ -172,7 +176,7 @@ class Text:
     text: str
 
 
-Block = Facts | Table | Figures | Text
+Block = Facts | Table | Figures | Text | Viewer
 
 
 def format_value(value: Any) -> str:
@@ -253,7 +257,13 @@ def _text_html(block: Text) -> str:
     return f"<h2>{html.escape(block.title)}</h2>\n<p>{html.escape(block.text)}</p>"
 
 
-_RENDERERS = {Facts: _facts_html, Table: _table_html, Figures: _figures_html, Text: _text_html}
+_RENDERERS = {
+    Facts: _facts_html,
+    Table: _table_html,
+    Figures: _figures_html,
+    Text: _text_html,
+    Viewer: viewer_html,
+}
 
 
 def render_report(title: str, blocks: Sequence[Block], subtitle: str = "") -> str:
@@ -268,13 +278,15 @@ def render_report(title: str, blocks: Sequence[Block], subtitle: str = "") -> st
         The HTML text (UTF-8, no external resources).
     """
     body = "\n".join(_RENDERERS[type(b)](b) for b in blocks)
+    viewer = any(isinstance(b, Viewer) and b.cases for b in blocks)
+    policy, style = (VIEWER_CSP, _STYLE + VIEWER_STYLE) if viewer else (_CSP, _STYLE)
     stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")  # noqa: UP017
     sub = f"<p class='sub'>{html.escape(subtitle)}</p>" if subtitle else ""
     return (
         "<!DOCTYPE html>\n<html lang='en'>\n<head>\n<meta charset='utf-8'>\n"
-        f"<meta http-equiv='Content-Security-Policy' content=\"{_CSP}\">\n"
+        f"<meta http-equiv='Content-Security-Policy' content=\"{policy}\">\n"
         "<meta name='viewport' content='width=device-width, initial-scale=1'>\n"
-        f"<title>{html.escape(title)}</title>\n<style>{_STYLE}</style>\n</head>\n<body>\n"
+        f"<title>{html.escape(title)}</title>\n<style>{style}</style>\n</head>\n<body>\n"
         f"<h1>{html.escape(title)}</h1>{sub}\n{body}\n"
         f"<footer>medanomaly {html.escape(__version__)}, written {stamp}. "
         "Decision rule: a case is called abnormal iff its score &gt; threshold.</footer>\n"

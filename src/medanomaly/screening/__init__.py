@@ -31,7 +31,7 @@ May import: ``evaluation``, ``jobs``, ``outputs``, ``models``, ``detectors`` and
 layers below.
 """
 
-from medanomaly.screening.core import DEFAULT_BATCH, DEFAULT_K, screen
+from medanomaly.screening.core import DEFAULT_BATCH, DEFAULT_RULE, screen
 from medanomaly.screening.facts import (
     ANISOTROPY_RATIO,
     DEFAULT_METAL_LEVEL,
@@ -76,7 +76,7 @@ __all__ = [
     "CSV_COLUMNS",
     "CSV_FILE",
     "DEFAULT_BATCH",
-    "DEFAULT_K",
+    "DEFAULT_RULE",
     "DEFAULT_METAL_LEVEL",
     "DEFAULT_MIN_SAMPLES",
     "EPS_QUANTILE",

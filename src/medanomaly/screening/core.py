@@ -13,7 +13,7 @@ import numpy as np
 
 from medanomaly.data.sets import Cases, ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector
-from medanomaly.detectors.thresholds import conformal_pvalues, mean_sd_threshold
+from medanomaly.detectors.thresholds import ThresholdChoice, conformal_pvalues, run_threshold
 from medanomaly.errors import ConfigError
 from medanomaly.image import SourceGrid
 from medanomaly.jobs.score import in_chunks
@@ -26,7 +26,8 @@ from medanomaly.training.distributed import Ranks
 
 log = logging.getLogger(__name__)
 
-DEFAULT_K = 3.0
+DEFAULT_RULE = "mean_sd:k=3"
+"""The outlier rule of Hjohlman 2022: mean + 3·SD of the run's held-out normal scores."""
 DEFAULT_BATCH = 16
 
 
@@ -35,25 +36,19 @@ DEFAULT_BATCH = 16
 ChunkHook = Callable[[np.ndarray, ImageSet, AnomalyResult], None]
 
 
-def screen_threshold(detector: Any, k: float) -> tuple[float, int]:
-    """Mean + k·SD of the run's held-out normal validation scores, and how many there are.
+def screen_threshold(detector: Any, rule: str = DEFAULT_RULE) -> ThresholdChoice:
+    """The screening threshold: a rule on the run's held-out normal scores, or its own.
 
     Raises:
-        ConfigError: The run holds no validation scores.
+        ConfigError: A rule that needs labels, or a run without held-out normal scores.
     """
-    validation = np.asarray(detector.val_scores_, dtype=np.float64)
-    if validation.size == 0:
-        raise ConfigError(
-            f"screen: the {detector.name or type(detector).__name__} run holds "
-            "no held-out normal validation scores, so mean + k·SD cannot be computed; refit it"
-        )
-    return mean_sd_threshold(validation, k), int(validation.size)
+    return run_threshold(rule, detector.threshold_, detector.threshold_rule_, detector.val_scores_)
 
 
 def screen(
     detector: BaseDetector,
     images: Cases,
-    k: float = DEFAULT_K,
+    threshold: str = DEFAULT_RULE,
     metal_level: float = DEFAULT_METAL_LEVEL,
     eps: float | None = None,
     min_samples: int = DEFAULT_MIN_SAMPLES,
@@ -75,7 +70,10 @@ def screen(
         images: The preprocessed cases (an ``ImageSet`` or a streamed set); their ids must be
             the file paths (as :func:`medanomaly.data.loading.load_dataset` sets them) for the raw
             facts.
-        k: Flag cases whose score exceeds mean + k·SD of the validation scores.
+        threshold: The threshold rule, spelled as in evaluate, cv and compare specs:
+            ``mean_sd[:k=..]``, ``percentile[:q=..]``, ``conformal[:alpha=..]`` on the run's
+            held-out normal scores, or ``run`` (the run's own threshold, e.g. the rule
+            ``compare`` learnt for ``OUT/best``).
         metal_level: Raw value above which a voxel counts as metal (3000 HU).
         eps: DBSCAN radius in standardised latent units (``None``: automatic, see
             :func:`latent_clusters`).
@@ -95,7 +93,7 @@ def screen(
         ConfigError: The run holds no validation scores, or a setting is out of range.
     """
     check_settings(batch, eps, min_samples)
-    threshold, n_validation = screen_threshold(detector, k)
+    choice = screen_threshold(detector, threshold)
 
     def score() -> CaseNumbers:
         return score_cases(detector, images, batch, metal_level, index, on_chunk)
@@ -123,9 +121,9 @@ def screen(
     return ScreenResult(
         ids=numbers.ids,
         scores=numbers.scores,
-        threshold=threshold,
-        k=float(k),
-        n_validation=n_validation,
+        threshold=choice.value,
+        threshold_rule=choice.rule,
+        n_validation=choice.n,
         p_values=conformal_pvalues(validation, numbers.scores),
         mse=numbers.mse,
         masked_mse=numbers.masked_mse,

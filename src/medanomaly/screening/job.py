@@ -15,9 +15,11 @@ from medanomaly.jobs.score import JobOptions, MapTarget, start_job
 from medanomaly.outputs.archive import store_maps
 from medanomaly.outputs.guard import Claim, check_apart, claim_outputs, staging_folder
 from medanomaly.outputs.key_objects import FlaggedSeries, write_key_objects
+from medanomaly.outputs.viewer import ViewerVolumes, flag_entries, viewer_volumes
+from medanomaly.reports.viewer import VIEWER_DIR, install_static
 from medanomaly.screening.core import (
     DEFAULT_BATCH,
-    DEFAULT_K,
+    DEFAULT_RULE,
     ChunkHook,
     check_settings,
     screen,
@@ -51,7 +53,7 @@ def screen_folder(
     run: str | Path,
     data: str | Path,
     out: str | Path,
-    k: float = DEFAULT_K,
+    threshold: str = DEFAULT_RULE,
     metal_level: float = DEFAULT_METAL_LEVEL,
     eps: float | None = None,
     min_samples: int = DEFAULT_MIN_SAMPLES,
@@ -61,6 +63,7 @@ def screen_folder(
     options: JobOptions | None = None,
     strict: bool = False,
     store: str | None = None,
+    viewer: bool = True,
 ) -> ScreenJob | None:
     """Screen an unlabelled folder or manifest with a trained run and write every output.
 
@@ -73,7 +76,7 @@ def screen_folder(
         run: Run directory (or ``model.safetensors``).
         data: Unlabelled folder or manifest.
         out: Output folder.
-        k: Flag score > mean + k·SD of the run's normal validation scores.
+        threshold: The threshold rule (see :func:`medanomaly.screening.core.screen`).
         metal_level: Raw value above which a voxel counts as metal.
         eps: DBSCAN radius (``None``: automatic).
         min_samples: DBSCAN ``min_samples``.
@@ -84,6 +87,8 @@ def screen_folder(
         strict: Raise on the first unreadable case, before anything is written.
         store: A ``dicomweb+http(s)://`` archive that each DICOM Parametric Map is sent to
             (STOW-RS); implies ``dicom``.
+        viewer: Write every case's scan and map into ``OUT/viewer/`` for the report's
+            interactive viewer (``medanomaly view OUT``).
 
     Returns:
         The job's summary on rank 0; ``None`` on the other ranks.
@@ -94,11 +99,25 @@ def screen_folder(
     target = MapTarget.of(run, None if maps is None else staging_folder(maps), dicom, store)
     ranks, detector = start_job(run, options)
     main = ranks.is_main
-    claim = claim_outputs(folders=[out], staged=[maps], command="screen") if main else Claim()
+    viewer_dir = Path(out) / VIEWER_DIR if viewer else None
+    staged = [maps, viewer_dir]
+    claim = claim_outputs(folders=[out], staged=staged, command="screen") if main else Claim()
     settings = {"metal_level": metal_level, "eps": eps, "min_samples": min_samples, "batch": batch}
+    volumes = None if viewer_dir is None else viewer_volumes(detector, data, viewer_dir)
     with claim:
         return _screen_share(
-            run, data, Path(out), maps, claim, ranks, detector, k, strict, target, settings, options
+            run,
+            data,
+            Path(out),
+            (maps, viewer_dir),
+            claim,
+            ranks,
+            detector,
+            threshold,
+            strict,
+            (target, volumes),
+            settings,
+            options,
         )
 
 
@@ -106,29 +125,34 @@ def _screen_share(
     run: str | Path,
     data: str | Path,
     out: Path,
-    maps: str | Path | None,
+    folders: tuple[str | Path | None, Path | None],
     claim: Claim,
     ranks: Ranks,
     detector: BaseDetector,
-    k: float,
+    rule: str,
     strict: bool,
-    target: MapTarget,
+    writers: tuple[MapTarget, ViewerVolumes | None],
     settings: dict[str, Any],
     options: JobOptions,
 ) -> ScreenJob | None:
     """The body of :func:`screen_folder`, its outputs claimed."""
-    threshold, _ = screen_threshold(detector, k)
+    maps, viewer_dir = folders
+    target, volumes = writers
+    threshold = screen_threshold(detector, rule).value
     share = load_share(detector, data, ranks, strict, num_workers=options.num_workers)
     problems: list[str] = []
     flagged: list[FlaggedSeries] = []
-    hook = None
+    hooks = []
     if maps is not None:
-        hook = _map_writer(detector, share, target, threshold, problems, flagged)
+        hooks.append(_map_writer(detector, share, target, threshold, problems, flagged))
+    if volumes is not None:
+        hooks.append(lambda index, part, result: volumes.write(part, result, share.index[index]))
+    hook = _both(hooks)
     batch = settings["batch"]
     result = screen(
         detector,
         share.cases,
-        k=k,
+        threshold=rule,
         **settings,
         skipped=share.skipped,
         ranks=ranks,
@@ -140,13 +164,30 @@ def _screen_share(
     )
     if target.dicom and flagged:
         problems += _key_objects(target, flagged, threshold, detector.name)
-    every_problem = ranks.gather(problems)
-    if every_problem is None:
+    gathered = ranks.gather((problems, [] if volumes is None else volumes.entries))
+    if gathered is None:
         return None
-    write_screen_outputs(result, out, gallery, run=str(run), data=str(data))
+    every_problem = [part[0] for part in gathered]
+    cases = flag_entries([entry for part in gathered for entry in part[1]], threshold)
+    write_screen_outputs(result, out, gallery, run=str(run), data=str(data), viewer_cases=cases)
     if maps is not None:
         claim.commit(maps)
+    if viewer_dir is not None:
+        install_static(staging_folder(viewer_dir))
+        claim.commit(viewer_dir)
     return ScreenJob(result, share.warnings, [line for part in every_problem for line in part])
+
+
+def _both(hooks: list[ChunkHook]) -> ChunkHook | None:
+    """One hook that calls each of ``hooks`` in turn (``None`` for none)."""
+    if not hooks:
+        return None
+
+    def call(index: np.ndarray, part: ImageSet, result: AnomalyResult) -> None:
+        for hook in hooks:
+            hook(index, part, result)
+
+    return call
 
 
 def _key_objects(

@@ -53,6 +53,7 @@ def write_screen_outputs(
     gallery: Sequence[Path] = (),
     run: str = "",
     data: str = "",
+    viewer_cases: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Path]:
     """Write the table, the summary, the figures and the report of a screen (atomically).
 
@@ -62,6 +63,7 @@ def write_screen_outputs(
         gallery: The PNGs of :func:`save_gallery`, in rank order.
         run: The run directory (shown in the report and the summary).
         data: The screened folder or manifest.
+        viewer_cases: The cases of the report's interactive viewer (``OUT/viewer/``).
 
     Returns:
         Name -> path of every file written (``csv``, ``summary``, ``report``, the figures).
@@ -97,7 +99,7 @@ def write_screen_outputs(
     written["report"] = write_report(
         out / REPORT_FILE,
         "medanomaly screen",
-        report_blocks(result, written, list(gallery)),
+        report_blocks(result, written, list(gallery), viewer_cases),
         subtitle=f"run {run} · data {data} · model {result.model}",
     )
     summary["files"]["report"] = REPORT_FILE
@@ -110,5 +112,5 @@ def summary_line(result: ScreenResult, out_dir: str | Path) -> str:
     skipped = f", {len(result.skipped)} file(s) skipped" if result.skipped else ""
     return (
         f"screened {len(result)} cases: {len(result.flagged_order)} flagged above threshold "
-        f"{result.threshold:.6g} (mean + {result.k:g}·SD){skipped} -> {out_dir}"
+        f"{result.threshold:.6g} ({result.threshold_rule}){skipped} -> {out_dir}"
     )

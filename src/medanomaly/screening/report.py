@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from medanomaly.reports.html import Facts, Figure, Figures, Table, Text
+from medanomaly.reports.html import Block, Facts, Figure, Figures, Table, Text
+from medanomaly.reports.viewer import Viewer
 from medanomaly.screening.files import GALLERY_DIR
 from medanomaly.screening.result import CSV_COLUMNS, ScreenResult
 from medanomaly.screening.size_bias import ERRORS, SIZES
@@ -16,11 +18,14 @@ REPORT_GALLERY_MAX = 50
 
 
 def report_blocks(
-    result: ScreenResult, figures: dict[str, Path], gallery: list[Path]
-) -> list[Facts | Table | Figures | Text]:
-    """The blocks of ``report.html``: facts, latent space, size bias, gallery, table."""
+    result: ScreenResult,
+    figures: dict[str, Path],
+    gallery: list[Path],
+    viewer_cases: Sequence[dict[str, Any]] = (),
+) -> list[Block]:
+    """The blocks of ``report.html``: facts, viewer, latent space, size bias, gallery, table."""
     flagged = result.flagged_order
-    blocks: list[Facts | Table | Figures | Text] = [
+    blocks: list[Block] = [
         Facts(
             "Screening",
             [
@@ -35,6 +40,15 @@ def report_blocks(
             ],
         )
     ]
+    if viewer_cases:
+        blocks.append(
+            Viewer(
+                "Viewer: each scan with its anomaly map",
+                viewer_cases,
+                threshold=float(result.threshold),
+                note="Flagged cases first, then by score; click a case to load it.",
+            )
+        )
     blocks += _latent_blocks(result, figures)
     blocks += _size_bias_blocks(result, figures)
     if gallery:

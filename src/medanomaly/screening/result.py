@@ -38,9 +38,10 @@ class ScreenResult:
         ids: Case ids (file paths).
         scores: Anomaly scores (higher = more abnormal).
         p_values: Conformal p-values against the run's normal validation scores.
-        threshold: mean + k·SD of those validation scores; flagged iff score > threshold.
-        k: The k of the threshold.
-        n_validation: Number of validation scores behind the threshold.
+        threshold: The cut-off; flagged iff score > threshold.
+        threshold_rule: Its rule, spelled as in evaluate, cv and specs (``mean_sd(k=3)``,
+            ``percentile(q=99)``, ``conformal(alpha=0.05)`` or ``run``).
+        n_validation: Number of held-out normal validation scores behind the threshold.
         mse: Mean squared residual over all voxels (NaN without reconstructions).
         masked_mse: The same over the foreground voxels only.
         foreground_voxels: Foreground voxels per case (on the preprocessed grid).
@@ -60,7 +61,7 @@ class ScreenResult:
     scores: np.ndarray
     p_values: np.ndarray
     threshold: float
-    k: float
+    threshold_rule: str
     n_validation: int
     mse: np.ndarray
     masked_mse: np.ndarray
@@ -138,11 +139,9 @@ class ScreenResult:
         flagged = self.flagged_order
         return {
             "threshold": self.threshold,
-            "k": self.k,
-            "threshold_rule": (
-                f"mean + {self.k:g}·SD of the run's {self.n_validation} held-out normal "
-                "validation scores; flagged iff score > threshold"
-            ),
+            "threshold_rule": self.threshold_rule,
+            "threshold_n": self.n_validation,
+            "decision_rule": "flagged iff score > threshold",
             "n_cases": len(self),
             "n_flagged": len(flagged),
             "flagged_ids": [self.ids[i] for i in flagged],

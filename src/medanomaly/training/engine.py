@@ -35,6 +35,13 @@ from tqdm.auto import tqdm
 from medanomaly.errors import ConfigError, did_you_mean
 from medanomaly.io.atomic import atomic_write_text
 from medanomaly.io.safe_files import load_state, save_state
+from medanomaly.training.precision import (
+    AutocastForward,
+    autocast_dtype,
+    canonical_precision,
+    choose_precision,
+    float32_small_convolutions,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +68,9 @@ class EngineConfig:
             end: ``val_loss`` (loss on the normal validation images, lower is better) or
             ``val_auroc`` (image AUROC of the scores on a labelled validation set, higher is
             better, ties broken by the lower validation loss; the UAD slide deck's model selection).
-            Without abnormal validation images ``val_auroc`` falls back to ``val_loss``.
+            With fewer than :data:`MIN_AUROC_MONITOR_ABNORMAL` abnormal validation images
+            ``val_auroc`` falls back to ``val_loss`` (one warning; the run's ``config.yaml``
+            says which ranked the epochs, under ``resolved: epoch_monitor``).
         val_fraction: Share of the normal training images held out for validation when no
             validation set is given.
         val_min: Hold out at least this many normal images when the set holds three times as
@@ -71,7 +80,11 @@ class EngineConfig:
         accelerator: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"gpu"``.
         devices: Devices per node (``N`` runs data-parallel over ``N`` GPUs).
         num_nodes: Number of machines (launch with ``torchrun`` or a cluster launcher).
-        precision: ``"auto"`` (16-bit mixed on GPU, 32-bit on CPU) or any Fabric precision.
+        precision: ``"auto"``: bf16 mixed precision on CPUs and GPUs that compute bf16
+            natively (AVX512-BF16 or AMX; :func:`~medanomaly.training.precision.supports_bf16`),
+            16-bit mixed on other GPUs, 32-bit elsewhere; or a Fabric precision
+            (``32-true``, ``bf16-mixed``, ...) that overrides the choice. Weights, losses and
+            scores stay float32.
         num_workers: DataLoader worker processes.
         progress: Show a progress bar with the running loss.
     """
@@ -99,6 +112,7 @@ class EngineConfig:
             raise ConfigError(f"engine: val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.val_min < 0:
             raise ConfigError(f"engine: val_min must be >= 0, got {self.val_min}")
+        canonical_precision(self.precision)
         if self.monitor not in MONITORS:
             raise ConfigError(
                 f"engine: monitor must be one of {MONITORS}, got {self.monitor!r}."
@@ -263,12 +277,38 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return (seed * 1_000_003 + epoch) % (2**31)
 
 
-def resolve_precision(config: EngineConfig) -> str:
-    """Turn ``precision='auto'`` into 16-bit mixed precision on GPU and 32-bit on CPU."""
-    if config.precision != "auto":
-        return config.precision
+def resolve_precision(
+    config: EngineConfig, device_type: str | None = None, strict: bool = False
+) -> str:
+    """The Fabric precision ``config.precision`` means on this machine (``auto`` resolved).
+
+    Args:
+        config: The training settings.
+        device_type: ``cpu`` or ``cuda``; ``None``: the device the engine trains on.
+        strict: Raise instead of falling back from bf16 on a device without it.
+
+    Raises:
+        ConfigError: See :func:`~medanomaly.training.precision.choose_precision`.
+    """
+    return choose_precision(config.precision, device_type or training_device_type(config), strict)
+
+
+def scoring_network(network: nn.Module, config: EngineConfig) -> nn.Module:
+    """``network`` as scoring runs it on its device under ``config.precision``.
+
+    Where the precision resolves to ``bf16-mixed``, the network's calls run under bf16
+    autocast and return float32 (:class:`~medanomaly.training.precision.AutocastForward`),
+    so that residuals, maps and scores stay float32; elsewhere the network as it is.
+    """
+    device_type = next(network.parameters()).device.type
+    dtype = autocast_dtype(resolve_precision(config, device_type))
+    return network if dtype is None else AutocastForward(network, dtype)
+
+
+def training_device_type(config: EngineConfig) -> str:
+    """``cuda`` when the engine trains on a GPU, else ``cpu``."""
     wants_gpu = config.accelerator in ("auto", "cuda", "gpu")
-    return "16-mixed" if wants_gpu and torch.cuda.is_available() else "32-true"
+    return "cuda" if wants_gpu and torch.cuda.is_available() else "cpu"
 
 
 @contextmanager
@@ -286,16 +326,42 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
+MIN_AUROC_MONITOR_ABNORMAL = 20
+"""Fewest abnormal validation images for ranking epochs by their AUROC. With a handful, the
+epoch is picked by a few cases' noise (and the validation figure then carries that choice's
+optimism), so the normals' validation loss ranks the epochs instead."""
+
+
+def epoch_monitor(asked: str, n_abnormal: int) -> tuple[str, str]:
+    """What ranks the epochs, given what was asked and the abnormal validation images.
+
+    Returns:
+        ``(monitor, in words)``, e.g. ``("val_loss", "val_loss (val_auroc asked, but ...)")``.
+    """
+    if asked != "val_auroc":
+        return asked, asked
+    if n_abnormal >= MIN_AUROC_MONITOR_ABNORMAL:
+        return asked, f"val_auroc on {n_abnormal} abnormal validation images"
+    return "val_loss", (
+        f"val_loss (val_auroc asked, but {n_abnormal} abnormal validation images are fewer "
+        f"than {MIN_AUROC_MONITOR_ABNORMAL})"
+    )
+
+
 class Engine:
     """Owns the training loop: optimiser, epochs, early stopping, history and checkpoints.
 
     Args:
         config: The training settings.
+
+    Attributes:
+        monitor_used: What ranked the epochs of the last :meth:`fit`, in words.
     """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.is_global_zero = True
+        self.monitor_used = config.monitor
 
     def fit(
         self,
@@ -335,14 +401,17 @@ class Engine:
         stage: str,
     ) -> list[dict[str, float]]:
         cfg = self.config
-        fabric = self._make_fabric(find_unused_parameters=task.step is not None)
+        precision = resolve_precision(cfg)
+        fabric = self._make_fabric(precision, find_unused_parameters=task.step is not None)
         self.is_global_zero = fabric.is_global_zero
         network = task.network
         if fabric.world_size > 1 and fabric.device.type == "cuda":
             nn.SyncBatchNorm.convert_sync_batchnorm(network)
         optimizers = (task.optimizers or self._default_optimizers)(network)
-        if cfg.monitor == "val_auroc" and task.keep_best and data.val_abnormal is None:
-            log.warning("monitor val_auroc needs abnormal validation images; using val_loss")
+        n_abnormal = 0 if data.val_abnormal is None else len(data.val_abnormal)
+        monitor, self.monitor_used = epoch_monitor(cfg.monitor, n_abnormal)
+        if monitor != cfg.monitor and task.keep_best:
+            log.warning("engine: epochs ranked by %s", self.monitor_used)
         state = _RunState(best_state=_cpu_state(network))
         checkpoint_path = Path(run_dir) / stage_file(CHECKPOINT_NAME, stage) if run_dir else None
         if resume and checkpoint_path is not None and checkpoint_path.exists():
@@ -351,6 +420,7 @@ class Engine:
         model, *wrapped = fabric.setup(network, *optimizers.values())
         optimizers = dict(zip(optimizers, wrapped, strict=True))
         loaders = self._loaders(fabric, data, task.collate)
+        bf16_on_cpu = precision.startswith("bf16") and fabric.device.type == "cpu"
         bar = tqdm(
             total=cfg.epochs,
             initial=state.epoch,
@@ -363,8 +433,9 @@ class Engine:
             _reseed(data.train, cfg.seed, state.epoch, fabric.global_rank)
             if task.epoch_start is not None:
                 task.epoch_start(state.epoch, optimizers)
-            row = self._run_epoch(fabric, model, optimizers, task, loaders, state.epoch)
-            state.record(row, network, cfg.patience, cfg.monitor)
+            with float32_small_convolutions(network, bf16_on_cpu):
+                row = self._run_epoch(fabric, model, optimizers, task, loaders, state.epoch)
+            state.record(row, network, cfg.patience, monitor)
             if checkpoint_path is not None and fabric.is_global_zero:
                 state.save(checkpoint_path, network, optimizers, extra_state)
                 _write_history(Path(run_dir) / stage_file(HISTORY_NAME, stage), state.history)
@@ -380,13 +451,13 @@ class Engine:
         cfg = self.config
         return {"adam": torch.optim.Adam(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)}
 
-    def _make_fabric(self, find_unused_parameters: bool = False) -> Fabric:
+    def _make_fabric(self, precision: str, find_unused_parameters: bool = False) -> Fabric:
         cfg = self.config
         return make_fabric(
             cfg.accelerator,
             cfg.devices,
             cfg.num_nodes,
-            resolve_precision(cfg),
+            precision,
             find_unused_parameters=find_unused_parameters,
         )
 
