@@ -30,13 +30,11 @@ from medanomaly.metrics.pixel import pixel_metrics
 from medanomaly.model_selection.compare import load_labelled, protocol_splits, training_cases
 from medanomaly.model_selection.spec import load_spec
 
-ROOT = Path(__file__).resolve().parents[1]
-
 
 def main(argv: list[str] | None = None) -> None:
     """Fit once on the fold's training normals; print validation figures per scoring variant."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--spec", default=str(ROOT / "benchmarks/specs/lgg_pixel.yaml"))
+    parser.add_argument("--spec", default="lgg_pixel", help="spec file or built-in name")
     parser.add_argument("--candidate", default="ddpm")
     parser.add_argument("--fold", type=int, default=1, help="1-based fold of the spec")
     parser.add_argument("--set", nargs="*", default=[], help="config changes, KEY=VALUE")
