@@ -1,6 +1,6 @@
 """Serve a report folder on the loopback interface, so that its viewer can fetch the volumes.
 
-Browsers refuse ``fetch`` from a ``file://`` page; :func:`serve_folder` answers GET requests
+Browsers refuse ``fetch`` from a ``file://`` page; :func:`report_server` answers GET requests
 for the files under one folder on ``127.0.0.1`` only (never another interface), on a free
 port unless one is given. Nothing outside the folder is served, and every answer carries the
 report's Content-Security-Policy, so the page cannot load anything from elsewhere.
