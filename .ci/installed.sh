@@ -27,7 +27,7 @@ rm -rf "$out/venv"
 python3 -m venv "$out/venv"
 # --no-compile: pip byte-compiles torch's thousands of modules otherwise (a minute or two here)
 install=("$out/venv/bin/pip" install -q --disable-pip-version-check --no-compile)
-{ "${install[@]}" torch==2.13.0 && "${install[@]}" -c constraints.txt "$wheel"; } >"$out/pip.log" 2>&1 \
+{ "${install[@]}" torch==2.13.0 && "${install[@]}" -c constraints.txt "$wheel[export]"; } >"$out/pip.log" 2>&1 \
   || { tail -30 "$out/pip.log"; exit 1; }
 where=$(cd /tmp && "$out/venv/bin/python" -c "import medanomaly; print(medanomaly.__file__)")
 case "$where" in

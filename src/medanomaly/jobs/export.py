@@ -23,6 +23,7 @@ import numpy as np
 
 from medanomaly._version import __version__
 from medanomaly.detectors.base import EXPORT_FILE, BaseDetector
+from medanomaly.detectors.deep import DeepDetector
 from medanomaly.detectors.exported import (
     EXPORT_FORMAT_VERSION,
     INPUT_NAME,
@@ -85,7 +86,7 @@ def export_run(run: str | Path, out: str | Path, fmt: str = "onnx") -> ExportSum
     if fmt not in FORMATS:
         raise ConfigError(f"export format {fmt!r} is not one of {FORMATS}")
     started = time.perf_counter()
-    detector = BaseDetector.load(run).to("cpu")
+    detector = _in_float32(BaseDetector.load(run).to("cpu"))
     name = detector.name or type(detector).__name__
     if not detector.exportable:
         raise ConfigError(f"{run}: {name} cannot be exported: {detector.export_refusal}")
@@ -104,6 +105,18 @@ def export_run(run: str | Path, out: str | Path, fmt: str = "onnx") -> ExportSum
     return ExportSummary(
         out, str(detector.name), shape, time.perf_counter() - started, *differences
     )
+
+
+def _in_float32(detector: BaseDetector) -> BaseDetector:
+    """``detector`` scoring in float32, as its graph does.
+
+    Under ``engine.precision`` bf16 the run's own scoring autocasts the network, which moves
+    scores in about the third significant digit; the graph is float32, so it is checked
+    against (and described as) the detector's float32 scoring.
+    """
+    if isinstance(detector, DeepDetector):
+        detector.set_params(engine={**detector.engine_config.to_dict(), "precision": "32-true"})
+    return detector
 
 
 def _exporter() -> Any:
