@@ -6,7 +6,8 @@ import torch
 from torch.nn import functional
 
 from medanomaly import get_model
-from medanomaly.detectors.scoring import coarse_noise, erode_mask, median_filter
+from medanomaly.detectors.noise import coarse_noise
+from medanomaly.detectors.scoring import erode_mask, median_filter
 from medanomaly.errors import ConfigError
 from medanomaly.models.dae import DenoisingAE
 

@@ -8,7 +8,8 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from medanomaly import BaseDetector, get_model
-from medanomaly.detectors.scoring import MapScoring, coarse_noise, residual_map
+from medanomaly.detectors.noise import coarse_noise
+from medanomaly.detectors.scoring import MapScoring, residual_map
 from medanomaly.errors import ConfigError
 
 

@@ -81,40 +81,34 @@ def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
     return -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp(), dim=1)
 
 
-def coarse_noise(
-    x: torch.Tensor, std: float, grid: int, shift: bool = False, lattice: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Smooth Gaussian noise like ``x``: drawn on a ``grid``-per-side lattice, upsampled.
+SIGNED_RESIDUALS = ("abs", "positive", "negative")
 
-    The denoising autoencoder of Kascenas et al. (2022) learns to remove such blob-sized
-    perturbations, so that it also "repairs" lesions instead of copying them. The lattice is
-    upsampled (bi/trilinear) to the image grid; with ``shift`` each image's noise is rolled by
-    a random offset along every axis, so that the blobs do not sit on the same lattice in
-    every image (the paper rolls the noise the same way).
+
+def signed_residual(
+    x: torch.Tensor, reconstruction: torch.Tensor, kind: str = "abs"
+) -> torch.Tensor:
+    """Channel mean of a residual ``(B, *spatial)``: abs(x - x̂), or one sign of ``x - x̂``.
 
     Args:
-        x: Batch ``(B, C, *spatial)`` the noise is for.
-        std: SD of the lattice values (in the image's intensity units).
-        grid: Lattice points per side.
-        shift: Roll each image's noise by a random offset (uniform over each axis).
-        lattice: Use these lattice values ``(B, C, *(grid,) * d)`` instead of drawing them
-            (tests); they are scaled by ``std``.
+        x: Input batch ``(B, C, *spatial)``.
+        reconstruction: Its reconstruction, same shape.
+        kind: ``abs`` (abs(x - x̂)), ``positive`` (max(x - x̂, 0): only what is brighter than the
+            repaired image, e.g. FLAIR lesions, acute blood) or ``negative`` (only what is
+            darker).
     """
-    spatial = x.shape[2:]
-    if lattice is None:
-        lattice = torch.randn(x.shape[0], x.shape[1], *(grid,) * len(spatial), device=x.device)
-    mode = "bilinear" if len(spatial) == 2 else "trilinear"
-    noise = functional.interpolate(lattice.float(), size=spatial, mode=mode, align_corners=False)
-    if shift:
-        dims = tuple(range(1, len(spatial) + 1))
-        offsets = torch.stack([torch.randint(0, n, (x.shape[0],)) for n in spatial], dim=1)
-        noise = torch.stack(
-            [
-                torch.roll(n, tuple(int(o) for o in off), dims)
-                for n, off in zip(noise, offsets, strict=True)
-            ]
+    difference = x.float() - reconstruction.float()
+    if kind == "abs":
+        difference = difference.abs()
+    elif kind == "positive":
+        difference = difference.clamp_min(0)
+    elif kind == "negative":
+        difference = (-difference).clamp_min(0)
+    else:
+        raise ConfigError(
+            f"residual must be one of {SIGNED_RESIDUALS}, got {kind!r}."
+            + did_you_mean(kind, SIGNED_RESIDUALS)
         )
-    return noise.to(x.dtype) * std
+    return difference.mean(dim=1)
 
 
 def foreground_mask(x: torch.Tensor, threshold: float | None) -> torch.Tensor:

@@ -9,8 +9,9 @@ import torch
 from torch import nn
 
 from medanomaly.detectors.deep import DeepDetector
+from medanomaly.detectors.noise import coarse_noise
 from medanomaly.detectors.registry import register
-from medanomaly.detectors.scoring import coarse_noise, per_image_mean, residual_map
+from medanomaly.detectors.scoring import per_image_mean, residual_map
 from medanomaly.nets import ConvAutoencoder
 from medanomaly.training.engine import EngineConfig
 

@@ -25,20 +25,20 @@ import torch
 from torch import nn
 
 from medanomaly.detectors.deep import DeepDetector
+from medanomaly.detectors.noise import coarse_noise
 from medanomaly.detectors.registry import register
 from medanomaly.detectors.scoring import (
     SCORE_REDUCTIONS,
-    coarse_noise,
+    SIGNED_RESIDUALS,
     erode_mask,
     foreground_mask,
     median_filter,
     reduce_inside,
+    signed_residual,
 )
 from medanomaly.errors import check_choice
 from medanomaly.nets.unet import CPU_FEATURES, skip_unet
 from medanomaly.training.engine import EngineConfig
-
-RESIDUALS = ("abs", "positive", "negative")
 
 
 @register("dae")
@@ -111,7 +111,7 @@ class DenoisingAE(DeepDetector):
     def build_network(self, input_shape: tuple[int, ...]) -> nn.Module:
         """The U-Net, input channels in and out."""
         check_choice(self.name, "score_reduce", self.score_reduce, SCORE_REDUCTIONS)
-        check_choice(self.name, "residual", self.residual, RESIDUALS)
+        check_choice(self.name, "residual", self.residual, SIGNED_RESIDUALS)
         channels = input_shape[0]
         return skip_unet(
             self.spatial_dims, channels, channels, self.features, self.norm_groups, "dae"
@@ -142,16 +142,7 @@ class DenoisingAE(DeepDetector):
         """Scores, median-filtered residual maps inside the eroded foreground, reconstructions."""
         reconstruction = network(x)
         core = erode_mask(foreground_mask(x, self.foreground_threshold), self.erode)
-        difference = x.float() - reconstruction.float()
-        if self.residual == "abs":
-            difference = difference.abs()
-        else:
-            difference = (
-                difference.clamp_min(0)
-                if self.residual == "positive"
-                else (-difference).clamp_min(0)
-            )
-        residual = difference.mean(dim=1) * core
+        residual = signed_residual(x, reconstruction, self.residual) * core
         maps = median_filter(residual, self.median_width)
         scores = reduce_inside(maps, core, self.score_reduce, self.score_value)
         return scores, maps, reconstruction
