@@ -8,6 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import torch
 
 from medanomaly.data.cache import PreprocessCache, Preprocessed
 from medanomaly.data.phantoms import make_phantoms
@@ -39,6 +40,15 @@ def load_benchmark(name: str) -> ModuleType:
 def fast_engine() -> dict:
     """Two quick epochs, no progress bar."""
     return {"epochs": 2, "batch_size": 8, "progress": False, "seed": 0}
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Tiny networks train fastest on one thread, and do not stall on a busy 2-core CI box."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

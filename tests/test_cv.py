@@ -21,14 +21,7 @@ from medanomaly.errors import ConfigError
 from medanomaly.model_selection.cv import cross_validate, make_splits, read_splits
 from medanomaly.model_selection.runs import summarise
 
-
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny networks train fastest on one thread, and do not stall on a busy 2-core CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

@@ -33,13 +33,7 @@ IMAGE_KEYS = {
 PIXEL_KEYS = {"auroc", "average_precision", "best_dice", "foreground_rule"}
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    """Tiny networks train fastest on one thread, and do not stall on a busy 2-core CI box."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_phantom_manifest(folder, n_normal=12, n_abnormal=6, seed=0, per_group=2):

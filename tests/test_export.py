@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from medanomaly.cli import main
 from medanomaly.data.phantoms import make_phantoms, write_phantom_scans
@@ -52,12 +51,7 @@ MODELS = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 BF16_RTOL = 2e-2
