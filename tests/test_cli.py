@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import csv
+import logging
 
 import numpy as np
 import pytest
 import yaml
 from PIL import Image
 
-from medanomaly.cli import main
+from medanomaly.cli import _without_library_noise, main
 from medanomaly.data.phantoms import make_phantoms
 from medanomaly.detectors.base import BaseDetector
 from medanomaly.detectors.thresholds import conformal_pvalues
@@ -193,3 +194,14 @@ def test_data_parallel_training_on_two_cpu_processes(tmp_path):
     assert "Starting with 2 processes" in done.stderr + done.stdout
     assert done.stdout.count("trained cae") == 1
     assert BaseDetector.load(tmp_path / "run").threshold_ > 0
+
+
+def test_quiet_logs_drop_lightning_notes_but_keep_its_warnings():
+    def record(name: str, level: int) -> logging.LogRecord:
+        return logging.LogRecord(name, level, __file__, 1, "message", None, None)
+
+    rank_zero = "lightning_fabric.utilities.rank_zero"
+    assert not _without_library_noise(record(rank_zero, logging.INFO))
+    assert _without_library_noise(record(rank_zero, logging.WARNING))
+    assert _without_library_noise(record("medanomaly.jobs.fit", logging.INFO))
+    assert not _without_library_noise(record("pydicom.pixels", logging.WARNING))
