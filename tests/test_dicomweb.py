@@ -472,7 +472,7 @@ def test_a_job_stores_its_maps_in_one_request_and_a_rerun_does_not_add_any(
     assert {uid: len(stored.get(uid, [])) for uid in uids} == dict.fromkeys(uids, 1)
 
 
-def test_a_batch_the_archive_refuses_in_part_names_the_refused_file(
+def test_a_refused_batch_is_sent_again_one_by_one_and_names_the_refused_file(
     orthanc, credentials, tmp_path
 ) -> None:
     folder = tmp_path / "maps"

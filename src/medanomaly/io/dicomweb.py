@@ -408,13 +408,14 @@ def store_instances(
 ) -> StoreReport:
     """Send DICOM files to the archive with STOW-RS, several instances per request.
 
-    The files go in batches (:func:`stow_batches`). A batch the archive rejects (an HTTP
-    4xx other than 401/403, e.g. 413 for a body too large) or accepts only in part (a
-    ``FailedSOPSequence`` in its answer) is sent again one instance per request, so that
-    the others are stored and each failed file is named with its own problem. A batch that
-    cannot reach the archive (connection errors or 5xx after :data:`RETRIES`) is not sent
-    again instance by instance: each of its files is named with that problem. Every file is
-    stored at most once per call; its UIDs decide whether the archive adds or replaces it.
+    The files go in batches (:func:`stow_batches`). An instance the archive refuses within
+    a stored batch (its ``FailedSOPSequence``) is named with the failure reason. A batch the
+    archive refuses as a whole (an HTTP 4xx other than 401/403, e.g. 413 for a body too
+    large) is sent again one instance per request, so that the others are stored and each
+    refused file is named with its own problem. A batch that cannot reach the archive
+    (connection errors or 5xx after :data:`RETRIES`) is not sent again: each of its files is
+    named with that problem. So each file is stored once per call; its UIDs decide whether
+    the archive adds it or replaces an earlier copy.
 
     Returns:
         The :class:`StoreReport`.
@@ -431,13 +432,18 @@ def store_instances(
     report = StoreReport()
     for batch in stow_batches(files, max_instances, max_bytes):
         datasets = [pydicom.dcmread(file) for file in batch]
-        problem, failed_uids = _stow(client, archive, datasets, _names(batch))
+        problem, refused = _stow(client, archive, datasets, _names(batch))
         report.requests += 1
-        if problem is None and not failed_uids:
-            report.stored += batch
-        elif problem is not None and problem.unreachable:
+        if problem is None:  # stored, but for the instances the archive names as refused
+            for file, dataset in zip(batch, datasets, strict=True):
+                reason = refused.get(str(dataset.get("SOPInstanceUID", "")))
+                if reason is None:
+                    report.stored.append(file)
+                else:
+                    report.failed.append((file, _refusal(archive, file, reason)))
+        elif problem.unreachable:
             report.failed += [(file, problem.text) for file in batch]
-        else:
+        else:  # the whole request was refused: find out which instances it was
             _store_one_by_one(client, archive, batch, datasets, report)
     return report
 
@@ -453,10 +459,14 @@ def _names(files: Sequence[Path]) -> str:
     return shown + (f" and {len(files) - 3} more" if len(files) > 3 else "")
 
 
+def _refusal(archive: Archive, file: Path, reason: str) -> str:
+    return f"{archive}: the archive refused {file.name} (STOW-RS failure reason {reason})"
+
+
 def _stow(
     client: Any, archive: Archive, datasets: Sequence[Any], what: str
-) -> tuple[_StowProblem | None, set[str]]:
-    """One STOW-RS request: ``(problem or None, SOP Instance UIDs the archive refused)``."""
+) -> tuple[_StowProblem | None, dict[str, str]]:
+    """One STOW-RS request: ``(problem or None, refused SOP Instance UID -> reason)``."""
     try:
         with _requests_to(archive, f"storing {what}"):
             answer = client.store_instances(list(datasets))
@@ -464,25 +474,29 @@ def _stow(
         raise
     except ArchiveUnreachableError as error:
         unreachable = error.status is None or error.status >= 500
-        return _StowProblem(str(error), unreachable), set()
-    failed = {
-        str(item.get("ReferencedSOPInstanceUID", ""))
+        return _StowProblem(str(error), unreachable), {}
+    refused = {
+        str(item.get("ReferencedSOPInstanceUID", "")): str(item.get("FailureReason", "?"))
         for item in getattr(answer, "FailedSOPSequence", None) or []
     }
-    return None, failed
+    return None, refused
 
 
 def _store_one_by_one(
-    client: Any, archive: Archive, batch: Sequence[Path], datasets: Sequence[Any], report: Any
+    client: Any,
+    archive: Archive,
+    batch: Sequence[Path],
+    datasets: Sequence[Any],
+    report: StoreReport,
 ) -> None:
-    """After a refused batch: each instance in a request of its own."""
+    """After a refused request: each instance in a request of its own."""
     for file, dataset in zip(batch, datasets, strict=True):
-        problem, failed = _stow(client, archive, [dataset], file.name)
+        problem, refused = _stow(client, archive, [dataset], file.name)
         report.requests += 1
         if problem is not None:
             report.failed.append((file, problem.text))
-        elif failed:
-            report.failed.append((file, f"{archive}: the archive refused {file.name} (STOW-RS)"))
+        elif refused:
+            report.failed.append((file, _refusal(archive, file, next(iter(refused.values())))))
         else:
             report.stored.append(file)
 
