@@ -16,10 +16,13 @@ in a process of its own (wall time, peak RSS of the process tree sampled every 0
 
 The run is the no-model ``intensity`` baseline (HU window, resized to 32³), fitted on 12 of
 the series: the screen's cost is reading, preprocessing and writing, which is what the
-archive changes. Start Orthanc as ``docs/archive.md`` does and give its credentials in
-``MEDANOMALY_DICOMWEB_USER`` / ``MEDANOMALY_DICOMWEB_PASSWORD``:
+archive changes. Without ``--orthanc`` the benchmark starts an Orthanc of its own (``Orthanc``
+with its DICOMweb plugin, ``apt-get install orthanc orthanc-dicomweb``) on a free loopback
+port, with its storage under ``OUT/orthanc`` and a user and password of its own, and stops it
+at the end. With ``--orthanc`` it uses a running one (started as ``docs/archive.md`` does),
+whose credentials are in ``MEDANOMALY_DICOMWEB_USER`` / ``MEDANOMALY_DICOMWEB_PASSWORD``:
 
-    .venv/bin/python benchmarks/archive.py --orthanc http://127.0.0.1:8042 --out OUT \
+    .venv/bin/python benchmarks/archive.py --out OUT [--orthanc http://127.0.0.1:8042] \
         [--sizes 50 200] [--slices 64] [--matrix 128]
     -> OUT/results.json (rows: archive_N and local_N), OUT/results.md
 
@@ -32,6 +35,7 @@ import argparse
 import json
 import os
 import shutil
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -72,6 +76,75 @@ def write_series(folder: Path, n: int, slices: int, matrix: int) -> list[Path]:
         )
         folders.append(target)
     return folders
+
+
+class LocalOrthanc:
+    """An Orthanc of the benchmark's own on a free loopback port (stopped on exit).
+
+    Its credentials go into the environment (``MEDANOMALY_DICOMWEB_USER`` / ``_PASSWORD``)
+    for the steps' processes; they are random and die with it.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        import secrets
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = int(sock.getsockname()[1])
+        self.folder = folder
+        self.user, self.password = "bench", secrets.token_urlsafe(16)
+        plugins = [
+            p
+            for folder in ("/usr/share/orthanc/plugins", "/usr/lib/orthanc")
+            for p in sorted(Path(folder).glob("libOrthancDicomWeb.so*"))
+        ]
+        if shutil.which("Orthanc") is None or not plugins:
+            sys.exit("Orthanc with its DICOMweb plugin is not installed (apt-get install "
+                     "orthanc orthanc-dicomweb); or name a running one with --orthanc")  # fmt: skip
+        folder.mkdir(parents=True, exist_ok=True)
+        config = {
+            "Name": "medanomaly-benchmark",
+            "HttpPort": self.port,
+            "DicomServerEnabled": False,
+            "RemoteAccessAllowed": False,
+            "StorageDirectory": str(folder / "storage"),
+            "IndexDirectory": str(folder / "storage"),
+            "AuthenticationEnabled": True,
+            "RegisteredUsers": {self.user: self.password},
+            "Plugins": [str(plugins[0])],
+            "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+            "OverwriteInstances": True,
+        }
+        (folder / "orthanc.json").write_text(json.dumps(config))
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def rest(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def __enter__(self) -> LocalOrthanc:
+        log = open(self.folder / "orthanc.log", "ab")  # noqa: SIM115 (lives with the process)
+        self.process = subprocess.Popen(
+            ["Orthanc", str(self.folder / "orthanc.json")], stdout=log, stderr=log
+        )
+        os.environ["MEDANOMALY_DICOMWEB_USER"] = self.user
+        os.environ["MEDANOMALY_DICOMWEB_PASSWORD"] = self.password
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                requests.get(f"{self.rest}/system", auth=(self.user, self.password), timeout=5)
+                (self.folder / "orthanc.json").unlink()  # read at start; it holds the password
+                return self
+            except requests.ConnectionError:
+                time.sleep(0.2)
+        raise RuntimeError(f"Orthanc did not answer within 60 s: see {self.folder}/orthanc.log")
+
+    def __exit__(self, *exc: object) -> None:
+        if self.process is not None:
+            self.process.terminate()
+            self.process.wait(30)
+        shutil.rmtree(self.folder / "storage", ignore_errors=True)
 
 
 def rest_session() -> requests.Session:
@@ -262,7 +335,10 @@ def main() -> None:
         print(json.dumps(retrieve_step(data, folder, workers)))
         return
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--orthanc", required=True, help="Orthanc's REST root, http://HOST:PORT")
+    parser.add_argument(
+        "--orthanc",
+        help="a running Orthanc's REST root, http://HOST:PORT (default: start one on loopback)",
+    )
     parser.add_argument("--out", required=True)
     parser.add_argument("--sizes", type=int, nargs="+", default=list(DEFAULT_SIZES))
     parser.add_argument("--slices", type=int, default=64)
@@ -274,6 +350,16 @@ def main() -> None:
     out = Path(args.out)
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    if args.orthanc is None:
+        with LocalOrthanc(out / "orthanc") as server:
+            args.orthanc = server.rest
+            run_sizes(args, out, logs)
+    else:
+        run_sizes(args, out, logs)
+
+
+def run_sizes(args: argparse.Namespace, out: Path, logs: Path) -> None:
+    """Measure every N of ``--sizes``, writing the results after each."""
     rows = []
     for n in args.sizes:
         rows.append(measure(args, n, out, logs))

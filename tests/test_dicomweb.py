@@ -13,6 +13,7 @@ import io
 import json
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pytest
 import requests
@@ -285,9 +286,10 @@ def test_a_server_killed_midway_then_the_same_command_again_scores_and_stores_ea
     fetch = loading.fetch_series
 
     def kill_after_the_first(series, folder):
-        if not Path(folder).is_dir():
+        fresh = not Path(folder).is_dir()
+        result = fetch(series, folder)  # the series were listed before: retrievals fail
+        if fresh:
             retrieved.append(str(series))
-        result = fetch(series, folder)
         if len(retrieved) == 1:
             orthanc.stop()
         return result
@@ -398,3 +400,158 @@ def test_tls_is_verified_unless_a_ca_bundle_is_named_and_a_token_goes_in_a_heade
     monkeypatch.setenv(dicomweb.CA_BUNDLE_ENV, str(bundle))
     session = dicomweb._session(Archive.parse("dicomweb+https://pacs.example.org/dicom-web/"))
     assert session.verify == str(bundle)
+
+
+# -- throughput: batched STOW-RS, one listing per study, retrieval one series ahead ----------
+def _requests_seen(monkeypatch) -> list[tuple[str, str, str]]:
+    """``(method, path, thread)`` of every request the archive code sends from now on.
+
+    A response hook on the real sessions (the requests go to the real Orthanc). A search's
+    later pages (``offset=``, which ``dicomweb-client`` asks for) are not counted again.
+    """
+    import threading
+    from urllib.parse import parse_qs, urlsplit
+
+    seen: list[tuple[str, str, str]] = []
+    make = dicomweb._session
+
+    def hooked(archive):
+        session = make(archive)
+
+        def record(response, *args, **kwargs):
+            request = response.request
+            url = urlsplit(request.url)
+            if parse_qs(url.query).get("offset", ["0"]) == ["0"]:  # not a search's next page
+                seen.append((request.method, url.path, threading.current_thread().name))
+
+        session.hooks["response"].append(record)
+        return session
+
+    monkeypatch.setattr(dicomweb, "_session", hooked)
+    return seen
+
+
+def _new_study(server: OrthancServer, folder: Path, study: str, patient: str) -> list[str]:
+    """Upload three small synthetic CT series of one new study; their UIDs."""
+    volumes = make_phantoms(3, 0, (6, 20, 20), seed=13).images[:, 0]
+    uids = [f"{study}.{k}" for k in range(3)]
+    for uid, volume in zip(uids, volumes, strict=True):
+        files = write_dicom_series(
+            folder / uid, 2000 * volume - 1000, series_uid=uid, study_uid=study, patient_id=patient
+        )
+        assert _upload(server, files[0].parent) == len(files)
+    return uids
+
+
+def test_batches_are_cut_by_instance_count_and_by_bytes(tmp_path) -> None:
+    files = []
+    for name, size in [("a", 10), ("b", 10), ("c", 30), ("d", 100), ("e", 5)]:
+        files.append(tmp_path / name)
+        files[-1].write_bytes(b"x" * size)
+    names = [[f.name for f in batch] for batch in dicomweb.stow_batches(files, 2, 50)]
+    assert names == [["a", "b"], ["c"], ["d"], ["e"]]  # d (100 bytes) goes alone
+    assert [len(b) for b in dicomweb.stow_batches(files, 32, 10_000)] == [5]
+
+
+def test_a_job_stores_its_maps_in_one_request_and_a_rerun_does_not_add_any(
+    orthanc, credentials, tmp_path, monkeypatch, capsys
+) -> None:
+    uids = _new_study(orthanc, tmp_path / "new", f"{SYNTH_STUDY}5.1", "BATCHED")
+    run = _fit_run(tmp_path, hu_range=2000)  # its own cache: every series is retrieved
+    seen = _requests_seen(monkeypatch)
+    data = f"{orthanc.dicomweb}?PatientID=BATCHED"
+    for attempt in range(2):
+        out = tmp_path / f"scores{attempt}.csv"
+        command = ["score", "--run", str(run), "--data", data, "--out", str(out), "--dicom",
+                   "--num-workers", "0"]  # fmt: skip
+        assert main(command) == 0, capsys.readouterr().err
+        stow = [path for method, path, _ in seen if method == "POST"]
+        assert stow == ["/dicom-web/studies"], seen  # the three maps in one request
+        seen.clear()
+    stored = _map_series(orthanc)
+    assert {uid: len(stored.get(uid, [])) for uid in uids} == dict.fromkeys(uids, 1)
+
+
+def test_a_refused_batch_is_sent_again_one_by_one_and_names_the_refused_file(
+    orthanc, credentials, tmp_path
+) -> None:
+    folder = tmp_path / "maps"
+    files = write_dicom_series(
+        folder,
+        np.zeros((3, 8, 8)),
+        series_uid=f"{SYNTH_STUDY}6.1",
+        study_uid=f"{SYNTH_STUDY}6",
+        patient_id="REFUSED",
+    )
+    broken = pydicom.dcmread(files[1])
+    del broken.SOPInstanceUID  # no archive can file it
+    broken.save_as(files[1])
+    archive = Archive.parse(orthanc.dicomweb)
+    report = dicomweb.store_instances(archive, files)
+    assert report.stored == [files[0], files[2]]
+    assert [file for file, _ in report.failed] == [files[1]]
+    assert report.requests == 1 + 3  # the batch, then one request per instance
+    assert PASSWORD not in report.failed[0][1]
+
+
+def test_instances_are_listed_once_per_study_and_retrieved_one_series_ahead(
+    orthanc, credentials, tmp_path, monkeypatch, capsys
+) -> None:
+    import threading
+
+    study = f"{SYNTH_STUDY}7.1"
+    uids = _new_study(orthanc, tmp_path / "new", study, "AHEAD")
+    run = _fit_run(tmp_path, hu_range=2000)
+    seen = _requests_seen(monkeypatch)
+    retrieved: dict[str, str] = {}
+    fetch = loading.fetch_series
+
+    def on_thread(series, folder):
+        if not Path(folder).is_dir():  # not yet retrieved
+            retrieved[str(series)] = threading.current_thread().name
+        return fetch(series, folder)
+
+    monkeypatch.setattr(loading, "fetch_series", on_thread)
+    out = tmp_path / "scores.csv"
+    command = ["score", "--run", str(run), "--data", f"{orthanc.dicomweb}?PatientID=AHEAD",
+               "--out", str(out), "--num-workers", "0"]  # fmt: skip
+    assert main(command) == 0, capsys.readouterr().err
+    listings = [path for method, path, _ in seen if method == "GET" and path.endswith("/instances")]
+    assert listings == [f"/dicom-web/studies/{study}/instances"]  # not one per series
+    assert all(retrieved[uid].startswith("prefetch") for uid in uids), retrieved
+    with open(out, newline="") as handle:
+        assert [row["id"] for row in csv.DictReader(handle)] == uids  # the input order
+
+
+def test_a_series_that_fails_to_arrive_ahead_is_named_and_skipped(
+    orthanc, credentials, tmp_path, monkeypatch, capsys
+) -> None:
+    uids = _new_study(orthanc, tmp_path / "new", f"{SYNTH_STUDY}8.1", "VANISHED")
+    run = _fit_run(tmp_path, hu_range=2000)
+    session = requests.Session()
+    session.auth = (USER, PASSWORD)
+    fetch = loading.fetch_series
+
+    def delete_the_second_first(series, folder):
+        # the second series leaves the archive after it was listed, before it is retrieved
+        found = session.post(
+            f"{orthanc.rest}/tools/find",
+            json={"Level": "Series", "Query": {"SeriesInstanceUID": uids[1]}},
+            timeout=30,
+        ).json()
+        for orthanc_id in found:
+            session.delete(f"{orthanc.rest}/series/{orthanc_id}", timeout=30)
+        return fetch(series, folder)
+
+    monkeypatch.setattr(loading, "fetch_series", delete_the_second_first)
+    out = tmp_path / "screen"
+    command = ["screen", "--run", str(run), "--data", f"{orthanc.dicomweb}?PatientID=VANISHED",
+               "--out", str(out), "--num-workers", "0"]  # fmt: skip
+    assert main(command) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable case(s)" in err
+    assert f"{uids[1]}: HTTP 404 while retrieving series {uids[1]}" in err, err
+    with open(out / "screen.csv", newline="") as handle:
+        assert sorted(row["id"] for row in csv.DictReader(handle)) == [uids[0], uids[2]]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [item["case"] for item in summary["skipped"]] == [uids[1]]

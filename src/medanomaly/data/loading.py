@@ -10,7 +10,10 @@ later loads read the stored arrays (see :mod:`medanomaly.data.cache`).
 The first pass runs in worker processes (``num_workers``, default: the cores available;
 :mod:`medanomaly.data.workers`), one case per task, with a progress bar in cases/s. A case that
 fails in a worker is skipped and named exactly as in the main process; a worker that dies
-is replaced and the case it was on is named. With ``stream=True`` the result is a
+is replaced and the case it was on is named. The series of a DICOMweb archive are listed
+once per study before the first pass (:func:`medanomaly.io.dicomweb.with_instances`); in this
+process the next series is retrieved in a background thread, one series ahead, while the
+current one is read and preprocessed. With ``stream=True`` the result is a
 :class:`~medanomaly.data.streaming.StreamedSet`, which reads each case from the cache when it is
 used and lets cases keep their own shapes; otherwise an in-memory :class:`ImageSet`.
 """
@@ -23,6 +26,7 @@ import logging
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -49,6 +53,7 @@ from medanomaly.io.dicomweb import (
     RemoteSeries,
     fetch_series,
     series_digest,
+    with_instances,
 )
 from medanomaly.io.temporary import temporary_folder
 from medanomaly.transforms import FOREGROUND_KEY, LESION_KEY, Compose, build_transforms
@@ -350,6 +355,7 @@ class _FirstPass:
 
     def run(self, cases: Sequence[Case]) -> Iterator[tuple[int, _Outcome]]:
         """Yield ``(index, outcome)`` for every case (in any order), with a progress bar."""
+        cases = _listed(cases)
         bar = tqdm(total=len(cases), unit="case", desc="preparing cases", disable=None)
         try:
             for index, outcome in self._outcomes(cases):
@@ -363,13 +369,19 @@ class _FirstPass:
         started = time.perf_counter()
         done = 0
         if self.num_workers is None or workers < 2:
-            for done, case in enumerate(cases, start=1):
-                yield done - 1, _prepare(self.job, case)
-                slow = time.perf_counter() - started > AUTO_SERIAL_SECONDS
-                if workers >= 2 and slow and len(cases) - done >= 2:
-                    break
-            else:
-                return
+            with _Prefetch(self.job) as ahead:
+                if cases:
+                    ahead.start(0, cases[0])
+                for done, case in enumerate(cases, start=1):
+                    error = ahead.wait(done - 1)  # this case's series is here (or failed)
+                    if done < len(cases):  # the next one's comes while this one is prepared
+                        ahead.start(done, cases[done])
+                    yield done - 1, _prepare(self.job, case) if error is None else error
+                    slow = time.perf_counter() - started > AUTO_SERIAL_SECONDS
+                    if workers >= 2 and slow and len(cases) - done >= 2:
+                        break
+                else:
+                    return
         self._store_only()
         rest = [(self.job, case) for case in cases[done:]]
         log.info("preparing %d cases in %d worker processes", len(rest), workers)
@@ -377,6 +389,73 @@ class _FirstPass:
             if isinstance(outcome, WorkerDied):
                 outcome = _Outcome(error=ImageReadError(cases[done + index].path, outcome.message))
             yield done + index, outcome
+
+
+def _listed(cases: Sequence[Case]) -> Sequence[Case]:
+    """The cases, their archive series' instances listed once per study (one QIDO-RS each)."""
+    remote = [i for i, case in enumerate(cases) if isinstance(case.path, RemoteSeries)]
+    if not remote:
+        return cases
+    series = with_instances([cases[i].path for i in remote])  # type: ignore[misc]
+    listed = list(cases)
+    for i, one in zip(remote, series, strict=True):
+        listed[i] = replace(cases[i], path=one)
+    return listed
+
+
+def _retrieve(job: _Job, case: Case) -> None:
+    """Retrieve a case's archive series into the cache, unless the case is prepared there."""
+    cache = PreprocessCache(job.store)  # type: ignore[arg-type]
+    series: RemoteSeries = case.path  # type: ignore[assignment]
+    digest = series_digest(series)
+    pipeline = _pipeline(job.transforms)
+    key = cache.key(series, pipeline, job.read_options, mask=case.mask, source_digest=digest)
+    if cache.entry(key) is None:
+        fetch_series(series, cache.series_folder(digest))
+
+
+class _Prefetch:
+    """Retrieves the next archive series in a background thread while this one is prepared.
+
+    At most one series is retrieved ahead. A retrieval that fails with an expected error
+    (the archive cannot be reached) gives the case the outcome that preparing it would
+    have given (the same error, naming the series); any other exception is raised in the
+    caller's thread when the case's turn comes.
+
+    Args:
+        job: How the cases are prepared; its ``store`` is the cache folder the series go into
+            (``None``: no prefetch; each case then retrieves its series into a temporary
+            folder of its own).
+    """
+
+    def __init__(self, job: _Job) -> None:
+        self.job = job
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="prefetch") if job.store else None
+        self.pending: dict[int, tuple[Future, Case]] = {}
+
+    def start(self, index: int, case: Case) -> None:
+        """Start retrieving ``case``'s series (if it is an archive's)."""
+        if self.pool is not None and isinstance(case.path, RemoteSeries) and case.problem is None:
+            self.pending[index] = (self.pool.submit(_retrieve, self.job, case), case)
+
+    def wait(self, index: int) -> _Outcome | None:
+        """Wait for the case's retrieval; its outcome if it failed, else ``None``."""
+        future, case = self.pending.pop(index, (None, None))
+        if future is None:
+            return None
+        try:
+            future.result()
+        except (MedanomalyError, OSError, ValueError) as error:
+            log.info("skipping %s", case.path, exc_info=True)  # type: ignore[union-attr]
+            return _Outcome(error=error)
+        return None
+
+    def __enter__(self) -> _Prefetch:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:  # a retrieval still running ends before the workers start
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 def load_dataset(

@@ -3,7 +3,9 @@
 Each map written with ``--dicom`` (:mod:`medanomaly.outputs.dicom_maps`) references its
 source series on the same frame of reference, so the archive's viewer shows it beside the
 scan. Its UIDs are derived from the source series and the run, so storing it again (a rerun,
-a resumed run) replaces the stored map rather than adding a second one.
+a resumed run) replaces the stored map rather than adding a second one. The maps of a chunk
+of cases go in one STOW-RS request (up to :data:`~medanomaly.io.dicomweb.STOW_MAX_INSTANCES`
+instances and :data:`~medanomaly.io.dicomweb.STOW_MAX_BYTES` bytes per request).
 """
 
 from __future__ import annotations
@@ -53,11 +55,17 @@ def open_store(url: str) -> Archive:
 
 
 def store_maps(archive: Archive, files: Sequence[str | Path]) -> list[str]:
-    """Store the ``.dcm`` maps among ``files``; one problem line per map not stored."""
-    problems = []
-    for file in (Path(f) for f in files if str(f).endswith(".dcm")):
-        try:
-            store_instances(archive, [file])
-        except ConfigError as error:
-            problems.append(f"{file.name}: not stored in the archive: {error}")
-    return problems
+    """Store the ``.dcm`` maps among ``files``, several per STOW-RS request.
+
+    Returns:
+        One problem line per map not stored (see
+        :func:`~medanomaly.io.dicomweb.store_instances`).
+    """
+    maps = [Path(f) for f in files if str(f).endswith(".dcm")]
+    if not maps:
+        return []
+    try:
+        report = store_instances(archive, maps)
+    except ConfigError as error:  # the archive refused the credentials: every map
+        return [f"{file.name}: not stored in the archive: {error}" for file in maps]
+    return [f"{file.name}: not stored in the archive: {problem}" for file, problem in report.failed]

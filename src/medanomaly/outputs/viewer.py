@@ -153,9 +153,12 @@ def viewer_volumes(detector: Any, data: str | Path, folder: Path) -> ViewerVolum
     manifest names.
     """
     from medanomaly.data.listing import list_cases
+    from medanomaly.io.dicomweb import is_dicomweb_url
 
     options = detector.run_config_.get("data") or {}
-    masks = {str(c.path): c.mask for c in list_cases(data, options.get("label_names"))}
+    masks: dict[str, Any] = {}
+    if not is_dicomweb_url(data):  # an archive's series have no masks: no second search
+        masks = {str(c.path): c.mask for c in list_cases(data, options.get("label_names"))}
     return ViewerVolumes(
         staging_folder(folder),
         read_options=dict(options.get("read_options") or {}),
