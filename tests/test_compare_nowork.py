@@ -5,8 +5,10 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from monai.data import get_track_meta
 from test_evaluate_cli import write_phantom_manifest
 
+from medanomaly.data.loading import ArrayAugment
 from medanomaly.detectors.deep import DeepDetector
 from medanomaly.image import MedicalImage
 from medanomaly.model_selection import compare as compare_module
@@ -14,6 +16,7 @@ from medanomaly.model_selection.compare import compare, load_labelled, protocol_
 from medanomaly.model_selection.spec import parse_spec
 from medanomaly.models.baselines import IntensityBaseline
 from medanomaly.postprocess import PostProcess
+from medanomaly.transforms import build_transforms
 from medanomaly.transforms._base import RandomTransform, Transform
 
 EPOCHS = 2
@@ -195,3 +198,26 @@ def test_each_post_processing_choice_processes_a_case_once_per_candidate(
 
 def _digest(array) -> str:
     return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
+
+
+def test_augmentation_draws_the_same_arrays_without_monai_metadata():
+    """The training draws skip MONAI's metadata, and give exactly what they gave with it."""
+    steps = [
+        {"rand_flip": {"axes": [0, 1], "prob": 0.5}},
+        {"rand_affine": {"rotate_deg": 10.0, "translate": 0.05, "scale": 0.1, "prob": 0.9}},
+        {"rand_intensity": {"prob": 0.9}},
+    ]
+    images = np.random.default_rng(0).random((12, 1, 16, 16)).astype(np.float32)
+    transforms = build_transforms(steps)
+    transforms.set_random_state(7)
+    with_metadata = [
+        np.asarray(transforms(MedicalImage(array=a, spacing=(1.0, 1.0))).array) for a in images
+    ]
+    augment = ArrayAugment(build_transforms(steps)).set_random_state(7)
+    assert get_track_meta()
+    drawn = [augment(a) for a in images]
+    assert get_track_meta()  # the setting is MONAI's, for everyone else: restored
+    assert any(not np.array_equal(d, a) for d, a in zip(drawn, images, strict=True))
+    for ours, theirs in zip(drawn, with_metadata, strict=True):
+        assert type(ours) is np.ndarray
+        np.testing.assert_array_equal(ours, theirs)

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from monai.data import get_track_meta, set_track_meta
 from tqdm.auto import tqdm
 
 from medanomaly.data.cache import CacheEntry, PreprocessCache, Preprocessed
@@ -596,6 +597,23 @@ def _stack_masks(
     return np.stack([np.full(spatial, fill, bool) if m is None else m for m in masks])
 
 
+@contextmanager
+def _monai_metadata_off() -> Iterator[None]:
+    """Run MONAI transforms on plain tensors, without tracking metadata (restored after).
+
+    A bare training array carries no metadata that anyone reads, and MONAI's tracking
+    (a ``MetaTensor`` per operation, each transform's affine and history) cost about 60 % of
+    each random draw of a head CT slice (``docs/compare.md``, cost); the arrays drawn are the
+    same.
+    """
+    tracking = get_track_meta()
+    set_track_meta(False)
+    try:
+        yield
+    finally:
+        set_track_meta(tracking)
+
+
 class ArrayAugment:
     """Apply random transforms to a bare array ``(C, *spatial)`` (unit spacing)."""
 
@@ -610,4 +628,5 @@ class ArrayAugment:
     def __call__(self, array: np.ndarray) -> np.ndarray:
         """One random draw of the transforms applied to ``array``."""
         spacing = (1.0,) * (array.ndim - 1)
-        return self.transforms(MedicalImage(array=array, spacing=spacing)).array
+        with _monai_metadata_off():
+            return self.transforms(MedicalImage(array=array, spacing=spacing)).array
