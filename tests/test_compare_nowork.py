@@ -200,13 +200,17 @@ def _digest(array) -> str:
     return hashlib.sha1(np.ascontiguousarray(array).tobytes()).hexdigest()
 
 
-def test_augmentation_draws_the_same_arrays_without_monai_metadata():
-    """The training draws skip MONAI's metadata, and give exactly what they gave with it."""
+@pytest.mark.parametrize("placed", [False, True])
+def test_augmentation_draws_the_same_arrays_without_monai_metadata(placed):
+    """The training draws skip MONAI's metadata, and give exactly what they gave with it;
+    a step that needs it (a random ``pad``, whose geometry MONAI returns) still has it."""
     steps = [
         {"rand_flip": {"axes": [0, 1], "prob": 0.5}},
         {"rand_affine": {"rotate_deg": 10.0, "translate": 0.05, "scale": 0.1, "prob": 0.9}},
         {"rand_intensity": {"prob": 0.9}},
     ]
+    if placed:
+        steps.insert(1, {"pad": {"shape": [20, 20], "position": "random"}})
     images = np.random.default_rng(0).random((12, 1, 16, 16)).astype(np.float32)
     transforms = build_transforms(steps)
     transforms.set_random_state(7)

@@ -53,6 +53,7 @@ from medanomaly.io.dicomweb import (
 )
 from medanomaly.io.temporary import temporary_folder
 from medanomaly.transforms import FOREGROUND_KEY, LESION_KEY, Compose, build_transforms
+from medanomaly.transforms.augment import RandAffine, RandFlip, RandIntensity
 
 log = logging.getLogger(__name__)
 
@@ -597,6 +598,10 @@ def _stack_masks(
     return np.stack([np.full(spatial, fill, bool) if m is None else m for m in masks])
 
 
+PLAIN_TENSOR_TRANSFORMS = (RandFlip, RandAffine, RandIntensity)
+"""Random transforms that read no MONAI metadata: drawn without it (the same arrays)."""
+
+
 @contextmanager
 def _monai_metadata_off() -> Iterator[None]:
     """Run MONAI transforms on plain tensors, without tracking metadata (restored after).
@@ -627,6 +632,11 @@ class ArrayAugment:
 
     def __call__(self, array: np.ndarray) -> np.ndarray:
         """One random draw of the transforms applied to ``array``."""
-        spacing = (1.0,) * (array.ndim - 1)
-        with _monai_metadata_off():
-            return self.transforms(MedicalImage(array=array, spacing=spacing)).array
+        image = MedicalImage(array=array, spacing=(1.0,) * (array.ndim - 1))
+        for transform in self.transforms:
+            if isinstance(transform, PLAIN_TENSOR_TRANSFORMS):
+                with _monai_metadata_off():
+                    image = transform(image)
+            else:  # e.g. pad, crop: geometry comes back through MONAI's metadata
+                image = transform(image)
+        return image.array
