@@ -182,10 +182,10 @@ def test_a_candidate_failing_in_one_fold_is_reported_and_the_others_finish(tmp_p
     manifest = write_phantom_manifest(tmp_path / "data", 32, 16, per_group=2)
     real = compare_module.fit_candidate
 
-    def failing(candidate, data, split, folder, spec):
+    def failing(candidate, data, split, folder, spec, parts=None):
         if candidate.name == "intensity_voxel" and split.name == "r1_f2":
             raise FloatingPointError("loss is NaN")
-        return real(candidate, data, split, folder, spec)
+        return real(candidate, data, split, folder, spec, parts)
 
     monkeypatch.setattr(compare_module, "fit_candidate", failing)
     results = compare(

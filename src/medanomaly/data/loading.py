@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from monai.data import get_track_meta, set_track_meta
 from tqdm.auto import tqdm
 
 from medanomaly.data.cache import CacheEntry, PreprocessCache, Preprocessed
@@ -57,6 +58,7 @@ from medanomaly.io.dicomweb import (
 )
 from medanomaly.io.temporary import temporary_folder
 from medanomaly.transforms import FOREGROUND_KEY, LESION_KEY, Compose, build_transforms
+from medanomaly.transforms.augment import RandAffine, RandFlip, RandIntensity
 
 log = logging.getLogger(__name__)
 
@@ -675,6 +677,27 @@ def _stack_masks(
     return np.stack([np.full(spatial, fill, bool) if m is None else m for m in masks])
 
 
+PLAIN_TENSOR_TRANSFORMS = (RandFlip, RandAffine, RandIntensity)
+"""Random transforms that read no MONAI metadata: drawn without it (the same arrays)."""
+
+
+@contextmanager
+def _monai_metadata_off() -> Iterator[None]:
+    """Run MONAI transforms on plain tensors, without tracking metadata (restored after).
+
+    A bare training array carries no metadata that anyone reads, and MONAI's tracking
+    (a ``MetaTensor`` per operation, each transform's affine and history) cost about 60 % of
+    each random draw of a head CT slice (``docs/compare.md``, cost); the arrays drawn are the
+    same.
+    """
+    tracking = get_track_meta()
+    set_track_meta(False)
+    try:
+        yield
+    finally:
+        set_track_meta(tracking)
+
+
 class ArrayAugment:
     """Apply random transforms to a bare array ``(C, *spatial)`` (unit spacing)."""
 
@@ -688,5 +711,11 @@ class ArrayAugment:
 
     def __call__(self, array: np.ndarray) -> np.ndarray:
         """One random draw of the transforms applied to ``array``."""
-        spacing = (1.0,) * (array.ndim - 1)
-        return self.transforms(MedicalImage(array=array, spacing=spacing)).array
+        image = MedicalImage(array=array, spacing=(1.0,) * (array.ndim - 1))
+        for transform in self.transforms:
+            if isinstance(transform, PLAIN_TENSOR_TRANSFORMS):
+                with _monai_metadata_off():
+                    image = transform(image)
+            else:  # e.g. pad, crop: geometry comes back through MONAI's metadata
+                image = transform(image)
+        return image.array

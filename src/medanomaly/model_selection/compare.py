@@ -32,7 +32,8 @@ import time
 import traceback
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -108,6 +109,90 @@ class Outputs:
     val: AnomalyResult
     test: AnomalyResult
     detector: BaseDetector | None = None
+
+
+class FoldParts:
+    """A fold's parts as sets of cases, made once per fold and shared by its candidates.
+
+    The deterministic transforms ran once, when :func:`load_labelled` read the data; each
+    part is cut from those arrays the first time a candidate asks for it and kept until the
+    fold ends (the :class:`_FoldRunner` holding it is dropped), so that memory holds one
+    fold's parts at a time. The training parts keep the set's random augmentation, which the
+    engine draws anew every epoch.
+    """
+
+    def __init__(self, images: ImageSet, split: FoldSplit) -> None:
+        self.images, self.split = images, split
+
+    def training(self, supervised: bool) -> ImageSet:
+        """The training part's labelled cases (``supervised``), else its normal cases."""
+        return self.labelled_training if supervised else self.normal_training
+
+    @cached_property
+    def normal_training(self) -> ImageSet:
+        """The training part's normal cases, with augmentation."""
+        train = self.split.train
+        return self.images.subset(train[self.images.labels[train] == 0], keep_augment=True)
+
+    @cached_property
+    def labelled_training(self) -> ImageSet:
+        """Every labelled case of the training part, with augmentation."""
+        return self.images.subset(self.split.train, keep_augment=True)
+
+    @cached_property
+    def tune(self) -> ImageSet:
+        """The validation part's tuning half (ranks the epochs)."""
+        return self.images.subset(self.split.tune)
+
+    @cached_property
+    def val(self) -> ImageSet:
+        """The whole validation part."""
+        return self.images.subset(self.split.val)
+
+    @cached_property
+    def test(self) -> ImageSet:
+        """The test part."""
+        return self.images.subset(self.split.test)
+
+
+@dataclass
+class GalleryPick:
+    """The telling test cases of one candidate in the first fold, kept for the gallery.
+
+    Made from the candidate's post-processed test result when the fold runs, so that the
+    winner's gallery needs no second scoring of that fold.
+    """
+
+    index: list[int]
+    """Positions in the fold's test part, in gallery order."""
+    scores: np.ndarray
+    maps: np.ndarray
+    reconstructions: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, labels: np.ndarray, test: AnomalyResult) -> GalleryPick:
+        """The pick of :func:`~medanomaly.reports.figures.gallery_indices` from ``test``."""
+        from medanomaly.reports.figures import gallery_indices
+
+        index = gallery_indices(labels, test.scores, per_group=2)
+        recon = test.reconstructions
+        return cls(
+            index,
+            np.asarray(test.scores)[index],
+            np.asarray(test.maps)[index],
+            None if recon is None else np.asarray(recon)[index],
+        )
+
+
+@dataclass
+class Tuned:
+    """What tuning on a fold's tuning half chose, with the results it already computed."""
+
+    choice: int
+    value: float
+    tune: AnomalyResult
+    """The tuning half's result under the chosen post-processing (reused, not recomputed)."""
+    weights: tuple[float, ...] = field(default_factory=tuple)
 
 
 # -- data and splits ------------------------------------------------------------------------
@@ -330,12 +415,20 @@ def choose_postprocess(
         index: The cases ``result`` holds (a fold's tuning half).
         result: Their raw result.
     """
-    values = [
-        validation_metric(spec, data, index, _processed(PostProcess(c), result, data, index))
-        for c in spec.postprocess
-    ]
-    best = int(np.argmax(values))  # ties: the first (simplest) choice
-    return best, float(values[best])
+    tuned = tune_postprocess(spec, data, index, result)
+    return tuned.choice, tuned.value
+
+
+def tune_postprocess(spec: Spec, data: Labelled, index: np.ndarray, result: AnomalyResult) -> Tuned:
+    """:func:`choose_postprocess`, keeping the processed result of the choice for later."""
+    best: Tuned | None = None
+    for choice, steps in enumerate(spec.postprocess):
+        processed = _processed(PostProcess(steps), result, data, index)
+        value = validation_metric(spec, data, index, processed)
+        if best is None or value > best.value:  # ties: the first (simplest) choice
+            best = Tuned(choice, value, processed)
+    assert best is not None  # a spec holds at least one choice
+    return best
 
 
 def dice_counts(
@@ -370,27 +463,72 @@ def _positions(split: FoldSplit, part: np.ndarray) -> np.ndarray:
     return np.flatnonzero(np.isin(split.val, part))
 
 
+def merged(parts: list[tuple[np.ndarray, AnomalyResult]], n: int) -> AnomalyResult:
+    """One result of ``n`` cases from results of some of them, each at its positions."""
+    first = parts[0][1]
+
+    def assemble(values: list[np.ndarray]) -> np.ndarray:
+        shapes = {np.asarray(v).shape[1:] for v in values}
+        dtype = np.asarray(values[0]).dtype if len(shapes) == 1 else object
+        out = np.empty((n, *shapes.pop()) if len(shapes) == 1 else n, dtype=dtype)
+        for (index, _), value in zip(parts, values, strict=True):
+            for j, i in enumerate(index):
+                out[i] = value[j]
+        return out
+
+    maps = [r.maps for _, r in parts]
+    recons = [r.reconstructions for _, r in parts]
+    return AnomalyResult(
+        scores=assemble([r.scores for _, r in parts]),
+        labels=assemble([r.labels for _, r in parts]),
+        maps=assemble(maps) if any(np.asarray(m).size for m in maps) else first.maps,
+        reconstructions=None if any(r is None for r in recons) else assemble(recons),
+        threshold=first.threshold,
+    )
+
+
+def processed_validation(
+    spec: Spec, data: Labelled, split: FoldSplit, val: AnomalyResult, tuned: Tuned
+) -> AnomalyResult:
+    """The validation part's result under the tuned choice, from its halves.
+
+    The tuning half was processed while tuning; only the selection half is processed here.
+    The halves share no patient group, so steps per group (``group_scale``) see the same
+    cases as on the whole part.
+    """
+    chain = PostProcess(spec.postprocess[tuned.choice])
+    tune, select = _positions(split, split.tune), _positions(split, split.select)
+    selected = _processed(chain, val.take(select), data, split.select)
+    return merged([(tune, tuned.tune), (select, selected)], len(split.val))
+
+
 def evaluate_choice(
     spec: Spec,
     data: Labelled,
     split: FoldSplit,
     outputs: Outputs,
-    choice: int,
+    choice: int | Tuned,
 ) -> tuple[dict[str, Any], AnomalyResult]:
     """Apply a tuned post-processing choice; selection and test figures; the thresholds.
 
     The selection figure (and its bootstrap replicates) comes from the selection half; the
-    image threshold and the pixel cut-off from the whole validation part.
+    image threshold and the pixel cut-off from the whole validation part. ``choice`` is the
+    index of the choice, or what :func:`tune_postprocess` returned (whose processed tuning
+    half is then reused).
     """
-    chain = PostProcess(spec.postprocess[choice])
-    val = _processed(chain, outputs.val, data, split.val)
+    if not isinstance(choice, Tuned):
+        chain = PostProcess(spec.postprocess[choice])
+        tune = outputs.val.take(_positions(split, split.tune))
+        choice = Tuned(choice, np.nan, _processed(chain, tune, data, split.tune))
+    chain = PostProcess(spec.postprocess[choice.choice])
+    val = processed_validation(spec, data, split, outputs.val, choice)
     test = _processed(chain, outputs.test, data, split.test)
     labels = data.images.labels
     threshold = _threshold(spec, labels[split.val], val.scores)
     image = image_metrics(labels[split.test], test.scores, threshold)
     select = val.take(_positions(split, split.select))
     record: dict[str, Any] = {
-        "postprocess": list(spec.postprocess[choice]),
+        "postprocess": list(spec.postprocess[choice.choice]),
         "threshold": threshold,
         **{k: image[k] for k in IMAGE_KEYS},
         "selection_metric": validation_metric(spec, data, split.select, select),
@@ -451,17 +589,33 @@ def training_cases(
 
 
 def fit_candidate(
-    candidate: Candidate, data: Labelled, split: FoldSplit, folder: Path, spec: Spec
+    candidate: Candidate,
+    data: Labelled,
+    split: FoldSplit,
+    folder: Path,
+    spec: Spec,
+    parts: FoldParts | None = None,
 ) -> Outputs:
-    """Fit a candidate (epochs ranked on the tuning half); raw validation and test results."""
-    images = data.images
-    train = training_cases(spec, candidate, images, split.train)
-    tune = images.subset(split.tune)
-    detector = fit_run(candidate.config, train, folder, val=tune, resume=True).detector
+    """Fit a candidate (epochs ranked on the tuning half); raw validation and test results.
+
+    The validation part is scored once, with the weights of the chosen epoch: its tuning
+    and selection halves, the threshold and the post-processing all take their cases from
+    that one result.
+
+    Args:
+        candidate: A model or baseline candidate.
+        data: The labelled cases.
+        split: The fold.
+        folder: The candidate's run directory in this fold.
+        spec: The spec.
+        parts: The fold's parts shared by its candidates (``None``: cut here).
+    """
+    parts = parts or FoldParts(data.images, split)
+    supervised = not candidate.is_fusion and is_supervised(spec, candidate)
+    train = parts.training(supervised)
+    detector = fit_run(candidate.config, train, folder, val=parts.tune, resume=True).detector
     return Outputs(
-        val=detector.detect(images.subset(split.val)),
-        test=detector.detect(images.subset(split.test)),
-        detector=detector,
+        val=detector.detect(parts.val), test=detector.detect(parts.test), detector=detector
     )
 
 
@@ -492,22 +646,31 @@ def fuse_in_fold(
     spec: Spec, data: Labelled, split: FoldSplit, members: list[Outputs]
 ) -> tuple[Outputs, tuple[float, ...], int, float]:
     """Choose weights and post-processing jointly on the tuning half; the fused outputs."""
+    outputs, tuned = tune_fusion(spec, data, split, members)
+    return outputs, tuned.weights, tuned.choice, tuned.value
+
+
+def tune_fusion(
+    spec: Spec, data: Labelled, split: FoldSplit, members: list[Outputs]
+) -> tuple[Outputs, Tuned]:
+    """:func:`fuse_in_fold`, keeping the processed tuning half of the choice for later."""
     stats = member_stats(data, split, members)
     tune = _positions(split, split.tune)
-    best: tuple[float, float, tuple[float, ...], int] | None = None
+    best: tuple[float, float, Tuned] | None = None
     for weights in weight_grid(len(members)):
         val = fused([m.val.take(tune) for m in members], stats, weights)
-        choice, value = choose_postprocess(spec, data, split.tune, val)
-        key = (value, -float(np.ptp(weights)))
+        tuned = tune_postprocess(spec, data, split.tune, val)
+        key = (tuned.value, -float(np.ptp(weights)))
         if best is None or key > best[:2]:
-            best = (*key, weights, choice)
+            tuned.weights = weights
+            best = (*key, tuned)
     assert best is not None
-    weights, choice = best[2], best[3]
+    weights = best[2].weights
     outputs = Outputs(
         val=fused([m.val for m in members], stats, weights),
         test=fused([m.test for m in members], stats, weights),
     )
-    return outputs, weights, choice, best[0]
+    return outputs, best[2]
 
 
 # -- the driver -----------------------------------------------------------------------------
@@ -520,21 +683,31 @@ def _safe(name: str) -> str:
 
 
 class _FoldRunner:
-    """Runs every candidate of one fold; keeps members' outputs for the fusions."""
+    """Runs every candidate of one fold; keeps members' outputs for the fusions.
 
-    def __init__(self, spec: Spec, data: Labelled, split: FoldSplit, out: Path) -> None:
+    Its :class:`FoldParts` and the outputs live as long as the runner: one fold.
+    """
+
+    def __init__(
+        self,
+        spec: Spec,
+        data: Labelled,
+        split: FoldSplit,
+        out: Path,
+        picks: dict[str, GalleryPick] | None = None,
+    ) -> None:
         self.spec, self.data, self.split, self.out = spec, data, split, out
+        self.parts = FoldParts(data.images, split)
         self.outputs: dict[str, Outputs] = {}
+        self.picks = picks
+        """Where each candidate's :class:`GalleryPick` goes (``None``: not kept)."""
 
     def member(self, name: str) -> Outputs:
         if name not in self.outputs:
             folder = _record_path(self.out, self.split, name).parent
             detector = BaseDetector.load(folder)
-            images = self.data.images
             self.outputs[name] = Outputs(
-                detector.detect(images.subset(self.split.val)),
-                detector.detect(images.subset(self.split.test)),
-                detector,
+                detector.detect(self.parts.val), detector.detect(self.parts.test), detector
             )
         return self.outputs[name]
 
@@ -547,16 +720,11 @@ class _FoldRunner:
         source = self.spec.candidate(candidate.rescore)
         detector = BaseDetector.load(_record_path(self.out, self.split, source.name).parent)
         detector.set_params(**model_changes(source.config, candidate.config))
-        images = self.data.images
-        tune = images.subset(self.split.tune)
+        tune = self.parts.tune
         detector.calibrate(tune.subset(tune.labels == 0))
         detector.write_run_config(folder, candidate.config.get("data"))
         detector.save(folder / MODEL_FILE)
-        return Outputs(
-            detector.detect(images.subset(self.split.val)),
-            detector.detect(images.subset(self.split.test)),
-            detector,
-        )
+        return Outputs(detector.detect(self.parts.val), detector.detect(self.parts.test), detector)
 
     def run(self, candidate: Candidate) -> dict[str, Any]:
         path = _record_path(self.out, self.split, candidate.name)
@@ -579,22 +747,24 @@ class _FoldRunner:
         spec, data, split = self.spec, self.data, self.split
         if candidate.is_fusion:
             members = [self.member(name) for name in candidate.fusion]
-            outputs, weights, choice, value = fuse_in_fold(spec, data, split, members)
-            extra = {"weights": dict(zip(candidate.fusion, weights, strict=True))}
+            outputs, tuned = tune_fusion(spec, data, split, members)
+            extra = {"weights": dict(zip(candidate.fusion, tuned.weights, strict=True))}
         else:
             if candidate.rescore is not None:
                 outputs = self.rescored(candidate, folder)
             else:
-                outputs = fit_candidate(candidate, data, split, folder, spec)
+                outputs = fit_candidate(candidate, data, split, folder, spec, self.parts)
             self.outputs[candidate.name] = outputs
             tune = outputs.val.take(_positions(split, split.tune))
-            choice, value = choose_postprocess(spec, data, split.tune, tune)
+            tuned = tune_postprocess(spec, data, split.tune, tune)
             extra = {
                 "epochs": len(outputs.detector.history_),
                 "epoch_monitor": outputs.detector.resolved_settings().get("epoch_monitor"),
             }
-        record, _ = evaluate_choice(spec, data, split, outputs, choice)
-        return {**record, **extra, "choice": choice, "tune_metric": value}
+        record, test = evaluate_choice(spec, data, split, outputs, tuned)
+        if self.picks is not None:
+            self.picks[candidate.name] = GalleryPick.of(data.images.labels[split.test], test)
+        return {**record, **extra, "choice": tuned.choice, "tune_metric": tuned.value}
 
 
 def compare(
@@ -632,7 +802,8 @@ def compare(
     labelled = load_labelled(spec, strict, num_workers)
     splits = protocol_splits(spec, labelled)
     start_or_resume(out, SPEC_FILE, spec_state(spec, splits), "comparison")
-    records = run_folds(spec, labelled, splits, out, echo, progress)
+    picks: dict[str, GalleryPick] = {}
+    records = run_folds(spec, labelled, splits, out, echo, progress, picks)
     levels = {c.name: complexity(spec, c) for c in spec.candidates}
     decisions = [
         {"fold": split.name, **decide_fold({n: rs[i] for n, rs in records.items()}, levels)}
@@ -661,7 +832,8 @@ def compare(
         "data": str(spec.data),
     }
     if winner is not None:
-        winner_gallery(spec, labelled, splits[0], out, winner, records[winner][0])
+        pick = picks.get(winner)
+        winner_gallery(spec, labelled, splits[0], out, winner, records[winner][0], pick)
     if refit and winner is not None:
         results["best"] = refit_best(spec, labelled, rows[winner], winner, out, splits)
     write_json(out / RESULTS_FILE, results)
@@ -677,15 +849,20 @@ def run_folds(
     out: Path,
     echo: Echo | None,
     progress: bool,
+    picks: dict[str, GalleryPick] | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """Every candidate's record in every fold (finished records are read back, not rerun)."""
+    """Every candidate's record in every fold (finished records are read back, not rerun).
+
+    Each fold's parts are cut once for all its candidates and dropped when the fold ends.
+    ``picks`` receives the gallery pick of every candidate run in the first fold.
+    """
     records: dict[str, list[dict[str, Any]]] = {c.name: [] for c in spec.candidates}
     # members and rescore sources first
     order = sorted(spec.candidates, key=lambda c: (c.is_fusion, c.rescore is not None))
     bar = tqdm(total=len(splits) * len(order), desc="compare", disable=not progress)
     with bar, default_threshold_unused():  # the spec's rule replaces each fit's own
-        for split in splits:
-            runner = _FoldRunner(spec, data, split, out)
+        for number, split in enumerate(splits):
+            runner = _FoldRunner(spec, data, split, out, picks if number == 0 else None)
             for candidate in order:
                 bar.set_postfix_str(f"{split.name} {candidate.name}")
                 record = runner.run(candidate)
@@ -720,12 +897,43 @@ def per_fold_choice(
 
 
 def winner_gallery(
-    spec: Spec, data: Labelled, split: FoldSplit, out: Path, name: str, record: dict[str, Any]
+    spec: Spec,
+    data: Labelled,
+    split: FoldSplit,
+    out: Path,
+    name: str,
+    record: dict[str, Any],
+    pick: GalleryPick | None = None,
 ) -> list[Path]:
-    """Input | reconstruction | map of the winner's telling test cases of the first fold."""
-    from medanomaly.reports.figures import gallery_indices, save_gallery
+    """Input | reconstruction | map of the winner's telling test cases of the first fold.
+
+    ``pick`` is what the fold kept when it ran; without it (a resumed run) the winner's
+    first-fold run is scored again.
+    """
+    from medanomaly.reports.figures import save_gallery
     from medanomaly.reports.files import FIGURES_DIR
 
+    pick = pick or _rescored_pick(spec, data, split, out, name, record)
+    labels = data.images.labels[split.test]
+    chosen = pick.index
+    ids = [data.images.ids[split.test[i]] for i in chosen]
+    return save_gallery(
+        out / FIGURES_DIR / "gallery",
+        data.images.images[split.test][chosen],
+        pick.reconstructions,
+        pick.maps,
+        [
+            f"{Path(c).name} label {labels[i]} score {score:.3g}"
+            for c, i, score in zip(ids, chosen, pick.scores, strict=True)
+        ],
+        [f"{k:02d}_{_safe(Path(c).stem)}" for k, c in enumerate(ids)],
+    )
+
+
+def _rescored_pick(
+    spec: Spec, data: Labelled, split: FoldSplit, out: Path, name: str, record: dict[str, Any]
+) -> GalleryPick:
+    """The gallery pick of ``name`` in ``split``, from its saved run (or its members')."""
     runner = _FoldRunner(spec, data, split, out)
     candidate = spec.candidate(name)
     if candidate.is_fusion:
@@ -736,21 +944,7 @@ def winner_gallery(
     else:
         test = runner.member(name).test
     test = _processed(PostProcess(record["postprocess"]), test, data, split.test)
-    labels = data.images.labels[split.test]
-    chosen = gallery_indices(labels, test.scores, per_group=2)
-    ids = [data.images.ids[split.test[i]] for i in chosen]
-    recon = test.reconstructions
-    return save_gallery(
-        out / FIGURES_DIR / "gallery",
-        data.images.images[split.test][chosen],
-        None if recon is None else np.asarray(recon)[chosen],
-        np.asarray(test.maps)[chosen],
-        [
-            f"{Path(c).name} label {labels[i]} score {test.scores[i]:.3g}"
-            for c, i in zip(ids, chosen, strict=True)
-        ],
-        [f"{k:02d}_{_safe(Path(c).stem)}" for k, c in enumerate(ids)],
-    )
+    return GalleryPick.of(data.images.labels[split.test], test)
 
 
 def spec_state(spec: Spec, splits: list[FoldSplit]) -> dict[str, Any]:
