@@ -389,6 +389,7 @@ class Engine:
         monitor_used: What ranked the epochs of the last :meth:`fit`, in words.
         memory_format_used: The layout the last :meth:`fit` trained in (``channels_last``
             or ``contiguous``; see ``EngineConfig.memory_format``).
+        compiled_used: The last :meth:`fit` trained a ``torch.compile``-d network.
     """
 
     def __init__(self, config: EngineConfig) -> None:
@@ -396,6 +397,7 @@ class Engine:
         self.is_global_zero = True
         self.monitor_used = config.monitor
         self.memory_format_used = "contiguous"
+        self.compiled_used = False
 
     def fit(
         self,
@@ -516,7 +518,9 @@ class Engine:
         if not cfg.compile:
             return network
         batch = dynamic_batch(to_layout(example, layout))
-        return compile_network(network, lambda compiled: _probe(network, work, compiled, batch))
+        module = compile_network(network, lambda compiled: _probe(network, work, compiled, batch))
+        self.compiled_used = module is not network
+        return module
 
     def _example_batch(self, fabric: Fabric, task: TrainingTask, data: TrainingData) -> Any:
         """A batch of :data:`MEASURE_IMAGES` copies of the first training case, on the device."""
