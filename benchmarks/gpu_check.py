@@ -12,6 +12,11 @@
 2. ``fit`` and ``score`` of the ``cae`` are timed at 64², 256² and 64³ and reported as
    images/s and as a share of the GPU's float32 and float16 matrix-multiply peaks measured in
    the same run.
+3. The speed benchmark (``benchmarks/speed.py``) runs on the GPU: training and scoring
+   throughput of ``cae``, ``vae``, ``dae``, ``fanogan`` and ``resnet_ae`` in float32 and
+   in ``precision: auto``, with the memory layout ``auto`` chose, ``dae`` also compiled, the
+   GPU's peak and its peak memory; written to ``speed/results.json`` and ``speed/table.md``
+   (``--no-speed`` skips it; on the CPU, with ``--allow-cpu``, it runs ``--quick``).
 
 Writes ``results.json`` (``rows``: one per model, with ``"baseline"`` set for the no-model
 baselines, and ``timing``) and prints one line per model. Exits 1 if any model fails, 0 when
@@ -181,6 +186,26 @@ def timing(device: str, peaks: dict[str, float]) -> list[dict[str, Any]]:
     return rows
 
 
+def run_speed(models: list[str] | None, device: str, out: Path) -> dict[str, Any] | None:
+    """``benchmarks/speed.py`` on ``device`` (quick on a CPU); its targets, or ``None``.
+
+    Only the speed benchmark's models among ``models`` (all of them by default) run.
+    """
+    import speed  # benchmarks/speed.py
+
+    chosen = [m for m in (models or list(speed.MODELS)) if m in speed.MODELS]
+    if not chosen:
+        return None
+    quick = device != "cuda"
+    plan = speed.QUICK if quick else speed.FULL
+    compiled = tuple(m for m in speed.COMPILE_DEFAULT if m in chosen)
+    results = speed.run(chosen, plan, torch.get_num_threads(), quick, device, compiled)
+    results["command"] = f"python benchmarks/gpu_check.py (speed on {device})"
+    speed.write(out, results)
+    print(speed.table(results))
+    return {"out": str(out), "targets": results["targets"], "rows": sorted(results["rows"])}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every check; exit 1 if one fails."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -188,6 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", nargs="*", help="only these models (default: all)")
     parser.add_argument("--allow-cpu", action="store_true", help="run on the CPU without a GPU")
     parser.add_argument("--no-timing", action="store_true", help="skip the timed runs")
+    parser.add_argument("--no-speed", action="store_true", help="skip benchmarks/speed.py")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available() and not args.allow_cpu:
         print(f"no CUDA GPU found (torch {torch.__version__}): nothing to check")
@@ -215,6 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         for row in results["timing"]:
             print(f"cae {row['shape']}: fit {row['fit_images_per_second']:.1f} img/s, score "
                   f"{row['score_images_per_second']:.1f} img/s")  # fmt: skip
+    if not args.no_speed:
+        results["speed"] = run_speed(args.models, device, args.out / "speed")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"{len(rows) - len(failed)}/{len(rows)} models passed -> {args.out / 'results.json'}")

@@ -28,7 +28,16 @@ a shared machine):
   the floating-point operations of a training step (``torch.utils.flop_counter``, on extra
   untimed steps) and of scoring a batch (``evaluate``).
 
+Each row also says which memory layout ``engine.memory_format: auto`` chose for training and
+for scoring (measured in the process, :mod:`medanomaly.training.layout`). With
+``--compile`` (default: ``dae`` at the first 2D size) a third variant, ``auto`` with
+``engine.compile: true`` (``torch.compile``), runs once between the ``auto`` passes
+(``32-true``, ``auto``, ``auto compile``, ``auto``, ``32-true``); compilation happens in the
+warm-up steps and the warm-up scoring call, outside the timing.
+
 The no-model ``intensity`` baseline's fit and score at 64² are timed once as a reference.
+``--device cuda`` runs the same on a GPU (``benchmarks/gpu_check.py`` does so when one is
+lent): the peak is then the GPU's, and ``peak_gpu_mb`` gives ``torch.cuda``'s peak.
 Writes ``OUT/results.json`` (``rows``, ``peaks``, ``targets``, ``machine``) and
 ``OUT/table.md``, each atomically. ``--quick`` runs tiny sizes and a single step (seconds;
 for the test), ``--models`` a subset.
@@ -86,6 +95,11 @@ QUICK_3D = (16, 16, 16)
 PRECISIONS = ("32-true", "auto")
 ORDER = ("32-true", "auto", "auto", "32-true")
 """Passes of each model and size: ABBA, so that a drift in the machine's load cancels."""
+COMPILED = "auto compile"
+"""The variant ``precision: auto`` with ``engine.compile: true``."""
+ORDER_WITH_COMPILE = ("32-true", "auto", COMPILED, "auto", "32-true")
+COMPILE_DEFAULT = ("dae",)
+"""Models measured with ``--compile`` by default (at the first 2D size only)."""
 TARGETS = {
     ("dae", 2, "training"): 1.7,
     ("dae", 2, "scoring"): 1.8,
@@ -122,21 +136,28 @@ def _seconds(call: Callable[[], Any]) -> float:
 
 def best_gflops(call: Callable[[], Any], flop: float, repeats: int) -> float:
     """GFLOP/s of the fastest of ``repeats`` calls, after one warm-up call."""
-    call()
-    return flop / min(_seconds(call) for _ in range(repeats)) / 1e9
+
+    def synchronised() -> None:
+        call()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    synchronised()
+    return flop / min(_seconds(synchronised) for _ in range(repeats)) / 1e9
 
 
-def machine_peak(quick: bool = False) -> dict[str, float]:
+def machine_peak(quick: bool = False, device: str = "cpu") -> dict[str, float]:
     """Float32 and bf16 matmul and 3x3 convolution rates (GFLOP/s) on the current threads."""
-    size, repeats = (256, 1) if quick else (2048, 5)
+    size, repeats = (256, 1) if quick else ((8192, 5) if device == "cuda" else (2048, 5))
     peak: dict[str, float] = {}
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+        a = torch.randn(size, size, dtype=dtype, device=device)
+        b = torch.randn(size, size, dtype=dtype, device=device)
         peak[f"matmul_{name}"] = best_gflops(lambda a=a, b=b: a @ b, 2 * size**3, repeats)
         batch, channels, side = (2, 16, 32) if quick else (16, 64, 128)
-        x = torch.randn(batch, channels, side, side, dtype=dtype)
+        x = torch.randn(batch, channels, side, side, dtype=dtype, device=device)
         x = x.contiguous(memory_format=torch.channels_last)
-        w = torch.randn(channels, channels, 3, 3, dtype=dtype)
+        w = torch.randn(channels, channels, 3, 3, dtype=dtype, device=device)
         w = w.contiguous(memory_format=torch.channels_last)
         flop = 2 * batch * channels * channels * 9 * side * side
         with torch.inference_mode():
@@ -198,6 +219,14 @@ class PeakMemory:
         """Begin a row (where the peak can be reset)."""
         if self.source.startswith("VmHWM"):
             self.reset()
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def gpu_peak(self) -> dict[str, float]:
+        """``{"peak_gpu_mb": ...}``: torch's peak GPU memory since :meth:`start` (or ``{}``)."""
+        if not torch.cuda.is_available():
+            return {}
+        return {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 1e6}
 
     def peak_mb(self) -> float:
         """The peak resident set size in MB (10^6 bytes)."""
@@ -223,6 +252,7 @@ class StepClock:
         self.seconds: dict[str, list[tuple[int, float]]] = {}
         self.flops: dict[str, list[tuple[int, float]]] = {}
         self.precisions: set[str] = set()
+        self.compiled: set[bool] = set()
 
     def wrap(self, step: Callable[..., torch.Tensor], stage: str) -> Callable[..., torch.Tensor]:
         """``step`` (the engine's training step signature), timed."""
@@ -255,7 +285,9 @@ class StepClock:
             clock.precisions.add(resolve_precision(engine.config))
             step = task.step or engine_module._minimise_loss(task.loss)  # the engine's default
             task = dataclasses.replace(task, step=clock.wrap(step, stage))
-            return original(engine, task, data, run_dir, resume, extra_state, stage)
+            history = original(engine, task, data, run_dir, resume, extra_state, stage)
+            clock.compiled.add(engine.compiled_used)
+            return history
 
         with mock.patch.object(Engine, "fit", fit):
             yield self
@@ -278,8 +310,11 @@ def model_config(config_name: str) -> dict[str, Any]:
     return yaml.safe_load(builtin.builtin("config", config_name).read_text())
 
 
-def build(name: str, precision: str, plan: Plan) -> Any:
-    """The model of its config, for one epoch (one per stage) in ``precision``."""
+def build(name: str, variant: str, plan: Plan, device: str = "cpu") -> Any:
+    """The model of its config, for one epoch (one per stage) in ``variant`` on ``device``.
+
+    ``variant``: a precision, or :data:`COMPILED` (``auto`` with ``engine.compile``).
+    """
     config = model_config(MODELS[name])
     params = {k: v for k, v in config["model"].items() if k != "name"}
     if "gan_epochs" in params:
@@ -292,8 +327,9 @@ def build(name: str, precision: str, plan: Plan) -> Any:
         patience=None,
         monitor="val_loss",
         progress=False,
-        precision=precision,
-        accelerator="cpu",
+        precision="auto" if variant == COMPILED else variant,
+        compile=variant == COMPILED,
+        accelerator=device,
         batch_size=batch or engine["batch_size"],
     )
     return get_model(name, **params, engine=engine)
@@ -307,14 +343,15 @@ def phantoms(n: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
 def measure(
     name: str,
     shape: tuple[int, ...],
-    precision: str,
+    variant: str,
     plan: Plan,
     memory: PeakMemory,
     count_flops: bool,
+    device: str = "cpu",
 ) -> dict[str, Any]:
-    """One pass of a model at ``shape`` in ``precision``: training, scoring, peak memory."""
+    """One pass of a model at ``shape`` in ``variant``: training, scoring, peak memory."""
     memory.start()
-    detector = build(name, precision, plan)
+    detector = build(name, variant, plan, device)
     batch = detector.engine_config.batch_size
     steps = plan.warmup + plan.timed + (plan.counted if count_flops else 0)
     train = phantoms(steps * batch, shape, seed=0)
@@ -333,7 +370,11 @@ def measure(
         "config": MODELS[name],
         "shape": list(shape),
         "spatial_dims": len(shape),
-        "precision": precision,
+        "precision": "auto" if variant == COMPILED else variant,
+        "compile": variant == COMPILED,
+        "compiled_training": all(clock.compiled),
+        "compiled_scoring": compiled_for_scoring(detector),
+        "memory_format": dict(detector.memory_formats_ or {}),
         "resolved_precision": "/".join(sorted(clock.precisions)),
         "batch_size": batch,
         "training_images_per_second": images_per_second(clock.seconds),
@@ -342,6 +383,7 @@ def measure(
         "scoring_images_per_second": n_score / score_seconds,
         "scoring_images": n_score,
         "peak_rss_mb": memory.peak_mb(),
+        **memory.gpu_peak(),
     }
     if count_flops:
         row["training_gflop_per_image"] = (clock.flop_per_image() or 0.0) / 1e9
@@ -349,9 +391,15 @@ def measure(
     return row
 
 
+def compiled_for_scoring(detector: Any) -> bool:
+    """True when the detector scored through a ``torch.compile``-d network."""
+    cached = detector.__dict__.get("_compiled_scoring")
+    return cached is not None and cached[2] is not cached[0]
+
+
 def scoring_flop(detector: Any, images: np.ndarray) -> float:
     """FLOPs of ``evaluate`` per image (the network and its maps)."""
-    batch = torch.from_numpy(images)
+    batch = torch.from_numpy(images).to(next(detector.network_.parameters()).device)
     with torch.inference_mode(), TotalFlops() as counter:
         detector.evaluate(detector.network_, batch)
     return counter.get_total_flops() / len(batch)
@@ -392,8 +440,9 @@ def cases(models: list[str], quick: bool) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def row_key(row: dict[str, Any]) -> str:
-    """``dae 64x64 32-true``."""
-    return f"{row['model']} {'x'.join(map(str, row['shape']))} {row['precision']}"
+    """``dae 64x64 32-true`` (``dae 64x64 auto compile`` for the compiled variant)."""
+    compiled = " compile" if row.get("compile") else ""
+    return f"{row['model']} {'x'.join(map(str, row['shape']))} {row['precision']}{compiled}"
 
 
 def best_of(passes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -417,6 +466,11 @@ def best_of(passes: list[dict[str, Any]]) -> dict[str, Any]:
     for key in ("training_images_per_second", "scoring_images_per_second"):
         row[f"{key}_passes"] = [p[key] for p in passes]
     row["peak_rss_mb"] = max(p["peak_rss_mb"] for p in passes)
+    if "peak_gpu_mb" in row:
+        row["peak_gpu_mb"] = max(p["peak_gpu_mb"] for p in passes)
+    formats = {json.dumps(p["memory_format"], sort_keys=True) for p in passes}
+    if len(formats) > 1:  # each pass is a new detector, measured again only if not cached
+        row["memory_format_passes"] = [p["memory_format"] for p in passes]
     return row
 
 
@@ -431,7 +485,7 @@ def add_ratios_and_shares(rows: dict[str, dict[str, Any]], peak: dict[str, float
     for row in rows.values():
         if row["precision"] not in PRECISIONS:
             continue
-        fp32 = rows[row_key({**row, "precision": "32-true"})]
+        fp32 = rows[row_key({**row, "precision": "32-true", "compile": False})]
         for phase in ("training", "scoring"):
             rate = row[f"{phase}_images_per_second"]
             row[f"{phase}_speedup"] = rate / fp32[f"{phase}_images_per_second"]
@@ -452,6 +506,8 @@ def targets(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         for row in rows.values():
             if (row["model"], row["spatial_dims"], row["precision"]) != (model, dims, "auto"):
                 continue
+            if row.get("compile"):  # the targets are for the default settings
+                continue
             ratio = row[f"{phase}_speedup"]
             found.append(
                 {
@@ -466,15 +522,20 @@ def targets(rows: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return found
 
 
-def machine(threads: int) -> dict[str, Any]:
-    """The CPU, its bf16 support and the threads and load of the run."""
-    from medanomaly.training.precision import cpu_supports_bf16
+def machine(threads: int, device: str = "cpu") -> dict[str, Any]:
+    """The CPU (and GPU), bf16 support and the threads and load of the run."""
+    from medanomaly.training.precision import cpu_supports_bf16, supports_bf16
 
+    gpu = {}
+    if device == "cuda":
+        gpu = {"gpu": torch.cuda.get_device_name(0), "gpu_bf16": supports_bf16("cuda")}
     return {
+        "device": device,
+        **gpu,
         "processor": platform.processor() or platform.machine(),
         "cpu_model": _cpu_model(),
         "cpu_bf16": cpu_supports_bf16(),
-        "auto_resolves_to": resolve_precision(EngineConfig(accelerator="cpu")),
+        "auto_resolves_to": resolve_precision(EngineConfig(accelerator=device)),
         "threads": threads,
         "cores": os.cpu_count(),
         "torch": torch.__version__,
@@ -492,39 +553,67 @@ def _cpu_model() -> str:
     return platform.machine()
 
 
-def run(models: list[str], plan: Plan, threads: int, quick: bool) -> dict[str, Any]:
-    """Every measurement on ``threads`` torch threads; the results for ``results.json``."""
+def run(
+    models: list[str],
+    plan: Plan,
+    threads: int,
+    quick: bool,
+    device: str = "cpu",
+    compiled: tuple[str, ...] = (),
+) -> dict[str, Any]:
+    """Every measurement on ``threads`` torch threads; the results for ``results.json``.
+
+    Args:
+        models: Names from :data:`MODELS`.
+        plan: How much each measurement runs.
+        threads: Torch threads (CPU work).
+        quick: Tiny sizes.
+        device: ``cpu`` or ``cuda``.
+        compiled: Models also measured with ``engine.compile`` (at their first size).
+    """
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        return measure_all(models, plan, threads, quick)
+        return measure_all(models, plan, threads, quick, device, compiled)
     finally:
         torch.set_num_threads(before)
 
 
-def measure_all(models: list[str], plan: Plan, threads: int, quick: bool) -> dict[str, Any]:
+def measure_all(
+    models: list[str],
+    plan: Plan,
+    threads: int,
+    quick: bool,
+    device: str = "cpu",
+    compiled: tuple[str, ...] = (),
+) -> dict[str, Any]:
     """The machine's peak, each model's rows, the baseline, ratios and targets."""
     memory = PeakMemory()
-    host = machine(threads)
-    peak_before = machine_peak(quick)
+    host = machine(threads, device)
+    peak_before = machine_peak(quick, device)
     rows: dict[str, dict[str, Any]] = {}
+    first_size: set[str] = set()
     for name, shape in cases(models, quick):
-        passes: dict[str, list[dict[str, Any]]] = {p: [] for p in PRECISIONS}
-        for index, precision in enumerate(plan.order):
-            row = measure(name, shape, precision, plan, memory, count_flops=index == 0)
-            passes[precision].append(row)
+        order = plan.order
+        if name in compiled and name not in first_size:
+            order = _with_compile(order)
+        first_size.add(name)
+        passes: dict[str, list[dict[str, Any]]] = {p: [] for p in order}
+        for index, variant in enumerate(order):
+            row = measure(name, shape, variant, plan, memory, index == 0, device)
+            passes[variant].append(row)
             log.info(
                 "%s: training %.1f img/s, scoring %.1f img/s",
                 row_key(row),
                 row["training_images_per_second"],
                 row["scoring_images_per_second"],
             )
-        for precision in PRECISIONS:
-            best = best_of(passes[precision])
+        for variant in passes:
+            best = best_of(passes[variant])
             rows[row_key(best)] = best
     baseline = measure_baseline(QUICK_2D[0] if quick else SHAPES_2D[0], memory)
     rows[row_key(baseline)] = baseline
-    peak = better_peak(peak_before, machine_peak(quick))
+    peak = better_peak(peak_before, machine_peak(quick, device))
     add_ratios_and_shares(rows, peak)
     host["load_average_at_end"] = list(os.getloadavg())
     return {
@@ -539,7 +628,21 @@ def measure_all(models: list[str], plan: Plan, threads: int, quick: bool) -> dic
     }
 
 
+def _with_compile(order: tuple[str, ...]) -> tuple[str, ...]:
+    """``order`` with one :data:`COMPILED` pass in the middle (``32-true, auto, C, auto, ...``)."""
+    middle = len(order) // 2
+    return (*order[:middle], COMPILED, *order[middle:])
+
+
 # -- the report -----------------------------------------------------------------------------
+def _layouts(formats: dict[str, str] | None) -> str:
+    """``contiguous / channels_last`` (training / scoring), ``–`` without a network."""
+    if not formats:
+        return "–"
+    short = {"contiguous": "contiguous", "channels_last": "channels-last"}
+    return " / ".join(short.get(formats.get(phase, ""), "?") for phase in ("training", "scoring"))
+
+
 def _percent(value: float | None) -> str:
     return "–" if value is None else f"{100 * value:.0f} %"
 
@@ -553,15 +656,21 @@ def table(results: dict[str, Any]) -> str:
         f"bf16: {'yes' if host['cpu_bf16'] else 'no'}, `auto` -> `{host['auto_resolves_to']}`); "
         f"torch {host['torch']}; load average {host['load_average_at_start'][0]:.1f} at the "
         f"start, {host['load_average_at_end'][0]:.1f} at the end.",
+        *(
+            [f"GPU: {host['gpu']} (bf16: {'yes' if host['gpu_bf16'] else 'no'}); rows ran on it."]
+            if host.get("device") == "cuda"
+            else []
+        ),
         "",
         f"Peak (GFLOP/s): matmul fp32 {peak['matmul_fp32']:.0f}, bf16 {peak['matmul_bf16']:.0f} "
         f"({peak['matmul_bf16'] / peak['matmul_fp32']:.2f}x); 3x3 conv fp32 "
         f"{peak['conv_fp32']:.0f}, bf16 {peak['conv_bf16']:.0f} "
         f"({peak['conv_bf16'] / peak['conv_fp32']:.2f}x).",
         "",
-        "| model | size | precision | batch | training img/s | vs fp32 | scoring img/s "
-        "| vs fp32 | share of peak, training (matmul / conv) | share, scoring | peak RSS |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | size | precision | layout (train / score) | batch | training img/s | vs fp32 "
+        "| scoring img/s | vs fp32 | share of peak, training (matmul / conv) | share, scoring "
+        "| peak RSS |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"].values():
         speedups = [
@@ -571,6 +680,8 @@ def table(results: dict[str, Any]) -> str:
         precision = row["precision"]
         if row.get("resolved_precision") and row["resolved_precision"] != precision:
             precision = f"{precision} ({row['resolved_precision']})"
+        if row.get("compile"):
+            precision += ", compile"
         shares = [
             f"{_percent(row.get(f'{phase}_share_of_matmul_peak'))} / "
             f"{_percent(row.get(f'{phase}_share_of_conv_peak'))}"
@@ -582,6 +693,7 @@ def table(results: dict[str, Any]) -> str:
             row["model"] + (" (baseline)" if row["baseline"] else ""),
             "×".join(map(str, row["shape"])),
             precision,
+            _layouts(row.get("memory_format")),
             str(row.get("batch_size", "–")),
             f"{row['training_images_per_second']:.1f}",
             speedups[0],
@@ -622,11 +734,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--models", nargs="+", choices=sorted(MODELS), default=list(MODELS), help="a subset"
     )
+    parser.add_argument(
+        "--compile",
+        nargs="*",
+        choices=sorted(MODELS),
+        default=list(COMPILE_DEFAULT),
+        help="models also timed with engine.compile at their first size (default dae; "
+        "none: --compile)",
+    )
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     for noisy in ("lightning_fabric", "lightning", "medanomaly"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    results = run(args.models, QUICK if args.quick else FULL, args.threads, args.quick)
+    plan = QUICK if args.quick else FULL
+    compiled = tuple(args.compile)
+    results = run(args.models, plan, args.threads, args.quick, args.device, compiled)
     results["command"] = "python benchmarks/speed.py " + " ".join(argv or sys.argv[1:])
     write(args.out, results)
     print(table(results))

@@ -14,6 +14,7 @@ from medanomaly.data.cache import PreprocessCache, Preprocessed
 from medanomaly.data.phantoms import make_phantoms
 from medanomaly.data.sets import ImageSet
 from medanomaly.data.streaming import StreamedSet
+from medanomaly.training import layout
 from medanomaly.transforms import FOREGROUND_KEY, LESION_KEY
 
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -34,6 +35,14 @@ def load_benchmark(name: str) -> ModuleType:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(autouse=True, scope="session")
+def untimed_layouts():
+    """``engine.memory_format: auto`` means contiguous in tests: no test's speed or rounding
+    depends on what a timing on a busy machine chose (tests/test_layout.py times on purpose)."""
+    with layout.measuring(False):
+        yield
 
 
 @pytest.fixture

@@ -21,6 +21,9 @@ def test_the_checks_run_and_compare_scores(tmp_path) -> None:
     gpu_check = load_benchmark("gpu_check")
     assert gpu_check.main(["--allow-cpu", "--models", "intensity", "--no-timing",
                            "--out", str(tmp_path)]) == 0  # fmt: skip
+    assert "speed" not in json.loads((tmp_path / "results.json").read_text()) or (
+        json.loads((tmp_path / "results.json").read_text())["speed"] is None
+    )  # intensity is not in the speed benchmark
     results = json.loads((tmp_path / "results.json").read_text())
     row = results["rows"]["intensity"]
     assert row["baseline"] is True and row["passed"] and row["spearman"] > 0.99
@@ -35,3 +38,16 @@ def test_input_shape_is_the_configs_last_fixed_size() -> None:
     config = {"data": {"transforms": steps}}
     assert gpu_check.input_shape(config, 2) == (96, 96)
     assert gpu_check.input_shape({}, 3) == (64, 64, 64)
+
+
+def test_the_speed_benchmark_runs_on_the_checked_device(tmp_path):
+    gpu_check = load_benchmark("gpu_check")
+    assert gpu_check.main(["--allow-cpu", "--models", "cae", "--no-timing",
+                           "--out", str(tmp_path)]) == 0  # fmt: skip
+    speed = json.loads((tmp_path / "speed" / "results.json").read_text())
+    assert set(speed["rows"]) == {"cae 32x32 32-true", "cae 32x32 auto", "intensity 32x32 n/a"}
+    assert speed["machine"]["device"] == "cpu"  # "cuda" where a GPU is lent
+    auto = speed["rows"]["cae 32x32 auto"]
+    assert set(auto["memory_format"]) == {"training", "scoring"}
+    assert json.loads((tmp_path / "results.json").read_text())["speed"]["targets"] == []
+    assert "| cae | 32×32 | auto" in (tmp_path / "speed" / "table.md").read_text()

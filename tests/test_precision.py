@@ -126,7 +126,11 @@ def test_auto_trains_in_bf16_and_records_it(bf16_run):
     run, detector, training_dtypes = bf16_run
     config = yaml.safe_load((run / CONFIG_FILE).read_text())
     assert config["engine"]["precision"] == "auto"
-    assert config["resolved"] == {"precision": "bf16-mixed", "epoch_monitor": "val_loss"}
+    assert config["resolved"] == {
+        "precision": "bf16-mixed",
+        "memory_format": {"training": "contiguous", "scoring": "contiguous"},  # not timed in tests
+        "epoch_monitor": "val_loss",
+    }
     assert torch.bfloat16 in training_dtypes
     assert isinstance(detector.scoring_network(), AutocastForward)
 

@@ -29,6 +29,7 @@ from medanomaly.detectors.base import (
 )
 from medanomaly.detectors.scoring import MapScoring, RunningMoments
 from medanomaly.errors import ConfigError, InvalidImageError
+from medanomaly.training.compiled import compile_network, dynamic_batch
 from medanomaly.training.engine import (
     Engine,
     EngineConfig,
@@ -38,6 +39,13 @@ from medanomaly.training.engine import (
     scoring_network,
     seeded,
     split_indices,
+)
+from medanomaly.training.layout import (
+    MEASURE_IMAGES,
+    choose_layout,
+    layout_of,
+    set_network_layout,
+    to_layout,
 )
 
 log = logging.getLogger(__name__)
@@ -65,6 +73,8 @@ class DeepDetector(BaseDetector):
 
     epoch_monitor_: str | None = None
     """What ranked the epochs of the fit, in words (``resolved: epoch_monitor`` in config.yaml)."""
+    memory_formats_: dict[str, str] | None = None
+    """The layout of each phase on the machine that fitted (``resolved: memory_format``)."""
 
     def __init__(
         self,
@@ -146,6 +156,7 @@ class DeepDetector(BaseDetector):
         self.is_main_process_ = engine.is_global_zero
         self.network_ = inference_network(network, self.spatial_dims)
         self.input_shape_ = input_shape
+        self.memory_formats_ = {"training": engine.memory_format_used}
         self._fit_map_statistics(data.train)
         self._set_threshold(data.val_normal if len(data.val_normal) else data.train)
         if run_dir is not None and self.is_main_process_:
@@ -377,9 +388,40 @@ class DeepDetector(BaseDetector):
         """``network`` (default the fitted ``network_``) as scoring runs it.
 
         Under bf16 autocast where ``engine.precision`` resolves to ``bf16-mixed`` on the
-        device that scores (:func:`~medanomaly.training.engine.scoring_network`).
+        device that scores (:func:`~medanomaly.training.engine.scoring_network`). The fitted
+        network is also put in its scoring layout (``engine.memory_format``, measured on
+        this device with :meth:`evaluate` once per process) and, with ``engine.compile``,
+        compiled; a network given (e.g. during training) keeps its layout.
         """
-        return scoring_network(self.network_ if network is None else network, self.engine_config)
+        config = self.engine_config
+        if network is not None:
+            return scoring_network(network, config)
+        network = self.network_
+        device = next(network.parameters()).device
+        precision = resolve_precision(config, device.type)
+        example = _example_images(self.input_shape_, device)
+
+        def work(batch: torch.Tensor, module: nn.Module | None = None) -> None:
+            with torch.inference_mode():
+                self.evaluate(scoring_network(network if module is None else module, config), batch)
+
+        layout = choose_layout(config.memory_format, network, example, "scoring", precision, work)
+        set_network_layout(network, layout)
+        self.memory_formats_ = {**(self.memory_formats_ or {}), "scoring": layout}
+        if config.compile:
+            network = self._compiled(network, (device, layout), work, to_layout(example, layout))
+        return scoring_network(network, config)
+
+    def _compiled(
+        self, network: nn.Module, key: tuple[Any, ...], work: Callable[..., None], example: Any
+    ) -> nn.Module:
+        """``network`` compiled for scoring (kept while its device and layout stay)."""
+        cached = self.__dict__.get("_compiled_scoring")
+        if cached is not None and cached[0] is network and cached[1] == key:
+            return cached[2]
+        compiled = compile_network(network, lambda module: work(dynamic_batch(example), module))
+        self.__dict__["_compiled_scoring"] = (network, key, compiled)
+        return compiled
 
     def resolved_settings(self) -> dict[str, Any]:
         """What ``auto`` settings resolve to here: the precision and, once fitted, the monitor.
@@ -388,6 +430,8 @@ class DeepDetector(BaseDetector):
         validation images (see :func:`medanomaly.training.engine.epoch_monitor`).
         """
         resolved: dict[str, Any] = {"precision": resolve_precision(self.engine_config)}
+        if self.memory_formats_:
+            resolved["memory_format"] = dict(self.memory_formats_)
         if self.epoch_monitor_ is not None:
             resolved["epoch_monitor"] = self.epoch_monitor_
         return resolved
@@ -401,10 +445,11 @@ class DeepDetector(BaseDetector):
         so that a training set's augmentation stays off.
         """
         device = next(network.parameters()).device
+        layout = layout_of(network)
         network.eval()
         with torch.inference_mode():
             for index in cases.chunks(lambda shape: self.inference_batch_size(math.prod(shape))):
-                yield index, _to_device(cases.batch(index), device)
+                yield index, _to_device(cases.batch(index), device, layout)
 
     def _check_scoring_shape(self, images: Cases) -> None:
         """Raise unless ``images`` fit the network: its training grid, or any size.
@@ -490,7 +535,9 @@ class DeepDetector(BaseDetector):
         self._restore_threshold(saved)
         self.history_ = saved.get("history", [])
         self.run_config_ = saved.get("config", {})
-        self.epoch_monitor_ = (self.run_config_.get(RESOLVED_KEY) or {}).get("epoch_monitor")
+        resolved = self.run_config_.get(RESOLVED_KEY) or {}
+        self.epoch_monitor_ = resolved.get("epoch_monitor")
+        self.memory_formats_ = resolved.get("memory_format")
         self.map_scale_ = saved.get("map_scale")
 
 
@@ -517,14 +564,21 @@ class ScoringGraph(nn.Module):
 
 
 def inference_network(network: nn.Module, spatial_dims: int) -> nn.Module:
-    """``network`` in eval mode with channels-last convolution weights.
+    """``network`` in eval mode (in place), for scoring.
 
-    With channels-last inputs (see ``_to_device``) convolutions run faster on a CPU than with
-    the default layout (3D VAE scoring at 64³ on AdrenalMNIST3D: 18 -> 30 volumes/s on two
-    threads); the network is converted in place.
+    Its memory layout is set where scoring starts (:meth:`DeepDetector.scoring_network`,
+    by ``engine.memory_format``), not fixed by the dimension: the faster layout differs
+    between networks, phases and precisions (:mod:`medanomaly.training.layout`).
     """
-    layout = torch.channels_last if spatial_dims == 2 else torch.channels_last_3d
-    return network.to(memory_format=layout).eval()
+    return network.eval()
+
+
+def _example_images(input_shape: tuple[int, ...] | None, device: torch.device) -> Any:
+    """A tiny batch of the input shape (fixed values; torch's random state is not drawn)."""
+    if not input_shape:
+        return None
+    generator = torch.Generator().manual_seed(0)
+    return torch.rand((MEASURE_IMAGES, *input_shape), generator=generator).to(device)
 
 
 def _assemble(batches: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarray | None:
@@ -549,11 +603,6 @@ def _assemble(batches: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndarra
     return out
 
 
-def _to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """A batch on ``device``, channels-last for convolutions (faster on CPU and GPU)."""
-    batch = torch.from_numpy(np.ascontiguousarray(array)).to(device)
-    if batch.dim() == 4:
-        return batch.contiguous(memory_format=torch.channels_last)
-    if batch.dim() == 5:
-        return batch.contiguous(memory_format=torch.channels_last_3d)
-    return batch
+def _to_device(array: np.ndarray, device: torch.device, layout: str) -> torch.Tensor:
+    """A batch on ``device`` in the network's layout (``channels_last`` or ``contiguous``)."""
+    return to_layout(torch.from_numpy(np.ascontiguousarray(array)).to(device), layout)

@@ -18,6 +18,7 @@ from medanomaly.data.listing import Case, list_cases, split_parts
 from medanomaly.data.loading import LoadReport, load_cases, load_dataset
 from medanomaly.data.sets import Cases
 from medanomaly.detectors.base import CONFIG_FILE, BaseDetector
+from medanomaly.training.compiled import strict_compiling
 from medanomaly.training.engine import EngineConfig, resolve_precision
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,8 @@ def fit_run(
         out: The run directory (``config.yaml``, ``model.safetensors``, checkpoints).
         val: Validation folder, manifest or cases (``None``: held out from ``data``).
         resume: Continue an interrupted run in ``out`` (its ``config.yaml`` is kept).
-        strict: Raise on the first unreadable case, and on a precision this machine lacks.
+        strict: Raise on the first unreadable case, on a precision this machine lacks and
+            on a network ``torch.compile`` fails on (``engine.compile: true``).
 
     Returns:
         The fitted detector, the run directory and what was skipped.
@@ -130,5 +132,6 @@ def fit_run(
         val, val_report = load_dataset(val, **options, strict=strict, expect=detector.input_spec())
     if not (resume and (out / CONFIG_FILE).exists()):
         detector.write_run_config(out, config.get("data"))
-    detector.fit(train, val, run_dir=out, resume=resume)
+    with strict_compiling(strict):
+        detector.fit(train, val, run_dir=out, resume=resume)
     return FittedRun(detector, out, train, train_report, val_report)

@@ -52,6 +52,7 @@ from medanomaly.detectors.scoring import (
 )
 from medanomaly.errors import ConfigError, check_choice
 from medanomaly.training.engine import EngineConfig
+from medanomaly.training.layout import layout_of, to_layout
 
 CPU_CHANNELS = (16, 32, 64, 64)
 """Widths of the CPU-sized network (Wyatt et al. 2022 and Behrendt et al. 2023: 128 and up)."""
@@ -260,8 +261,7 @@ class DiffusionDetector(DeepDetector):
         if any(extra):
             pad = [p for e in reversed(extra) for p in (0, e)]
             x = functional.pad(x, pad, mode="replicate")
-        layout = torch.channels_last if x.dim() == 4 else torch.channels_last_3d
-        x = x.contiguous(memory_format=layout)  # as the scoring network's weights
+        x = to_layout(x, layout_of(network))  # as the network's weights
         predicted = network(x, levels - 1).float()  # MONAI counts levels from 0
         return predicted[(..., *(slice(0, side) for side in spatial))]
 

@@ -29,12 +29,28 @@ from lightning_fabric import Fabric
 from lightning_fabric.strategies import DDPStrategy
 from sklearn.metrics import roc_auc_score
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, Sampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Sampler,
+    default_collate,
+)
 from tqdm.auto import tqdm
 
 from medanomaly.errors import ConfigError, did_you_mean
 from medanomaly.io.atomic import atomic_write_text
 from medanomaly.io.safe_files import load_state, save_state
+from medanomaly.training.compiled import compile_network, dynamic_batch
+from medanomaly.training.layout import (
+    MEASURE_IMAGES,
+    canonical_memory_format,
+    choose_layout,
+    set_network_layout,
+    to_layout,
+    untouched,
+)
 from medanomaly.training.precision import (
     AutocastForward,
     autocast_dtype,
@@ -85,6 +101,16 @@ class EngineConfig:
             16-bit mixed on other GPUs, 32-bit elsewhere; or a Fabric precision
             (``32-true``, ``bf16-mixed``, ...) that overrides the choice. Weights, losses and
             scores stay float32.
+        memory_format: Layout of the network's weights and inputs, per phase: ``auto``
+            times a few passes of the phase's work (training: the loss's forward and
+            backward pass; scoring: ``evaluate``) on a tiny batch of the real input shape
+            in each layout, once per process, network class, phase, device, precision and
+            input shape, and keeps the faster (:mod:`medanomaly.training.layout`);
+            ``channels_last`` or ``contiguous`` force one. The run's ``config.yaml`` records
+            the choice under ``resolved: memory_format``.
+        compile: Run the network through ``torch.compile`` for training and scoring; where
+            compilation fails the network runs uncompiled with one warning (``fit --strict``:
+            an error).
         num_workers: DataLoader worker processes.
         progress: Show a progress bar with the running loss.
     """
@@ -102,6 +128,8 @@ class EngineConfig:
     devices: int = 1
     num_nodes: int = 1
     precision: str = "auto"
+    memory_format: str = "auto"
+    compile: bool = False
     num_workers: int = 0
     progress: bool = True
 
@@ -113,6 +141,9 @@ class EngineConfig:
         if self.val_min < 0:
             raise ConfigError(f"engine: val_min must be >= 0, got {self.val_min}")
         canonical_precision(self.precision)
+        canonical_memory_format(self.memory_format)
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"engine: compile must be true or false, got {self.compile!r}")
         if self.monitor not in MONITORS:
             raise ConfigError(
                 f"engine: monitor must be one of {MONITORS}, got {self.monitor!r}."
@@ -356,12 +387,17 @@ class Engine:
 
     Attributes:
         monitor_used: What ranked the epochs of the last :meth:`fit`, in words.
+        memory_format_used: The layout the last :meth:`fit` trained in (``channels_last``
+            or ``contiguous``; see ``EngineConfig.memory_format``).
+        compiled_used: The last :meth:`fit` trained a ``torch.compile``-d network.
     """
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.is_global_zero = True
         self.monitor_used = config.monitor
+        self.memory_format_used = "contiguous"
+        self.compiled_used = False
 
     def fit(
         self,
@@ -417,10 +453,11 @@ class Engine:
         if resume and checkpoint_path is not None and checkpoint_path.exists():
             state = _RunState.restore(checkpoint_path, network, optimizers, extra_state)
             log.info("resuming %s at epoch %d", checkpoint_path, state.epoch)
-        model, *wrapped = fabric.setup(network, *optimizers.values())
+        bf16_on_cpu = precision.startswith("bf16") and fabric.device.type == "cpu"
+        module = self._prepare_network(fabric, task, data, precision, bf16_on_cpu)
+        model, *wrapped = fabric.setup(module, *optimizers.values())
         optimizers = dict(zip(optimizers, wrapped, strict=True))
         loaders = self._loaders(fabric, data, task.collate)
-        bf16_on_cpu = precision.startswith("bf16") and fabric.device.type == "cpu"
         bar = tqdm(
             total=cfg.epochs,
             initial=state.epoch,
@@ -445,6 +482,52 @@ class Engine:
         if task.keep_best:
             network.load_state_dict(state.best_state)
         return state.history
+
+    def _prepare_network(
+        self,
+        fabric: Fabric,
+        task: TrainingTask,
+        data: TrainingData,
+        precision: str,
+        bf16_on_cpu: bool,
+    ) -> nn.Module:
+        """Put ``task.network`` in its training layout; compiled where ``compile`` asks.
+
+        ``memory_format: auto`` times the loss's forward and backward pass on a tiny batch
+        of the training data in each layout (not under data parallelism, where every rank
+        must hold the same layout: there ``auto`` keeps the default one).
+        """
+        cfg = self.config
+        network = task.network.to(fabric.device)
+        requested = cfg.memory_format
+        if requested == "auto" and fabric.world_size > 1:
+            requested = "contiguous"
+        example = None
+        if requested == "auto" or cfg.compile:
+            example = self._example_batch(fabric, task, data)
+
+        def work(batch: Any, module: nn.Module = network) -> None:
+            with float32_small_convolutions(network, bf16_on_cpu), fabric.autocast():
+                loss = task.loss(module, batch)
+            if loss.requires_grad:
+                loss.backward()
+
+        layout = choose_layout(requested, network, example, "training", precision, work)
+        set_network_layout(network, layout)
+        self.memory_format_used = layout
+        if not cfg.compile:
+            return network
+        batch = dynamic_batch(to_layout(example, layout))
+        module = compile_network(network, lambda compiled: _probe(network, work, compiled, batch))
+        self.compiled_used = module is not network
+        return module
+
+    def _example_batch(self, fabric: Fabric, task: TrainingTask, data: TrainingData) -> Any:
+        """A batch of :data:`MEASURE_IMAGES` copies of the first training case, on the device."""
+        item = data.train[0]
+        several = has_several_shapes(data.train)
+        collate = task.collate if several and task.collate is not None else default_collate
+        return fabric.to_device(collate([item] * MEASURE_IMAGES))
 
     def _default_optimizers(self, network: nn.Module) -> Optimizers:
         trainable = [p for p in network.parameters() if p.requires_grad]
@@ -539,7 +622,9 @@ class Engine:
         model.train()
         step = task.step or _minimise_loss(task.loss)
         total, count = 0.0, 0
+        layout = self.memory_format_used
         for index, batch in enumerate(train_loader):
+            batch = to_layout(batch, layout)
             loss = step(model, batch, optimizers, fabric.backward, index)
             if not torch.isfinite(loss):
                 raise FloatingPointError(
@@ -549,7 +634,7 @@ class Engine:
             total += loss.item() * batch_size(batch)
             count += batch_size(batch)
         row = {"epoch": float(epoch + 1), "train_loss": total / max(count, 1)}
-        row.update(_evaluate(model, task, loaders))
+        row.update(_evaluate(model, task, loaders, layout))
         return row
 
 
@@ -633,8 +718,17 @@ def stage_file(name: str, stage: str) -> str:
     return f"{stem}_{stage}{dot}{suffix}"
 
 
+def _probe(network: nn.Module, work: Callable[..., None], compiled: nn.Module, batch: Any) -> None:
+    """One training pass through ``compiled`` that leaves ``network``'s state as it was."""
+    with untouched(network):
+        work(batch, compiled)
+
+
 def _evaluate(
-    model: nn.Module, task: TrainingTask, loaders: dict[str, DataLoader | None]
+    model: nn.Module,
+    task: TrainingTask,
+    loaders: dict[str, DataLoader | None],
+    layout: str = "contiguous",
 ) -> dict[str, float]:
     """Validation loss on normal images, mean scores of each group and their AUROC."""
     model.eval()
@@ -645,12 +739,14 @@ def _evaluate(
         if task.before_validation is not None:
             task.before_validation(model)
         if loaders["val_normal"] is not None:
-            normal = _validation_scores(model, task, loaders["val_normal"], losses)
+            normal = _validation_scores(model, task, loaders["val_normal"], losses, layout)
             out["val_loss"] = sum(losses) / len(normal)
             out["val_score_normal"] = float(normal.mean())
         if loaders["val_abnormal"] is not None:
             abnormal_losses = losses if task.supervised else None
-            abnormal = _validation_scores(model, task, loaders["val_abnormal"], abnormal_losses)
+            abnormal = _validation_scores(
+                model, task, loaders["val_abnormal"], abnormal_losses, layout
+            )
             out["val_score_abnormal"] = float(abnormal.mean())
     if task.supervised and losses:
         out["val_loss"] = sum(losses) / sum(len(s) for s in (normal, abnormal) if s is not None)
@@ -663,11 +759,16 @@ def _evaluate(
 
 
 def _validation_scores(
-    model: nn.Module, task: TrainingTask, loader: DataLoader, losses: list[float] | None
+    model: nn.Module,
+    task: TrainingTask,
+    loader: DataLoader,
+    losses: list[float] | None,
+    layout: str = "contiguous",
 ) -> torch.Tensor:
     """Scores of every image of ``loader``; appends each batch's summed loss to ``losses``."""
     scores = []
     for batch in loader:
+        batch = to_layout(batch, layout)
         if losses is not None:
             losses.append(task.loss(model, batch).item() * batch_size(batch))
         scores.append(task.score(model, batch).float().cpu())
