@@ -13,7 +13,8 @@ from sklearn.metrics import roc_auc_score
 from medanomaly import BaseDetector, EngineConfig, get_model
 from medanomaly.data.loading import ArrayAugment
 from medanomaly.errors import ConfigError
-from medanomaly.training.engine import Engine, read_history, split_indices
+from medanomaly.io.safe_files import load_state, save_state
+from medanomaly.training.engine import Engine, read_history, same_configuration, split_indices
 from medanomaly.transforms import build_transforms
 
 
@@ -65,6 +66,34 @@ def test_resume_refuses_a_different_config(tmp_path, tiny2d):
     other = get_model("cae", latent_channels=4, engine={"epochs": 2, "progress": False})
     with pytest.raises(ConfigError, match="different configuration"):
         other.fit(tiny2d.normal, run_dir=tmp_path, resume=True)
+
+
+@pytest.mark.parametrize("compile_now", [False, True])
+def test_resume_accepts_a_checkpoint_without_settings_added_later(tmp_path, tiny2d, compile_now):
+    """An older checkpoint lacks memory_format and compile: at their defaults it resumes."""
+    engine = {"epochs": 2, "progress": False}
+    get_model("cae", engine=engine).fit(tiny2d.normal, run_dir=tmp_path)
+    path = tmp_path / "checkpoint.safetensors"
+    saved = load_state(path)
+    for key in ("memory_format", "compile"):
+        del saved["extra_state"]["engine"][key]
+    save_state(saved, path)
+    detector = get_model("cae", engine={**engine, "compile": compile_now})
+    if compile_now:
+        with pytest.raises(ConfigError, match="different configuration"):
+            detector.fit(tiny2d.normal, run_dir=tmp_path, resume=True)
+    else:
+        detector.fit(tiny2d.normal, run_dir=tmp_path, resume=True)
+        assert [row["epoch"] for row in read_history(tmp_path)] == [1, 2]
+
+
+def test_same_configuration_ignores_only_added_settings_at_their_default():
+    current = get_model("cae", engine={"epochs": 2}).config()
+    older = {**current, "engine": dict(current["engine"])}
+    del older["engine"]["memory_format"]
+    assert same_configuration(older, current)
+    older["engine"]["epochs"] = 3
+    assert not same_configuration(older, current)
 
 
 def test_early_stopping_keeps_the_weights_of_the_best_epoch(tiny2d, monkeypatch):

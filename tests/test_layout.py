@@ -16,7 +16,13 @@ from medanomaly.detectors.base import CONFIG_FILE, MODEL_FILE
 from medanomaly.errors import ConfigError
 from medanomaly.training import compiled, layout
 from medanomaly.training.engine import EngineConfig
-from medanomaly.training.layout import choose_layout, layout_of, set_network_layout, to_layout
+from medanomaly.training.layout import (
+    choose_layout,
+    faster_layout,
+    layout_of,
+    set_network_layout,
+    to_layout,
+)
 
 FP32 = {"epochs": 2, "batch_size": 8, "progress": False, "seed": 0, "precision": "32-true"}
 
@@ -213,3 +219,9 @@ def test_compiled_scoring_scores_as_eager(tiny2d, one_torch_thread):
     assert type(detector.__dict__["_compiled_scoring"][2]).__name__ == "OptimizedModule"
     # inductor fuses and reorders float32 arithmetic: equal up to rounding
     np.testing.assert_allclose(compiled_scores, eager, rtol=1e-3)
+
+
+def test_channels_last_needs_the_margin_to_replace_contiguous():
+    assert faster_layout({"contiguous": 1.0, "channels_last": 0.95}) == "contiguous"
+    assert faster_layout({"contiguous": 1.0, "channels_last": 0.85}) == "channels_last"
+    assert faster_layout({"contiguous": 0.5, "channels_last": 1.0}) == "contiguous"

@@ -718,6 +718,25 @@ def stage_file(name: str, stage: str) -> str:
     return f"{stem}_{stage}{dot}{suffix}"
 
 
+def same_configuration(saved: dict[str, Any], current: dict[str, Any]) -> bool:
+    """True when a checkpoint's configuration is ``current``'s, so the run may resume.
+
+    An ``engine`` setting that a later version added (``memory_format``, ``compile``) is
+    missing from older checkpoints; at its default it does not make the two differ.
+    """
+    saved_engine, engine = saved.get("engine"), current.get("engine")
+    if saved == current or not isinstance(saved_engine, dict) or not isinstance(engine, dict):
+        return saved == current
+    defaults = {field.name: field.default for field in fields(EngineConfig)}
+    added_at_default = {
+        key
+        for key in engine.keys() - saved_engine.keys()
+        if key in defaults and engine[key] == defaults[key]
+    }
+    kept = {key: value for key, value in engine.items() if key not in added_at_default}
+    return saved == {**current, "engine": kept}
+
+
 def _probe(network: nn.Module, work: Callable[..., None], compiled: nn.Module, batch: Any) -> None:
     """One training pass through ``compiled`` that leaves ``network``'s state as it was."""
     with untouched(network):
@@ -833,7 +852,7 @@ class _RunState:
         extra_state: dict[str, Any] | None,
     ) -> _RunState:
         saved = load_state(path)
-        if extra_state is not None and saved["extra_state"] != extra_state:
+        if extra_state is not None and not same_configuration(saved["extra_state"], extra_state):
             raise ConfigError(
                 f"{path}: the checkpoint was written by a run with a different configuration; "
                 "use a new run directory or the same config to resume"
