@@ -188,6 +188,7 @@ def test_data_parallel_training_on_two_cpu_processes(tmp_path):
         str(tmp_path / "run"),
         "--devices",
         "2",
+        "-v",  # Lightning's note of its processes shows with --verbose only
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]

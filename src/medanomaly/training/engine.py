@@ -47,6 +47,7 @@ from medanomaly.training.layout import (
     MEASURE_IMAGES,
     canonical_memory_format,
     choose_layout,
+    is_measuring,
     set_network_layout,
     to_layout,
     untouched,
@@ -454,7 +455,7 @@ class Engine:
             state = _RunState.restore(checkpoint_path, network, optimizers, extra_state)
             log.info("resuming %s at epoch %d", checkpoint_path, state.epoch)
         bf16_on_cpu = precision.startswith("bf16") and fabric.device.type == "cpu"
-        module = self._prepare_network(fabric, task, data, precision, bf16_on_cpu)
+        module = self._prepare_network(fabric, task, data, precision, bf16_on_cpu, state)
         model, *wrapped = fabric.setup(module, *optimizers.values())
         optimizers = dict(zip(optimizers, wrapped, strict=True))
         loaders = self._loaders(fabric, data, task.collate)
@@ -490,20 +491,25 @@ class Engine:
         data: TrainingData,
         precision: str,
         bf16_on_cpu: bool,
+        state: _RunState,
     ) -> nn.Module:
         """Put ``task.network`` in its training layout; compiled where ``compile`` asks.
 
         ``memory_format: auto`` times the loss's forward and backward pass on a tiny batch
         of the training data in each layout (not under data parallelism, where every rank
-        must hold the same layout: there ``auto`` keeps the default one).
+        must hold the same layout: there ``auto`` keeps the default one). A resumed run
+        keeps the layout its checkpoint recorded: layouts round differently, and a resume
+        must continue bit for bit.
         """
         cfg = self.config
         network = task.network.to(fabric.device)
         requested = cfg.memory_format
         if requested == "auto" and fabric.world_size > 1:
             requested = "contiguous"
+        if requested == "auto" and state.memory_format is not None:
+            requested = state.memory_format
         example = None
-        if requested == "auto" or cfg.compile:
+        if (requested == "auto" and is_measuring()) or cfg.compile:
             example = self._example_batch(fabric, task, data)
 
         def work(batch: Any, module: nn.Module = network) -> None:
@@ -514,7 +520,7 @@ class Engine:
 
         layout = choose_layout(requested, network, example, "training", precision, work)
         set_network_layout(network, layout)
-        self.memory_format_used = layout
+        self.memory_format_used = state.memory_format = layout
         if not cfg.compile:
             return network
         batch = dynamic_batch(to_layout(example, layout))
@@ -804,6 +810,8 @@ class _RunState:
     bad_epochs: int = 0
     stopped: bool = False
     history: list[dict[str, float]] | None = None
+    memory_format: str | None = None
+    """The training layout the run chose; a resumed run keeps it (bit-for-bit resume)."""
 
     def __post_init__(self) -> None:
         self.history = self.history or []
@@ -835,6 +843,7 @@ class _RunState:
                 "bad_epochs": self.bad_epochs,
                 "stopped": self.stopped,
                 "history": self.history,
+                "memory_format": self.memory_format,
                 "best_state": self.best_state,
                 "network": _cpu_state(network),
                 "optimizers": {k: o.state_dict() for k, o in optimizers.items()},
@@ -867,6 +876,7 @@ class _RunState:
             bad_epochs=saved["bad_epochs"],
             stopped=saved["stopped"],
             history=saved["history"],
+            memory_format=saved.get("memory_format"),
         )
 
 

@@ -81,6 +81,11 @@ def canonical_memory_format(value: Any) -> str:
     return name
 
 
+def is_measuring() -> bool:
+    """True unless :func:`measuring` switched ``auto``'s timing off."""
+    return _measuring
+
+
 @contextmanager
 def measuring(enabled: bool) -> Iterator[None]:
     """Switch ``auto``'s timing on or off inside the block (off: ``auto`` means contiguous).
