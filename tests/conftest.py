@@ -15,6 +15,7 @@ from medanomaly.data.phantoms import make_phantoms
 from medanomaly.data.sets import ImageSet
 from medanomaly.data.streaming import StreamedSet
 from medanomaly.training import layout
+from medanomaly.training.engine import Engine
 from medanomaly.transforms import FOREGROUND_KEY, LESION_KEY
 
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -115,3 +116,26 @@ def _first_pass_never_switches_on_time(monkeypatch):
     load; no test result may.
     """
     monkeypatch.setattr("medanomaly.data.loading.AUTO_SERIAL_SECONDS", math.inf)
+
+
+@pytest.fixture
+def interrupt_training(monkeypatch: pytest.MonkeyPatch):
+    """``interrupt_training(n)``: the n-th epoch any engine runs raises ``KeyboardInterrupt``.
+
+    Returns a function that puts the engine back.
+    """
+
+    def interrupt_at(call: int):
+        original = Engine._run_epoch
+        calls = {"n": 0}
+
+        def crash(self, *args, **kwargs):
+            calls["n"] += 1
+            if calls["n"] == call:
+                raise KeyboardInterrupt("simulated interruption")
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(Engine, "_run_epoch", crash)
+        return lambda: monkeypatch.setattr(Engine, "_run_epoch", original)
+
+    return interrupt_at

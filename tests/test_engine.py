@@ -35,23 +35,16 @@ def test_history_has_the_seed000_curves(tmp_path, tiny2d):
     assert not list(tmp_path.glob("*.tmp")), "temporary files left behind"
 
 
-def test_resume_gives_the_same_weights_as_an_uninterrupted_run(tmp_path, tiny2d, monkeypatch):
+def test_resume_gives_the_same_weights_as_an_uninterrupted_run(
+    tmp_path, tiny2d, interrupt_training
+):
     engine = {"epochs": 4, "batch_size": 4, "progress": False, "seed": 3}
     full = get_model("cae", engine=engine).fit(tiny2d.normal, run_dir=tmp_path / "full")
 
-    original = Engine._run_epoch
-    calls = {"n": 0}
-
-    def crash_on_third_epoch(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated interruption")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Engine, "_run_epoch", crash_on_third_epoch)
+    restore = interrupt_training(3)
     with pytest.raises(KeyboardInterrupt):
         get_model("cae", engine=engine).fit(tiny2d.normal, run_dir=tmp_path / "resumed")
-    monkeypatch.setattr(Engine, "_run_epoch", original)
+    restore()
     assert len(read_history(tmp_path / "resumed")) == 2
     resumed = get_model("cae", engine=engine).fit(
         tiny2d.normal, run_dir=tmp_path / "resumed", resume=True

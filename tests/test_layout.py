@@ -15,7 +15,7 @@ from medanomaly import BaseDetector, get_model
 from medanomaly.detectors.base import CONFIG_FILE, MODEL_FILE
 from medanomaly.errors import ConfigError
 from medanomaly.training import compiled, layout
-from medanomaly.training.engine import Engine, EngineConfig
+from medanomaly.training.engine import EngineConfig
 from medanomaly.training.layout import (
     choose_layout,
     faster_layout,
@@ -228,26 +228,17 @@ def test_channels_last_needs_the_margin_to_replace_contiguous():
 
 
 def test_a_resumed_run_keeps_the_layout_its_checkpoint_recorded(
-    timed_layouts, tiny2d, tmp_path, monkeypatch
+    timed_layouts, tiny2d, tmp_path, monkeypatch, interrupt_training
 ):
     """The killed run measured channels-last; the resumed process would measure contiguous."""
     whole = get_model("cae", engine={**FP32, "epochs": 3, "memory_format": "channels_last"})
     whole.fit(tiny2d.normal, run_dir=tmp_path / "whole")
 
     monkeypatch.setattr(layout, "faster_layout", lambda seconds: "channels_last")
-    original = Engine._run_epoch
-    calls = {"n": 0}
-
-    def crash_on_third_epoch(self, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt("simulated interruption")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(Engine, "_run_epoch", crash_on_third_epoch)
+    restore = interrupt_training(3)
     with pytest.raises(KeyboardInterrupt):
         get_model("cae", engine={**FP32, "epochs": 3}).fit(tiny2d.normal, run_dir=tmp_path / "k")
-    monkeypatch.setattr(Engine, "_run_epoch", original)
+    restore()
     monkeypatch.setattr(layout, "faster_layout", lambda seconds: "contiguous")
     timed_layouts.clear()
     resumed = get_model("cae", engine={**FP32, "epochs": 3})
