@@ -54,7 +54,8 @@ class Browser:
         if CHROMIUM is None:
             pytest.skip("chromium not installed (apt-get install -y chromium; .ci/run does)")
         websocket = pytest.importorskip("websocket", reason="pip install websocket-client")
-        self._profile = tempfile.TemporaryDirectory(prefix="chromium-")
+        # Chromium's helper processes can still write to the profile just after it exits
+        self._profile = tempfile.TemporaryDirectory(prefix="chromium-", ignore_cleanup_errors=True)
         command = [
             CHROMIUM,
             *FLAGS,
@@ -168,7 +169,11 @@ class Browser:
                 self._process.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 self._process.kill()
-            self._profile.cleanup()
+            for _ in range(20):  # until the helper processes have let go of the profile
+                self._profile.cleanup()
+                if not Path(self._profile.name).exists():
+                    break
+                time.sleep(0.1)
 
     def __enter__(self) -> Browser:
         return self
