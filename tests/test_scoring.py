@@ -1,15 +1,17 @@
-"""Residuals, structural dissimilarity, coarse noise and scoring from standardised maps."""
+"""Residuals, structural dissimilarity, coarse noise, median filter, scores of standard maps."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 from sklearn.metrics import roc_auc_score
 
 from medanomaly import BaseDetector, get_model
+from medanomaly.detectors import scoring
 from medanomaly.detectors.noise import coarse_noise
-from medanomaly.detectors.scoring import MapScoring, residual_map
+from medanomaly.detectors.scoring import MapScoring, median_filter, residual_map
 from medanomaly.errors import ConfigError
 
 
@@ -96,3 +98,42 @@ def test_masked_percentile_equals_torch_quantile_of_each_foreground():
         rows = [maps[0].flatten(), *(m[f] for m, f in zip(maps[1:], foreground[1:], strict=True))]
         expected = torch.stack([torch.quantile(r.double(), q / 100) for r in rows]).float()
         assert torch.equal(found, expected), q
+
+
+@pytest.mark.parametrize(
+    ("shape", "size"),
+    [((3, 17, 13), 3), ((3, 17, 13), 5), ((2, 6, 7, 5), 3), ((2, 9, 9), 7), ((2, 4, 5, 6), 5)],
+)
+def test_median_filter_equals_scipys_with_the_border_replicated(shape, size):
+    maps = torch.rand(shape, generator=torch.Generator().manual_seed(size))
+    maps[maps < 0.3] = 0.0  # ties, as in maps that are zero outside the foreground
+    expected = ndimage.median_filter(
+        maps.numpy(), size=(1,) + (size,) * (len(shape) - 1), mode="nearest"
+    )
+    np.testing.assert_array_equal(median_filter(maps, size).numpy(), expected)
+
+
+def test_median_filter_works_chunk_by_chunk(monkeypatch):
+    maps = torch.rand(5, 12, 12, generator=torch.Generator().manual_seed(0))
+    whole = median_filter(maps, 5)
+    monkeypatch.setattr(scoring, "MEDIAN_CHUNK_VOXELS", 144 * 2)  # chunks of 2 maps, then 1
+    torch.testing.assert_close(median_filter(maps, 5), whole, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("count", [3, 9, 25, 27])
+def test_the_selection_network_puts_the_median_in_the_middle(count):
+    network = scoring.selection_network(count)
+    rng = np.random.default_rng(count)
+    for values in rng.integers(0, 5, size=(500, count)).tolist():  # many ties
+        wires = list(values)
+        for i, j in network:
+            wires[i], wires[j] = min(wires[i], wires[j]), max(wires[i], wires[j])
+        assert wires[count // 2] == sorted(values)[count // 2]
+    assert len(scoring.selection_network(25)) == 113  # pruned from Batcher's 32-wire network
+
+
+def test_a_nan_in_a_window_makes_its_median_nan():
+    maps = torch.rand(1, 9, 9)
+    maps[0, 4, 4] = float("nan")
+    filtered = median_filter(maps, 5)
+    assert filtered.isnan().sum() == 25 and filtered[0, 2:7, 2:7].isnan().all()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import itertools
 import math
 from dataclasses import dataclass, fields
 from typing import Any
@@ -132,10 +134,21 @@ def erode_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
     return pool(outside, 2 * width + 1, stride=1)[:, 0] < 0.5
 
 
+MEDIAN_NETWORK_WINDOW = 27
+"""Windows of up to this many voxels (3x3, 5x5, 3x3x3) take their median by a selection
+network of element-wise minima and maxima; larger ones sort each window."""
+MEDIAN_CHUNK_VOXELS = 1 << 16
+"""Voxels of maps the selection network works on at a time (its 25-27 copies stay in cache)."""
+
+
 def median_filter(maps: torch.Tensor, size: int) -> torch.Tensor:
     """Median of each voxel's ``size``-wide neighbourhood, maps ``(B, *spatial)``.
 
-    The border is replicated; ``size`` 1 returns the maps unchanged.
+    The border is replicated; ``size`` 1 returns the maps unchanged. Exact: the middle value
+    of each window. Small windows run through a selection network (:func:`selection_network`;
+    ``benchmarks/median_filter.py``: 5-8x faster on a 2-core CPU than sorting each window,
+    e.g. 5x5 over 256 maps of 64² from 0.28 to 0.035-0.05 s); a NaN in a window makes its
+    median NaN either way.
     """
     if size <= 1:
         return maps
@@ -144,13 +157,79 @@ def median_filter(maps: torch.Tensor, size: int) -> torch.Tensor:
     dims = maps.dim() - 1
     half = size // 2
     padded = functional.pad(maps.unsqueeze(1), (half,) * (2 * dims), mode="replicate")[:, 0]
+    exporting = torch.compiler.is_exporting()
+    if size**dims <= MEDIAN_NETWORK_WINDOW and not exporting:
+        return _median_by_network(padded, size, maps.shape[1:])
     windows = padded
     for axis in range(1, dims + 1):
         windows = windows.unfold(axis, size, 1)
     windows = windows.flatten(dims + 1)
-    if torch.compiler.is_exporting():  # ONNX has no median: the middle of the sorted window
+    if exporting:  # ONNX has no median: the middle of the sorted window
         return windows.topk(windows.shape[-1] // 2 + 1, dim=-1, largest=False).values[..., -1]
     return windows.median(dim=-1).values
+
+
+@functools.cache
+def selection_network(count: int) -> tuple[tuple[int, int], ...]:
+    """Compare-exchange pairs ``(i, j)`` that put the median of ``count`` values on its wire.
+
+    The median of an odd ``count`` ends on wire ``count // 2``; each pair moves the smaller
+    value to ``i``, the larger to ``j``. Batcher's odd-even merge sort over the next power
+    of two, with the padding wires (+inf, never moved) dropped and every pair that cannot
+    reach the middle wire pruned (25 values: 113 pairs).
+    """
+    wires = 1 << (count - 1).bit_length()
+    pairs = [(i, j) for i, j in _odd_even_merge_sort(wires) if j < count]
+    needed, kept = {count // 2}, []
+    for i, j in reversed(pairs):
+        if i in needed or j in needed:
+            kept.append((i, j))
+            needed |= {i, j}
+    return tuple(reversed(kept))
+
+
+def _odd_even_merge_sort(wires: int) -> list[tuple[int, int]]:
+    """Batcher's sorting network for a power-of-two number of wires, as ``(i < j)`` pairs."""
+    pairs = []
+    span = 1
+    while span < wires:
+        step = span
+        while step >= 1:
+            for start in range(step % span, wires - step, 2 * step):
+                for offset in range(min(step, wires - start - step)):
+                    i = start + offset
+                    if i // (2 * span) == (i + step) // (2 * span):
+                        pairs.append((i, i + step))
+            step //= 2
+        span *= 2
+    return pairs
+
+
+def _window(offset: tuple[int, ...], shape: torch.Size) -> tuple[slice, ...]:
+    """Index of the maps shifted by ``offset`` inside their padded copy (all maps)."""
+    return (slice(None), *(slice(o, o + n) for o, n in zip(offset, shape, strict=True)))
+
+
+def _median_by_network(padded: torch.Tensor, size: int, shape: torch.Size) -> torch.Tensor:
+    """:func:`median_filter` of replicate-padded maps, a chunk of maps at a time."""
+    offsets = list(itertools.product(range(size), repeat=len(shape)))
+    network = selection_network(len(offsets))
+    per_chunk = max(1, MEDIAN_CHUNK_VOXELS // max(1, math.prod(shape)))
+    chunks = []
+    for chunk in padded.split(per_chunk):
+        values = [
+            chunk[
+                (slice(None), *(slice(o, o + n) for o, n in zip(offset, shape, strict=True)))
+            ].clone()
+            for offset in offsets
+        ]
+        spare = torch.empty_like(values[0])
+        for i, j in network:
+            torch.minimum(values[i], values[j], out=spare)
+            torch.maximum(values[i], values[j], out=values[j])
+            values[i], spare = spare, values[i]
+        chunks.append(values[len(values) // 2])
+    return torch.cat(chunks) if len(chunks) > 1 else chunks[0]
 
 
 def every_voxel_if_empty(foreground: torch.Tensor) -> torch.Tensor:
