@@ -4,9 +4,16 @@
 
 For ``cae``, ``vae``, ``dae`` and ``fanogan`` at 64² and 128² and for ``resnet_ae`` at 32³
 (each built from its head CT / 3D screening config, on synthetic phantoms from
-:mod:`medanomaly.data.phantoms`), one run measures, precision by precision in turn
-(``32-true``, ``auto``, then again ``auto``, ``32-true``, so that both see the same load on
-a shared machine):
+:mod:`medanomaly.data.phantoms`), one run measures three variants in turn (float32 as before
+issue 30, float32 now, ``auto``, then the same in reverse order, so that all see the same load
+on a shared machine):
+
+* ``32-true before``: float32 with the layouts every deep detector used before issue 30
+  (training contiguous, scoring channels-last), the "today's fp32" of the issue's targets;
+* ``32-true``: float32 in the layouts ``engine.memory_format: auto`` measures for it;
+* ``auto``: ``engine.precision: auto`` (bf16-mixed on a CPU with bf16), layouts measured.
+
+For each:
 
 * **training**: the detector's own ``fit`` for one epoch (f-AnoGAN: one epoch of each
   stage) with every training step the engine runs timed; images/s over the steps after
@@ -28,12 +35,12 @@ a shared machine):
   the floating-point operations of a training step (``torch.utils.flop_counter``, on extra
   untimed steps) and of scoring a batch (``evaluate``).
 
-Each row also says which memory layout ``engine.memory_format: auto`` chose for training and
-for scoring (measured in the process, :mod:`medanomaly.training.layout`). With
-``--compile`` (default: ``dae`` at the first 2D size) a third variant, ``auto`` with
-``engine.compile: true`` (``torch.compile``), runs once between the ``auto`` passes
-(``32-true``, ``auto``, ``auto compile``, ``auto``, ``32-true``); compilation happens in the
-warm-up steps and the warm-up scoring call, outside the timing.
+Each row also says which memory layout it trained and scored in (``auto``'s choice is
+measured in the process, :mod:`medanomaly.training.layout`), and its speed-up over both
+float32 rows. With ``--compile`` (default: ``dae`` at the first 2D size) one more variant,
+``auto`` with ``engine.compile: true`` (``torch.compile``), runs once between the ``auto``
+passes; compilation happens in the warm-up steps and the warm-up scoring call, outside the
+timing.
 
 The no-model ``intensity`` baseline's fit and score at 64² are timed once as a reference.
 ``--device cuda`` runs the same on a GPU (``benchmarks/gpu_check.py`` does so when one is
@@ -42,8 +49,8 @@ Writes ``OUT/results.json`` (``rows``, ``peaks``, ``targets``, ``machine``) and
 ``OUT/table.md``, each atomically. ``--quick`` runs tiny sizes and a single step (seconds;
 for the test), ``--models`` a subset.
 
-Targets (issue 30): DAE 2D training >= 1.7x and scoring >= 1.8x the float32 rate, 3D
-``resnet_ae`` training >= 1.5x.
+Targets (issue 30): DAE 2D training >= 1.7x and scoring >= 1.8x the rate of float32 as
+before the issue, 3D ``resnet_ae`` training >= 1.5x.
 """
 
 from __future__ import annotations
@@ -93,11 +100,13 @@ SHAPE_3D = (32, 32, 32)
 QUICK_2D = ((32, 32),)
 QUICK_3D = (16, 16, 16)
 PRECISIONS = ("32-true", "auto")
-ORDER = ("32-true", "auto", "auto", "32-true")
-"""Passes of each model and size: ABBA, so that a drift in the machine's load cancels."""
+BEFORE = "32-true before"
+"""Float32 with the layouts fixed as they were before issue 30 (training contiguous, scoring
+channels-last): the "today's fp32" the issue's targets are set against."""
+ORDER = (BEFORE, "32-true", "auto", "auto", "32-true", BEFORE)
+"""Passes of each model and size: ABCCBA, so that a drift in the machine's load cancels."""
 COMPILED = "auto compile"
 """The variant ``precision: auto`` with ``engine.compile: true``."""
-ORDER_WITH_COMPILE = ("32-true", "auto", COMPILED, "auto", "32-true")
 COMPILE_DEFAULT = ("dae",)
 """Models measured with ``--compile`` by default (at the first 2D size only)."""
 TARGETS = {
@@ -105,7 +114,7 @@ TARGETS = {
     ("dae", 2, "scoring"): 1.8,
     ("resnet_ae", 3, "training"): 1.5,
 }
-"""Issue 30's speed-ups of ``auto`` over float32 (model, spatial dims, phase)."""
+"""Issue 30's speed-ups of ``auto`` over float32 as before the issue (model, dims, phase)."""
 
 
 class Plan(NamedTuple):
@@ -123,8 +132,16 @@ class Plan(NamedTuple):
 
 FULL = Plan()
 """Five timed steps after two warm-up steps (f-AnoGAN: one generator step per five), five
-more under the FLOP counter; scoring two inference batches; passes ABBA."""
-QUICK = Plan(warmup=1, timed=1, counted=1, score_images=8, batch_2d=4, batch_3d=2, order=PRECISIONS)
+more under the FLOP counter; scoring two inference batches; passes ABCCBA."""
+QUICK = Plan(
+    warmup=1,
+    timed=1,
+    counted=1,
+    score_images=8,
+    batch_2d=4,
+    batch_3d=2,
+    order=(BEFORE, *PRECISIONS),
+)
 
 
 # -- the machine's peak ---------------------------------------------------------------------
@@ -313,7 +330,8 @@ def model_config(config_name: str) -> dict[str, Any]:
 def build(name: str, variant: str, plan: Plan, device: str = "cpu") -> Any:
     """The model of its config, for one epoch (one per stage) in ``variant`` on ``device``.
 
-    ``variant``: a precision, or :data:`COMPILED` (``auto`` with ``engine.compile``).
+    ``variant``: a precision, :data:`BEFORE` (float32, trained contiguous; see
+    :func:`score_as_before`) or :data:`COMPILED` (``auto`` with ``engine.compile``).
     """
     config = model_config(MODELS[name])
     params = {k: v for k, v in config["model"].items() if k != "name"}
@@ -327,12 +345,25 @@ def build(name: str, variant: str, plan: Plan, device: str = "cpu") -> Any:
         patience=None,
         monitor="val_loss",
         progress=False,
-        precision="auto" if variant == COMPILED else variant,
+        precision=precision_of(variant),
         compile=variant == COMPILED,
         accelerator=device,
         batch_size=batch or engine["batch_size"],
     )
+    if variant == BEFORE:
+        engine["memory_format"] = "contiguous"
     return get_model(name, **params, engine=engine)
+
+
+def precision_of(variant: str) -> str:
+    """``engine.precision`` of a variant."""
+    return {COMPILED: "auto", BEFORE: "32-true"}.get(variant, variant)
+
+
+def score_as_before(detector: Any) -> None:
+    """Score channels-last from now on, as every deep detector did before issue 30."""
+    engine = {**detector.engine_config.to_dict(), "memory_format": "channels_last"}
+    detector.set_params(engine=engine)
 
 
 def phantoms(n: int, shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -359,6 +390,8 @@ def measure(
     clock = StepClock(plan.warmup, plan.timed)
     with clock.installed():
         detector.fit(train, val)
+    if variant == BEFORE:
+        score_as_before(detector)
     voxels = int(np.prod(shape))
     n_score = plan.score_batches * detector.inference_batch_size(voxels)
     n_score = min(n_score, plan.score_images or n_score)
@@ -370,7 +403,8 @@ def measure(
         "config": MODELS[name],
         "shape": list(shape),
         "spatial_dims": len(shape),
-        "precision": "auto" if variant == COMPILED else variant,
+        "variant": variant,
+        "precision": precision_of(variant),
         "compile": variant == COMPILED,
         "compiled_training": all(clock.compiled),
         "compiled_scoring": compiled_for_scoring(detector),
@@ -440,9 +474,8 @@ def cases(models: list[str], quick: bool) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def row_key(row: dict[str, Any]) -> str:
-    """``dae 64x64 32-true`` (``dae 64x64 auto compile`` for the compiled variant)."""
-    compiled = " compile" if row.get("compile") else ""
-    return f"{row['model']} {'x'.join(map(str, row['shape']))} {row['precision']}{compiled}"
+    """``dae 64x64 32-true``, ``dae 64x64 32-true before``, ``dae 64x64 auto compile``."""
+    return f"{row['model']} {'x'.join(map(str, row['shape']))} {row.get('variant', 'n/a')}"
 
 
 def best_of(passes: list[dict[str, Any]]) -> dict[str, Any]:
@@ -481,15 +514,21 @@ def images_per_second(steps: dict[str, list[tuple[int, float]]]) -> float:
 
 
 def add_ratios_and_shares(rows: dict[str, dict[str, Any]], peak: dict[str, float]) -> None:
-    """Speed-ups over the float32 row, and each row's share of its arithmetic's peak."""
+    """Speed-ups over the float32 rows, and each row's share of its arithmetic's peak.
+
+    ``{phase}_speedup`` is over :data:`BEFORE` (the issue's targets), ``{phase}_speedup_fp32``
+    over float32 in the layouts ``auto`` measures for it (what forcing ``32-true`` gives now).
+    """
     for row in rows.values():
         if row["precision"] not in PRECISIONS:
             continue
-        fp32 = rows[row_key({**row, "precision": "32-true", "compile": False})]
+        before = rows[row_key({**row, "variant": BEFORE})]
+        fp32 = rows[row_key({**row, "variant": "32-true"})]
         for phase in ("training", "scoring"):
             rate = row[f"{phase}_images_per_second"]
-            row[f"{phase}_speedup"] = rate / fp32[f"{phase}_images_per_second"]
-            flop = fp32.get(f"{phase}_gflop_per_image")
+            row[f"{phase}_speedup"] = rate / before[f"{phase}_images_per_second"]
+            row[f"{phase}_speedup_fp32"] = rate / fp32[f"{phase}_images_per_second"]
+            flop = before.get(f"{phase}_gflop_per_image")
             if flop is None:
                 continue
             kind = "bf16" if row["resolved_precision"].startswith("bf16") else "fp32"
@@ -629,7 +668,7 @@ def measure_all(
 
 
 def _with_compile(order: tuple[str, ...]) -> tuple[str, ...]:
-    """``order`` with one :data:`COMPILED` pass in the middle (``32-true, auto, C, auto, ...``)."""
+    """``order`` with one :data:`COMPILED` pass in the middle (``..., auto, C, auto, ...``)."""
     middle = len(order) // 2
     return (*order[:middle], COMPILED, *order[middle:])
 
@@ -667,14 +706,16 @@ def table(results: dict[str, Any]) -> str:
         f"{peak['conv_fp32']:.0f}, bf16 {peak['conv_bf16']:.0f} "
         f"({peak['conv_bf16'] / peak['conv_fp32']:.2f}x).",
         "",
-        "| model | size | precision | layout (train / score) | batch | training img/s | vs fp32 "
-        "| scoring img/s | vs fp32 | share of peak, training (matmul / conv) | share, scoring "
-        "| peak RSS |",
+        "| model | size | precision | layout (train / score) | batch | training img/s "
+        "| vs fp32 before / fp32 | scoring img/s | vs fp32 before / fp32 "
+        "| share of peak, training (matmul / conv) | share, scoring | peak RSS |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in results["rows"].values():
         speedups = [
-            f"{row[f'{phase}_speedup']:.2f}x" if f"{phase}_speedup" in row else "–"
+            f"{row[f'{phase}_speedup']:.2f}x / {row[f'{phase}_speedup_fp32']:.2f}x"
+            if f"{phase}_speedup" in row
+            else "–"
             for phase in ("training", "scoring")
         ]
         precision = row["precision"]
@@ -682,6 +723,8 @@ def table(results: dict[str, Any]) -> str:
             precision = f"{precision} ({row['resolved_precision']})"
         if row.get("compile"):
             precision += ", compile"
+        if row.get("variant") == BEFORE:
+            precision += ", layouts before issue 30"
         shares = [
             f"{_percent(row.get(f'{phase}_share_of_matmul_peak'))} / "
             f"{_percent(row.get(f'{phase}_share_of_conv_peak'))}"

@@ -21,13 +21,22 @@ def test_quick_run_writes_both_precisions_and_the_peak(bench, tmp_path):
 
     results = json.loads((tmp_path / "results.json").read_text())
     rows = results["rows"]
-    assert set(rows) == {"cae 32x32 32-true", "cae 32x32 auto", "intensity 32x32 n/a"}
-    fp32, auto = rows["cae 32x32 32-true"], rows["cae 32x32 auto"]
-    assert fp32["resolved_precision"] == "32-true"
+    assert set(rows) == {
+        "cae 32x32 32-true before",
+        "cae 32x32 32-true",
+        "cae 32x32 auto",
+        "intensity 32x32 n/a",
+    }
+    before, fp32, auto = (rows[f"cae 32x32 {v}"] for v in ("32-true before", "32-true", "auto"))
+    assert before["resolved_precision"] == fp32["resolved_precision"] == "32-true"
+    assert before["memory_format"] == {"training": "contiguous", "scoring": "channels_last"}
     expected = "bf16-mixed" if results["machine"]["cpu_bf16"] else "32-true"
     assert auto["resolved_precision"] == expected
-    assert fp32["training_speedup"] == 1.0 and auto["training_speedup"] > 0
-    for row in (fp32, auto):
+    assert fp32["training_speedup_fp32"] == 1.0 and auto["training_speedup"] > 0
+    assert auto["training_speedup"] == pytest.approx(
+        auto["training_images_per_second"] / before["training_images_per_second"]
+    )
+    for row in (before, fp32, auto):
         assert row["baseline"] is False
         assert row["training_images_per_second"] > 0 and row["scoring_images_per_second"] > 0
         assert row["training_gflop_per_image"] > 0 and row["peak_rss_mb"] > 100
