@@ -16,6 +16,11 @@ process the next series is retrieved in a background thread, one series ahead, w
 current one is read and preprocessed. With ``stream=True`` the result is a
 :class:`~medanomaly.data.streaming.StreamedSet`, which reads each case from the cache when it is
 used and lets cases keep their own shapes; otherwise an in-memory :class:`ImageSet`.
+
+:func:`load_cases` returns once the first pass has ended. ``score`` and ``screen`` in one
+process do not wait for it: :mod:`medanomaly.data.ahead` runs the same first pass in a
+background thread and hands out each chunk of cases as soon as it is prepared, so that the
+scoring of a chunk overlaps the retrieval and preparation of the next.
 """
 
 from __future__ import annotations

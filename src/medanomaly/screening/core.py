@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from medanomaly.data.ahead import PreparingSet
 from medanomaly.data.sets import Cases, ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector
 from medanomaly.detectors.thresholds import ThresholdChoice, conformal_pvalues, run_threshold
@@ -47,7 +48,7 @@ def screen_threshold(detector: Any, rule: str = DEFAULT_RULE) -> ThresholdChoice
 
 def screen(
     detector: BaseDetector,
-    images: Cases,
+    images: Cases | PreparingSet,
     threshold: str = DEFAULT_RULE,
     metal_level: float = DEFAULT_METAL_LEVEL,
     eps: float | None = None,
@@ -67,9 +68,10 @@ def screen(
 
     Args:
         detector: A fitted detector with ``val_scores_`` (held-out normal scores).
-        images: The preprocessed cases (an ``ImageSet`` or a streamed set); their ids must be
-            the file paths (as :func:`medanomaly.data.loading.load_dataset` sets them) for the raw
-            facts.
+        images: The preprocessed cases (an ``ImageSet`` or a streamed set, or a
+            :class:`~medanomaly.data.ahead.PreparingSet` whose chunks are screened as they
+            are prepared); their ids must be the file paths (as
+            :func:`medanomaly.data.loading.load_dataset` sets them) for the raw facts.
         threshold: The threshold rule, spelled as in evaluate, cv and compare specs:
             ``mean_sd[:k=..]``, ``percentile[:q=..]``, ``conformal[:alpha=..]`` on the run's
             held-out normal scores, or ``run`` (the run's own threshold, e.g. the rule
@@ -210,7 +212,7 @@ class CaseNumbers:
 
 def score_cases(
     detector: BaseDetector,
-    images: Cases,
+    images: Cases | PreparingSet,
     batch: int,
     metal_level: float,
     index: np.ndarray | None = None,

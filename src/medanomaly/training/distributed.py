@@ -9,7 +9,11 @@ scores its share and writes the maps it made; the small per-case results travel 
 which writes the tables in input order.
 
 A single process (the default) takes the same path with a world of one, without
-``torch.distributed``.
+``torch.distributed``. There ``score`` and ``screen`` need not wait for the whole share:
+``load_share(ahead=True)`` returns a :class:`ShareAhead` whose first pass runs in the
+background while the job scores the chunks already prepared (:mod:`medanomaly.data.ahead`).
+Several ranks prepare their whole share first: a case's place in the job's table depends on
+the cases every rank kept.
 """
 
 from __future__ import annotations
