@@ -23,7 +23,7 @@ at the end. With ``--orthanc`` it uses a running one (started as ``docs/archive.
 whose credentials are in ``MEDANOMALY_DICOMWEB_USER`` / ``MEDANOMALY_DICOMWEB_PASSWORD``:
 
     .venv/bin/python benchmarks/archive.py --out OUT [--orthanc http://127.0.0.1:8042] \
-        [--sizes 50 200] [--slices 64] [--matrix 128]
+        [--sizes 50 200] [--slices 64] [--matrix 128] [--batch 16]
     -> OUT/results.json (rows: archive_N and local_N), OUT/results.md
 
 Each N's series are deleted from Orthanc (``DELETE /patients/...``) and from disk after it.
@@ -222,10 +222,13 @@ def _fetch(task: tuple[Any, str]) -> str:
     return str(fetch_series(*task))
 
 
-def screen_command(run: Path, data: str, out: Path, extra: list[str]) -> list[str]:
+def screen_command(
+    run: Path, data: str, out: Path, extra: list[str], batch: int | None = None
+) -> list[str]:
+    chunks = [] if batch is None else ["--batch", str(batch)]
     return [
         sys.executable, "-m", "medanomaly.cli", "screen", "--run", str(run), "--data", data,
-        "--out", str(out), "--num-workers", "2", *extra,
+        "--out", str(out), "--num-workers", "2", *chunks, *extra,
     ]  # fmt: skip
 
 
@@ -260,7 +263,7 @@ def measure(args: argparse.Namespace, n: int, out: Path, logs: Path) -> dict[str
     )
     for name, data, extra in screens:
         os.environ["MEDANOMALY_CACHE"] = str(work / f"cache_{name}")
-        command = screen_command(run, data, work / name, extra)
+        command = screen_command(run, data, work / name, extra, args.batch)
         steps[name] = run_step(command, logs / f"n{n}_{name}.log")
         steps[name]["series_per_s"] = n / steps[name]["wall_seconds"]
     if env_cache is None:
@@ -302,11 +305,17 @@ def write_results(out: Path, rows: list[dict[str, Any]], args: argparse.Namespac
         "ratio_met": min(ratios) >= TARGET_RATIO,
         "rss_growth_smallest_to_largest_n": rss[-1] / rss[0],
     }
-    settings = {"slices": args.slices, "matrix": args.matrix, "sizes": args.sizes}
+    settings = {
+        "slices": args.slices,
+        "matrix": args.matrix,
+        "sizes": args.sizes,
+        "batch": args.batch or 16,
+    }
     results = {"rows": table, "targets": found, "settings": settings, "raw": rows}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     lines = [
-        f"# Archive benchmark ({args.slices} slices of {args.matrix}², intensity baseline)",
+        f"# Archive benchmark ({args.slices} slices of {args.matrix}², intensity baseline, "
+        f"screened {args.batch or 16} at a time)",
         "",
         "| N | retrieve 1 worker | retrieve 2 workers | screen from archive | screen from files "
         "| ratio | peak RSS archive | peak RSS files |",
@@ -345,6 +354,9 @@ def main() -> None:
     parser.add_argument("--matrix", type=int, default=128)
     parser.add_argument(
         "--retrieve-only", action="store_true", help="measure retrieval only (no screens)"
+    )
+    parser.add_argument(
+        "--batch", type=int, help="the screens' --batch: cases scored at a time (default: 16)"
     )
     args = parser.parse_args()
     out = Path(args.out)

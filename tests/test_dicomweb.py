@@ -555,3 +555,169 @@ def test_a_series_that_fails_to_arrive_ahead_is_named_and_skipped(
         assert sorted(row["id"] for row in csv.DictReader(handle)) == [uids[0], uids[2]]
     summary = json.loads((out / "summary.json").read_text())
     assert [item["case"] for item in summary["skipped"]] == [uids[1]]
+
+
+# -- overlap: the screen scores a chunk while the next series are retrieved and prepared ------
+def _new_series(server: OrthancServer, folder: Path, study: str, patient: str, n: int) -> list[str]:
+    """Upload ``n`` tiny synthetic CT series of one new study; their UIDs in listing order."""
+    volumes = make_phantoms(n, 0, (4, 16, 16), seed=17).images[:, 0]
+    uids = [f"{study}.{k}" for k in range(n)]
+    for uid, volume in zip(uids, volumes, strict=True):
+        files = write_dicom_series(
+            folder / uid, 2000 * volume - 1000, series_uid=uid, study_uid=study, patient_id=patient
+        )
+        assert _upload(server, files[0].parent) == len(files)
+    return uids
+
+
+def _record_events(monkeypatch) -> list[tuple[str, str]]:
+    """``(event, series UID)`` in the order they happen, from every thread: ``retrieve`` when
+    a series' retrieval starts (the real one, into the cache), ``scoring`` / ``scored`` around
+    the real detector's ``detect`` of each case."""
+    events: list[tuple[str, str]] = []
+    fetch = loading.fetch_series
+
+    def retrieve(series, folder):
+        if not Path(folder).is_dir():  # the first retrieval, not a look into the cache
+            events.append(("retrieve", str(series)))
+        return fetch(series, folder)
+
+    detector_class = type(get_model("intensity", spatial_dims=3))
+    detect = detector_class.detect
+
+    def detect_recorded(self, x):
+        events.extend(("scoring", case) for case in x.ids)
+        result = detect(self, x)
+        events.extend(("scored", case) for case in x.ids)
+        return result
+
+    monkeypatch.setattr(loading, "fetch_series", retrieve)
+    monkeypatch.setattr(detector_class, "detect", detect_recorded)
+    return events
+
+
+def test_the_screen_scores_a_case_while_the_next_series_are_retrieved(
+    orthanc, credentials, tmp_path, monkeypatch, capsys
+) -> None:
+    uids = _new_series(orthanc, tmp_path / "new", f"{SYNTH_STUDY}9.1", "OVERLAP", 4)
+    run = _fit_run(tmp_path, hu_range=2000)  # its own cache: every series is retrieved
+    events = _record_events(monkeypatch)
+    out = tmp_path / "screen"
+    command = ["screen", "--run", str(run), "--data", f"{orthanc.dicomweb}?PatientID=OVERLAP",
+               "--out", str(out), "--batch", "1", "--num-workers", "0"]  # fmt: skip
+    assert main(command) == 0, capsys.readouterr().err
+    order = {event: position for position, event in enumerate(events)}
+    assert len(order) == len(events) == 3 * len(uids), events  # each event once
+    # scoring began before the first pass ended: the last series came after case 0 was scored
+    assert order["scoring", uids[0]] < order["scored", uids[0]] < order["retrieve", uids[3]]
+    for k in range(len(uids) - 1):  # case k + 1's series was on its way while case k was scored
+        assert order["retrieve", uids[k + 1]] < order["scored", uids[k]], events
+    # ... and the first pass ran at most one case (a chunk) ahead of the scoring
+    assert order["scored", uids[0]] < order["retrieve", uids[3]]
+    assert order["scored", uids[1]] < order["scoring", uids[2]]
+    assert [uid for event, uid in events if event == "scored"] == uids  # the input order
+    with open(out / "screen.csv", newline="") as handle:
+        assert sorted(row["id"] for row in csv.DictReader(handle)) == uids
+
+
+def _screen_outputs(out: Path, maps: Path) -> dict[str, object]:
+    """What a screen wrote that must not depend on when its cases were prepared."""
+    import nibabel as nib
+
+    with open(out / "screen.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    summary = json.loads((out / "summary.json").read_text())
+    arrays = {
+        str(file.relative_to(maps)): np.asarray(nib.load(file).dataobj)
+        for file in sorted(maps.rglob("*.nii.gz"))
+    }
+    return {"rows": rows, "skipped": summary["skipped"], "arrays": arrays}
+
+
+def test_a_screen_overlapped_with_its_first_pass_writes_what_one_after_it_writes(
+    orthanc, credentials, tmp_path, monkeypatch, capsys
+) -> None:
+    uids = _new_series(orthanc, tmp_path / "new", f"{SYNTH_STUDY}9.2", "SAME", 5)
+    run = _fit_run(tmp_path, hu_range=2000)
+    data = f"{orthanc.dicomweb}?PatientID=SAME"
+    found = {}
+    # --strict prepares every case before the first is scored (the code before the overlap);
+    # without it, 2 worker processes prepare while this process scores chunks of 2 (2 + 2 + 1)
+    for name, extra in [("after", ["--strict", "--num-workers", "0"]),
+                        ("overlapped", ["--num-workers", "2"])]:  # fmt: skip
+        out, maps = tmp_path / name, tmp_path / f"{name}_maps"
+        command = ["screen", "--run", str(run), "--data", data, "--out", str(out),
+                   "--maps", str(maps), "--batch", "2", *extra]  # fmt: skip
+        assert main(command) == 0, capsys.readouterr().err
+        found[name] = _screen_outputs(out, maps)
+    after, overlapped = found["after"], found["overlapped"]
+    assert sorted(row["id"] for row in overlapped["rows"]) == uids
+    assert overlapped["rows"] == after["rows"]  # scores, p-values, facts: the same text
+    assert overlapped["skipped"] == after["skipped"] == []
+    assert overlapped["arrays"].keys() == after["arrays"].keys() and after["arrays"]
+    for name, array in after["arrays"].items():
+        np.testing.assert_array_equal(overlapped["arrays"][name], array)
+
+
+def test_an_interrupted_screen_stops_its_first_pass_and_the_retrieval_ahead(
+    orthanc, credentials, tmp_path, monkeypatch
+) -> None:
+    import threading
+
+    from medanomaly.data.ahead import prepare_ahead
+
+    uids = _new_series(orthanc, tmp_path / "new", f"{SYNTH_STUDY}9.3", "STOPPED", 4)
+    events = _record_events(monkeypatch)
+    data = f"{orthanc.dicomweb}?PatientID=STOPPED"
+    options = {**DATA_CFG, "cache": str(tmp_path / "cache"), "num_workers": 0}
+    taken = []
+    cases = list_cases(data)
+    # Ctrl-C while the first chunk is scored
+    with pytest.raises(KeyboardInterrupt), prepare_ahead(cases, data, **options) as preparing:
+        for index in preparing.chunks(1):
+            taken.append(preparing.subset(index).ids)
+            raise KeyboardInterrupt
+    assert taken == [[uids[0]]]
+    alive = [t.name for t in threading.enumerate() if t.name.startswith(("first-pass", "prefetch"))]
+    assert alive == []  # the first pass and its retrieval thread have ended
+    retrieved = [uid for event, uid in events if event == "retrieve"]
+    assert uids[3] not in retrieved  # it stopped one case ahead, never reaching the last
+
+
+def test_a_series_lost_while_the_screen_runs_is_skipped_and_named_in_input_order(
+    orthanc, credentials, tmp_path, monkeypatch, capsys
+) -> None:
+    uids = _new_series(orthanc, tmp_path / "new", f"{SYNTH_STUDY}9.4", "LOST", 5)
+    run = _fit_run(tmp_path, hu_range=2000)
+    session = requests.Session()
+    session.auth = (USER, PASSWORD)
+    events = _record_events(monkeypatch)
+    detector_class = type(get_model("intensity", spatial_dims=3))
+    detect = detector_class.detect  # the recording one
+
+    def delete_the_fourth_while_the_first_is_scored(self, x):
+        if x.ids == [uids[0]]:  # listed, not yet retrieved: the first pass is one case ahead
+            found = session.post(
+                f"{orthanc.rest}/tools/find",
+                json={"Level": "Series", "Query": {"SeriesInstanceUID": uids[3]}},
+                timeout=30,
+            ).json()
+            for orthanc_id in found:
+                session.delete(f"{orthanc.rest}/series/{orthanc_id}", timeout=30)
+        return detect(self, x)
+
+    monkeypatch.setattr(detector_class, "detect", delete_the_fourth_while_the_first_is_scored)
+    out = tmp_path / "screen"
+    command = ["screen", "--run", str(run), "--data", f"{orthanc.dicomweb}?PatientID=LOST",
+               "--out", str(out), "--batch", "1", "--num-workers", "0"]  # fmt: skip
+    assert main(command) == 0
+    err = capsys.readouterr().err
+    assert "skipped 1 unreadable case(s)" in err
+    assert f"{uids[3]}: HTTP 404 while retrieving series {uids[3]}" in err, err
+    assert PASSWORD not in err
+    kept = [uids[0], uids[1], uids[2], uids[4]]
+    with open(out / "screen.csv", newline="") as handle:
+        assert sorted(row["id"] for row in csv.DictReader(handle)) == kept
+    summary = json.loads((out / "summary.json").read_text())
+    assert [item["case"] for item in summary["skipped"]] == [uids[3]]
+    assert [uid for event, uid in events if event == "scored"] == kept

@@ -317,3 +317,61 @@ def test_kill_9_during_streamed_training_then_resume_gives_the_same_weights(cae_
     again = BaseDetector.load(root / "killed").network_.state_dict()
     for key, value in whole.items():
         torch.testing.assert_close(again[key], value, rtol=0, atol=0)
+
+
+def test_ready_chunks_are_always_the_leading_chunks_of_the_whole_set():
+    from medanomaly.data.sets import ready_chunks, shape_chunks
+
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        shapes = [((1, 8, 8), (1, 4, 4), (1, 6, 6))[k] for k in rng.integers(0, 3, 12)]
+        size = int(rng.integers(1, 5))
+        whole = [list(c) for c in shape_chunks(shapes, size)]
+        assert [list(c) for c in ready_chunks(shapes, size, complete=True)] == whole
+        for known in range(len(shapes) + 1):
+            ready = [list(c) for c in ready_chunks(shapes[:known], size, complete=False)]
+            assert ready == whole[: len(ready)]  # what comes later never changes them
+        full = sum(1 for s in shapes if s == shapes[0]) // size
+        assert len(ready_chunks(shapes, size, complete=False)) == full
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_set_prepared_ahead_gives_the_chunks_arrays_and_report_of_the_loaded_set(
+    tmp_path, workers
+):
+    from medanomaly.data.ahead import prepare_ahead
+    from medanomaly.data.listing import list_cases
+
+    shapes = [(12, 12, 12), (12, 12, 12), (10, 12, 12), (12, 12, 12), (12, 12, 12)]
+    paths = _write_volumes(tmp_path / "cases", shapes)
+    (tmp_path / "cases" / "v05.nii.gz").write_bytes(b"not a volume")
+    masks = tmp_path / "masks"
+    masks.mkdir()
+    mask = masks / "m03.nii.gz"  # one lesion mask, on the fourth case only
+    nib.save(nib.Nifti1Image(np.ones((12, 12, 12), np.uint8), np.eye(4)), mask)
+    manifest = tmp_path / "cases.csv"
+    rows = [f"{p},,{mask if i == 3 else ''}" for i, p in enumerate(paths)]
+    rows.insert(4, f"{tmp_path / 'cases' / 'v05.nii.gz'},,")
+    manifest.write_text("path,label,mask\n" + "\n".join(rows) + "\n")
+    options = {"transforms": [{"foreground_mask": {"threshold": 0.5}}], "num_workers": workers}
+    listed = list_cases(manifest)
+    whole, report = load_dataset(manifest, stream=True, **options)
+    with prepare_ahead(listed, manifest, **options) as preparing:
+        chunks = []
+        for index in preparing.chunks(2):
+            part = preparing.subset(index).to_image_set()
+            chunks.append((list(index), part))
+        finished, finished_report = preparing.finish()
+    assert whole.has_masks and whole.has_foreground
+    expected = whole.chunks(2)  # the first shape's 2 + 2, then the other shape's one
+    assert [list(i) for i in expected] == [[0, 1], [3, 4], [2]]
+    assert [index for index, _ in chunks] == [list(i) for i in expected]
+    for (_, part), want in zip(chunks, expected, strict=True):
+        same = whole.subset(want).to_image_set()
+        assert part.ids == same.ids
+        np.testing.assert_array_equal(part.images, same.images)
+        np.testing.assert_array_equal(part.masks, same.masks)  # zeros where no case had one
+        np.testing.assert_array_equal(part.foreground, same.foreground)
+    assert finished.ids == whole.ids and finished.keys == whole.keys
+    assert finished_report.skipped == report.skipped and len(report.skipped) == 1
+    assert finished_report.kept == report.kept

@@ -16,6 +16,11 @@ process the next series is retrieved in a background thread, one series ahead, w
 current one is read and preprocessed. With ``stream=True`` the result is a
 :class:`~medanomaly.data.streaming.StreamedSet`, which reads each case from the cache when it is
 used and lets cases keep their own shapes; otherwise an in-memory :class:`ImageSet`.
+
+:func:`load_cases` returns once the first pass has ended. ``score`` and ``screen`` in one
+process do not wait for it: :mod:`medanomaly.data.ahead` runs the same first pass in a
+background thread and hands out each chunk of cases as soon as it is prepared, so that the
+scoring of a chunk overlaps the retrieval and preparation of the next.
 """
 
 from __future__ import annotations
@@ -359,11 +364,13 @@ class _FirstPass:
         """Yield ``(index, outcome)`` for every case (in any order), with a progress bar."""
         cases = _listed(cases)
         bar = tqdm(total=len(cases), unit="case", desc="preparing cases", disable=None)
+        outcomes = self._outcomes(cases)
         try:
-            for index, outcome in self._outcomes(cases):
+            for index, outcome in outcomes:
                 bar.update(1)
                 yield index, outcome
-        finally:
+        finally:  # stopped early: the retrieval ahead and the worker processes end here
+            outcomes.close()
             bar.close()
 
     def _outcomes(self, cases: Sequence[Case]) -> Iterator[tuple[int, _Outcome]]:
@@ -553,6 +560,28 @@ def load_cases(
         The set and the :class:`LoadReport` (whose ``kept`` gives each kept case's position
         in ``cases``).
     """
+    first_pass, augmentation = _first_pass(
+        transforms, read_options, cache, min_size, expect, stream, num_workers
+    )
+    outcomes: list[_Outcome | None] = [None] * len(cases)
+    for index, outcome in first_pass.run(cases):
+        if outcome.error is not None and strict:
+            raise outcome.error
+        outcomes[index] = outcome
+    augment_fn = ArrayAugment(augmentation) if augment and len(augmentation) else None
+    return _loaded(source, cases, outcomes, first_pass, augment_fn, stream, allow_empty)
+
+
+def _first_pass(
+    transforms: list[dict[str, Any]] | None,
+    read_options: dict[str, Any] | None,
+    cache: bool | str | Path | None,
+    min_size: int,
+    expect: InputSpec | None,
+    stream: bool,
+    num_workers: int | None,
+) -> tuple[_FirstPass, Compose]:
+    """The first pass of a load, and the random transforms left for later (augmentation)."""
     pipeline, augmentation = build_transforms(transforms).split_deterministic()
     store = PreprocessCache.from_option(cache)
     job = _Job(
@@ -562,23 +591,29 @@ def load_cases(
         expect=expect,
         min_size=min_size,
     )
-    first_pass = _FirstPass(job, num_workers, stream)
-    outcomes: list[_Outcome | None] = [None] * len(cases)
-    for index, outcome in first_pass.run(cases):
-        if outcome.error is not None and strict:
-            raise outcome.error
-        outcomes[index] = outcome
+    return _FirstPass(job, num_workers, stream), augmentation
+
+
+def _loaded(
+    source: str | Path,
+    cases: Sequence[Case],
+    outcomes: Sequence[_Outcome | None],
+    first_pass: _FirstPass,
+    augment: ArrayAugment | None,
+    stream: bool,
+    allow_empty: bool,
+) -> tuple[ImageSet | StreamedSet, LoadReport]:
+    """The set of the kept cases once every case has its outcome, and the report."""
     report = _report(cases, outcomes)
     if not report.kept and not allow_empty:
         raise ImageReadError(source, "no readable images: " + "; ".join(report.lines()[:3]))
     kept = [cases[i] for i in report.kept]
     values = [outcomes[i].value for i in report.kept]  # type: ignore[union-attr]
-    augment_fn = ArrayAugment(augmentation) if augment and len(augmentation) else None
     if stream:
         folder = PreprocessCache(first_pass.job.store)  # type: ignore[arg-type]
-        return _streamed_set(folder, values, kept, augment_fn, first_pass.owner), report
-    results = [_in_memory(v, first_pass.job.store) for v in values]
-    return _image_set(source, results, kept, augment_fn), report
+        return _streamed_set(folder, values, kept, augment, first_pass.owner), report  # type: ignore[arg-type]
+    results = [_in_memory(v, first_pass.job.store) for v in values]  # type: ignore[arg-type]
+    return _image_set(source, results, kept, augment), report
 
 
 def _report(cases: Sequence[Case], outcomes: Sequence[_Outcome | None]) -> LoadReport:
@@ -619,6 +654,7 @@ def _streamed_set(
     cases: list[Case],
     augment: ArrayAugment | None,
     owner: Any,
+    flags: dict[str, bool] | None = None,
 ) -> StreamedSet:
     return StreamedSet(
         store,
@@ -628,6 +664,7 @@ def _streamed_set(
         groups=np.array([c.group or str(c.path) for c in cases]),
         augment=augment,
         owner=owner,
+        **(flags or {}),
     )
 
 

@@ -223,6 +223,31 @@ def shape_chunks(
     return chunks
 
 
+def ready_chunks(
+    shapes: Sequence[tuple[int, ...]],
+    size: int | Callable[[tuple[int, ...]], int],
+    complete: bool,
+) -> list[np.ndarray]:
+    """The leading chunks of :func:`shape_chunks` that cases still to come cannot change.
+
+    While cases are still being added (``complete`` false), only the full chunks of the first
+    shape are settled: a later case of that shape fills its last chunk, and the chunks of the
+    other shapes come after all of the first shape's.
+
+    Args:
+        shapes: Shape of each case known so far, in input order.
+        size: As in :func:`shape_chunks`.
+        complete: No case comes after these.
+    """
+    if complete or not shapes:
+        return shape_chunks(shapes, size) if complete else []
+    first = tuple(shapes[0])
+    step = max(1, int(size(first) if callable(size) else size))
+    members = [index for index, shape in enumerate(shapes) if tuple(shape) == first]
+    full = len(members) - len(members) % step
+    return [np.asarray(members[start : start + step], np.int64) for start in range(0, full, step)]
+
+
 def as_cases(x: Any, spatial_dims: int) -> Cases:
     """Accept any form of a set of cases without loading a streamed one into memory.
 

@@ -40,6 +40,9 @@ class StreamedSet(Dataset):
         augment: Random augmentation applied to each image as it is drawn (training only).
         owner: An object that must live as long as the set (the temporary folder holding
             ``store``, which is removed when the last set using it is gone).
+        with_masks: Whether the set has lesion masks (default: any of ``entries`` has one);
+            given for a part of a set whose other cases are not known yet.
+        with_foreground: Whether the set has foreground masks, likewise.
 
     Attributes:
         keys: The cache key of each case.
@@ -55,6 +58,8 @@ class StreamedSet(Dataset):
         groups: np.ndarray | None = None,
         augment: Callable[[np.ndarray], np.ndarray] | None = None,
         owner: Any = None,
+        with_masks: bool | None = None,
+        with_foreground: bool | None = None,
     ) -> None:
         n = len(entries)
         self.store = store
@@ -68,8 +73,10 @@ class StreamedSet(Dataset):
         self.groups = None if groups is None else np.asarray(groups)
         self.augment = augment
         self._owner = owner
-        self._with_masks = any(LESION_KEY in m for m in self._masks)
-        self._with_foreground = any(FOREGROUND_KEY in m for m in self._masks)
+        found_masks = any(LESION_KEY in m for m in self._masks)
+        found_foreground = any(FOREGROUND_KEY in m for m in self._masks)
+        self._with_masks = found_masks if with_masks is None else with_masks
+        self._with_foreground = found_foreground if with_foreground is None else with_foreground
         if len(self.ids) != n:
             raise ValueError(f"StreamedSet: ids has {len(self.ids)} entries for {n} cases")
 

@@ -3,7 +3,10 @@
 A job streams its cases: each rank (one process, or ``--devices N`` of them, see
 :mod:`medanomaly.training.distributed`) prepares its share into the cache, then scores it chunk by
 chunk (``chunk`` cases read into memory at a time), writes the maps it made, and sends the
-per-case rows to rank 0, which writes the table in input order.
+per-case rows to rank 0, which writes the table in input order. In a single process
+``score`` and ``screen`` score each chunk as soon as its cases are prepared, while the first
+pass prepares (and retrieves from an archive) the next ones in the background
+(:mod:`medanomaly.data.ahead`); ``--strict`` prepares every case first.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from medanomaly.data.ahead import PreparingSet
 from medanomaly.data.progress import CaseProgress
 from medanomaly.data.sets import Cases, ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector
@@ -25,6 +29,7 @@ from medanomaly.outputs.writers import MapsWritten, save_part_maps, write_scores
 from medanomaly.training.distributed import (
     Ranks,
     Share,
+    ShareAhead,
     cpu_threads_per_rank,
     launch,
     load_share,
@@ -65,14 +70,17 @@ def start_job(run: str | Path, options: JobOptions) -> tuple[Ranks, BaseDetector
 
 
 def in_chunks(
-    cases: Cases, size: int, desc: str = "scoring"
+    cases: Cases | PreparingSet, size: int, desc: str = "scoring"
 ) -> Iterator[tuple[np.ndarray, ImageSet]]:
     """``(index, cases in memory)`` for chunks of at most ``size`` cases of one shape.
 
     The progress (cases/s, time left) counts a chunk as done when the caller asks for the
     next one, so it covers what the caller does with each chunk (scoring, writing maps).
+    A set still being prepared (:class:`~medanomaly.data.ahead.PreparingSet`) hands out each
+    chunk once its cases are ready, and counts against the cases listed.
     """
-    with CaseProgress(len(cases), desc) as progress:
+    total = cases.listed if isinstance(cases, PreparingSet) else len(cases)
+    with CaseProgress(total, desc) as progress:
         for index in cases.chunks(size):
             yield index, cases.subset(index).to_image_set()
             progress.update(len(index))
@@ -180,11 +188,12 @@ def score_run(
     target = MapTarget.of(run, None if maps is None else staging_folder(maps), dicom, store)
     ranks, detector = start_job(run, options or JobOptions())
     claim = claim_outputs([out], staged=[maps], command="score") if ranks.is_main else Claim()
-    with claim:
-        share = load_share(detector, data, ranks, strict, (options or JobOptions()).num_workers)
+    workers = (options or JobOptions()).num_workers
+    with claim, load_share(detector, data, ranks, strict, workers, ahead=True) as preparing:
         gathered = ranks.together(  # one failing rank stops them all
-            lambda: _score_share(detector, share, target, chunk), to_main=True
+            lambda: _score_share(detector, preparing, target, chunk), to_main=True
         )
+        share = preparing.finish()
         if gathered is None:
             return None
         summary = _write_table(detector, share, gathered, out)
@@ -221,7 +230,7 @@ def _write_table(
 
 def _score_share(
     detector: BaseDetector,
-    share: Share,
+    share: Share | ShareAhead,
     target: MapTarget,
     chunk: int,
 ) -> tuple[list[tuple[int, Any]], MapsWritten]:
@@ -230,15 +239,16 @@ def _score_share(
     written = MapsWritten()
     desc = "scoring and writing maps" if target.folder is not None else "scoring"
     for index, part in in_chunks(share.cases, chunk, desc):
+        positions = share.positions(index)
         if target.folder is None:
             scores = np.asarray(detector.score(part), dtype=np.float64)
         else:
             result = detector.detect(part)
             scores = np.asarray(result.scores, dtype=np.float64)
-            written.add(target.write(part, result, detector.name, share.index[index]))
-        for j, i in enumerate(index):
+            written.add(target.write(part, result, detector.name, positions))
+        for j, position in enumerate(positions):
             row = (part.ids[j], int(part.labels[j]), float(scores[j]))
-            rows.append((int(share.index[i]), row))
+            rows.append((int(position), row))
     return rows, written
 
 

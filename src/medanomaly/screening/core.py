@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from medanomaly.data.ahead import PreparingSet
 from medanomaly.data.sets import Cases, ImageSet
 from medanomaly.detectors.base import AnomalyResult, BaseDetector
 from medanomaly.detectors.thresholds import ThresholdChoice, conformal_pvalues, run_threshold
@@ -47,7 +48,7 @@ def screen_threshold(detector: Any, rule: str = DEFAULT_RULE) -> ThresholdChoice
 
 def screen(
     detector: BaseDetector,
-    images: Cases,
+    images: Cases | PreparingSet,
     threshold: str = DEFAULT_RULE,
     metal_level: float = DEFAULT_METAL_LEVEL,
     eps: float | None = None,
@@ -67,9 +68,10 @@ def screen(
 
     Args:
         detector: A fitted detector with ``val_scores_`` (held-out normal scores).
-        images: The preprocessed cases (an ``ImageSet`` or a streamed set); their ids must be
-            the file paths (as :func:`medanomaly.data.loading.load_dataset` sets them) for the raw
-            facts.
+        images: The preprocessed cases (an ``ImageSet`` or a streamed set, or a
+            :class:`~medanomaly.data.ahead.PreparingSet` whose chunks are screened as they
+            are prepared); their ids must be the file paths (as
+            :func:`medanomaly.data.loading.load_dataset` sets them) for the raw facts.
         threshold: The threshold rule, spelled as in evaluate, cv and compare specs:
             ``mean_sd[:k=..]``, ``percentile[:q=..]``, ``conformal[:alpha=..]`` on the run's
             held-out normal scores, or ``run`` (the run's own threshold, e.g. the rule
@@ -210,7 +212,7 @@ class CaseNumbers:
 
 def score_cases(
     detector: BaseDetector,
-    images: Cases,
+    images: Cases | PreparingSet,
     batch: int,
     metal_level: float,
     index: np.ndarray | None = None,
@@ -222,10 +224,43 @@ def score_cases(
     )
     notes = [] if embed is not None else ["the detector has no latent space: no latent vectors"]
     fg_threshold = detector.foreground_threshold
-    n = len(images)
+    parts: list[tuple[np.ndarray, list[str], dict[str, Any], list[RawFacts]]] = []
+    vectors: dict[int, np.ndarray] | None = {} if embed is not None else None
+    foreground_rule = ""
+    for done, (chunk, part) in enumerate(in_chunks(images, batch, "screening"), start=1):
+        result = detector.detect(part)
+        foreground, foreground_rule = foreground_masks(part, fg_threshold)
+        mse, masked = reconstruction_errors(part.images, result.reconstructions, foreground)
+        found = {
+            "scores": result.scores,
+            "mse": mse,
+            "masked_mse": masked,
+            "foreground_voxels": foreground.reshape(len(part), -1).sum(axis=1),
+            "map_p999": map_percentiles(result),
+        }
+        if vectors is not None and embed is not None:
+            _add_vectors(vectors, chunk, embed(part))
+        sources = [_raw_source(part.ids[j], part.grids[j]) for j in range(len(chunk))]
+        raw = [raw_facts(source, metal_level) for source in sources]
+        parts.append((chunk, list(part.ids), found, raw))
+        if on_chunk is not None:
+            on_chunk(chunk, part, result)
+        log.info("screened %d chunks of %d cases", done, batch)
+    return _case_numbers(parts, index, vectors, foreground_rule, notes)
+
+
+def _case_numbers(
+    parts: list[tuple[np.ndarray, list[str], dict[str, Any], list[RawFacts]]],
+    index: np.ndarray | None,
+    vectors: dict[int, np.ndarray] | None,
+    foreground_rule: str,
+    notes: list[str],
+) -> CaseNumbers:
+    """Every chunk's numbers in their cases' places (the chunks hold every case once)."""
+    n = sum(len(chunk) for chunk, *_ in parts)
     numbers = CaseNumbers(
         index=np.arange(n, dtype=np.int64) if index is None else np.asarray(index, np.int64),
-        ids=list(images.ids),
+        ids=[""] * n,
         scores=np.zeros(n),
         mse=np.zeros(n),
         masked_mse=np.zeros(n),
@@ -233,24 +268,15 @@ def score_cases(
         map_p999=np.zeros(n),
         raw=[RawFacts()] * n,
         vectors=None,
+        foreground_rule=foreground_rule,
         notes=notes,
     )
-    vectors: dict[int, np.ndarray] | None = {} if embed is not None else None
-    for done, (chunk, part) in enumerate(in_chunks(images, batch, "screening"), start=1):
-        result = detector.detect(part)
-        foreground, numbers.foreground_rule = foreground_masks(part, fg_threshold)
-        mse, masked = reconstruction_errors(part.images, result.reconstructions, foreground)
-        numbers.scores[chunk] = result.scores
-        numbers.mse[chunk], numbers.masked_mse[chunk] = mse, masked
-        numbers.foreground_voxels[chunk] = foreground.reshape(len(part), -1).sum(axis=1)
-        numbers.map_p999[chunk] = map_percentiles(result)
-        if vectors is not None and embed is not None:
-            _add_vectors(vectors, chunk, embed(part))
+    for chunk, ids, found, raw in parts:
+        for name, values in found.items():
+            getattr(numbers, name)[chunk] = values
         for j, i in enumerate(chunk):
-            numbers.raw[i] = raw_facts(_raw_source(part.ids[j], part.grids[j]), metal_level)
-        if on_chunk is not None:
-            on_chunk(chunk, part, result)
-        log.info("screened %d chunks of %d cases", done, batch)
+            numbers.ids[i] = ids[j]
+            numbers.raw[i] = raw[j]
     if vectors is not None:
         width = next((v.size for v in vectors.values()), 0)
         numbers.vectors = np.array([vectors[i] for i in range(n)]).reshape(n, width)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,7 @@ from medanomaly.screening.gallery import save_gallery
 from medanomaly.screening.latent import DEFAULT_MIN_SAMPLES
 from medanomaly.screening.outputs import write_screen_outputs
 from medanomaly.screening.result import ScreenResult
-from medanomaly.training.distributed import Ranks, Share, load_share
+from medanomaly.training.distributed import Ranks, Share, ShareAhead, load_share
 
 
 @dataclass
@@ -139,26 +139,29 @@ def _screen_share(
     maps, viewer_dir = folders
     target, volumes = writers
     threshold = screen_threshold(detector, rule).value
-    share = load_share(detector, data, ranks, strict, num_workers=options.num_workers)
     problems: list[str] = []
     flagged: list[FlaggedSeries] = []
-    hooks = []
-    if maps is not None:
-        hooks.append(_map_writer(detector, share, target, threshold, problems, flagged))
-    if volumes is not None:
-        hooks.append(lambda index, part, result: volumes.write(part, result, share.index[index]))
-    hook = _both(hooks)
+    workers = options.num_workers
+    with load_share(detector, data, ranks, strict, workers, ahead=True) as preparing:
+        hooks = []
+        if maps is not None:
+            hooks.append(_map_writer(detector, preparing, target, threshold, problems, flagged))
+        if volumes is not None:
+            hooks.append(
+                lambda index, part, result: volumes.write(part, result, preparing.positions(index))
+            )
+        result = screen(
+            detector,
+            preparing.cases,
+            threshold=rule,
+            **settings,
+            ranks=ranks,
+            index=preparing.index,
+            on_chunk=_both(hooks),
+        )
+        share = preparing.finish()
+    result = replace(result, skipped=list(share.skipped))
     batch = settings["batch"]
-    result = screen(
-        detector,
-        share.cases,
-        threshold=rule,
-        **settings,
-        skipped=share.skipped,
-        ranks=ranks,
-        index=share.index,
-        on_chunk=hook,
-    )
     gallery = ranks.checked(  # one failing rank stops them all
         lambda: save_gallery(detector, share.cases, result, out / GALLERY_DIR, batch, share.index)
     )
@@ -203,7 +206,7 @@ def _key_objects(
 
 def _map_writer(
     detector: BaseDetector,
-    share: Share,
+    share: Share | ShareAhead,
     target: MapTarget,
     threshold: float,
     problems: list[str],
@@ -215,7 +218,9 @@ def _map_writer(
     """
 
     def write(index: np.ndarray, part: ImageSet, result: AnomalyResult) -> None:
-        written = target.write(part, result, detector.name, share.index[index], threshold=threshold)
+        written = target.write(
+            part, result, detector.name, share.positions(index), threshold=threshold
+        )
         problems.extend(written.problems)
         for j, grid in enumerate(part.grids):
             dicom_volume = grid is not None and grid.dicom_files and len(grid.shape) == 3

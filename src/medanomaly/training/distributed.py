@@ -9,7 +9,11 @@ scores its share and writes the maps it made; the small per-case results travel 
 which writes the tables in input order.
 
 A single process (the default) takes the same path with a world of one, without
-``torch.distributed``.
+``torch.distributed``. There ``score`` and ``screen`` need not wait for the whole share:
+``load_share(ahead=True)`` returns a :class:`ShareAhead` whose first pass runs in the
+background while the job scores the chunks already prepared (:mod:`medanomaly.data.ahead`).
+Several ranks prepare their whole share first: a case's place in the job's table depends on
+the cases every rank kept.
 """
 
 from __future__ import annotations
@@ -186,6 +190,67 @@ class Share:
     skipped: list[tuple[str, str]]
     warnings: list[tuple[str, str]]
 
+    def positions(self, index: np.ndarray) -> np.ndarray:
+        """Where this rank's cases at ``index`` stand in the job's table of kept cases."""
+        return self.index[index]
+
+    def finish(self) -> Share:
+        """The share with every case prepared: this one."""
+        return self
+
+    def __enter__(self) -> Share:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class ShareAhead:
+    """A single process's cases while their first pass still runs (``load_share(ahead=True)``).
+
+    Used like a :class:`Share` inside a ``with`` block: ``cases`` is a
+    :class:`~medanomaly.data.ahead.PreparingSet`, whose chunks come as they are prepared;
+    :meth:`finish` gives the :class:`Share` (the same as without ``ahead``) once the caller
+    has taken every chunk. Leaving the block stops the first pass if it still runs.
+
+    Args:
+        cases: The set being prepared.
+        listing: Every listed case (for the input order of the skipped cases).
+    """
+
+    #: The cases' positions are their own (one process): ``screen``'s ``index=None``.
+    index = None
+
+    def __init__(self, cases: Any, listing: list[Any]) -> None:
+        self.cases = cases
+        self.listing = listing
+
+    def positions(self, index: np.ndarray) -> np.ndarray:
+        """Where the cases at ``index`` stand among the kept cases: the same positions."""
+        return np.asarray(index, dtype=np.int64)
+
+    def finish(self) -> Share:
+        """Wait for the first pass to end; the share as :func:`load_share` gives it.
+
+        Raises:
+            ImageReadError: No case is readable.
+        """
+        cases, report = self.cases.finish()
+        kept = len(report.kept)
+        return Share(
+            cases=cases,
+            index=np.arange(kept, dtype=np.int64),
+            n_cases=kept,
+            skipped=[(p, r) for _, p, r in sorted(_placed(report.skipped, self.listing))],
+            warnings=[(p, w) for _, p, w in sorted(_placed(report.warnings, self.listing))],
+        )
+
+    def __enter__(self) -> ShareAhead:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.cases.close()
+
 
 def load_share(
     detector: Any,
@@ -193,7 +258,8 @@ def load_share(
     ranks: Ranks,
     strict: bool = False,
     num_workers: int | None = None,
-) -> Share:
+    ahead: bool = False,
+) -> Share | ShareAhead:
     """Prepare this rank's share of ``data`` with the run's own preprocessing, streamed.
 
     Args:
@@ -203,6 +269,11 @@ def load_share(
         strict: Raise on the first unreadable case (on every rank).
         num_workers: First-pass workers of this rank (default: the run's
             ``data.num_workers``, else the machine's cores shared by its ranks).
+        ahead: In a single process, and unless ``strict`` (which finds every unreadable
+            case before anything is written), return at once a :class:`ShareAhead` whose
+            first pass runs in the background while the caller scores the cases prepared
+            (:mod:`medanomaly.data.ahead`). Several ranks need every rank's kept cases
+            before the first is placed: they prepare their share first.
 
     Raises:
         ImageReadError: No rank has a readable case.
@@ -216,6 +287,12 @@ def load_share(
     if num_workers is not None or "num_workers" not in options:
         options["num_workers"] = num_workers if num_workers is not None else default_workers(ranks)
     listing = list_cases(data, label_names)
+    if ahead and ranks.world_size == 1 and not strict and options["stream"]:
+        from medanomaly.data.ahead import prepare_ahead
+
+        options.pop("stream")
+        preparing = prepare_ahead(listing, data, **options, expect=detector.input_spec())
+        return ShareAhead(preparing, listing)
     mine = ranks.share(len(listing))
     local: dict[str, Any] = {}
 
