@@ -74,3 +74,15 @@ def test_targets_compare_auto_with_float32(bench):
         ("dae", "scoring"): False,
         ("resnet_ae", "training"): False,
     }
+
+
+def test_the_profile_prints_the_operators_of_training_and_scoring(capsys):
+    profile = load_benchmark("profile_speed")
+    threads = torch.get_num_threads()
+    argv = ["--model", "cae", "--size", "32", "--steps", "1", "--images", "4", "--rows", "3"]
+    assert profile.main([*argv, "--variant", "32-true before", "--threads", "1"]) == 0
+    assert torch.get_num_threads() == threads
+    printed = capsys.readouterr().out
+    assert "cae 32x32 32-true before: training, 1 steps of 30" in printed
+    assert "cae 32x32 32-true before: scoring, 4 images" in printed
+    assert printed.count("Self CPU time total") == 2 and "aten::" in printed
