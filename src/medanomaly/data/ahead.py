@@ -34,13 +34,13 @@ from medanomaly.data.listing import Case
 from medanomaly.data.loading import (
     MIN_SIZE,
     ArrayAugment,
+    CaseOutcome,
+    FirstPass,
     InputSpec,
     LoadReport,
-    _first_pass,
-    _FirstPass,
-    _loaded,
-    _Outcome,
-    _streamed_set,
+    build_first_pass,
+    gather_loaded,
+    streamed_set,
 )
 from medanomaly.data.sets import ready_chunks
 from medanomaly.data.streaming import StreamedSet
@@ -71,7 +71,7 @@ def prepare_ahead(
     Returns:
         The set being prepared; use it in a ``with`` block.
     """
-    first_pass, augmentation = _first_pass(
+    first_pass, augmentation = build_first_pass(
         transforms, read_options, cache, min_size, expect, True, num_workers
     )
     augment_fn = ArrayAugment(augmentation) if augment and len(augmentation) else None
@@ -92,7 +92,7 @@ class PreparingSet:
         self,
         cases: Sequence[Case],
         source: str | Path,
-        first_pass: _FirstPass,
+        first_pass: FirstPass,
         augment: ArrayAugment | None = None,
     ) -> None:
         self.cases = list(cases)
@@ -100,7 +100,7 @@ class PreparingSet:
         self._first_pass = first_pass
         self._augment = augment
         self._store = PreprocessCache(first_pass.job.store)  # type: ignore[arg-type]
-        self._outcomes: list[_Outcome | None] = [None] * len(self.cases)
+        self._outcomes: list[CaseOutcome | None] = [None] * len(self.cases)
         self._prefix = 0  # every case before it has its outcome
         self._kept: list[int] = []  # positions of the kept cases among the first _prefix
         self._size: int | Callable[[tuple[int, ...]], int] | None = None
@@ -143,7 +143,7 @@ class PreparingSet:
                 self._stop = True
                 self._changed.notify_all()
 
-    def _record(self, index: int, outcome: _Outcome) -> None:
+    def _record(self, index: int, outcome: CaseOutcome) -> None:
         """Keep a case's outcome; extend the prepared prefix as far as it now goes."""
         self._outcomes[index] = outcome
         while self._prefix < len(self.cases) and self._outcomes[self._prefix] is not None:
@@ -237,7 +237,7 @@ class PreparingSet:
             flags = self._flags()
         values = [self._outcomes[p].value for p in positions]  # type: ignore[union-attr]
         cases = [self.cases[p] for p in positions]
-        return _streamed_set(self._store, values, cases, None, self._first_pass.owner, flags)  # type: ignore[arg-type]
+        return streamed_set(self._store, values, cases, None, self._first_pass.owner, flags)  # type: ignore[arg-type]
 
     def finish(self) -> tuple[StreamedSet, LoadReport]:
         """Wait for the first pass to end; the whole set and its report, as ``load_cases``'s.
@@ -256,7 +256,7 @@ class PreparingSet:
             raise RuntimeError("the first pass of this set was stopped before its end")
         if self._result is None:
             outcomes, first_pass = self._outcomes, self._first_pass
-            found = _loaded(
+            found = gather_loaded(
                 self.source, self.cases, outcomes, first_pass, self._augment, True, False
             )
             self._result = found  # type: ignore[assignment]

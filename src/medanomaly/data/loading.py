@@ -299,7 +299,7 @@ class _Job:
 
 
 @dataclass
-class _Outcome:
+class CaseOutcome:
     """What preparing one case gave: arrays, a cache index, or the error that stopped it."""
 
     value: Preprocessed | CacheEntry | None = None
@@ -313,7 +313,7 @@ def _pipeline(transforms: str) -> Compose:
     return build_transforms(json.loads(transforms))
 
 
-def _prepare(job: _Job, case: Case) -> _Outcome:
+def _prepare(job: _Job, case: Case) -> CaseOutcome:
     """Prepare one case (in this process or a worker); expected failures are returned."""
     cache = None if job.store is None else PreprocessCache(job.store)
     try:
@@ -328,15 +328,15 @@ def _prepare(job: _Job, case: Case) -> _Outcome:
         )
     except (MedanomalyError, OSError, ValueError) as error:
         log.info("skipping %s", case.path, exc_info=True)
-        return _Outcome(error=error)
-    return _Outcome(value=value, cached=bool(cache is not None and cache.hits))
+        return CaseOutcome(error=error)
+    return CaseOutcome(value=value, cached=bool(cache is not None and cache.hits))
 
 
-def _prepare_in_worker(task: tuple[_Job, Case]) -> _Outcome:
+def _prepare_in_worker(task: tuple[_Job, Case]) -> CaseOutcome:
     return _prepare(*task)
 
 
-class _FirstPass:
+class FirstPass:
     """Prepares every case of a load, in this process or in worker processes.
 
     Args:
@@ -360,7 +360,7 @@ class _FirstPass:
             self.job = replace(self.job, store=self.owner.name)
         self.job = replace(self.job, keep_arrays=False)
 
-    def run(self, cases: Sequence[Case]) -> Iterator[tuple[int, _Outcome]]:
+    def run(self, cases: Sequence[Case]) -> Iterator[tuple[int, CaseOutcome]]:
         """Yield ``(index, outcome)`` for every case (in any order), with a progress bar."""
         cases = _listed(cases)
         bar = tqdm(total=len(cases), unit="case", desc="preparing cases", disable=None)
@@ -373,7 +373,7 @@ class _FirstPass:
             outcomes.close()
             bar.close()
 
-    def _outcomes(self, cases: Sequence[Case]) -> Iterator[tuple[int, _Outcome]]:
+    def _outcomes(self, cases: Sequence[Case]) -> Iterator[tuple[int, CaseOutcome]]:
         workers = available_cores() if self.num_workers is None else int(self.num_workers)
         started = time.perf_counter()
         done = 0
@@ -396,7 +396,9 @@ class _FirstPass:
         log.info("preparing %d cases in %d worker processes", len(rest), workers)
         for index, outcome in map_in_workers(_prepare_in_worker, rest, workers):
             if isinstance(outcome, WorkerDied):
-                outcome = _Outcome(error=ImageReadError(cases[done + index].path, outcome.message))
+                outcome = CaseOutcome(
+                    error=ImageReadError(cases[done + index].path, outcome.message)
+                )
             yield done + index, outcome
 
 
@@ -447,7 +449,7 @@ class _Prefetch:
         if self.pool is not None and isinstance(case.path, RemoteSeries) and case.problem is None:
             self.pending[index] = (self.pool.submit(_retrieve, self.job, case), case)
 
-    def wait(self, index: int) -> _Outcome | None:
+    def wait(self, index: int) -> CaseOutcome | None:
         """Wait for the case's retrieval; its outcome if it failed, else ``None``."""
         future, case = self.pending.pop(index, (None, None))
         if future is None:
@@ -456,7 +458,7 @@ class _Prefetch:
             future.result()
         except (MedanomalyError, OSError, ValueError) as error:
             log.info("skipping %s", case.path, exc_info=True)  # type: ignore[union-attr]
-            return _Outcome(error=error)
+            return CaseOutcome(error=error)
         return None
 
     def __enter__(self) -> _Prefetch:
@@ -560,19 +562,19 @@ def load_cases(
         The set and the :class:`LoadReport` (whose ``kept`` gives each kept case's position
         in ``cases``).
     """
-    first_pass, augmentation = _first_pass(
+    first_pass, augmentation = build_first_pass(
         transforms, read_options, cache, min_size, expect, stream, num_workers
     )
-    outcomes: list[_Outcome | None] = [None] * len(cases)
+    outcomes: list[CaseOutcome | None] = [None] * len(cases)
     for index, outcome in first_pass.run(cases):
         if outcome.error is not None and strict:
             raise outcome.error
         outcomes[index] = outcome
     augment_fn = ArrayAugment(augmentation) if augment and len(augmentation) else None
-    return _loaded(source, cases, outcomes, first_pass, augment_fn, stream, allow_empty)
+    return gather_loaded(source, cases, outcomes, first_pass, augment_fn, stream, allow_empty)
 
 
-def _first_pass(
+def build_first_pass(
     transforms: list[dict[str, Any]] | None,
     read_options: dict[str, Any] | None,
     cache: bool | str | Path | None,
@@ -580,7 +582,7 @@ def _first_pass(
     expect: InputSpec | None,
     stream: bool,
     num_workers: int | None,
-) -> tuple[_FirstPass, Compose]:
+) -> tuple[FirstPass, Compose]:
     """The first pass of a load, and the random transforms left for later (augmentation)."""
     pipeline, augmentation = build_transforms(transforms).split_deterministic()
     store = PreprocessCache.from_option(cache)
@@ -591,14 +593,14 @@ def _first_pass(
         expect=expect,
         min_size=min_size,
     )
-    return _FirstPass(job, num_workers, stream), augmentation
+    return FirstPass(job, num_workers, stream), augmentation
 
 
-def _loaded(
+def gather_loaded(
     source: str | Path,
     cases: Sequence[Case],
-    outcomes: Sequence[_Outcome | None],
-    first_pass: _FirstPass,
+    outcomes: Sequence[CaseOutcome | None],
+    first_pass: FirstPass,
     augment: ArrayAugment | None,
     stream: bool,
     allow_empty: bool,
@@ -611,12 +613,12 @@ def _loaded(
     values = [outcomes[i].value for i in report.kept]  # type: ignore[union-attr]
     if stream:
         folder = PreprocessCache(first_pass.job.store)  # type: ignore[arg-type]
-        return _streamed_set(folder, values, kept, augment, first_pass.owner), report  # type: ignore[arg-type]
+        return streamed_set(folder, values, kept, augment, first_pass.owner), report  # type: ignore[arg-type]
     results = [_in_memory(v, first_pass.job.store) for v in values]  # type: ignore[arg-type]
     return _image_set(source, results, kept, augment), report
 
 
-def _report(cases: Sequence[Case], outcomes: Sequence[_Outcome | None]) -> LoadReport:
+def _report(cases: Sequence[Case], outcomes: Sequence[CaseOutcome | None]) -> LoadReport:
     """Skipped cases with their reasons, problems of the kept ones, positions kept."""
     report = LoadReport()
     hits = 0
@@ -648,7 +650,7 @@ def _in_memory(value: Preprocessed | CacheEntry, store: str | None) -> Preproces
     )
 
 
-def _streamed_set(
+def streamed_set(
     store: PreprocessCache,
     entries: list[CacheEntry],
     cases: list[Case],
@@ -656,6 +658,7 @@ def _streamed_set(
     owner: Any,
     flags: dict[str, bool] | None = None,
 ) -> StreamedSet:
+    """The kept cases as a set read from the cache when used (``flags``: its mask flags)."""
     return StreamedSet(
         store,
         entries,
