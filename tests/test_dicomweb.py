@@ -534,13 +534,7 @@ def test_a_series_that_fails_to_arrive_ahead_is_named_and_skipped(
 
     def delete_the_second_first(series, folder):
         # the second series leaves the archive after it was listed, before it is retrieved
-        found = session.post(
-            f"{orthanc.rest}/tools/find",
-            json={"Level": "Series", "Query": {"SeriesInstanceUID": uids[1]}},
-            timeout=30,
-        ).json()
-        for orthanc_id in found:
-            session.delete(f"{orthanc.rest}/series/{orthanc_id}", timeout=30)
+        _delete_series(session, orthanc.rest, uids[1])
         return fetch(series, folder)
 
     monkeypatch.setattr(loading, "fetch_series", delete_the_second_first)
@@ -697,13 +691,7 @@ def test_a_series_lost_while_the_screen_runs_is_skipped_and_named_in_input_order
 
     def delete_the_fourth_while_the_first_is_scored(self, x):
         if x.ids == [uids[0]]:  # listed, not yet retrieved: the first pass is one case ahead
-            found = session.post(
-                f"{orthanc.rest}/tools/find",
-                json={"Level": "Series", "Query": {"SeriesInstanceUID": uids[3]}},
-                timeout=30,
-            ).json()
-            for orthanc_id in found:
-                session.delete(f"{orthanc.rest}/series/{orthanc_id}", timeout=30)
+            _delete_series(session, orthanc.rest, uids[3])
         return detect(self, x)
 
     monkeypatch.setattr(detector_class, "detect", delete_the_fourth_while_the_first_is_scored)
@@ -721,3 +709,14 @@ def test_a_series_lost_while_the_screen_runs_is_skipped_and_named_in_input_order
     summary = json.loads((out / "summary.json").read_text())
     assert [item["case"] for item in summary["skipped"]] == [uids[3]]
     assert [uid for event, uid in events if event == "scored"] == kept
+
+
+def _delete_series(session: requests.Session, rest: str, uid: str) -> None:
+    """Remove the series ``uid`` from the Orthanc at ``rest`` (its REST API)."""
+    found = session.post(
+        f"{rest}/tools/find",
+        json={"Level": "Series", "Query": {"SeriesInstanceUID": uid}},
+        timeout=30,
+    ).json()
+    for orthanc_id in found:
+        session.delete(f"{rest}/series/{orthanc_id}", timeout=30)
